@@ -1,0 +1,350 @@
+"""Pure-PyTorch reference of every quantkernels op: the executable form of NUMERICS.md.
+
+Each function here is registered as the device-independent implementation
+(``CompositeExplicitAutograd``) of the op of the same name in ``_ops.py``; native
+kernels (C++ CPU, CUDA, Triton) override it per device and are tested bit-exact
+(integers) or within NUMERICS.md section 6 (floats) against these functions.
+
+Written only with traceable aten ops and no host synchronisation, so that the
+reference also runs under ``torch.compile(fullgraph=True)`` and in CUDA graphs.
+
+Integer GEMMs are evaluated in float64: every partial sum of int8 x int8 products is an
+integer of magnitude <= 128 * 128 * K < 2**31 (K is bounded by ``MAX_K_INT8``), and
+float64 represents every integer below 2**53 exactly, so the result is the exact int32
+sum -- unlike float32 emulation, which is wrong beyond 2**24. float64 matmul is also
+~20x faster than ``torch._int_mm`` on CPU and works on every device.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _validate as V
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _rne(t: Tensor) -> Tensor:
+    # torch.round is round-half-to-even.
+    return torch.round(t)
+
+
+def _finite_q(q: Tensor) -> Tensor:
+    # Non-finite inputs give NaN products; their quantized value is defined as 0 and the
+    # non-finite value lives on in the scale (NaN/Inf), so it propagates to the output.
+    return torch.nan_to_num(q, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _c127(like: Tensor) -> Tensor:
+    # A tensor, so that 127 / absmax is a true division (python `127 / t` is reciprocal * 127).
+    return torch.full((), 127.0, dtype=torch.float32, device=like.device)
+
+
+def _absmax_quant(xf: Tensor, absmax: Tensor) -> Tuple[Tensor, Tensor]:
+    """q = clamp(rne(x * (127 / absmax)), -127, 127); scale = absmax / 127 (1 where absmax == 0)."""
+    is_zero = absmax == 0
+    inv = torch.where(is_zero, torch.zeros_like(absmax), _c127(absmax) / absmax)
+    q = _finite_q(_rne(xf * inv.unsqueeze(-1)).clamp(-127, 127)).to(torch.int8)
+    scale = torch.where(is_zero, torch.ones_like(absmax), absmax / 127.0)
+    return q, scale
+
+
+# --------------------------------------------------------------------------- int8 quantization
+
+
+def quantize_int8_rowwise(x: Tensor) -> Tuple[Tensor, Tensor]:
+    V.float_rows("quantize_int8_rowwise", "x", x)
+    xf = x.float()
+    return _absmax_quant(xf, xf.abs().amax(dim=-1))
+
+
+def quantize_int8_tensor(x: Tensor) -> Tuple[Tensor, Tensor]:
+    V.float_rows("quantize_int8_tensor", "x", x)
+    xf = x.float()
+    q, scale = _absmax_quant(xf.reshape(1, -1), xf.abs().amax().reshape(1))
+    return q.reshape(x.shape), scale.reshape(())
+
+
+def quantize_int8_rowwise_outliers(x: Tensor, threshold: float) -> Tuple[Tensor, Tensor, Tensor]:
+    op = "quantize_int8_rowwise_outliers"
+    V.float_rows(op, "x", x, min_dim=2)
+    V.check(x.dim() == 2, op, lambda: f"x must be 2-D [M, K], got shape {tuple(x.shape)}")
+    xf = x.float()
+    if threshold > 0:
+        outliers = (xf.abs() >= threshold).any(dim=0)
+    else:
+        outliers = torch.zeros(x.shape[1], dtype=torch.bool, device=x.device)
+    x_in = torch.where(outliers, torch.zeros_like(xf), xf)
+    q, scale = _absmax_quant(x_in, x_in.abs().amax(dim=-1))
+    return q, scale, outliers
+
+
+def _asym_params(lo: Tensor, hi: Tensor, qmin: int, qmax: int) -> Tuple[Tensor, Tensor]:
+    lo = torch.clamp(lo, max=0.0)
+    hi = torch.clamp(hi, min=0.0)
+    scale = (hi - lo) / float(qmax - qmin)
+    scale = torch.where(hi == lo, torch.ones_like(scale), scale)
+    zero = _finite_q(_rne(qmin - lo / scale).clamp(qmin, qmax))
+    return scale, zero
+
+
+def quantize_int8_asym(x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    V.float_rows("quantize_int8_asym", "x", x)
+    xf = x.float()
+    scale, zero = _asym_params(xf.amin(dim=-1), xf.amax(dim=-1), -128, 127)
+    q = _finite_q((_rne(xf / scale.unsqueeze(-1)) + zero.unsqueeze(-1)).clamp(-128, 127))
+    return q.to(torch.int8), scale, zero.to(torch.int8)
+
+
+def dequantize_int8(q: Tensor, scale: Tensor, zero: Optional[Tensor] = None,
+                    out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    op = "dequantize_int8"
+    V.dtype_in(op, "q", q, (torch.int8,))
+    V.dtype_in(op, "scale", scale, (torch.float32,))
+    dt = V.out_dtype(op, out_dtype)
+    V.check(q.dim() >= 1, op, lambda: "q must have at least 1 dimension, got a 0-D tensor")
+    V.check(scale.dim() == 0 or tuple(scale.shape) == tuple(q.shape[:-1]), op,
+            lambda: f"scale must be 0-D (per-tensor) or have shape q.shape[:-1] = {tuple(q.shape[:-1])} "
+                    f"(per-row), got {tuple(scale.shape)}")
+    V.same_device(op, q=q, scale=scale, zero=zero)
+    s = scale.unsqueeze(-1) if scale.dim() else scale
+    qf = q.float()
+    if zero is not None:
+        V.dtype_in(op, "zero", zero, (torch.int8,))
+        V.shape_is(op, "zero", zero, scale.shape, "(the shape of scale)")
+        qf = qf - (zero.unsqueeze(-1) if zero.dim() else zero).float()
+    return (qf * s).to(dt)
+
+
+# --------------------------------------------------------------------------- int4
+
+
+def pack_int4(q: Tensor) -> Tensor:
+    op = "pack_int4"
+    V.dtype_in(op, "q", q, (torch.int8, torch.uint8))
+    V.check(q.dim() >= 1 and q.shape[-1] % 2 == 0, op,
+            lambda: f"q must have an even last dimension K (two values per byte), got shape {tuple(q.shape)}")
+    if not torch.compiler.is_compiling() and q.numel():
+        lo, hi = (-8, 7) if q.dtype == torch.int8 else (0, 15)
+        bad = (q < lo) | (q > hi)
+        if bool(bad.any()):
+            v = q[bad][0].item()
+            V.check(False, op, f"q holds {v}, outside the int4 range [{lo}, {hi}] of its dtype {q.dtype}")
+    q32 = q.to(torch.int32)
+    packed = (q32[..., 0::2] & 0xF) | ((q32[..., 1::2] & 0xF) << 4)
+    return packed.to(torch.uint8)
+
+
+def unpack_int4(packed: Tensor, signed: bool = True) -> Tensor:
+    op = "unpack_int4"
+    V.dtype_in(op, "packed", packed, (torch.uint8,))
+    V.check(packed.dim() >= 1, op, "packed must have at least 1 dimension, got a 0-D tensor")
+    b = packed.to(torch.int16)
+    lo, hi = b & 0xF, b >> 4
+    if signed:
+        lo, hi = (lo ^ 8) - 8, (hi ^ 8) - 8
+    q = torch.stack((lo, hi), dim=-1).flatten(-2)
+    return q.to(torch.int8 if signed else torch.uint8)
+
+
+def _groups(w: Tensor, op: str, group_size: int) -> Tuple[Tensor, int]:
+    V.float_rows(op, "w", w, min_dim=2)
+    V.ndim_is(op, "w", w, 2, "[N, K] weight")
+    N, K = w.shape
+    V.check(K % 2 == 0, op, lambda: f"K = {K} must be even to pack two int4 values per byte")
+    G = V.group_size(op, group_size, K)
+    return w.float().reshape(N, K // G, G), G
+
+
+def quantize_int4_sym(w: Tensor, group_size: int) -> Tuple[Tensor, Tensor]:
+    wg, _ = _groups(w, "quantize_int4_sym", group_size)
+    absmax = wg.abs().amax(dim=-1)
+    is_zero = absmax == 0
+    scale = torch.where(is_zero, torch.ones_like(absmax), absmax / 7.0)
+    q = _finite_q(_rne(wg / scale.unsqueeze(-1)).clamp(-8, 7)).to(torch.int8)
+    return pack_int4(q.reshape(w.shape)), scale
+
+
+def quantize_uint4_asym(w: Tensor, group_size: int) -> Tuple[Tensor, Tensor, Tensor]:
+    wg, _ = _groups(w, "quantize_uint4_asym", group_size)
+    scale, zero = _asym_params(wg.amin(dim=-1), wg.amax(dim=-1), 0, 15)
+    q = _finite_q((_rne(wg / scale.unsqueeze(-1)) + zero.unsqueeze(-1)).clamp(0, 15))
+    return pack_int4(q.to(torch.uint8).reshape(w.shape)), scale, zero.to(torch.uint8)
+
+
+def _check_int4_weight(op: str, packed: Tensor, scale: Tensor, zero: Optional[Tensor]) -> Tuple[int, int, int]:
+    V.int4_packed(op, "b_packed" if op != "dequantize_int4" else "packed", packed)
+    N, K = packed.shape[0], packed.shape[1] * 2
+    sname = "scale_b" if op != "dequantize_int4" else "scale"
+    G = V.groups_of(op, sname, scale, N, K)
+    if zero is not None:
+        zname = "zero_b" if op != "dequantize_int4" else "zero"
+        V.dtype_in(op, zname, zero, (torch.uint8,))
+        V.shape_is(op, zname, zero, tuple(scale.shape), f"(the shape of {sname})")
+    V.same_device(op, packed=packed, scale=scale, zero=zero)
+    return N, K, G
+
+
+def _int4_weight_float(packed: Tensor, scale: Tensor, zero: Optional[Tensor]) -> Tensor:
+    """fp32 [N, K] dequantized int4 weight (signed if zero is None, else unsigned with zero points)."""
+    N, K = packed.shape[0], packed.shape[1] * 2
+    ng = scale.shape[1]
+    q = unpack_int4(packed, signed=zero is None).float().reshape(N, ng, K // ng)
+    if zero is not None:
+        q = q - zero.float().unsqueeze(-1)
+    return (q * scale.unsqueeze(-1)).reshape(N, K)
+
+
+def dequantize_int4(packed: Tensor, scale: Tensor, zero: Optional[Tensor] = None,
+                    out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    _check_int4_weight("dequantize_int4", packed, scale, zero)
+    dt = V.out_dtype("dequantize_int4", out_dtype)
+    return _int4_weight_float(packed, scale, zero).to(dt)
+
+
+# --------------------------------------------------------------------------- GEMMs
+
+
+def _check_int8_operands(op: str, a: Tensor, b: Tensor, b_is_packed: bool = False) -> Tuple[int, int, int]:
+    V.dtype_in(op, "a", a, (torch.int8,))
+    V.ndim_is(op, "a", a, 2, "[M, K] activation")
+    M, K = a.shape
+    if b_is_packed:
+        V.int4_packed(op, "b_packed", b)
+        N = b.shape[0]
+        V.check(b.shape[1] * 2 == K, op,
+                lambda: f"b_packed must have shape [N, K/2] = [N, {K // 2}] for a's K = {K}, got {tuple(b.shape)}")
+    else:
+        V.dtype_in(op, "b", b, (torch.int8,))
+        V.ndim_is(op, "b", b, 2, "[N, K] weight")
+        N = b.shape[0]
+        V.check(b.shape[1] == K, op,
+                lambda: f"b must have K = {K} columns to match a {tuple(a.shape)}, got shape {tuple(b.shape)}")
+    V.same_device(op, a=a, b=b)
+    return M, N, K
+
+
+def _exact_int_mm(a: Tensor, b: Tensor) -> Tensor:
+    """Exact sum_k a[m, k] * b[n, k] for integer-valued inputs (see the module docstring)."""
+    return a.to(torch.float64) @ b.to(torch.float64).t()
+
+
+def int8_gemm(a: Tensor, b: Tensor) -> Tensor:
+    M, N, K = _check_int8_operands("int8_gemm", a, b)
+    V.k_bound("int8_gemm", K)
+    return _exact_int_mm(a, b).to(torch.int32)
+
+
+def _check_scales(op: str, scale_a: Tensor, M: int, scale_b: Tensor, N: int, ref: Tensor, per_group: bool = False):
+    V.dtype_in(op, "scale_a", scale_a, (torch.float32,))
+    V.shape_is(op, "scale_a", scale_a, (M,), "(one per-token scale per row of a)")
+    if not per_group:
+        V.dtype_in(op, "scale_b", scale_b, (torch.float32,))
+        V.shape_is(op, "scale_b", scale_b, (N,), "(one per-channel scale per row of b)")
+    V.same_device(op, a=ref, scale_a=scale_a, scale_b=scale_b)
+
+
+def _epilogue(acc: Tensor, bias: Optional[Tensor], dtype: torch.dtype) -> Tensor:
+    if bias is not None:
+        acc = acc + bias.float()
+    return acc.to(dtype)
+
+
+def w8a8_gemm(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, bias: Optional[Tensor] = None,
+              out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    op = "w8a8_gemm"
+    M, N, K = _check_int8_operands(op, a, b)
+    V.k_bound(op, K)
+    _check_scales(op, scale_a, M, scale_b, N, a)
+    V.bias(op, bias, N, a)
+    dt = V.out_dtype(op, out_dtype)
+    c = _exact_int_mm(a, b).to(torch.int32)
+    acc = c.float() * scale_a.unsqueeze(1) * scale_b.unsqueeze(0)
+    return _epilogue(acc, bias, dt)
+
+
+def w4a8_gemm(a: Tensor, b_packed: Tensor, scale_a: Tensor, scale_b: Tensor, zero_b: Optional[Tensor] = None,
+              bias: Optional[Tensor] = None, out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    op = "w4a8_gemm"
+    M, N, K = _check_int8_operands(op, a, b_packed, b_is_packed=True)
+    _check_int4_weight(op, b_packed, scale_b, zero_b)
+    _check_scales(op, scale_a, M, scale_b, N, a, per_group=True)
+    ng = scale_b.shape[1]
+    G = K // ng
+    # int32 inside a group: |a| <= 128 and |q - zero| <= 15.
+    V.k_bound(op, G, limit=(2**31 - 1) // (128 * 15), what="group_size")
+    V.bias(op, bias, N, a)
+    dt = V.out_dtype(op, out_dtype)
+    qb = unpack_int4(b_packed, signed=zero_b is None)
+    ag = a.to(torch.float64).reshape(M, ng, G).transpose(0, 1)                 # [ng, M, G]
+    bg = qb.to(torch.float64).reshape(N, ng, G).permute(1, 2, 0)               # [ng, G, N]
+    c = torch.bmm(ag, bg)                                                      # exact int per group
+    if zero_b is not None:
+        asum = ag.sum(dim=-1)                                                  # [ng, M], exact
+        c = c - asum.unsqueeze(-1) * zero_b.t().to(torch.float64).unsqueeze(1)
+    c = c.to(torch.int32).float()                                              # int32 inside a group
+    acc = (c * scale_b.t().unsqueeze(1)).sum(dim=0)                            # fp32 across groups
+    acc = acc * scale_a.unsqueeze(1)
+    return _epilogue(acc, bias, dt)
+
+
+def _check_weight_only(op: str, x: Tensor, K: int, N: int):
+    V.float_rows(op, "x", x, min_dim=2)
+    V.ndim_is(op, "x", x, 2, "[M, K] activation")
+    V.check(x.shape[1] == K, op,
+            lambda: f"x has K = {x.shape[1]} columns but the weight has K = {K} (x shape {tuple(x.shape)})")
+
+
+def _weight_only(x: Tensor, w: Tensor, bias: Optional[Tensor]) -> Tensor:
+    # Products in the activation dtype (exact in fp32 for fp16/bf16 operands), fp32 accumulation.
+    w = w.to(x.dtype).float()
+    return _epilogue(x.float() @ w.t(), bias, x.dtype)
+
+
+def w8a16_gemm(x: Tensor, b: Tensor, scale_b: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    op = "w8a16_gemm"
+    V.dtype_in(op, "b", b, (torch.int8,))
+    V.ndim_is(op, "b", b, 2, "[N, K] weight")
+    N, K = b.shape
+    _check_weight_only(op, x, K, N)
+    V.dtype_in(op, "scale_b", scale_b, (torch.float32,))
+    V.shape_is(op, "scale_b", scale_b, (N,), "(one per-channel scale per row of b)")
+    V.same_device(op, x=x, b=b, scale_b=scale_b)
+    V.bias(op, bias, N, x)
+    return _weight_only(x, b.float() * scale_b.unsqueeze(1), bias)
+
+
+def w4a16_gemm(x: Tensor, b_packed: Tensor, scale_b: Tensor, zero_b: Optional[Tensor] = None,
+               bias: Optional[Tensor] = None) -> Tensor:
+    op = "w4a16_gemm"
+    N, K, _ = _check_int4_weight(op, b_packed, scale_b, zero_b)
+    _check_weight_only(op, x, K, N)
+    V.same_device(op, x=x, b_packed=b_packed)
+    V.bias(op, bias, N, x)
+    return _weight_only(x, _int4_weight_float(b_packed, scale_b, zero_b), bias)
+
+
+def llm_int8_linear(x: Tensor, b: Tensor, scale_b: Tensor, bias: Optional[Tensor] = None,
+                    threshold: float = 6.0) -> Tensor:
+    op = "llm_int8_linear"
+    V.dtype_in(op, "b", b, (torch.int8,))
+    V.ndim_is(op, "b", b, 2, "[N, K] weight")
+    N, K = b.shape
+    _check_weight_only(op, x, K, N)
+    V.k_bound(op, K)
+    V.dtype_in(op, "scale_b", scale_b, (torch.float32,))
+    V.shape_is(op, "scale_b", scale_b, (N,), "(one per-channel scale per row of b)")
+    V.same_device(op, x=x, b=b, scale_b=scale_b)
+    V.bias(op, bias, N, x)
+    V.check(threshold == threshold, op, lambda: f"threshold must be a number, got {threshold}")
+    q, sx, outliers = quantize_int8_rowwise_outliers(x, threshold)
+    acc = _exact_int_mm(q, b).to(torch.int32).float() * sx.unsqueeze(1) * scale_b.unsqueeze(0)
+    # Outlier columns in floating point: X[:, O] @ (Wq[:, O] * sw)^T, as a masked dense product
+    # (zero columns add exact zeros), so that O never leaves the device.
+    x_out = torch.where(outliers, x.float(), torch.zeros((), dtype=torch.float32, device=x.device))
+    w_deq = b.float() * scale_b.unsqueeze(1)
+    acc = acc + x_out @ w_deq.t()
+    return _epilogue(acc, bias, x.dtype)
