@@ -1,0 +1,26 @@
+"""quantkernels: quantized int8/int4 GEMM kernels for LLM inference.
+
+    import quantkernels as qk
+    model = qk.quantize_model(model, "w8a8")      # or llm_int8, w8a16, w4a16, w4a8
+
+Ops live in ``torch.ops.quantkernels`` (typed wrappers in ``quantkernels.ops``); the
+pure-PyTorch reference (``quantkernels.reference``) is their executable spec.
+"""
+
+from . import _ops as ops  # defines every op's schema, fake and reference first
+from . import _native, dispatch, reference
+from .convert import QuantizationReport, memory_footprint, quantize_model
+from .formats import WeightFormat
+from .nn import SCHEMES, QuantLinear
+
+__version__ = "0.1.0"
+
+_native.load()  # registers the C++ kernels (if built) over the reference
+dispatch.refresh(None if _native.AVAILABLE else _native.REASON)
+
+BACKENDS = dispatch.BACKENDS
+
+__all__ = [
+    "QuantLinear", "quantize_model", "memory_footprint", "QuantizationReport", "WeightFormat",
+    "SCHEMES", "BACKENDS", "ops", "reference", "dispatch", "__version__",
+]

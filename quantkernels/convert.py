@@ -1,0 +1,107 @@
+"""quantize_model(): walks a model and replaces its linear layers by QuantLinear, in place."""
+
+from __future__ import annotations
+
+import fnmatch
+import warnings
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Union
+
+from torch import nn
+
+from . import dispatch
+from .nn import QuantLinear, _check_scheme, _is_hf_conv1d, unsupported_reason
+
+Patterns = Optional[Union[str, Iterable[str]]]
+
+
+@dataclass
+class QuantizationReport:
+    """What ``quantize_model`` did; stored as ``model.quantkernels_report``."""
+
+    scheme: str
+    quantized: List[str] = field(default_factory=list)
+    #: layer name -> why it stayed in float (shape the scheme cannot serve)
+    skipped: Dict[str, str] = field(default_factory=dict)
+    #: layer name -> the include/exclude rule that left it alone
+    excluded: Dict[str, str] = field(default_factory=dict)
+
+
+def _patterns(p: Patterns, what: str):
+    if p is None:
+        return None
+    if isinstance(p, str):
+        return (p,)
+    p = tuple(p)
+    for item in p:
+        if not isinstance(item, str):
+            raise TypeError(f"quantkernels.quantize_model: {what} must hold strings, got {item!r}")
+    return p
+
+
+def _match(name: str, patterns) -> Optional[str]:
+    """A pattern (fnmatch glob) matches a dotted module name in full or as a suffix after a dot:
+    ``lm_head`` matches ``lm_head`` and ``model.lm_head``; ``*.attention.*`` any attention layer."""
+    for pat in patterns:
+        if fnmatch.fnmatchcase(name, pat) or fnmatch.fnmatchcase(name, "*." + pat):
+            return pat
+    return None
+
+
+def quantize_model(model: nn.Module, scheme: str = "w8a8", *, include: Patterns = None,
+                   exclude: Patterns = ("lm_head",), group_size: int = 128, threshold: float = 6.0,
+                   backend: str = "auto") -> nn.Module:
+    """Replaces every ``nn.Linear`` and Hugging Face ``Conv1D`` of ``model`` by a QuantLinear.
+
+    Args:
+        scheme: ``"w8a8"``, ``"llm_int8"``, ``"w8a16"``, ``"w4a16"`` or ``"w4a8"``.
+        include: module-name patterns to quantize (None: every linear layer).
+        exclude: module-name patterns to leave in float (default ``("lm_head",)``).
+        group_size, threshold, backend: passed to ``QuantLinear.from_linear``.
+    Layers whose shape the scheme cannot serve (e.g. K not a multiple of the group size) stay
+    in float and are reported with a warning and in ``model.quantkernels_report``.
+    Returns the same (modified) model.
+    """
+    _check_scheme(scheme)
+    dispatch.check_backend(backend)
+    inc, exc = _patterns(include, "include"), _patterns(exclude, "exclude") or ()
+    report = QuantizationReport(scheme)
+    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) or _is_hf_conv1d(m)]
+    if isinstance(model, QuantLinear):
+        raise TypeError("quantkernels.quantize_model: model is already a QuantLinear")
+    for name, mod in targets:
+        if inc is not None and _match(name, inc) is None:
+            report.excluded[name] = "not matched by include"
+            continue
+        pat = _match(name, exc)
+        if pat is not None:
+            report.excluded[name] = f"matched exclude pattern {pat!r}"
+            continue
+        if _is_hf_conv1d(mod):
+            K, N = mod.weight.shape
+        else:
+            N, K = mod.out_features, mod.in_features
+        why = unsupported_reason(scheme, K, N, group_size)
+        if why:
+            report.skipped[name] = why
+            continue
+        if name == "":
+            raise TypeError("quantkernels.quantize_model: model is itself a linear layer; "
+                            "use QuantLinear.from_linear(model, ...) instead")
+        new = QuantLinear.from_linear(mod, scheme, group_size=group_size, threshold=threshold, backend=backend)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        report.quantized.append(name)
+    if report.skipped:
+        detail = "; ".join(f"{n} ({r})" for n, r in report.skipped.items())
+        warnings.warn(f"quantkernels.quantize_model: kept {len(report.skipped)} layer(s) in float "
+                      f"that scheme {scheme!r} cannot serve: {detail}", stacklevel=2)
+    model.quantkernels_report = report
+    return model
+
+
+def memory_footprint(model: nn.Module) -> int:
+    """Bytes held by the model's parameters and buffers (transformers' ``get_memory_footprint()``)."""
+    params = sum(p.nelement() * p.element_size() for p in model.parameters())
+    buffers = sum(b.nelement() * b.element_size() for b in model.buffers())
+    return params + buffers

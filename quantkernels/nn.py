@@ -1,0 +1,176 @@
+"""QuantLinear: a drop-in replacement for ``nn.Linear`` whose forward calls quantkernels ops."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from . import _ops as ops
+from . import _validate as V
+from . import dispatch
+from .formats import WeightFormat
+
+#: scheme -> (weight format, what it does)
+SCHEMES = {
+    "w8a8": (WeightFormat.INT8_PLAIN, "int8 weights (per-channel) x int8 activations (dynamic per-token)"),
+    "llm_int8": (WeightFormat.INT8_PLAIN, "w8a8 plus LLM.int8() outlier columns in floating point"),
+    "w8a16": (WeightFormat.INT8_PLAIN, "int8 weights (per-channel), float activations"),
+    "w4a16": (WeightFormat.UINT4_PLAIN, "asymmetric uint4 group-wise weights, float activations"),
+    "w4a8": (WeightFormat.INT4_PLAIN, "symmetric int4 group-wise weights x int8 activations"),
+}
+INT4_SCHEMES = ("w4a16", "w4a8")
+
+
+def _check_scheme(scheme: str) -> str:
+    if scheme not in SCHEMES:
+        raise ValueError(f"quantkernels: scheme must be one of {tuple(SCHEMES)}, got {scheme!r}")
+    return scheme
+
+
+def unsupported_reason(scheme: str, in_features: int, out_features: int, group_size: int = 128) -> Optional[str]:
+    """Why ``scheme`` cannot serve a [out_features, in_features] weight, or None if it can."""
+    _check_scheme(scheme)
+    K = in_features
+    if K < 1 or out_features < 1:
+        return f"empty weight [{out_features}, {in_features}]"
+    if scheme in INT4_SCHEMES:
+        if group_size != -1 and group_size != K and group_size not in V.INT4_GROUP_SIZES:
+            return (f"group_size must be one of {V.INT4_GROUP_SIZES}, -1 or K (= {K}) for per-channel, "
+                    f"got {group_size}")
+        G = K if group_size == -1 else group_size
+        if K % 2:
+            return f"in_features = {K} is odd; int4 packs two values per byte"
+        if K % G:
+            return f"in_features = {K} is not a multiple of group_size = {G}"
+    elif K > V.MAX_K_INT8:
+        return f"in_features = {K} exceeds {V.MAX_K_INT8}, beyond which the int32 accumulator could overflow"
+    return None
+
+
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    # transformers.pytorch_utils.Conv1D (GPT-2 style): weight stored [in, out], y = x @ W + b.
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+class QuantLinear(nn.Module):
+    """``y = x @ W^T + b`` with a quantized ``W``; see ``SCHEMES``.
+
+    Buffers (all persistent, so ``state_dict`` round-trips):
+      - ``qweight``: int8 ``[N, K]`` (int8 schemes) or uint8 ``[N, K/2]`` (int4, PLAIN packing);
+      - ``weight_scale``: float32 ``[N]`` (int8) or ``[N, K/G]`` (int4 group-wise);
+      - ``weight_zero``: uint8 ``[N, K/G]`` zero points (w4a16 only);
+      - ``bias``: ``[N]`` in the original layer's dtype, or None.
+    ``weight_format`` names the layout of ``qweight`` (``formats.WeightFormat``).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, scheme: str = "w8a8",
+                 group_size: int = 128, threshold: float = 6.0, backend: str = "auto",
+                 device=None, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        reason = unsupported_reason(scheme, in_features, out_features, group_size)
+        if reason:
+            raise ValueError(f"quantkernels.QuantLinear: scheme {scheme!r} cannot serve this layer: {reason}")
+        if not isinstance(threshold, (int, float)) or math.isnan(threshold):
+            raise ValueError(f"quantkernels.QuantLinear: threshold must be a number, got {threshold!r}")
+        self.in_features, self.out_features = in_features, out_features
+        self.scheme = scheme
+        self.backend = dispatch.check_backend(backend)
+        self.threshold = float(threshold)
+        self.weight_format = SCHEMES[scheme][0]
+        K, N = in_features, out_features
+        if scheme in INT4_SCHEMES:
+            self.group_size = K if group_size == -1 else group_size
+            ng = K // self.group_size
+            self.register_buffer("qweight", torch.zeros(N, K // 2, dtype=torch.uint8, device=device))
+            self.register_buffer("weight_scale", torch.ones(N, ng, dtype=torch.float32, device=device))
+            zero = torch.zeros(N, ng, dtype=torch.uint8, device=device) if scheme == "w4a16" else None
+            self.register_buffer("weight_zero", zero)
+        else:
+            self.group_size = K  # one scale per output channel
+            self.register_buffer("qweight", torch.zeros(N, K, dtype=torch.int8, device=device))
+            self.register_buffer("weight_scale", torch.ones(N, dtype=torch.float32, device=device))
+            self.register_buffer("weight_zero", None)
+        self.register_buffer("bias", torch.zeros(N, dtype=dtype, device=device) if bias else None)
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, scheme: str = "w8a8", *, group_size: int = 128,
+                    threshold: float = 6.0, backend: str = "auto") -> "QuantLinear":
+        """Quantizes an ``nn.Linear`` (or a Hugging Face GPT-2 ``Conv1D``) into a new QuantLinear."""
+        if isinstance(linear, nn.Linear):
+            weight = linear.weight.detach()
+        elif _is_hf_conv1d(linear):
+            weight = linear.weight.detach().t()
+        else:
+            raise TypeError(f"quantkernels.QuantLinear.from_linear: linear must be torch.nn.Linear or a "
+                            f"transformers Conv1D, got {type(linear).__name__}")
+        if weight.dtype not in V.FLOAT_DTYPES:
+            raise TypeError(f"quantkernels.QuantLinear.from_linear: weight dtype must be float16, bfloat16 or "
+                            f"float32, got {weight.dtype}")
+        if weight.device.type == "meta":
+            raise ValueError("quantkernels.QuantLinear.from_linear: the layer's weight is on the meta device "
+                             "(not loaded); load the weights first")
+        if not bool(torch.isfinite(weight).all()):
+            raise ValueError("quantkernels.QuantLinear.from_linear: the weight holds NaN or Inf values; "
+                             "refusing to quantize it")
+        N, K = weight.shape
+        b = linear.bias
+        mod = cls(K, N, bias=b is not None, scheme=scheme, group_size=group_size, threshold=threshold,
+                  backend=backend, device=weight.device, dtype=b.dtype if b is not None else weight.dtype)
+        with torch.no_grad():
+            if scheme == "w4a16":
+                mod.qweight, mod.weight_scale, mod.weight_zero = ops.quantize_uint4_asym(weight, mod.group_size)
+            elif scheme == "w4a8":
+                mod.qweight, mod.weight_scale = ops.quantize_int4_sym(weight, mod.group_size)
+            else:
+                mod.qweight, mod.weight_scale = ops.quantize_int8_rowwise(weight)
+            if b is not None:
+                mod.bias = b.detach().clone()
+        return mod
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dtype not in V.FLOAT_DTYPES:
+            raise TypeError(f"quantkernels.QuantLinear: input dtype must be float16, bfloat16 or float32, "
+                            f"got {x.dtype}")
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"quantkernels.QuantLinear: input must have shape [..., {self.in_features}], "
+                             f"got {tuple(x.shape)}")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        dev = x.device
+
+        def k(op):
+            return dispatch.resolve(self.backend, op, dev)
+
+        s = self.scheme
+        if s == "w8a8":
+            q, sa = k("quantize_int8_rowwise")(x2)
+            y = k("w8a8_gemm")(q, self.qweight, sa, self.weight_scale, self.bias, x.dtype)
+        elif s == "w4a8":
+            q, sa = k("quantize_int8_rowwise")(x2)
+            y = k("w4a8_gemm")(q, self.qweight, sa, self.weight_scale, None, self.bias, x.dtype)
+        elif s == "llm_int8":
+            y = k("llm_int8_linear")(x2, self.qweight, self.weight_scale, self.bias, self.threshold)
+        elif s == "w8a16":
+            y = k("w8a16_gemm")(x2, self.qweight, self.weight_scale, self.bias)
+        else:  # w4a16
+            y = k("w4a16_gemm")(x2, self.qweight, self.weight_scale, self.weight_zero, self.bias)
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        parts = [f"in_features={self.in_features}", f"out_features={self.out_features}",
+                 f"bias={self.bias is not None}", f"scheme={self.scheme}"]
+        if self.scheme in INT4_SCHEMES:
+            parts.append(f"group_size={self.group_size}")
+        else:
+            parts.append("group_size=per-channel")
+        if self.scheme == "llm_int8":
+            parts.append(f"threshold={self.threshold}")
+        parts += [f"format={self.weight_format.value}", f"backend={self.backend}"]
+        return ", ".join(parts)
