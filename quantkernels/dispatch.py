@@ -37,7 +37,7 @@ SCHEME_OPS: Dict[str, Tuple[str, ...]] = {
 
 _NATIVE: Dict[str, Set[str]] = {"CPU": set(), "CUDA": set()}
 _TRITON: Set[str] = set()
-_NATIVE_REASON = "quantkernels._C was not loaded"
+_NATIVE_REASON: str | None = "quantkernels._C was not loaded"  # None once it is
 _ENV_BACKEND = None
 
 
@@ -46,7 +46,9 @@ class BackendUnavailable(RuntimeError):
 
 
 def refresh(native_reason: str | None = None) -> None:
-    """Re-reads which native and Triton kernels are registered (called at import)."""
+    """Re-reads which native and Triton kernels are registered (called at import).
+
+    ``native_reason``: why ``quantkernels._C`` is missing, or None when it loaded."""
     global _NATIVE_REASON, _ENV_BACKEND
     for key in _NATIVE:
         _NATIVE[key] = {
@@ -55,8 +57,7 @@ def refresh(native_reason: str | None = None) -> None:
         }
     _TRITON.clear()
     _TRITON.update(op for op in OP_NAMES if _has_schema(f"quantkernels::{op}_triton"))
-    if native_reason is not None:
-        _NATIVE_REASON = native_reason
+    _NATIVE_REASON = native_reason
     env = os.environ.get("QUANTKERNELS_BACKEND", "").strip()
     _ENV_BACKEND = check_backend(env, "QUANTKERNELS_BACKEND") if env else None
 
@@ -90,7 +91,7 @@ def can_implement(backend: str, op: str, device: torch.device) -> Tuple[bool, st
         if dev != backend:
             return False, f"backend {backend!r} runs {backend.upper()} tensors, but the input is on {device}"
         key = backend.upper()
-        if not (_NATIVE["CPU"] or _NATIVE["CUDA"]) and _NATIVE_REASON:
+        if _NATIVE_REASON is not None:
             return False, f"the native extension is not available ({_NATIVE_REASON})"
         if op not in _NATIVE[key]:
             have = ", ".join(sorted(_NATIVE[key])) or "none"

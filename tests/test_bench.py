@@ -1,0 +1,50 @@
+"""Smoke tests of the GEMM microbenchmark harness (bench/gemm.py) in --quick mode."""
+
+import csv
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ is a repo folder, not an installed package
+pytest.importorskip("tqdm")
+from bench import gemm  # noqa: E402
+
+FAST = ["--quick", "--runs", "1", "--min-run-time", "0", "--max-run-time", "0.2", "--bandwidth-gib", "0.01"]
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_quick_sweep_writes_every_scheme_and_baseline(tmp_path):
+    out = gemm.main(FAST + ["--out", str(tmp_path)])
+    rows = _rows(out["csv"])
+    assert out["md"].read_text().count("### K=256, N=256") == 1
+    for scheme in gemm.SCHEMES:
+        got = {int(r["M"]) for r in rows if r["scheme"] == scheme and r["backend"] == "reference"}
+        assert got == {1, 16}, f"{scheme}: reference rows for M in {got}"
+    expected = {"F.linear fp32", "F.linear bf16"}
+    if "fbgemm" in torch.backends.quantized.supported_engines:
+        expected.add("ao quantize_dynamic qint8")
+    assert expected <= {r["method"] for r in rows if r["scheme"] == "baseline"}
+    assert all(float(r["median_ms"]) > 0 and float(r["gflops"]) > 0 for r in rows)
+    assert all(float(r["speedup"]) > 0 for r in rows)  # every row has the F.linear fp32 of its M
+
+
+def test_native_kernel_is_picked_up(tmp_path):
+    """A CPU kernel registered for every op of a scheme makes a "native" row appear."""
+    if torch._C._dispatch_has_kernel_for_dispatch_key("quantkernels::w8a16_gemm", "CPU"):
+        lib = None  # the real kernel is built: it must show up by itself
+    else:
+        lib = torch.library.Library("quantkernels", "IMPL")
+        lib.impl("w8a16_gemm", gemm.R.w8a16_gemm, "CPU")
+    try:
+        out = gemm.main(FAST + ["--out", str(tmp_path), "--m", "1", "--schemes", "w8a16", "--backends", "native"])
+    finally:
+        if lib is not None:
+            lib._destroy()
+    methods = {r["method"] for r in _rows(out["csv"])}
+    assert "w8a16 (native)" in methods and "w8a16 (reference)" not in methods
