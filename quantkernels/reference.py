@@ -38,17 +38,19 @@ def _finite_q(q: Tensor) -> Tensor:
     return torch.nan_to_num(q, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def _c127(like: Tensor) -> Tensor:
-    # A tensor, so that 127 / absmax is a true division (python `127 / t` is reciprocal * 127).
-    return torch.full((), 127.0, dtype=torch.float32, device=like.device)
+def _const(value: float, like: Tensor) -> Tensor:
+    # Divisions by and of constants go through a 0-D tensor so that they are true IEEE
+    # divisions on every device: python `127 / t` is `reciprocal(t) * 127`, and on CUDA
+    # `t / 127.0` is computed as `t * (1 / 127)`; both differ from a kernel's division.
+    return torch.full((), value, dtype=torch.float32, device=like.device)
 
 
 def _absmax_quant(xf: Tensor, absmax: Tensor) -> Tuple[Tensor, Tensor]:
     """q = clamp(rne(x * (127 / absmax)), -127, 127); scale = absmax / 127 (1 where absmax == 0)."""
     is_zero = absmax == 0
-    inv = torch.where(is_zero, torch.zeros_like(absmax), _c127(absmax) / absmax)
+    inv = torch.where(is_zero, torch.zeros_like(absmax), _const(127.0, absmax) / absmax)
     q = _finite_q(_rne(xf * inv.unsqueeze(-1)).clamp(-127, 127)).to(torch.int8)
-    scale = torch.where(is_zero, torch.ones_like(absmax), absmax / 127.0)
+    scale = torch.where(is_zero, torch.ones_like(absmax), absmax / _const(127.0, absmax))
     return q, scale
 
 
@@ -85,7 +87,7 @@ def quantize_int8_rowwise_outliers(x: Tensor, threshold: float) -> Tuple[Tensor,
 def _asym_params(lo: Tensor, hi: Tensor, qmin: int, qmax: int) -> Tuple[Tensor, Tensor]:
     lo = torch.clamp(lo, max=0.0)
     hi = torch.clamp(hi, min=0.0)
-    scale = (hi - lo) / float(qmax - qmin)
+    scale = (hi - lo) / _const(float(qmax - qmin), lo)
     scale = torch.where(hi == lo, torch.ones_like(scale), scale)
     zero = _finite_q(_rne(qmin - lo / scale).clamp(qmin, qmax))
     return scale, zero
@@ -163,7 +165,7 @@ def quantize_int4_sym(w: Tensor, group_size: int) -> Tuple[Tensor, Tensor]:
     wg, _ = _groups(w, "quantize_int4_sym", group_size)
     absmax = wg.abs().amax(dim=-1)
     is_zero = absmax == 0
-    scale = torch.where(is_zero, torch.ones_like(absmax), absmax / 7.0)
+    scale = torch.where(is_zero, torch.ones_like(absmax), absmax / _const(7.0, absmax))
     q = _finite_q(_rne(wg / scale.unsqueeze(-1)).clamp(-8, 7)).to(torch.int8)
     return pack_int4(q.reshape(w.shape)), scale
 

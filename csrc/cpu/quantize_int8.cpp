@@ -1,0 +1,220 @@
+// quantkernels::quantize_int8_rowwise on CPU: symmetric absmax int8, one scale per row
+// (NUMERICS.md section 1), bit-exact with reference.py quantize_int8_rowwise.
+//
+// Per row r of x viewed as [M, K], all in fp32 (fp16/bf16 inputs are widened first, exactly):
+//   absmax = max_k |x[k]|, and NaN if any x[k] is NaN           (torch.amax propagates NaN)
+//   absmax == 0: inv = 0,             scale = 1
+//   otherwise:   inv = 127 / absmax,  scale = absmax / 127      (true fp32 divisions; so an
+//                Inf row has inv = 0, a NaN row inv = NaN, a subnormal absmax may give inv = Inf)
+//   q[k] = clamp(rne(x[k] * inv), -127, 127), and 0 where x[k] * inv is NaN
+//                                                              (reference: nan_to_num after clamp)
+// Consequences: a row with NaN gets q = 0 and scale NaN; a row with +-Inf (no NaN) gets
+// q = 0 everywhere (finite * 0 = 0, Inf * 0 = NaN -> 0) and scale Inf.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <sstream>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "cpu_isa.h"
+
+namespace quantkernels {
+namespace cpu {
+namespace {
+
+constexpr float kQMax = 127.0f;
+// Rows per parallel chunk hold at least this many elements, so small inputs stay on one thread.
+constexpr int64_t kGrainElems = 1 << 15;
+
+// ------------------------------------------------------------------ portable (plain C++)
+
+float absmax_portable(const float* x, int64_t K) {
+  float m = 0.0f;
+  bool nan = false;
+  for (int64_t k = 0; k < K; ++k) {
+    const float a = std::fabs(x[k]);
+    nan |= std::isnan(a);
+    m = a > m ? a : m;
+  }
+  return nan ? std::numeric_limits<float>::quiet_NaN() : m;
+}
+
+inline int8_t quant_one(float v, float inv) {
+  float p = v * inv;
+  p = std::isnan(p) ? 0.0f : p;
+  // Clamping before rounding is the same as after (+-127 are integers), and keeps |p| small
+  // for the magic-number round half to even below: exact for |p| <= 2^22 in the default
+  // rounding mode, and vectorizable with plain SSE2 (std::nearbyint is a libm call there).
+  p = std::min(std::max(p, -kQMax), kQMax);
+  constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23
+  const float r = (p + kMagic) - kMagic;
+  return static_cast<int8_t>(r);
+}
+
+void quant_row_portable(const float* x, int64_t K, float inv, int8_t* q) {
+  for (int64_t k = 0; k < K; ++k) {
+    q[k] = quant_one(x[k], inv);
+  }
+}
+
+// ------------------------------------------------------------------ AVX2
+
+#if QK_X86
+QK_TARGET_AVX2 float absmax_avx2(const float* x, int64_t K) {
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 vmax = _mm256_setzero_ps();
+  __m256 vnan = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    const __m256 a = _mm256_and_ps(_mm256_loadu_ps(x + k), absmask);
+    // maxps drops NaN depending on operand order, so NaN is tracked on the side.
+    vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
+    vmax = _mm256_max_ps(vmax, a);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, vmax);
+  bool nan = _mm256_movemask_ps(vnan) != 0;
+  float m = 0.0f;
+  for (float v : lanes) {
+    m = v > m ? v : m;
+  }
+  for (; k < K; ++k) {
+    const float a = std::fabs(x[k]);
+    nan |= std::isnan(a);
+    m = a > m ? a : m;
+  }
+  return nan ? std::numeric_limits<float>::quiet_NaN() : m;
+}
+
+QK_TARGET_AVX2 void quant_row_avx2(const float* x, int64_t K, float inv, int8_t* q) {
+  const __m256 vinv = _mm256_set1_ps(inv);
+  const __m256 lo = _mm256_set1_ps(-kQMax);
+  const __m256 hi = _mm256_set1_ps(kQMax);
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    __m256 p = _mm256_mul_ps(_mm256_loadu_ps(x + k), vinv);
+    p = _mm256_and_ps(p, _mm256_cmp_ps(p, p, _CMP_ORD_Q));  // NaN -> 0
+    __m256 r = _mm256_round_ps(p, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    r = _mm256_min_ps(_mm256_max_ps(r, lo), hi);  // +-Inf -> +-127
+    const __m256i i32 = _mm256_cvtps_epi32(r);     // exact: r is an integer in [-127, 127]
+    const __m128i i16 = _mm_packs_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(q + k), _mm_packs_epi16(i16, i16));
+  }
+  for (; k < K; ++k) {
+    q[k] = quant_one(x[k], inv);
+  }
+}
+#endif
+
+// ------------------------------------------------------------------ driver
+
+template <typename T>
+void widen(const T* src, int64_t K, float* dst) {
+  for (int64_t k = 0; k < K; ++k) {
+    dst[k] = static_cast<float>(src[k]);  // exact for fp16 / bf16
+  }
+}
+
+template <typename T>
+void quantize_rows(const T* x, int64_t M, int64_t K, Isa isa, int8_t* q, float* scale) {
+  const int64_t grain = std::max<int64_t>(1, kGrainElems / K);
+  at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(std::is_same<T, float>::value ? 0 : K);
+    for (int64_t r = begin; r < end; ++r) {
+      const float* row;
+      if constexpr (std::is_same<T, float>::value) {
+        row = x + r * K;
+      } else {
+        widen(x + r * K, K, buf.data());
+        row = buf.data();
+      }
+      float absmax;
+#if QK_X86
+      absmax = isa == Isa::Avx2 ? absmax_avx2(row, K) : absmax_portable(row, K);
+#else
+      absmax = absmax_portable(row, K);
+#endif
+      float inv, sc;
+      if (absmax == 0.0f) {
+        inv = 0.0f;
+        sc = 1.0f;
+      } else {  // also NaN / Inf absmax, as in the reference
+        inv = kQMax / absmax;
+        sc = absmax / kQMax;
+      }
+#if QK_X86
+      if (isa == Isa::Avx2) {
+        quant_row_avx2(row, K, inv, q + r * K);
+      } else {
+        quant_row_portable(row, K, inv, q + r * K);
+      }
+#else
+      quant_row_portable(row, K, inv, q + r * K);
+#endif
+      scale[r] = sc;
+    }
+  });
+}
+
+std::string shape_str(at::IntArrayRef s) {
+  std::ostringstream os;
+  os << "(";
+  for (size_t i = 0; i < s.size(); ++i) {
+    os << s[i] << (i + 1 < s.size() || s.size() == 1 ? "," : "") << (i + 1 < s.size() ? " " : "");
+  }
+  os << ")";
+  return os.str();
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_int8_rowwise_cpu(const at::Tensor& x) {
+  // The same checks and messages as _validate.float_rows (TypeError / ValueError in Python).
+  const auto st = x.scalar_type();
+  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16,
+                   "quantkernels.quantize_int8_rowwise: x must have dtype in "
+                   "['torch.float16', 'torch.bfloat16', 'torch.float32'], got ",
+                   dtype_name(st));
+  TORCH_CHECK_VALUE(x.dim() >= 1,
+                    "quantkernels.quantize_int8_rowwise: x must have at least 1 dimension(s), got a 0-D tensor");
+  TORCH_CHECK_VALUE(x.size(-1) > 0,
+                    "quantkernels.quantize_int8_rowwise: x must have a non-empty last dimension K, got shape ",
+                    shape_str(x.sizes()));
+  const Isa isa = active_isa();  // read once, on the calling thread
+
+  const int64_t K = x.size(-1);
+  const int64_t M = x.numel() / K;
+  at::Tensor q = at::empty(x.sizes(), x.options().dtype(at::kChar));
+  at::Tensor scale = at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(at::kFloat));
+  if (M == 0) {
+    return {q, scale};
+  }
+  const at::Tensor xc = x.contiguous();
+  int8_t* qp = q.data_ptr<int8_t>();
+  float* sp = scale.data_ptr<float>();
+  switch (st) {
+    case at::kFloat:
+      quantize_rows(xc.data_ptr<float>(), M, K, isa, qp, sp);
+      break;
+    case at::kHalf:
+      quantize_rows(xc.data_ptr<at::Half>(), M, K, isa, qp, sp);
+      break;
+    default:
+      quantize_rows(xc.data_ptr<at::BFloat16>(), M, K, isa, qp, sp);
+      break;
+  }
+  return {q, scale};
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace quantkernels
+
+TORCH_LIBRARY_IMPL(quantkernels, CPU, m) {
+  m.impl("quantize_int8_rowwise", &quantkernels::cpu::quantize_int8_rowwise_cpu);
+}

@@ -1,0 +1,94 @@
+"""Builds the native extension quantkernels._C (metadata lives in pyproject.toml).
+
+    pip install --no-build-isolation -e .      # against the torch already installed
+    python setup.py build_ext --inplace
+
+C++ CPU sources (csrc/cpu/*.cpp) are always built. CUDA sources (csrc/cuda/*.cu plus
+csrc/cuda_bindings.cpp) are added when torch has CUDA and nvcc is found, or when
+FORCE_CUDA=1. QUANTKERNELS_NO_NATIVE=1 skips the extension: every op then runs the
+pure-PyTorch reference.
+
+The extension uses the Python limited API (one abi3 wheel for CPython >= 3.9; torch >= 2.6
+supports it), so it contains no pybind11: importing it only runs the static op
+registrations. No -march=native: ISA-specific code is compiled per function with
+__attribute__((target("avx2,fma"))) and selected at run time (csrc/cpu/cpu_isa.h).
+"""
+
+import glob
+import os
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _rel(paths):
+    return sorted(os.path.relpath(p, ROOT) for p in paths)
+
+
+def _truthy(name):
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _want_cuda(cpp_extension, torch):
+    """(build CUDA?, reason) -- the reason is printed either way."""
+    cu_sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+    if not cu_sources:
+        return False, "csrc/cuda/ holds no .cu files"
+    if _truthy("FORCE_CUDA"):
+        return True, "FORCE_CUDA=1"
+    if torch.version.cuda is None:
+        return False, f"torch {torch.__version__} is built without CUDA"
+    if cpp_extension.CUDA_HOME is None:
+        return False, "nvcc not found (set CUDA_HOME)"
+    return True, f"torch CUDA {torch.version.cuda}, CUDA_HOME={cpp_extension.CUDA_HOME}"
+
+
+def _extensions():
+    if _truthy("QUANTKERNELS_NO_NATIVE"):
+        print("quantkernels: QUANTKERNELS_NO_NATIVE=1, not building quantkernels._C "
+              "(every op runs the pure-PyTorch reference)")
+        return [], {}
+
+    import torch
+    from torch.utils import cpp_extension
+
+    sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
+    # No -std flag: torch adds the standard its headers need (c++17 or c++20 by version).
+    cxx_flags = ["-O3", "-fdiagnostics-color=always"]
+    nvcc_flags = ["-O3"]
+
+    use_cuda, why = _want_cuda(cpp_extension, torch)
+    if use_cuda:
+        sources += _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+        if os.path.exists(os.path.join(ROOT, "csrc", "cuda_bindings.cpp")):
+            sources += ["csrc/cuda_bindings.cpp"]
+        cxx_flags.append("-DQUANTKERNELS_WITH_CUDA")
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            # With no visible GPU and no arch list, torch's arch detection raises IndexError.
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;8.9;9.0a"
+            print("quantkernels: no GPU visible, TORCH_CUDA_ARCH_LIST defaulted to 8.0;8.9;9.0a")
+        print(f"quantkernels: building CPU + CUDA kernels ({why})")
+        ext_cls = cpp_extension.CUDAExtension
+    else:
+        print(f"quantkernels: building CPU kernels only ({why})")
+        ext_cls = cpp_extension.CppExtension
+
+    ext = ext_cls(
+        "quantkernels._C",
+        sources,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        py_limited_api=True,
+    )
+    cmdclass = {"build_ext": cpp_extension.BuildExtension}
+    return [ext], cmdclass
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    options={"bdist_wheel": {"py_limited_api": "cp39"}} if ext_modules else {},
+)
