@@ -83,9 +83,9 @@ def test_int8_gemm_exact(M, N, K, isa, threads):
     torch.testing.assert_close(out, R.int8_gemm(a, b), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("M,N,K", [(130, 200, 2100), (257, 97, 1025)])
+@pytest.mark.parametrize("M,N,K", [(130, 200, 4100), (257, 97, 1025)])
 def test_int8_gemm_exact_multi_block(M, N, K, isa, threads):
-    # More than one M block (128), N block (96) and K block (1024) at once.
+    # More than one M block (128), N block (96) and K block (4096) at once.
     g = torch.Generator().manual_seed(7)
     a, b = _rand_int8(M, K, gen=g), _rand_int8(N, K, gen=g)
     torch.testing.assert_close(OPS.int8_gemm(a, b), R.int8_gemm(a, b), rtol=0, atol=0)

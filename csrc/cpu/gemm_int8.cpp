@@ -15,11 +15,12 @@
 // with ones) as two madd_epi16, so there is nothing to win. K <= 131071 keeps every int32
 // partial sum in range (128 * 128 * K < 2^31).
 //
-// Blocking. Micro-kernel: MR = 2 rows of a x NR = 6 rows of b, 12 ymm int32 accumulators,
-// K in steps of 16, one horizontal reduction per K block. Cache blocking: KC = 1024 along K
-// (a 6 x KC b tile = 6 KB stays in L1 while all a rows of the M block stream past it), MC = 128
-// rows of a (the int16 a block, MC x KC x 2 = 256 KB, stays in L2), NC = 96 rows of b (96 KB
-// of b in L2, reused across M blocks). Threads split (N block, M block) tasks with N outer, so
+// Blocking. Micro-kernel: MR = 2 rows of a x NR = 4 rows of b, 8 ymm int32 accumulators,
+// K in steps of 16, one horizontal reduction per K block (2 x 6 and 3 x 4 tiles spill or run
+// slower with GCC 12 on Zen3). Cache blocking: KC = 4096 along K (the 4 x KC b tile, 16 KB,
+// stays in L1 while the a rows of the M block stream past it from L2; KC = 1024 measured ~20%
+// slower at K = 4096: more reductions and C read-modify-writes), MC = 128 rows of a, NC = 96
+// rows of b (reused from L2 across M blocks). Threads split (N block, M block) tasks with N outer, so
 // consecutive tasks of one thread reuse the same b block from L2.
 //
 // ISA: the AVX2 micro-kernel is compiled per function with target("avx2,fma") and chosen at run
@@ -95,7 +96,7 @@ std::string gemm_dtype_name(c10::ScalarType t) {
 
 constexpr int MR = 2;        // rows of a per micro-kernel
 constexpr int NR = 4;        // rows of b per micro-kernel
-constexpr int64_t KC = 1024; // K block (multiple of 16)
+constexpr int64_t KC = 4096; // K block (multiple of 16)
 constexpr int64_t MC = 128;  // M block
 constexpr int64_t NC = 96;   // N block (multiple of NR)
 constexpr int64_t MAX_K = (int64_t(1) << 31) / (128 * 128) - 1;  // 131071, as _validate.MAX_K_INT8
@@ -255,8 +256,7 @@ void gemm_driver(const at::Tensor& a, const at::Tensor& b, int64_t M, int64_t N,
                  const Epilogue& ep) {
   const bool avx2 = gemm_use_avx2();  // read on the calling thread, once per call
   const MicroTable table(avx2);
-  int64_t lda = (K + 15) / 16 * 16;
-  if ((lda * 2) % 1024 == 0) lda += 32;  // break 4 KiB set aliasing between the int16 rows of a in L1
+  const int64_t lda = (K + 15) / 16 * 16;
   const at::Tensor a16 = widen_a(a, M, K, lda);
   const int16_t* A = a16.data_ptr<int16_t>();
   const int8_t* B = b.data_ptr<int8_t>();
