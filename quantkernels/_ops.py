@@ -78,6 +78,7 @@ def _(x, threshold):
     op = "quantize_int8_rowwise_outliers"
     V.float_rows(op, "x", x, min_dim=2)
     V.check(x.dim() == 2, op, lambda: f"x must be 2-D [M, K], got shape {tuple(x.shape)}")
+    V.check(threshold == threshold, op, lambda: f"threshold must be a number, got {threshold}")
     return (_empty(x, x.shape, torch.int8), _empty(x, x.shape[:1], torch.float32),
             _empty(x, x.shape[1:], torch.bool))
 
@@ -99,6 +100,7 @@ def _(q, scale, zero=None, out_dtype=None):
     if zero is not None:
         V.dtype_in(op, "zero", zero, (torch.int8,))
         V.shape_is(op, "zero", zero, scale.shape, "(the shape of scale)")
+    V.same_device(op, q=q, scale=scale, zero=zero)
     return _empty(q, q.shape, V.out_dtype(op, out_dtype))
 
 
@@ -180,6 +182,7 @@ def _(x, b, scale_b, bias=None):
     R._check_weight_only(op, x, K, N)
     V.dtype_in(op, "scale_b", scale_b, (torch.float32,))
     V.shape_is(op, "scale_b", scale_b, (N,), "(one per-channel scale per row of b)")
+    V.same_device(op, x=x, b=b, scale_b=scale_b)
     V.bias(op, bias, N, x)
     return _empty(x, (x.shape[0], N), x.dtype)
 
@@ -189,6 +192,7 @@ def _(x, b_packed, scale_b, zero_b=None, bias=None):
     op = "w4a16_gemm"
     N, K, _ = R._check_int4_weight(op, b_packed, scale_b, zero_b)
     R._check_weight_only(op, x, K, N)
+    V.same_device(op, x=x, b_packed=b_packed)
     V.bias(op, bias, N, x)
     return _empty(x, (x.shape[0], N), x.dtype)
 
@@ -203,6 +207,7 @@ def _(x, b, scale_b, bias=None, threshold=6.0):
     V.k_bound(op, K)
     V.dtype_in(op, "scale_b", scale_b, (torch.float32,))
     V.shape_is(op, "scale_b", scale_b, (N,), "(one per-channel scale per row of b)")
+    V.same_device(op, x=x, b=b, scale_b=scale_b)
     V.bias(op, bias, N, x)
     return _empty(x, (x.shape[0], N), x.dtype)
 

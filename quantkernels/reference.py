@@ -66,7 +66,9 @@ def quantize_int8_rowwise(x: Tensor) -> Tuple[Tensor, Tensor]:
 def quantize_int8_tensor(x: Tensor) -> Tuple[Tensor, Tensor]:
     V.float_rows("quantize_int8_tensor", "x", x)
     xf = x.float()
-    q, scale = _absmax_quant(xf.reshape(1, -1), xf.abs().amax().reshape(1))
+    # a 0 joins the max so that an empty tensor gets absmax 0 (scale 1), as an all-zero one
+    absmax = torch.cat((xf.abs().reshape(-1), xf.new_zeros(1))).amax().reshape(1)
+    q, scale = _absmax_quant(xf.reshape(1, -1), absmax)
     return q.reshape(x.shape), scale.reshape(())
 
 
@@ -74,6 +76,7 @@ def quantize_int8_rowwise_outliers(x: Tensor, threshold: float) -> Tuple[Tensor,
     op = "quantize_int8_rowwise_outliers"
     V.float_rows(op, "x", x, min_dim=2)
     V.check(x.dim() == 2, op, lambda: f"x must be 2-D [M, K], got shape {tuple(x.shape)}")
+    V.check(threshold == threshold, op, lambda: f"threshold must be a number, got {threshold}")
     xf = x.float()
     if threshold > 0:
         outliers = (xf.abs() >= threshold).any(dim=0)
@@ -178,15 +181,14 @@ def quantize_uint4_asym(w: Tensor, group_size: int) -> Tuple[Tensor, Tensor, Ten
 
 
 def _check_int4_weight(op: str, packed: Tensor, scale: Tensor, zero: Optional[Tensor]) -> Tuple[int, int, int]:
-    V.int4_packed(op, "b_packed" if op != "dequantize_int4" else "packed", packed)
+    pname, sname, zname = ("packed", "scale", "zero") if op == "dequantize_int4" else ("b_packed", "scale_b", "zero_b")
+    V.int4_packed(op, pname, packed)
     N, K = packed.shape[0], packed.shape[1] * 2
-    sname = "scale_b" if op != "dequantize_int4" else "scale"
     G = V.groups_of(op, sname, scale, N, K)
     if zero is not None:
-        zname = "zero_b" if op != "dequantize_int4" else "zero"
         V.dtype_in(op, zname, zero, (torch.uint8,))
         V.shape_is(op, zname, zero, tuple(scale.shape), f"(the shape of {sname})")
-    V.same_device(op, packed=packed, scale=scale, zero=zero)
+    V.same_device(op, **{pname: packed, sname: scale, zname: zero})
     return N, K, G
 
 
@@ -225,7 +227,7 @@ def _check_int8_operands(op: str, a: Tensor, b: Tensor, b_is_packed: bool = Fals
         N = b.shape[0]
         V.check(b.shape[1] == K, op,
                 lambda: f"b must have K = {K} columns to match a {tuple(a.shape)}, got shape {tuple(b.shape)}")
-    V.same_device(op, a=a, b=b)
+    V.same_device(op, **{"a": a, "b_packed" if b_is_packed else "b": b})
     return M, N, K
 
 
