@@ -69,6 +69,9 @@ def launch(kernel, grid, *args, **kwargs):
     if interpreting():
         kwargs.pop("num_warps", None)
         kwargs.pop("num_stages", None)
+        from torch._subclasses.fake_tensor import is_fake
+        if any(isinstance(a, torch.Tensor) and is_fake(a) for a in args):
+            return None  # tracing (fake tensors): the interpreter would touch data; outputs are allocated
     if isinstance(kernel, (JITFunction, Autotuner)):
         kernel = torch.library.wrap_triton(kernel)
     return kernel[grid](*args, **kwargs)
