@@ -7,6 +7,9 @@ Ops live in ``torch.ops.quantkernels`` (typed wrappers in ``quantkernels.ops``);
 pure-PyTorch reference (``quantkernels.reference``) is their executable spec.
 """
 
+import importlib.util
+import warnings
+
 from . import _ops as ops  # defines every op's schema, fake and reference first
 from . import _native, dispatch, reference
 from .convert import QuantizationReport, memory_footprint, quantize_model
@@ -16,6 +19,11 @@ from .nn import SCHEMES, QuantLinear
 __version__ = "0.1.0"
 
 _native.load()  # registers the C++ kernels (if built) over the reference
+if importlib.util.find_spec("triton") is not None:
+    try:
+        from . import triton as _triton  # noqa: F401  registers quantkernels::<op>_triton (kernels load lazily)
+    except Exception as _e:  # a broken triton install must not break the package
+        warnings.warn(f"quantkernels: Triton ops not registered ({type(_e).__name__}: {_e})", RuntimeWarning)
 dispatch.refresh(None if _native.AVAILABLE else _native.REASON)
 
 BACKENDS = dispatch.BACKENDS

@@ -1,0 +1,150 @@
+"""The Triton ops: ``quantkernels::<op>_triton``, one per base op, with the base op's
+arguments (names, types, defaults; return values are unnamed, as ``triton_op`` infers the
+schema from these annotations). Each validates its inputs with the same ``_validate`` helpers
+as the reference, then launches the kernels through ``wrap_triton`` so that
+``torch.compile(fullgraph=True)`` traces into them.
+
+Importing this module does not import triton: the kernel modules are imported on the first
+call, in whichever mode (GPU or interpreter) the process runs Triton in (see ``_common``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import _validate as V
+from .. import reference as R
+
+NAMESPACE = "quantkernels"
+
+#: Base op name -> Triton op name, for every op this module registers.
+OPS = {}
+
+
+def _mod(name: str):
+    return importlib.import_module(f"{__package__}.{name}")
+
+
+def _device_ok(op: str, t: Tensor) -> None:
+    _mod("_common").check_device(op, t)
+
+
+def _register(base: str):
+    def deco(fn):
+        name = f"{NAMESPACE}::{base}_triton"
+        OPS[base] = f"{base}_triton"
+        return torch.library.triton_op(name, fn, mutates_args=())
+
+    return deco
+
+
+@_register("quantize_int8_rowwise")
+def quantize_int8_rowwise_triton(x: Tensor) -> Tuple[Tensor, Tensor]:
+    op = "quantize_int8_rowwise"
+    V.float_rows(op, "x", x)
+    _device_ok(op, x)
+    q, s = _mod("quantize").quantize_rows(x.reshape(-1, x.shape[-1]))
+    return q.reshape(x.shape), s.reshape(x.shape[:-1])
+
+
+@_register("quantize_int8_rowwise_outliers")
+def quantize_int8_rowwise_outliers_triton(x: Tensor, threshold: float) -> Tuple[Tensor, Tensor, Tensor]:
+    op = "quantize_int8_rowwise_outliers"
+    V.float_rows(op, "x", x, min_dim=2)
+    V.check(x.dim() == 2, op, lambda: f"x must be 2-D [M, K], got shape {tuple(x.shape)}")
+    _device_ok(op, x)
+    Q = _mod("quantize")
+    mask = Q.outlier_columns(x, threshold)
+    q, s = Q.quantize_rows(x, mask if threshold > 0 else None)
+    return q, s, mask
+
+
+@_register("int8_gemm")
+def int8_gemm_triton(a: Tensor, b: Tensor) -> Tensor:
+    op = "int8_gemm"
+    M, N, K = R._check_int8_operands(op, a, b)
+    V.k_bound(op, K)
+    _device_ok(op, a)
+    return _mod("int8_gemm").gemm(a, b)
+
+
+@_register("w8a8_gemm")
+def w8a8_gemm_triton(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, bias: Optional[Tensor] = None,
+                     out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    op = "w8a8_gemm"
+    M, N, K = R._check_int8_operands(op, a, b)
+    V.k_bound(op, K)
+    R._check_scales(op, scale_a, M, scale_b, N, a)
+    V.bias(op, bias, N, a)
+    dt = V.out_dtype(op, out_dtype)
+    _device_ok(op, a)
+    return _mod("int8_gemm").gemm(a, b, scale_a, scale_b, bias, dt)
+
+
+@_register("w4a8_gemm")
+def w4a8_gemm_triton(a: Tensor, b_packed: Tensor, scale_a: Tensor, scale_b: Tensor, zero_b: Optional[Tensor] = None,
+                     bias: Optional[Tensor] = None, out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    op = "w4a8_gemm"
+    M, N, K = R._check_int8_operands(op, a, b_packed, b_is_packed=True)
+    _, _, G = R._check_int4_weight(op, b_packed, scale_b, zero_b)
+    R._check_scales(op, scale_a, M, scale_b, N, a, per_group=True)
+    V.k_bound(op, G, limit=(2**31 - 1) // (128 * 15), what="group_size")
+    V.bias(op, bias, N, a)
+    dt = V.out_dtype(op, out_dtype)
+    _device_ok(op, a)
+    return _mod("w4a8").gemm(a, b_packed, scale_a, scale_b, zero_b, bias, dt)
+
+
+@_register("w8a16_gemm")
+def w8a16_gemm_triton(x: Tensor, b: Tensor, scale_b: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    op = "w8a16_gemm"
+    V.dtype_in(op, "b", b, (torch.int8,))
+    V.ndim_is(op, "b", b, 2, "[N, K] weight")
+    N, K = b.shape
+    R._check_weight_only(op, x, K, N)
+    V.dtype_in(op, "scale_b", scale_b, (torch.float32,))
+    V.shape_is(op, "scale_b", scale_b, (N,), "(one per-channel scale per row of b)")
+    V.same_device(op, x=x, b=b, scale_b=scale_b)
+    V.bias(op, bias, N, x)
+    _device_ok(op, x)
+    return _mod("weight_only").gemm(x, b, scale_b, None, bias, int4=False)
+
+
+@_register("w4a16_gemm")
+def w4a16_gemm_triton(x: Tensor, b_packed: Tensor, scale_b: Tensor, zero_b: Optional[Tensor] = None,
+                      bias: Optional[Tensor] = None) -> Tensor:
+    op = "w4a16_gemm"
+    N, K, _ = R._check_int4_weight(op, b_packed, scale_b, zero_b)
+    R._check_weight_only(op, x, K, N)
+    V.same_device(op, x=x, b_packed=b_packed)
+    V.bias(op, bias, N, x)
+    _device_ok(op, x)
+    return _mod("weight_only").gemm(x, b_packed, scale_b, zero_b, bias, int4=True)
+
+
+@_register("llm_int8_linear")
+def llm_int8_linear_triton(x: Tensor, b: Tensor, scale_b: Tensor, bias: Optional[Tensor] = None,
+                           threshold: float = 6.0) -> Tensor:
+    op = "llm_int8_linear"
+    V.dtype_in(op, "b", b, (torch.int8,))
+    V.ndim_is(op, "b", b, 2, "[N, K] weight")
+    N, K = b.shape
+    R._check_weight_only(op, x, K, N)
+    V.k_bound(op, K)
+    V.dtype_in(op, "scale_b", scale_b, (torch.float32,))
+    V.shape_is(op, "scale_b", scale_b, (N,), "(one per-channel scale per row of b)")
+    V.same_device(op, x=x, b=b, scale_b=scale_b)
+    V.bias(op, bias, N, x)
+    V.check(threshold == threshold, op, lambda: f"threshold must be a number, got {threshold}")
+    _device_ok(op, x)
+    Q = _mod("quantize")
+    if threshold > 0:
+        mask = Q.outlier_columns(x, threshold)
+        q, sx = Q.quantize_rows(x, mask)
+        return _mod("int8_gemm").gemm(q, b, sx, scale_b, bias, x.dtype, x=x, outliers=mask)
+    q, sx = Q.quantize_rows(x)
+    return _mod("int8_gemm").gemm(q, b, sx, scale_b, bias, x.dtype)
