@@ -26,8 +26,11 @@ install: $(VENV)/.built
 demo: install
 	$(PY) -m quantkernels.demo
 
+# Two runs: Triton chooses interpreter or compiler mode at import, and the rest of the suite
+# (inductor, transformers) imports it compiled; test_triton.py needs a process of its own.
 test: install
-	$(PY) -m pytest -q -m "not cuda"
+	$(PY) -m pytest -q -m "not cuda" --ignore=tests/test_triton.py
+	$(PY) -m pytest -q -m "not cuda" tests/test_triton.py
 
 bench: install
 	$(PY) -m bench.gemm
