@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _validate as V
+from . import _contracts as C
 from . import reference as R
 
 NAMESPACE = "quantkernels"
@@ -57,159 +57,102 @@ def _empty(like: Tensor, shape, dtype) -> Tensor:
 
 
 # --------------------------------------------------------------------------- fake kernels
-# Each validates exactly what the reference validates (the same helpers) and derives the
-# output shapes from the (packed) input shapes.
+# Each validates through the same contract as the reference (``_contracts``) and derives
+# the output shapes from the (packed) input shapes.
 
 
 @_fake("quantize_int8_rowwise")
 def _(x):
-    V.float_rows("quantize_int8_rowwise", "x", x)
+    C.quantize_int8_rowwise(x)
     return _empty(x, x.shape, torch.int8), _empty(x, x.shape[:-1], torch.float32)
 
 
 @_fake("quantize_int8_tensor")
 def _(x):
-    V.float_rows("quantize_int8_tensor", "x", x)
+    C.quantize_int8_tensor(x)
     return _empty(x, x.shape, torch.int8), _empty(x, (), torch.float32)
 
 
 @_fake("quantize_int8_rowwise_outliers")
 def _(x, threshold):
-    op = "quantize_int8_rowwise_outliers"
-    V.float_rows(op, "x", x, min_dim=2)
-    V.check(x.dim() == 2, op, lambda: f"x must be 2-D [M, K], got shape {tuple(x.shape)}")
-    V.check(threshold == threshold, op, lambda: f"threshold must be a number, got {threshold}")
+    C.quantize_int8_rowwise_outliers(x, threshold)
     return (_empty(x, x.shape, torch.int8), _empty(x, x.shape[:1], torch.float32),
             _empty(x, x.shape[1:], torch.bool))
 
 
 @_fake("quantize_int8_asym")
 def _(x):
-    V.float_rows("quantize_int8_asym", "x", x)
+    C.quantize_int8_asym(x)
     return (_empty(x, x.shape, torch.int8), _empty(x, x.shape[:-1], torch.float32),
             _empty(x, x.shape[:-1], torch.int8))
 
 
 @_fake("dequantize_int8")
 def _(q, scale, zero=None, out_dtype=None):
-    op = "dequantize_int8"
-    V.dtype_in(op, "q", q, (torch.int8,))
-    V.dtype_in(op, "scale", scale, (torch.float32,))
-    V.check(scale.dim() == 0 or tuple(scale.shape) == tuple(q.shape[:-1]), op,
-            lambda: f"scale must be 0-D or have shape {tuple(q.shape[:-1])}, got {tuple(scale.shape)}")
-    if zero is not None:
-        V.dtype_in(op, "zero", zero, (torch.int8,))
-        V.shape_is(op, "zero", zero, scale.shape, "(the shape of scale)")
-    V.same_device(op, q=q, scale=scale, zero=zero)
-    return _empty(q, q.shape, V.out_dtype(op, out_dtype))
+    return _empty(q, q.shape, C.dequantize_int8(q, scale, zero, out_dtype))
 
 
 @_fake("pack_int4")
 def _(q):
-    V.dtype_in("pack_int4", "q", q, (torch.int8, torch.uint8))
-    V.check(q.dim() >= 1 and q.shape[-1] % 2 == 0, "pack_int4",
-            lambda: f"q must have an even last dimension K, got shape {tuple(q.shape)}")
+    C.pack_int4(q)
     return _empty(q, (*q.shape[:-1], q.shape[-1] // 2), torch.uint8)
 
 
 @_fake("unpack_int4")
 def _(packed, signed=True):
-    V.dtype_in("unpack_int4", "packed", packed, (torch.uint8,))
-    V.check(packed.dim() >= 1, "unpack_int4", "packed must have at least 1 dimension")
+    C.unpack_int4(packed)
     return _empty(packed, (*packed.shape[:-1], packed.shape[-1] * 2), torch.int8 if signed else torch.uint8)
-
-
-def _int4_quant_fake(op, w, group_size):
-    V.float_rows(op, "w", w, min_dim=2)
-    V.ndim_is(op, "w", w, 2, "[N, K] weight")
-    N, K = w.shape
-    V.check(K % 2 == 0, op, lambda: f"K = {K} must be even to pack two int4 values per byte")
-    G = V.group_size(op, group_size, K)
-    return _empty(w, (N, K // 2), torch.uint8), _empty(w, (N, K // G), torch.float32)
 
 
 @_fake("quantize_int4_sym")
 def _(w, group_size):
-    return _int4_quant_fake("quantize_int4_sym", w, group_size)
+    N, K, G = C.quantize_int4("quantize_int4_sym", w, group_size)
+    return _empty(w, (N, K // 2), torch.uint8), _empty(w, (N, K // G), torch.float32)
 
 
 @_fake("quantize_uint4_asym")
 def _(w, group_size):
-    packed, scale = _int4_quant_fake("quantize_uint4_asym", w, group_size)
-    return packed, scale, _empty(w, scale.shape, torch.uint8)
+    N, K, G = C.quantize_int4("quantize_uint4_asym", w, group_size)
+    return (_empty(w, (N, K // 2), torch.uint8), _empty(w, (N, K // G), torch.float32),
+            _empty(w, (N, K // G), torch.uint8))
 
 
 @_fake("dequantize_int4")
 def _(packed, scale, zero=None, out_dtype=None):
-    N, K, _ = R._check_int4_weight("dequantize_int4", packed, scale, zero)
-    return _empty(packed, (N, K), V.out_dtype("dequantize_int4", out_dtype))
+    N, K, dt = C.dequantize_int4(packed, scale, zero, out_dtype)
+    return _empty(packed, (N, K), dt)
 
 
 @_fake("int8_gemm")
 def _(a, b):
-    M, N, K = R._check_int8_operands("int8_gemm", a, b)
-    V.k_bound("int8_gemm", K)
-    return _empty(a, (M, N), torch.int32)
+    return _empty(a, C.int8_gemm(a, b), torch.int32)
 
 
 @_fake("w8a8_gemm")
 def _(a, b, scale_a, scale_b, bias=None, out_dtype=None):
-    op = "w8a8_gemm"
-    M, N, K = R._check_int8_operands(op, a, b)
-    V.k_bound(op, K)
-    R._check_scales(op, scale_a, M, scale_b, N, a)
-    V.bias(op, bias, N, a)
-    return _empty(a, (M, N), V.out_dtype(op, out_dtype))
+    M, N, dt = C.w8a8_gemm(a, b, scale_a, scale_b, bias, out_dtype)
+    return _empty(a, (M, N), dt)
 
 
 @_fake("w4a8_gemm")
 def _(a, b_packed, scale_a, scale_b, zero_b=None, bias=None, out_dtype=None):
-    op = "w4a8_gemm"
-    M, N, K = R._check_int8_operands(op, a, b_packed, b_is_packed=True)
-    _, _, G = R._check_int4_weight(op, b_packed, scale_b, zero_b)
-    R._check_scales(op, scale_a, M, scale_b, N, a, per_group=True)
-    V.k_bound(op, G, limit=(2**31 - 1) // (128 * 15), what="group_size")
-    V.bias(op, bias, N, a)
-    return _empty(a, (M, N), V.out_dtype(op, out_dtype))
+    M, N, _, dt = C.w4a8_gemm(a, b_packed, scale_a, scale_b, zero_b, bias, out_dtype)
+    return _empty(a, (M, N), dt)
 
 
 @_fake("w8a16_gemm")
 def _(x, b, scale_b, bias=None):
-    op = "w8a16_gemm"
-    V.dtype_in(op, "b", b, (torch.int8,))
-    V.ndim_is(op, "b", b, 2, "[N, K] weight")
-    N, K = b.shape
-    R._check_weight_only(op, x, K, N)
-    V.dtype_in(op, "scale_b", scale_b, (torch.float32,))
-    V.shape_is(op, "scale_b", scale_b, (N,), "(one per-channel scale per row of b)")
-    V.same_device(op, x=x, b=b, scale_b=scale_b)
-    V.bias(op, bias, N, x)
-    return _empty(x, (x.shape[0], N), x.dtype)
+    return _empty(x, C.w8a16_gemm(x, b, scale_b, bias), x.dtype)
 
 
 @_fake("w4a16_gemm")
 def _(x, b_packed, scale_b, zero_b=None, bias=None):
-    op = "w4a16_gemm"
-    N, K, _ = R._check_int4_weight(op, b_packed, scale_b, zero_b)
-    R._check_weight_only(op, x, K, N)
-    V.same_device(op, x=x, b_packed=b_packed)
-    V.bias(op, bias, N, x)
-    return _empty(x, (x.shape[0], N), x.dtype)
+    return _empty(x, C.w4a16_gemm(x, b_packed, scale_b, zero_b, bias), x.dtype)
 
 
 @_fake("llm_int8_linear")
 def _(x, b, scale_b, bias=None, threshold=6.0):
-    op = "llm_int8_linear"
-    V.dtype_in(op, "b", b, (torch.int8,))
-    V.ndim_is(op, "b", b, 2, "[N, K] weight")
-    N, K = b.shape
-    R._check_weight_only(op, x, K, N)
-    V.k_bound(op, K)
-    V.dtype_in(op, "scale_b", scale_b, (torch.float32,))
-    V.shape_is(op, "scale_b", scale_b, (N,), "(one per-channel scale per row of b)")
-    V.same_device(op, x=x, b=b, scale_b=scale_b)
-    V.bias(op, bias, N, x)
-    return _empty(x, (x.shape[0], N), x.dtype)
+    return _empty(x, C.llm_int8_linear(x, b, scale_b, bias, threshold), x.dtype)
 
 
 # --------------------------------------------------------------------------- typed wrappers

@@ -22,6 +22,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from . import _contracts as C
 from . import _validate as V
 
 # --------------------------------------------------------------------------- helpers
@@ -58,13 +59,13 @@ def _absmax_quant(xf: Tensor, absmax: Tensor) -> Tuple[Tensor, Tensor]:
 
 
 def quantize_int8_rowwise(x: Tensor) -> Tuple[Tensor, Tensor]:
-    V.float_rows("quantize_int8_rowwise", "x", x)
+    C.quantize_int8_rowwise(x)
     xf = x.float()
     return _absmax_quant(xf, xf.abs().amax(dim=-1))
 
 
 def quantize_int8_tensor(x: Tensor) -> Tuple[Tensor, Tensor]:
-    V.float_rows("quantize_int8_tensor", "x", x)
+    C.quantize_int8_tensor(x)
     xf = x.float()
     # a 0 joins the max so that an empty tensor gets absmax 0 (scale 1), as an all-zero one
     absmax = torch.cat((xf.abs().reshape(-1), xf.new_zeros(1))).amax().reshape(1)
@@ -73,10 +74,7 @@ def quantize_int8_tensor(x: Tensor) -> Tuple[Tensor, Tensor]:
 
 
 def quantize_int8_rowwise_outliers(x: Tensor, threshold: float) -> Tuple[Tensor, Tensor, Tensor]:
-    op = "quantize_int8_rowwise_outliers"
-    V.float_rows(op, "x", x, min_dim=2)
-    V.check(x.dim() == 2, op, lambda: f"x must be 2-D [M, K], got shape {tuple(x.shape)}")
-    V.check(threshold == threshold, op, lambda: f"threshold must be a number, got {threshold}")
+    C.quantize_int8_rowwise_outliers(x, threshold)
     xf = x.float()
     if threshold > 0:
         outliers = (xf.abs() >= threshold).any(dim=0)
@@ -97,7 +95,7 @@ def _asym_params(lo: Tensor, hi: Tensor, qmin: int, qmax: int) -> Tuple[Tensor, 
 
 
 def quantize_int8_asym(x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    V.float_rows("quantize_int8_asym", "x", x)
+    C.quantize_int8_asym(x)
     xf = x.float()
     scale, zero = _asym_params(xf.amin(dim=-1), xf.amax(dim=-1), -128, 127)
     q = _finite_q((_rne(xf / scale.unsqueeze(-1)) + zero.unsqueeze(-1)).clamp(-128, 127))
@@ -106,20 +104,10 @@ def quantize_int8_asym(x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
 
 def dequantize_int8(q: Tensor, scale: Tensor, zero: Optional[Tensor] = None,
                     out_dtype: Optional[torch.dtype] = None) -> Tensor:
-    op = "dequantize_int8"
-    V.dtype_in(op, "q", q, (torch.int8,))
-    V.dtype_in(op, "scale", scale, (torch.float32,))
-    dt = V.out_dtype(op, out_dtype)
-    V.check(q.dim() >= 1, op, lambda: "q must have at least 1 dimension, got a 0-D tensor")
-    V.check(scale.dim() == 0 or tuple(scale.shape) == tuple(q.shape[:-1]), op,
-            lambda: f"scale must be 0-D (per-tensor) or have shape q.shape[:-1] = {tuple(q.shape[:-1])} "
-                    f"(per-row), got {tuple(scale.shape)}")
-    V.same_device(op, q=q, scale=scale, zero=zero)
+    dt = C.dequantize_int8(q, scale, zero, out_dtype)
     s = scale.unsqueeze(-1) if scale.dim() else scale
     qf = q.float()
     if zero is not None:
-        V.dtype_in(op, "zero", zero, (torch.int8,))
-        V.shape_is(op, "zero", zero, scale.shape, "(the shape of scale)")
         qf = qf - (zero.unsqueeze(-1) if zero.dim() else zero).float()
     return (qf * s).to(dt)
 
@@ -129,9 +117,7 @@ def dequantize_int8(q: Tensor, scale: Tensor, zero: Optional[Tensor] = None,
 
 def pack_int4(q: Tensor) -> Tensor:
     op = "pack_int4"
-    V.dtype_in(op, "q", q, (torch.int8, torch.uint8))
-    V.check(q.dim() >= 1 and q.shape[-1] % 2 == 0, op,
-            lambda: f"q must have an even last dimension K (two values per byte), got shape {tuple(q.shape)}")
+    C.pack_int4(q)
     if not torch.compiler.is_compiling() and q.numel():
         lo, hi = (-8, 7) if q.dtype == torch.int8 else (0, 15)
         bad = (q < lo) | (q > hi)
@@ -144,9 +130,7 @@ def pack_int4(q: Tensor) -> Tensor:
 
 
 def unpack_int4(packed: Tensor, signed: bool = True) -> Tensor:
-    op = "unpack_int4"
-    V.dtype_in(op, "packed", packed, (torch.uint8,))
-    V.check(packed.dim() >= 1, op, "packed must have at least 1 dimension, got a 0-D tensor")
+    C.unpack_int4(packed)
     b = packed.to(torch.int16)
     lo, hi = b & 0xF, b >> 4
     if signed:
@@ -155,17 +139,13 @@ def unpack_int4(packed: Tensor, signed: bool = True) -> Tensor:
     return q.to(torch.int8 if signed else torch.uint8)
 
 
-def _groups(w: Tensor, op: str, group_size: int) -> Tuple[Tensor, int]:
-    V.float_rows(op, "w", w, min_dim=2)
-    V.ndim_is(op, "w", w, 2, "[N, K] weight")
-    N, K = w.shape
-    V.check(K % 2 == 0, op, lambda: f"K = {K} must be even to pack two int4 values per byte")
-    G = V.group_size(op, group_size, K)
-    return w.float().reshape(N, K // G, G), G
+def _groups(w: Tensor, op: str, group_size: int) -> Tensor:
+    N, K, G = C.quantize_int4(op, w, group_size)
+    return w.float().reshape(N, K // G, G)
 
 
 def quantize_int4_sym(w: Tensor, group_size: int) -> Tuple[Tensor, Tensor]:
-    wg, _ = _groups(w, "quantize_int4_sym", group_size)
+    wg = _groups(w, "quantize_int4_sym", group_size)
     absmax = wg.abs().amax(dim=-1)
     is_zero = absmax == 0
     scale = torch.where(is_zero, torch.ones_like(absmax), absmax / _const(7.0, absmax))
@@ -174,22 +154,10 @@ def quantize_int4_sym(w: Tensor, group_size: int) -> Tuple[Tensor, Tensor]:
 
 
 def quantize_uint4_asym(w: Tensor, group_size: int) -> Tuple[Tensor, Tensor, Tensor]:
-    wg, _ = _groups(w, "quantize_uint4_asym", group_size)
+    wg = _groups(w, "quantize_uint4_asym", group_size)
     scale, zero = _asym_params(wg.amin(dim=-1), wg.amax(dim=-1), 0, 15)
     q = _finite_q((_rne(wg / scale.unsqueeze(-1)) + zero.unsqueeze(-1)).clamp(0, 15))
     return pack_int4(q.to(torch.uint8).reshape(w.shape)), scale, zero.to(torch.uint8)
-
-
-def _check_int4_weight(op: str, packed: Tensor, scale: Tensor, zero: Optional[Tensor]) -> Tuple[int, int, int]:
-    pname, sname, zname = ("packed", "scale", "zero") if op == "dequantize_int4" else ("b_packed", "scale_b", "zero_b")
-    V.int4_packed(op, pname, packed)
-    N, K = packed.shape[0], packed.shape[1] * 2
-    G = V.groups_of(op, sname, scale, N, K)
-    if zero is not None:
-        V.dtype_in(op, zname, zero, (torch.uint8,))
-        V.shape_is(op, zname, zero, tuple(scale.shape), f"(the shape of {sname})")
-    V.same_device(op, **{pname: packed, sname: scale, zname: zero})
-    return N, K, G
 
 
 def _int4_weight_float(packed: Tensor, scale: Tensor, zero: Optional[Tensor]) -> Tensor:
@@ -204,31 +172,11 @@ def _int4_weight_float(packed: Tensor, scale: Tensor, zero: Optional[Tensor]) ->
 
 def dequantize_int4(packed: Tensor, scale: Tensor, zero: Optional[Tensor] = None,
                     out_dtype: Optional[torch.dtype] = None) -> Tensor:
-    _check_int4_weight("dequantize_int4", packed, scale, zero)
-    dt = V.out_dtype("dequantize_int4", out_dtype)
+    _, _, dt = C.dequantize_int4(packed, scale, zero, out_dtype)
     return _int4_weight_float(packed, scale, zero).to(dt)
 
 
 # --------------------------------------------------------------------------- GEMMs
-
-
-def _check_int8_operands(op: str, a: Tensor, b: Tensor, b_is_packed: bool = False) -> Tuple[int, int, int]:
-    V.dtype_in(op, "a", a, (torch.int8,))
-    V.ndim_is(op, "a", a, 2, "[M, K] activation")
-    M, K = a.shape
-    if b_is_packed:
-        V.int4_packed(op, "b_packed", b)
-        N = b.shape[0]
-        V.check(b.shape[1] * 2 == K, op,
-                lambda: f"b_packed must have shape [N, K/2] = [N, {K // 2}] for a's K = {K}, got {tuple(b.shape)}")
-    else:
-        V.dtype_in(op, "b", b, (torch.int8,))
-        V.ndim_is(op, "b", b, 2, "[N, K] weight")
-        N = b.shape[0]
-        V.check(b.shape[1] == K, op,
-                lambda: f"b must have K = {K} columns to match a {tuple(a.shape)}, got shape {tuple(b.shape)}")
-    V.same_device(op, **{"a": a, "b_packed" if b_is_packed else "b": b})
-    return M, N, K
 
 
 def _exact_int_mm(a: Tensor, b: Tensor) -> Tensor:
@@ -237,18 +185,8 @@ def _exact_int_mm(a: Tensor, b: Tensor) -> Tensor:
 
 
 def int8_gemm(a: Tensor, b: Tensor) -> Tensor:
-    M, N, K = _check_int8_operands("int8_gemm", a, b)
-    V.k_bound("int8_gemm", K)
+    C.int8_gemm(a, b)
     return _exact_int_mm(a, b).to(torch.int32)
-
-
-def _check_scales(op: str, scale_a: Tensor, M: int, scale_b: Tensor, N: int, ref: Tensor, per_group: bool = False):
-    V.dtype_in(op, "scale_a", scale_a, (torch.float32,))
-    V.shape_is(op, "scale_a", scale_a, (M,), "(one per-token scale per row of a)")
-    if not per_group:
-        V.dtype_in(op, "scale_b", scale_b, (torch.float32,))
-        V.shape_is(op, "scale_b", scale_b, (N,), "(one per-channel scale per row of b)")
-    V.same_device(op, a=ref, scale_a=scale_a, scale_b=scale_b)
 
 
 def _epilogue(acc: Tensor, bias: Optional[Tensor], dtype: torch.dtype) -> Tensor:
@@ -259,12 +197,7 @@ def _epilogue(acc: Tensor, bias: Optional[Tensor], dtype: torch.dtype) -> Tensor
 
 def w8a8_gemm(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, bias: Optional[Tensor] = None,
               out_dtype: Optional[torch.dtype] = None) -> Tensor:
-    op = "w8a8_gemm"
-    M, N, K = _check_int8_operands(op, a, b)
-    V.k_bound(op, K)
-    _check_scales(op, scale_a, M, scale_b, N, a)
-    V.bias(op, bias, N, a)
-    dt = V.out_dtype(op, out_dtype)
+    _, _, dt = C.w8a8_gemm(a, b, scale_a, scale_b, bias, out_dtype)
     c = _exact_int_mm(a, b).to(torch.int32)
     acc = c.float() * scale_a.unsqueeze(1) * scale_b.unsqueeze(0)
     return _epilogue(acc, bias, dt)
@@ -272,16 +205,8 @@ def w8a8_gemm(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, bias: Opti
 
 def w4a8_gemm(a: Tensor, b_packed: Tensor, scale_a: Tensor, scale_b: Tensor, zero_b: Optional[Tensor] = None,
               bias: Optional[Tensor] = None, out_dtype: Optional[torch.dtype] = None) -> Tensor:
-    op = "w4a8_gemm"
-    M, N, K = _check_int8_operands(op, a, b_packed, b_is_packed=True)
-    _check_int4_weight(op, b_packed, scale_b, zero_b)
-    _check_scales(op, scale_a, M, scale_b, N, a, per_group=True)
+    M, N, G, dt = C.w4a8_gemm(a, b_packed, scale_a, scale_b, zero_b, bias, out_dtype)
     ng = scale_b.shape[1]
-    G = K // ng
-    # int32 inside a group: |a| <= 128 and |q - zero| <= 15.
-    V.k_bound(op, G, limit=(2**31 - 1) // (128 * 15), what="group_size")
-    V.bias(op, bias, N, a)
-    dt = V.out_dtype(op, out_dtype)
     qb = unpack_int4(b_packed, signed=zero_b is None)
     ag = a.to(torch.float64).reshape(M, ng, G).transpose(0, 1)                 # [ng, M, G]
     bg = qb.to(torch.float64).reshape(N, ng, G).permute(1, 2, 0)               # [ng, G, N]
@@ -295,13 +220,6 @@ def w4a8_gemm(a: Tensor, b_packed: Tensor, scale_a: Tensor, scale_b: Tensor, zer
     return _epilogue(acc, bias, dt)
 
 
-def _check_weight_only(op: str, x: Tensor, K: int, N: int):
-    V.float_rows(op, "x", x, min_dim=2)
-    V.ndim_is(op, "x", x, 2, "[M, K] activation")
-    V.check(x.shape[1] == K, op,
-            lambda: f"x has K = {x.shape[1]} columns but the weight has K = {K} (x shape {tuple(x.shape)})")
-
-
 def _weight_only(x: Tensor, w: Tensor, bias: Optional[Tensor]) -> Tensor:
     # Products in the activation dtype (exact in fp32 for fp16/bf16 operands), fp32 accumulation.
     w = w.to(x.dtype).float()
@@ -309,41 +227,19 @@ def _weight_only(x: Tensor, w: Tensor, bias: Optional[Tensor]) -> Tensor:
 
 
 def w8a16_gemm(x: Tensor, b: Tensor, scale_b: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    op = "w8a16_gemm"
-    V.dtype_in(op, "b", b, (torch.int8,))
-    V.ndim_is(op, "b", b, 2, "[N, K] weight")
-    N, K = b.shape
-    _check_weight_only(op, x, K, N)
-    V.dtype_in(op, "scale_b", scale_b, (torch.float32,))
-    V.shape_is(op, "scale_b", scale_b, (N,), "(one per-channel scale per row of b)")
-    V.same_device(op, x=x, b=b, scale_b=scale_b)
-    V.bias(op, bias, N, x)
+    C.w8a16_gemm(x, b, scale_b, bias)
     return _weight_only(x, b.float() * scale_b.unsqueeze(1), bias)
 
 
 def w4a16_gemm(x: Tensor, b_packed: Tensor, scale_b: Tensor, zero_b: Optional[Tensor] = None,
                bias: Optional[Tensor] = None) -> Tensor:
-    op = "w4a16_gemm"
-    N, K, _ = _check_int4_weight(op, b_packed, scale_b, zero_b)
-    _check_weight_only(op, x, K, N)
-    V.same_device(op, x=x, b_packed=b_packed)
-    V.bias(op, bias, N, x)
+    C.w4a16_gemm(x, b_packed, scale_b, zero_b, bias)
     return _weight_only(x, _int4_weight_float(b_packed, scale_b, zero_b), bias)
 
 
 def llm_int8_linear(x: Tensor, b: Tensor, scale_b: Tensor, bias: Optional[Tensor] = None,
                     threshold: float = 6.0) -> Tensor:
-    op = "llm_int8_linear"
-    V.dtype_in(op, "b", b, (torch.int8,))
-    V.ndim_is(op, "b", b, 2, "[N, K] weight")
-    N, K = b.shape
-    _check_weight_only(op, x, K, N)
-    V.k_bound(op, K)
-    V.dtype_in(op, "scale_b", scale_b, (torch.float32,))
-    V.shape_is(op, "scale_b", scale_b, (N,), "(one per-channel scale per row of b)")
-    V.same_device(op, x=x, b=b, scale_b=scale_b)
-    V.bias(op, bias, N, x)
-    V.check(threshold == threshold, op, lambda: f"threshold must be a number, got {threshold}")
+    C.llm_int8_linear(x, b, scale_b, bias, threshold)
     q, sx, outliers = quantize_int8_rowwise_outliers(x, threshold)
     acc = _exact_int_mm(q, b).to(torch.int32).float() * sx.unsqueeze(1) * scale_b.unsqueeze(0)
     # Outlier columns in floating point: X[:, O] @ (Wq[:, O] * sw)^T, as a masked dense product

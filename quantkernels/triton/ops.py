@@ -1,6 +1,6 @@
 """The Triton ops: ``quantkernels::<op>_triton``, one per base op, with the base op's
 arguments (names, types, defaults; return values are unnamed, as ``triton_op`` infers the
-schema from these annotations). Each validates its inputs with the same ``_validate`` helpers
+schema from these annotations). Each validates its inputs with the same contract (``_contracts``)
 as the reference, then launches the kernels through ``wrap_triton`` so that
 ``torch.compile(fullgraph=True)`` traces into them.
 
@@ -16,8 +16,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .. import _validate as V
-from .. import reference as R
+from .. import _contracts as C
 
 NAMESPACE = "quantkernels"
 
@@ -45,7 +44,7 @@ def _register(base: str):
 @_register("quantize_int8_rowwise")
 def quantize_int8_rowwise_triton(x: Tensor) -> Tuple[Tensor, Tensor]:
     op = "quantize_int8_rowwise"
-    V.float_rows(op, "x", x)
+    C.quantize_int8_rowwise(x)
     _device_ok(op, x)
     q, s = _mod("quantize").quantize_rows(x.reshape(-1, x.shape[-1]))
     return q.reshape(x.shape), s.reshape(x.shape[:-1])
@@ -54,8 +53,7 @@ def quantize_int8_rowwise_triton(x: Tensor) -> Tuple[Tensor, Tensor]:
 @_register("quantize_int8_rowwise_outliers")
 def quantize_int8_rowwise_outliers_triton(x: Tensor, threshold: float) -> Tuple[Tensor, Tensor, Tensor]:
     op = "quantize_int8_rowwise_outliers"
-    V.float_rows(op, "x", x, min_dim=2)
-    V.check(x.dim() == 2, op, lambda: f"x must be 2-D [M, K], got shape {tuple(x.shape)}")
+    C.quantize_int8_rowwise_outliers(x, threshold)
     _device_ok(op, x)
     Q = _mod("quantize")
     mask = Q.outlier_columns(x, threshold)
@@ -66,8 +64,7 @@ def quantize_int8_rowwise_outliers_triton(x: Tensor, threshold: float) -> Tuple[
 @_register("int8_gemm")
 def int8_gemm_triton(a: Tensor, b: Tensor) -> Tensor:
     op = "int8_gemm"
-    M, N, K = R._check_int8_operands(op, a, b)
-    V.k_bound(op, K)
+    C.int8_gemm(a, b)
     _device_ok(op, a)
     return _mod("int8_gemm").gemm(a, b)
 
@@ -76,11 +73,7 @@ def int8_gemm_triton(a: Tensor, b: Tensor) -> Tensor:
 def w8a8_gemm_triton(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, bias: Optional[Tensor] = None,
                      out_dtype: Optional[torch.dtype] = None) -> Tensor:
     op = "w8a8_gemm"
-    M, N, K = R._check_int8_operands(op, a, b)
-    V.k_bound(op, K)
-    R._check_scales(op, scale_a, M, scale_b, N, a)
-    V.bias(op, bias, N, a)
-    dt = V.out_dtype(op, out_dtype)
+    _, _, dt = C.w8a8_gemm(a, b, scale_a, scale_b, bias, out_dtype)
     _device_ok(op, a)
     return _mod("int8_gemm").gemm(a, b, scale_a, scale_b, bias, dt)
 
@@ -89,12 +82,7 @@ def w8a8_gemm_triton(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, bia
 def w4a8_gemm_triton(a: Tensor, b_packed: Tensor, scale_a: Tensor, scale_b: Tensor, zero_b: Optional[Tensor] = None,
                      bias: Optional[Tensor] = None, out_dtype: Optional[torch.dtype] = None) -> Tensor:
     op = "w4a8_gemm"
-    M, N, K = R._check_int8_operands(op, a, b_packed, b_is_packed=True)
-    _, _, G = R._check_int4_weight(op, b_packed, scale_b, zero_b)
-    R._check_scales(op, scale_a, M, scale_b, N, a, per_group=True)
-    V.k_bound(op, G, limit=(2**31 - 1) // (128 * 15), what="group_size")
-    V.bias(op, bias, N, a)
-    dt = V.out_dtype(op, out_dtype)
+    _, _, _, dt = C.w4a8_gemm(a, b_packed, scale_a, scale_b, zero_b, bias, out_dtype)
     _device_ok(op, a)
     return _mod("w4a8").gemm(a, b_packed, scale_a, scale_b, zero_b, bias, dt)
 
@@ -102,14 +90,7 @@ def w4a8_gemm_triton(a: Tensor, b_packed: Tensor, scale_a: Tensor, scale_b: Tens
 @_register("w8a16_gemm")
 def w8a16_gemm_triton(x: Tensor, b: Tensor, scale_b: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     op = "w8a16_gemm"
-    V.dtype_in(op, "b", b, (torch.int8,))
-    V.ndim_is(op, "b", b, 2, "[N, K] weight")
-    N, K = b.shape
-    R._check_weight_only(op, x, K, N)
-    V.dtype_in(op, "scale_b", scale_b, (torch.float32,))
-    V.shape_is(op, "scale_b", scale_b, (N,), "(one per-channel scale per row of b)")
-    V.same_device(op, x=x, b=b, scale_b=scale_b)
-    V.bias(op, bias, N, x)
+    C.w8a16_gemm(x, b, scale_b, bias)
     _device_ok(op, x)
     return _mod("weight_only").gemm(x, b, scale_b, None, bias, int4=False)
 
@@ -118,10 +99,7 @@ def w8a16_gemm_triton(x: Tensor, b: Tensor, scale_b: Tensor, bias: Optional[Tens
 def w4a16_gemm_triton(x: Tensor, b_packed: Tensor, scale_b: Tensor, zero_b: Optional[Tensor] = None,
                       bias: Optional[Tensor] = None) -> Tensor:
     op = "w4a16_gemm"
-    N, K, _ = R._check_int4_weight(op, b_packed, scale_b, zero_b)
-    R._check_weight_only(op, x, K, N)
-    V.same_device(op, x=x, b_packed=b_packed)
-    V.bias(op, bias, N, x)
+    C.w4a16_gemm(x, b_packed, scale_b, zero_b, bias)
     _device_ok(op, x)
     return _mod("weight_only").gemm(x, b_packed, scale_b, zero_b, bias, int4=True)
 
@@ -130,16 +108,7 @@ def w4a16_gemm_triton(x: Tensor, b_packed: Tensor, scale_b: Tensor, zero_b: Opti
 def llm_int8_linear_triton(x: Tensor, b: Tensor, scale_b: Tensor, bias: Optional[Tensor] = None,
                            threshold: float = 6.0) -> Tensor:
     op = "llm_int8_linear"
-    V.dtype_in(op, "b", b, (torch.int8,))
-    V.ndim_is(op, "b", b, 2, "[N, K] weight")
-    N, K = b.shape
-    R._check_weight_only(op, x, K, N)
-    V.k_bound(op, K)
-    V.dtype_in(op, "scale_b", scale_b, (torch.float32,))
-    V.shape_is(op, "scale_b", scale_b, (N,), "(one per-channel scale per row of b)")
-    V.same_device(op, x=x, b=b, scale_b=scale_b)
-    V.bias(op, bias, N, x)
-    V.check(threshold == threshold, op, lambda: f"threshold must be a number, got {threshold}")
+    C.llm_int8_linear(x, b, scale_b, bias, threshold)
     _device_ok(op, x)
     Q = _mod("quantize")
     if threshold > 0:
