@@ -15,8 +15,8 @@
 //   - epilogue straight from the accumulator fragments: int32, or
 //     ((float(C) * scale_a[m]) * scale_b[n]) + bias[n] with separate fp32 roundings (the
 //     reference's order), cast to fp32/fp16/bf16.
-// Tile configs by M: M <= 16: 16 x 64 (4 warps), M <= 64: 64 x 128 (4 warps), else 128 x 128
-// (8 warps). No split-K: small-M calls with small N use few SMs (future work).
+// Tile configs by M: M <= 16: 16 x 64 (4 warps), M <= 64: 64 x 128 (4 warps; 64 x 64 for W4A8),
+// else 128 x 128 (8 warps). No split-K: small-M calls with small N use few SMs (future work).
 //
 // W4A8 (same kernel, INT4 = true): b is PLAIN packed int4 uint8 [N, K/2]. The B tile is copied
 // packed (32 bytes per row per stage) and each thread expands its fragment's nibbles to int8 in
@@ -214,9 +214,11 @@ imma_gemm_kernel(const int8_t* __restrict__ a, const uint8_t* __restrict__ b, in
 #pragma unroll
     for (int kk = 0; kk < BK / 32; ++kk) {
       const int64_t kglob = static_cast<int64_t>(kt) * BK + kk * 32;  // first k of this MMA step
+      // W4A8: K % 32 == 0, so a step is entirely inside or past K; past K (the second half of the
+      // last tile) the MMA adds zero-filled A, and no group may start or end there.
+      const bool in_k = kglob < K;
       if constexpr (INT4) {
-        if (kglob >= K) break;  // K % 32 == 0: whole steps only; never start a group past K
-        if (i4.zero_b != nullptr && kglob % i4.group_size == 0) {  // group start: this tile's zero points
+        if (in_k && i4.zero_b != nullptr && kglob % i4.group_size == 0) {  // group start: this tile's zero points
           const int64_t g = kglob / i4.group_size;
 #pragma unroll
           for (int j = 0; j < NT; ++j) {
@@ -266,7 +268,7 @@ imma_gemm_kernel(const int8_t* __restrict__ a, const uint8_t* __restrict__ b, in
         for (int j = 0; j < NT; ++j) mma_s8(acc[i][j], af[i], bf[j][0], bf[j][1]);
 
       if constexpr (INT4) {
-        if ((kglob + 32) % i4.group_size == 0) {  // group end: int32 -> fp32 with this group's scale
+        if (in_k && (kglob + 32) % i4.group_size == 0) {  // group end: int32 -> fp32 with this group's scale
           const int64_t g = kglob / i4.group_size;
 #pragma unroll
           for (int j = 0; j < NT; ++j) {
@@ -367,7 +369,15 @@ template <bool INT4, typename OutT>
 cudaError_t launch_by_m(const int8_t* a, const uint8_t* b, int64_t M, int64_t N, int64_t K, const Epilogue<OutT>& ep,
                         const Int4Args& i4, cudaStream_t stream) {
   if (M <= 16) return launch_imma<16, 64, 1, 4, 4, INT4>(a, b, M, N, K, ep, i4, stream);
-  if (M <= 64) return launch_imma<64, 128, 2, 2, 4, INT4>(a, b, M, N, K, ep, i4, stream);
+  // W4A8 keeps fp32 group sums next to the int32 tile: 32 x 32 warp tiles there (64 x 128 ones
+  // need ~254 registers).
+  if (M <= 64) {
+    if constexpr (INT4) {
+      return launch_imma<64, 64, 2, 2, 4, INT4>(a, b, M, N, K, ep, i4, stream);
+    } else {
+      return launch_imma<64, 128, 2, 2, 4, INT4>(a, b, M, N, K, ep, i4, stream);
+    }
+  }
   return launch_imma<128, 128, 2, 4, 4, INT4>(a, b, M, N, K, ep, i4, stream);
 }
 
