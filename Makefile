@@ -35,17 +35,29 @@ test: install
 bench: install
 	$(PY) -m bench.gemm
 
-# Compile-check every CUDA source for sm_80/sm_89/sm_90a without a GPU (spills are errors).
+# Without a GPU: compile every CUDA source for sm_80/sm_89/sm_90a (spills are errors), require
+# IMMA in the tensor-core GEMMs' SASS, write bench/results/cuda_resources.md, and build + import
+# the whole extension against a CUDA build of torch kept in a venv outside the clone
+# (QK_CUDA_VENV, default ~/.cache/quantkernels/venv-torch2.14.1-cu130; see tools/cuda_check.sh).
 cuda-check:
 	bash tools/cuda_check.sh
 
 # On a machine with a GPU: build with CUDA, run the CUDA tests and the GPU benchmarks,
 # write the reports to $$OUT (when set) or bench/results/.
-gpu-check: $(VENV)/.deps
-	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+# The GPU machines are offline and ship torch (+cu130) in their own python, so gpu-check creates
+# no venv and installs nothing from a registry: it uses $(VENV)'s python if that has a CUDA torch,
+# else python3 (override: GPU_PY=...), and points CUDA_HOME at the toolkit when it is unset
+# (torch only looks at $$CUDA_HOME, nvcc on PATH and /usr/local/cuda; without it, setup.py would
+# silently build CPU kernels only -- the check below and tests/test_cuda.py then fail).
+GPU_PY ?= $(shell $(PY) -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" >/dev/null 2>&1 && echo $(PY) || echo python3)
+GPU_CUDA_HOME ?= $(or $(CUDA_HOME),$(firstword $(wildcard /usr/local/cuda-13.0 /usr/local/cuda)))
+gpu-check:
+	@$(GPU_PY) -c "import sys, torch; print(f'gpu-check: {sys.executable}, torch {torch.__version__} (CUDA {torch.version.cuda}), GPU visible: {torch.cuda.is_available()}, CUDA_HOME=$(GPU_CUDA_HOME)'); sys.exit(0 if torch.version.cuda else 'gpu-check: this torch is built without CUDA (set GPU_PY)')"
+	CUDA_HOME=$(GPU_CUDA_HOME) $(GPU_PY) -m pip install -q --no-build-isolation --no-deps -e .
+	@$(GPU_PY) -c "import quantkernels as qk; k = sorted(qk.dispatch.native_kernels('CUDA')); print('gpu-check: CUDA kernels:', ', '.join(k) or 'NONE'); assert k, 'quantkernels._C has no CUDA kernels (CUDA_HOME / nvcc not found at build time?)'"
 	@mkdir -p $(OUT_DIR)
-	set -o pipefail; $(PY) -m pytest -q -m cuda --junitxml=$(OUT_DIR)/gpu_tests.xml 2>&1 | tee $(OUT_DIR)/gpu_tests.txt
-	$(PY) -m bench.gemm --device cuda --out $(OUT_DIR)
+	set -o pipefail; $(GPU_PY) -m pytest -q -m cuda --junitxml=$(OUT_DIR)/gpu_tests.xml 2>&1 | tee $(OUT_DIR)/gpu_tests.txt
+	$(GPU_PY) -m bench.gemm --device cuda --out $(OUT_DIR)
 
 clean:
 	rm -rf build *.egg-info quantkernels/*.so $(VENV)/.built

@@ -1,0 +1,64 @@
+// Device helpers shared by the quantkernels .cu files (no torch headers).
+//
+// Conversions go through explicit intrinsics: torch builds .cu files with
+// -D__CUDA_NO_HALF_OPERATORS__ / -D__CUDA_NO_HALF_CONVERSIONS__ (and friends), so the
+// implicit float <-> __half / __nv_bfloat16 operators are unavailable there.
+// Float arithmetic that must match the reference bit for bit uses __fmul_rn / __fadd_rn /
+// __fdiv_rn: they are never contracted into FMAs nor turned into approximate divisions.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "qk_cuda.h"
+
+namespace quantkernels {
+namespace cuda {
+
+template <typename T>
+struct FloatIO;
+
+template <>
+struct FloatIO<float> {
+  static __device__ __forceinline__ float load(const float* p) { return *p; }
+  static __device__ __forceinline__ void store(float* p, float v) { *p = v; }
+  // Rounds v to the type and back (exact for float).
+  static __device__ __forceinline__ float round(float v) { return v; }
+};
+
+template <>
+struct FloatIO<__half> {
+  static __device__ __forceinline__ float load(const __half* p) { return __half2float(*p); }
+  static __device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
+  static __device__ __forceinline__ float round(float v) { return __half2float(__float2half_rn(v)); }
+};
+
+template <>
+struct FloatIO<__nv_bfloat16> {
+  static __device__ __forceinline__ float load(const __nv_bfloat16* p) { return __bfloat162float(*p); }
+  static __device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+  static __device__ __forceinline__ float round(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
+};
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+// Calls f(T*) with the C++ type of `t` (a tag pointer, always null).
+template <typename F>
+__host__ __forceinline__ auto with_dtype(DType t, F&& f) {
+  switch (t) {
+    case DType::F16: return f(static_cast<__half*>(nullptr));
+    case DType::BF16: return f(static_cast<__nv_bfloat16*>(nullptr));
+    default: return f(static_cast<float*>(nullptr));
+  }
+}
+
+__host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace cuda
+}  // namespace quantkernels

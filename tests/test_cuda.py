@@ -1,0 +1,433 @@
+"""The CUDA C++ kernels (csrc/cuda, registered by csrc/cuda_bindings.cpp) against the spec.
+
+Everything here needs a GPU (marked ``cuda``; run by ``make gpu-check``). Integer results
+(quantized values, int32 GEMMs, outlier masks) must equal the reference / the numpy spec
+exactly; float outputs follow NUMERICS.md s.6 (``_spec.assert_float_output``). Shapes are odd
+on purpose: M in (1, 3, 17, 67, 130) crosses the three tile configs (M <= 16, <= 64, > 64) and
+their M tails, N and K are not tile multiples, and K % 16 != 0 / misaligned pointers take the
+SIMT fallback kernels. test_ops.py also runs every op on ``cuda`` through the dispatcher.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+import _spec as S
+import quantkernels
+from quantkernels import dispatch
+from quantkernels import reference as R
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
+
+ops = torch.ops.quantkernels
+DEV = "cuda"
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: Every op csrc/cuda_bindings.cpp registers for the CUDA key.
+CUDA_OPS = ("quantize_int8_rowwise", "quantize_int8_rowwise_outliers", "int8_gemm", "w8a8_gemm", "w4a8_gemm",
+            "w8a16_gemm", "w4a16_gemm", "llm_int8_linear")
+
+MS = (1, 3, 17, 67, 130)
+GEMM_NK = [(8, 32), (37, 48), (200, 4096 + 16), (64, 100), (130, 7)]  # K % 16 != 0 -> SIMT fallback
+
+
+def dn(dt) -> str:
+    return "none" if dt is None else str(dt).replace("torch.", "").replace("float", "f")
+
+
+@pytest.fixture(autouse=True)
+def _registered():
+    """A CUDA test must run the CUDA kernel, not silently the reference: fail if it is missing."""
+    have = dispatch.native_kernels("CUDA")
+    missing = [op for op in CUDA_OPS if op not in have]
+    assert not missing, (f"quantkernels._C has no CUDA kernel for {missing}: built without CUDA? "
+                         f"({quantkernels._native.REASON or 'extension loaded'})")
+
+
+def randint8(shape, lo=-128, hi=127):
+    t = torch.randint(lo, hi + 1, shape, dtype=torch.int8)
+    if len(shape) == 2 and shape[0] >= 3:
+        t[1] = 0
+    return t
+
+
+def rand_rows(M, K, dtype):
+    x = torch.randn(M, K) * torch.exp(torch.randn(M, 1))
+    if M >= 3:
+        x[1] = 0
+    return x.to(dtype)
+
+
+def pos_scale(shape, base):
+    return (base * torch.exp2(torch.rand(shape) * 2 - 1)).float()
+
+
+def misaligned(t: torch.Tensor) -> torch.Tensor:
+    """The same values, contiguous, at an address that is not 16-byte aligned (SIMT paths)."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    out = buf[1:].view(t.shape)
+    out.copy_(t)
+    assert out.is_contiguous() and out.data_ptr() % 16 != 0
+    return out
+
+
+# --------------------------------------------------------------------------- quantization
+
+
+@pytest.mark.parametrize("M,K,dtype", [pytest.param(M, K, dt, id=f"{M}x{K}-{dn(dt)}")
+                                       for M, K, dt in itertools.product((1, 3, 17, 67), (1, 7, 256, 4099),
+                                                                         FLOAT_DTYPES)])
+def test_quantize_rowwise_exact(M, K, dtype):
+    x = rand_rows(M, K, dtype)
+    q, s = ops.quantize_int8_rowwise(x.to(DEV))
+    rq, rs = R.quantize_int8_rowwise(x)  # CPU reference: IEEE fp32 ops, the same as the kernel's
+    assert torch.equal(q.cpu(), rq) and torch.equal(s.cpu(), rs)
+    eq, es = S.int8_absmax(S.f32(x))
+    S.assert_int_equal(q, eq, "q")
+    S.assert_scale(s, es, "scale")
+
+
+def test_quantize_rowwise_nonfinite_and_ties():
+    x = torch.randn(6, 300)
+    x[0, 5] = float("nan")
+    x[2, 7] = float("inf")
+    x[3, 9] = -float("inf")
+    x[4] = 0
+    x[5, :8] = torch.tensor([127.0, 2.5, 3.5, -2.5, -0.5, 1.5, 126.5, -127.0])
+    x[5, 8:] = 0
+    q, s = ops.quantize_int8_rowwise(x.to(DEV))
+    rq, rs = R.quantize_int8_rowwise(x)
+    assert torch.equal(q.cpu(), rq)
+    assert torch.equal(s.cpu().nan_to_num(nan=-1.0), rs.nan_to_num(nan=-1.0))
+    assert torch.isnan(s[0]) and s[2].item() == float("inf") and s[4].item() == 1.0
+    assert q[5, :8].tolist() == [127, 2, 4, -2, 0, 2, 126, -127]
+
+
+def test_quantize_rowwise_3d_noncontiguous():
+    x = torch.randn(2, 5, 64, dtype=torch.bfloat16).transpose(0, 1)
+    q, s = ops.quantize_int8_rowwise(x.to(DEV))
+    rq, rs = R.quantize_int8_rowwise(x)
+    assert q.shape == (5, 2, 64) and torch.equal(q.cpu(), rq) and torch.equal(s.cpu(), rs)
+
+
+@pytest.mark.parametrize("tau", [6.0, 0.0, -1.0])
+@pytest.mark.parametrize("M,K,dtype", [(1, 40, torch.float16), (17, 300, torch.bfloat16), (130, 4100, torch.float32)])
+def test_quantize_outliers_exact(M, K, dtype, tau):
+    x = rand_rows(M, K, dtype).float()
+    x[0, 3] = 30.0
+    x[M - 1, 20] = -6.0  # >= is inclusive
+    x = x.to(dtype)
+    q, s, mask = ops.quantize_int8_rowwise_outliers(x.to(DEV), tau)
+    rq, rs, rmask = R.quantize_int8_rowwise_outliers(x, tau)
+    assert mask.dtype == torch.bool and torch.equal(mask.cpu(), rmask)
+    assert torch.equal(q.cpu(), rq) and torch.equal(s.cpu(), rs)
+    if tau > 0:
+        assert mask[3] and mask[20]
+
+
+# --------------------------------------------------------------------------- int8 GEMMs
+
+
+GEMM_PARAMS = [pytest.param(M, N, K, id=f"{M}x{N}x{K}") for M, (N, K) in itertools.product(MS, GEMM_NK)]
+
+
+@pytest.mark.parametrize("M,N,K", GEMM_PARAMS)
+def test_int8_gemm_exact(M, N, K):
+    a, b = randint8((M, K)), randint8((N, K))
+    c = ops.int8_gemm(a.to(DEV), b.to(DEV))
+    assert c.dtype == torch.int32
+    S.assert_int_equal(c, S.int_gemm(a.numpy(), b.numpy()), "C")
+
+
+def test_int8_gemm_extremes_and_fallback():
+    # -128 * -128 everywhere at the largest K: the int32 bound must hold, on both paths.
+    K = 131071 // 16 * 16
+    a = torch.full((3, K), -128, dtype=torch.int8)
+    b = torch.full((5, K), -128, dtype=torch.int8)
+    expect = S.int_gemm(a.numpy(), b.numpy())
+    S.assert_int_equal(ops.int8_gemm(a.to(DEV), b.to(DEV)), expect, "C (tensor cores)")
+    S.assert_int_equal(ops.int8_gemm(misaligned(a.to(DEV)), b.to(DEV)), expect, "C (SIMT)")
+    a, b = randint8((67, 96)), randint8((37, 96))
+    S.assert_int_equal(ops.int8_gemm(misaligned(a.to(DEV)), b.to(DEV)), S.int_gemm(a.numpy(), b.numpy()), "C")
+
+
+def test_int8_gemm_empty():
+    assert ops.int8_gemm(torch.zeros(0, 32, dtype=torch.int8, device=DEV),
+                         torch.zeros(5, 32, dtype=torch.int8, device=DEV)).shape == (0, 5)
+    c = ops.int8_gemm(torch.zeros(3, 0, dtype=torch.int8, device=DEV), torch.zeros(5, 0, dtype=torch.int8, device=DEV))
+    assert c.shape == (3, 5) and not c.any()
+
+
+W8A8_PARAMS = [
+    pytest.param(M, N, K, out, bias, id=f"{M}x{N}x{K}-{dn(out)}-bias_{dn(bias)}")
+    for M, (N, K), out, bias in itertools.product((1, 17, 130), [(37, 48), (200, 4112), (64, 100)],
+                                                  (None, torch.float16, torch.bfloat16, torch.float32),
+                                                  (None, torch.float32, torch.bfloat16))
+]
+
+
+@pytest.mark.parametrize("M,N,K,out,bias_dt", W8A8_PARAMS)
+def test_w8a8_gemm(M, N, K, out, bias_dt):
+    a, b = randint8((M, K)), randint8((N, K))
+    sa, sb = pos_scale((M,), 0.02), pos_scale((N,), 0.003)
+    bias = None if bias_dt is None else torch.randn(N).to(bias_dt)
+    y = ops.w8a8_gemm(a.to(DEV), b.to(DEV), sa.to(DEV), sb.to(DEV), None if bias is None else bias.to(DEV), out)
+    exact, mag, _ = S.w8a8(a.numpy(), b.numpy(), sa.numpy(), sb.numpy(), None if bias is None else S.f32(bias))
+    S.assert_float_output(y, exact, mag, out or torch.float32, "Y")
+
+
+# --------------------------------------------------------------------------- W4A8
+
+
+W4A8_PARAMS = [
+    pytest.param(M, N, K, G, asym, id=f"{M}x{N}x{K}-g{G}-{'asym' if asym else 'sym'}")
+    for M, (N, K, G), asym in itertools.product((1, 17, 67, 130),
+                                                [(37, 256, 32), (200, 4096, 128), (64, 96, 96), (24, 70, 70)],
+                                                (False, True))
+]
+
+
+@pytest.mark.parametrize("M,N,K,G,asym", W4A8_PARAMS)
+def test_w4a8_gemm(M, N, K, G, asym):
+    a = randint8((M, K))
+    w = torch.randn(N, K) * 0.02
+    if asym:
+        packed, sb, zero = ops.quantize_uint4_asym(w, G)
+        q = S.unpack(packed.numpy(), signed=False)
+    else:
+        (packed, sb), zero = ops.quantize_int4_sym(w, G), None
+        q = S.unpack(packed.numpy(), signed=True)
+    sa = pos_scale((M,), 0.02)
+    bias = torch.randn(N)
+    for out in (torch.float16, torch.float32):
+        y = ops.w4a8_gemm(a.to(DEV), packed.to(DEV), sa.to(DEV), sb.to(DEV),
+                          None if zero is None else zero.to(DEV), bias.to(DEV), out)
+        exact, mag = S.w4a8(a.numpy(), q, sa.numpy(), sb.numpy(), None if zero is None else zero.numpy(), bias.numpy())
+        S.assert_float_output(y, exact, mag, out, f"Y ({dn(out)})")
+
+
+# --------------------------------------------------------------------------- weight-only
+
+
+WO_PARAMS = [
+    pytest.param(M, N, K, dt, id=f"{M}x{N}x{K}-{dn(dt)}")
+    for M, (N, K), dt in itertools.product((1, 3, 17, 67), [(37, 256), (200, 4096), (64, 70)], FLOAT_DTYPES)
+]
+
+
+@pytest.mark.parametrize("M,N,K,dtype", WO_PARAMS)
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+def test_w8a16_gemm(M, N, K, dtype, with_bias):
+    x = rand_rows(M, K, dtype)
+    b, sb = randint8((N, K)), pos_scale((N,), 0.003)
+    bias = torch.randn(N).to(dtype) if with_bias else None
+    y = ops.w8a16_gemm(x.to(DEV), b.to(DEV), sb.to(DEV), None if bias is None else bias.to(DEV))
+    w = (b.float() * sb[:, None]).to(dtype)  # the dequantized weight rounded to x's dtype
+    exact, mag = S.weight_only(S.f32(x), S.f32(w), None if bias is None else S.f32(bias))
+    S.assert_float_output(y, exact, mag, dtype, "Y")
+
+
+@pytest.mark.parametrize("M,N,K,dtype", WO_PARAMS)
+@pytest.mark.parametrize("asym", [False, True], ids=["sym", "asym"])
+def test_w4a16_gemm(M, N, K, dtype, asym):
+    G = 32 if K % 32 == 0 else K
+    x = rand_rows(M, K, dtype)
+    w = torch.randn(N, K) * 0.02
+    if asym:
+        packed, sb, zero = ops.quantize_uint4_asym(w, G)
+    else:
+        (packed, sb), zero = ops.quantize_int4_sym(w, G), None
+    bias = torch.randn(N).to(dtype)
+    y = ops.w4a16_gemm(x.to(DEV), packed.to(DEV), sb.to(DEV), None if zero is None else zero.to(DEV), bias.to(DEV))
+    wdeq = R.dequantize_int4(packed, sb, zero, torch.float32).to(dtype)
+    exact, mag = S.weight_only(S.f32(x), S.f32(wdeq), S.f32(bias))
+    S.assert_float_output(y, exact, mag, dtype, "Y")
+
+
+def test_weight_only_misaligned_fallback():
+    x = rand_rows(3, 256, torch.float16).to(DEV)
+    b, sb = randint8((40, 256)).to(DEV), pos_scale((40,), 0.003).to(DEV)
+    torch.testing.assert_close(ops.w8a16_gemm(misaligned(x), b, sb), ops.w8a16_gemm(x, b, sb), rtol=1e-3, atol=1e-3)
+
+
+# --------------------------------------------------------------------------- LLM.int8
+
+
+LLM_PARAMS = [
+    pytest.param(M, N, K, dt, tau, id=f"{M}x{N}x{K}-{dn(dt)}-tau{tau}")
+    for M, (N, K), dt, tau in itertools.product((1, 3, 17, 67), [(37, 64), (200, 1040), (64, 100)], FLOAT_DTYPES,
+                                                (6.0, 0.0))
+]
+
+
+def planted(M, K, dtype, cols=(3, 10, 20, 300, 301, 1000)):
+    x = torch.randn(M, K)
+    if M >= 3:
+        x[1] = 0
+    for i, c in enumerate(cols):
+        if c < K:
+            x[(2 * i) % M, c] = 40.0 * (-1) ** i
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("M,N,K,dtype,tau", LLM_PARAMS)
+def test_llm_int8_linear(M, N, K, dtype, tau):
+    x = planted(M, K, dtype)
+    wq, sw = randint8((N, K), -127, 127), pos_scale((N,), 0.003)
+    bias = torch.randn(N).to(dtype)
+    y = ops.llm_int8_linear(x.to(DEV), wq.to(DEV), sw.to(DEV), bias.to(DEV), tau)
+    exact, mag, _ = S.llm_int8(S.f32(x), wq.numpy(), sw.numpy(), S.f32(bias), tau)
+    S.assert_float_output(y, exact, mag, dtype, "Y")
+
+
+def test_llm_int8_many_outliers():
+    # More outlier columns than one 128-column chunk of the correction kernel, spread over K.
+    M, N, K = 5, 33, 700
+    x = torch.randn(M, K)
+    x[0, ::3] = 50.0
+    wq, sw = randint8((N, K), -127, 127), pos_scale((N,), 0.003)
+    y = ops.llm_int8_linear(x.to(DEV), wq.to(DEV), sw.to(DEV), None, 6.0)
+    exact, mag, mask = S.llm_int8(S.f32(x), wq.numpy(), sw.numpy(), None, 6.0)
+    assert mask.sum() > 128
+    S.assert_float_output(y, exact, mag, torch.float32, "Y")
+
+
+# --------------------------------------------------------------------------- CUDA graphs
+
+
+def _graph_check(fn, make_inputs):
+    """Captures fn on static inputs, replays on new data, compares with eager."""
+    static = [t.to(DEV) for t in make_inputs()]
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm-up outside the capture (allocator, lazy init)
+        fn(*static)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn(*static)
+    for _ in range(2):
+        new = make_inputs()
+        for dst, src in zip(static, new):
+            dst.copy_(src)
+        g.replay()
+        torch.cuda.synchronize()
+        expect = fn(*[t.to(DEV) for t in new])
+        torch.testing.assert_close(out, expect, rtol=0, atol=0)
+
+
+def test_cuda_graph_llm_int8():
+    M, N, K = 17, 96, 512
+    _graph_check(lambda x, w, s, b: ops.llm_int8_linear(x, w, s, b, 6.0),
+                 lambda: (planted(M, K, torch.float16, cols=tuple(torch.randint(0, K, (4,)).tolist())),
+                          randint8((N, K), -127, 127), pos_scale((N,), 0.003), torch.randn(N, dtype=torch.float16)))
+
+
+def test_cuda_graph_w8a8():
+    M, N, K = 67, 200, 4096
+
+    def fn(x, w, sw, bias):
+        q, sx = ops.quantize_int8_rowwise(x)
+        return ops.w8a8_gemm(q, w, sx, sw, bias, torch.bfloat16)
+
+    _graph_check(fn, lambda: (torch.randn(M, K, dtype=torch.bfloat16), randint8((N, K)), pos_scale((N,), 0.003),
+                              torch.randn(N)))
+
+
+# --------------------------------------------------------------------------- dispatch, errors, opcheck
+
+
+@pytest.mark.parametrize("op", CUDA_OPS)
+def test_dispatch_picks_cuda_kernel(op):
+    ok, why = dispatch.can_implement("cuda", op, torch.device(DEV))
+    assert ok, why
+    assert dispatch.resolve("cuda", op, torch.device(DEV)) is getattr(ops, op).default
+
+
+def test_dispatch_cuda_result_matches_reference():
+    a, b = randint8((17, 64)).to(DEV), randint8((40, 64)).to(DEV)
+    c = dispatch.resolve("cuda", "int8_gemm", a.device)(a, b)
+    assert torch.equal(c, R.int8_gemm(a, b))
+
+
+def test_errors_name_the_argument():
+    a, b = randint8((4, 32)).to(DEV), randint8((5, 32)).to(DEV)
+    with pytest.raises(TypeError, match=r"quantkernels\.int8_gemm: a must have dtype"):
+        ops.int8_gemm(a.float(), b)
+    with pytest.raises(ValueError, match=r"b must have K = 32 columns"):
+        ops.int8_gemm(a, b[:, :16])
+    with pytest.raises(ValueError, match=r"scale_b must have shape \(5,\)"):
+        ops.w8a8_gemm(a, b, torch.ones(4, device=DEV), torch.ones(4, device=DEV))
+    with pytest.raises(ValueError, match=r"is on cpu"):
+        ops.w8a8_gemm(a, b, torch.ones(4, device=DEV), torch.ones(5))
+    with pytest.raises(ValueError, match=r"exceeds 131071"):
+        ops.int8_gemm(torch.zeros(1, 131072, dtype=torch.int8, device=DEV),
+                      torch.zeros(1, 131072, dtype=torch.int8, device=DEV))
+
+
+def test_opcheck():
+    a, b = randint8((17, 64)).to(DEV), randint8((40, 64)).to(DEV)
+    sa, sb = pos_scale((17,), 0.02).to(DEV), pos_scale((40,), 0.003).to(DEV)
+    torch.library.opcheck(ops.int8_gemm, (a, b))
+    torch.library.opcheck(ops.w8a8_gemm, (a, b, sa, sb, torch.randn(40, device=DEV), torch.float16))
+    torch.library.opcheck(ops.quantize_int8_rowwise, (torch.randn(3, 64, device=DEV),))
+    x = planted(17, 64, torch.float16).to(DEV)
+    torch.library.opcheck(ops.llm_int8_linear, (x, b, sb, None, 6.0))
+
+
+# --------------------------------------------------------------------------- compute-sanitizer
+
+
+def _sanitizer():
+    cand = [shutil.which("compute-sanitizer")]
+    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda", "/usr/local/cuda-13.0"):
+        if home:
+            cand.append(os.path.join(home, "bin", "compute-sanitizer"))
+            cand.append(os.path.join(home, "compute-sanitizer", "compute-sanitizer"))
+    return next((c for c in cand if c and os.path.isfile(c) and os.access(c, os.X_OK)), None)
+
+
+SANITIZE_SCRIPT = textwrap.dedent("""
+    import torch, quantkernels
+    ops = torch.ops.quantkernels
+    d = "cuda"
+    torch.manual_seed(0)
+    for M, N, K in [(3, 37, 48), (17, 70, 100), (67, 130, 160)]:   # tails, fallback, all configs
+        a = torch.randint(-128, 128, (M, K), dtype=torch.int8, device=d)
+        b = torch.randint(-128, 128, (N, K), dtype=torch.int8, device=d)
+        sa, sb = torch.rand(M, device=d), torch.rand(N, device=d)
+        ops.int8_gemm(a, b)
+        ops.w8a8_gemm(a, b, sa, sb, torch.randn(N, device=d), torch.float16)
+        x = torch.randn(M, K, device=d, dtype=torch.bfloat16)
+        x[0, 5] = 40
+        ops.quantize_int8_rowwise_outliers(x, 6.0)
+        ops.llm_int8_linear(x, b, sb, None, 6.0)
+        ops.w8a16_gemm(x, b, sb)
+        G = 32 if K % 32 == 0 else K
+        p, s, z = ops.quantize_uint4_asym(torch.randn(N, K, device=d), G)
+        ops.w4a16_gemm(x, p, s, z)
+        ops.w4a8_gemm(a, p, sa, s, z, None, torch.float32)
+    torch.cuda.synchronize()
+    print("SANITIZE-OK")
+""")
+
+
+def test_compute_sanitizer_memcheck(tmp_path):
+    tool = _sanitizer()
+    if tool is None:
+        pytest.skip("compute-sanitizer not found (PATH, $CUDA_HOME/bin, /usr/local/cuda*/bin)")
+    script = tmp_path / "sanitize_cuda.py"
+    script.write_text(SANITIZE_SCRIPT)
+    r = subprocess.run([tool, "--tool", "memcheck", "--error-exitcode", "99", sys.executable, str(script)],
+                       capture_output=True, text=True, timeout=900)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0 and "SANITIZE-OK" in out, out[-6000:]
+    assert "ERROR SUMMARY: 0 errors" in out, out[-6000:]
