@@ -78,7 +78,7 @@ def test_cpu_kernel_is_registered():
     assert _native.has_kernel("quantize_int8_rowwise", "CPU")
     assert _native.has_kernel("quantize_int8_rowwise", "CompositeExplicitAutograd")
     # An op without a C++ CPU kernel only has the reference.
-    assert not _native.has_kernel("llm_int8_linear", "CPU")
+    assert not _native.has_kernel("pack_int4", "CPU")
     assert not _native.has_kernel("no_such_op", "CPU")
 
 

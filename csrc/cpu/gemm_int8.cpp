@@ -35,6 +35,8 @@
 #include <cstring>
 #include <string>
 
+#include "gemm_int8.h"
+
 #if __has_include("cpu_isa.h")
 #include "cpu_isa.h"
 #define QK_HAVE_CPU_ISA_H 1
@@ -232,26 +234,16 @@ void epilogue_block(const int32_t* C, int64_t ldc, int64_t mb, int64_t nb, const
   }
 }
 
-using EpilogueFn = void (*)(const int32_t*, int64_t, int64_t, int64_t, const float*, const float*, const float*,
-                            void*, int64_t);
-
 template <typename out_t>
 void epilogue_erased(const int32_t* C, int64_t ldc, int64_t mb, int64_t nb, const float* sa, const float* sb,
                      const float* bias, void* Y, int64_t ldy) {
   epilogue_block<out_t>(C, ldc, mb, nb, sa, sb, bias, static_cast<out_t*>(Y), ldy);
 }
 
-struct Epilogue {
-  EpilogueFn fn = nullptr;   // nullptr: write int32 straight into the output (int8_gemm)
-  const float* sa = nullptr;
-  const float* sb = nullptr;
-  const float* bias = nullptr;
-  char* y = nullptr;         // output base
-  int64_t elem_size = 0;
-};
+}  // namespace
 
-// The GEMM over plain a [M, K] (int8) and b [N, K] (int8). If ep.fn is null, the int32 result
-// goes to c_out [M, N]; otherwise each finished block goes through ep.fn into ep.y.
+// The GEMM over plain a [M, K] (int8) and b [N, K] (int8), declared in gemm_int8.h. If ep.fn is
+// null, the int32 result goes to c_out [M, N]; otherwise each finished block goes through ep.fn into ep.y.
 void gemm_driver(const at::Tensor& a, const at::Tensor& b, int64_t M, int64_t N, int64_t K, int32_t* c_out,
                  const Epilogue& ep) {
   const bool avx2 = gemm_use_avx2();  // read on the calling thread, once per call
@@ -264,14 +256,15 @@ void gemm_driver(const at::Tensor& a, const at::Tensor& b, int64_t M, int64_t N,
   const int64_t m_blocks = (M + MC - 1) / MC;
   at::parallel_for(0, n_blocks * m_blocks, 1, [&](int64_t t0, int64_t t1) {
     // Per-thread int32 block for the fused epilogue (w8a8); int8_gemm writes to the output.
-    std::vector<int32_t> cbuf(ep.fn ? size_t(MC * NC) : size_t(0));
+    const bool fused = ep.fn != nullptr || ep.block_fn != nullptr;
+    std::vector<int32_t> cbuf(fused ? size_t(MC * NC) : size_t(0));
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t nbk = t / m_blocks, mbk = t % m_blocks;  // N outer: b block reused across tasks
       const int64_t n0 = nbk * NC, nb = std::min(NC, N - n0);
       const int64_t m0 = mbk * MC, mb = std::min(MC, M - m0);
       int32_t* C;
       int64_t ldc;
-      if (ep.fn) {
+      if (fused) {
         C = cbuf.data();
         ldc = NC;
       } else {
@@ -293,13 +286,17 @@ void gemm_driver(const at::Tensor& a, const at::Tensor& b, int64_t M, int64_t N,
           }
         }
       }
-      if (ep.fn) {
+      if (ep.block_fn) {
+        ep.block_fn(ep.ctx, C, ldc, m0, mb, n0, nb);
+      } else if (ep.fn) {
         ep.fn(C, ldc, mb, nb, ep.sa + m0, ep.sb + n0, ep.bias ? ep.bias + n0 : nullptr,
               ep.y + (m0 * N + n0) * ep.elem_size, N);
       }
     }
   });
 }
+
+namespace {
 
 // ------------------------------------------------------------------------------ validation
 // Messages mirror quantkernels/_validate.py: "quantkernels.<op>: <arg> must ..., got <value>".

@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "cpu_isa.h"
+#include "quantize_int8.h"
 
 namespace quantkernels {
 namespace cpu {
@@ -115,12 +116,41 @@ QK_TARGET_AVX2 void quant_row_avx2(const float* x, int64_t K, float inv, int8_t*
 
 // ------------------------------------------------------------------ driver
 
-template <typename T>
-void widen(const T* src, int64_t K, float* dst) {
-  for (int64_t k = 0; k < K; ++k) {
-    dst[k] = static_cast<float>(src[k]);  // exact for fp16 / bf16
-  }
+}  // namespace
+
+// Exposed in quantize_int8.h (shared with the LLM.int8() outlier quantizer).
+float row_absmax(const float* x, int64_t K, Isa isa) {
+#if QK_X86
+  return isa == Isa::Avx2 ? absmax_avx2(x, K) : absmax_portable(x, K);
+#else
+  (void)isa;
+  return absmax_portable(x, K);
+#endif
 }
+
+float quantize_row(const float* x, int64_t K, float absmax, Isa isa, int8_t* q) {
+  float inv, sc;
+  if (absmax == 0.0f) {
+    inv = 0.0f;
+    sc = 1.0f;
+  } else {  // also NaN / Inf absmax, as in the reference
+    inv = kQMax / absmax;
+    sc = absmax / kQMax;
+  }
+#if QK_X86
+  if (isa == Isa::Avx2) {
+    quant_row_avx2(x, K, inv, q);
+  } else {
+    quant_row_portable(x, K, inv, q);
+  }
+#else
+  (void)isa;
+  quant_row_portable(x, K, inv, q);
+#endif
+  return sc;
+}
+
+namespace {
 
 template <typename T>
 void quantize_rows(const T* x, int64_t M, int64_t K, Isa isa, int8_t* q, float* scale) {
@@ -132,33 +162,10 @@ void quantize_rows(const T* x, int64_t M, int64_t K, Isa isa, int8_t* q, float* 
       if constexpr (std::is_same<T, float>::value) {
         row = x + r * K;
       } else {
-        widen(x + r * K, K, buf.data());
+        widen_row(x + r * K, K, buf.data());
         row = buf.data();
       }
-      float absmax;
-#if QK_X86
-      absmax = isa == Isa::Avx2 ? absmax_avx2(row, K) : absmax_portable(row, K);
-#else
-      absmax = absmax_portable(row, K);
-#endif
-      float inv, sc;
-      if (absmax == 0.0f) {
-        inv = 0.0f;
-        sc = 1.0f;
-      } else {  // also NaN / Inf absmax, as in the reference
-        inv = kQMax / absmax;
-        sc = absmax / kQMax;
-      }
-#if QK_X86
-      if (isa == Isa::Avx2) {
-        quant_row_avx2(row, K, inv, q + r * K);
-      } else {
-        quant_row_portable(row, K, inv, q + r * K);
-      }
-#else
-      quant_row_portable(row, K, inv, q + r * K);
-#endif
-      scale[r] = sc;
+      scale[r] = quantize_row(row, K, row_absmax(row, K, isa), isa, q + r * K);
     }
   });
 }

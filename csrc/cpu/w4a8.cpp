@@ -1,0 +1,410 @@
+// quantkernels::w4a8_gemm on CPU: int8 activations x group-wise int4 weights (PLAIN format).
+//
+//   Y[m, n] = sa[m] * sum_g sb[n, g] * c[m, n, g] (+ bias[n]),    NUMERICS.md section 4
+//   c[m, n, g] = sum_{k in g} a[m, k] * (q[n, k] - z[n, g])       exact int32 per group
+//
+// a is int8 [M, K] (any value, -128 included), b_packed uint8 [N, K/2] with byte = lo | hi << 4
+// (lo = element 2i, hi = 2i + 1): signed nibbles (z = 0) without zero_b, unsigned [0, 15] with it.
+//
+// Integer core (AVX2). Every nibble is made unsigned, u = q + 8 for signed weights (nibble ^ 8)
+// and u = q for unsigned ones, so that _mm256_maddubs_epi16(u8 weights, s8 activations) is
+// exact: a pair sum is at most 2 * 15 * 128 = 3840, far from int16 saturation, and up to 8 such
+// results (30720) are summed in int16 before one _mm256_madd_epi16 with ones widens them to
+// int32. The offset is removed once per group: c = sum a * u - z' * sum_{k in g} a, with z' = 8
+// (signed) or zero[n, g], and the per-(row, group) sums of a are computed once per call.
+// 32 weights (16 packed bytes) are unpacked in registers with broadcast + shift + blend + and:
+// the low 128-bit lane gets the low nibbles (even k), the high lane the high nibbles (odd k);
+// a is permuted once per call into the same order (per 32-chunk: 16 even k, then 16 odd k), so
+// no byte interleave is needed in the inner loop.
+//
+// Float order, as the reference: per group, the exact int32 c -> fp32, times sb[n, g], summed
+// over g in order; then times sa[m], then + bias[n]; then the cast. Separate roundings: the AVX2
+// code is compiled with target("avx2") but not "fma", so mul + add are never contracted.
+// (torch's sum over groups is not sequential, so fp32 outputs match the reference within a
+// few ulps, not bit for bit; the tests compare with the fp64 formula, NUMERICS.md s.6.)
+//
+// Tiling. A micro-tile is MR rows of a x NR rows of b with MR * NR = 8 int16 accumulators, and
+// the 8 group sums are reduced together into one vector (hadd tree). M = 1, 2: tiles 1 x 8 and
+// 2 x 4, one pass over the weights (GEMV: each weight byte is read once, unpacked in registers);
+// M >= 3: 4 x 2 tiles, M blocked so that the permuted a block stays in L2; with more than one M
+// tile, each pair of weight rows is unpacked once per M block into an L1 buffer and reused by
+// all of the block's tiles. Threads split (N block, M block) tasks, N outer. QUANTKERNELS_CPU_ISA=portable selects a
+// plain C++ path (same integer results, same float order).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "cpu_isa.h"
+#include "qk_checks.h"
+
+#if QK_X86
+// No "fma": keeps the fp32 epilogue's multiply and add separately rounded, as in the reference.
+#define QK_TARGET_AVX2_NOFMA __attribute__((target("avx2")))
+#endif
+
+namespace quantkernels {
+namespace cpu {
+namespace {
+
+namespace C = checks;
+
+constexpr const char* kOp = "w4a8_gemm";
+constexpr int64_t kChunk = 32;   // int4 values per AVX2 step (16 packed bytes)
+constexpr int64_t kFlush = 8;    // int16 sums of at most 8 maddubs results: 8 * 3840 < 32767
+constexpr int64_t kMaxGroup = 2147483647LL / (128 * 15);  // as _validate: (2**31 - 1) // (128 * 15)
+constexpr int64_t kABlockBytes = 256 * 1024;  // permuted a rows per M block (L2-resident)
+
+struct Problem {
+  int64_t M, N, K, ng, G;
+  const int8_t* a;        // [M, K]
+  const uint8_t* bp;      // [N, K/2]
+  const float* sa;        // [M]
+  const float* sb;        // [N, ng]
+  const uint8_t* zb;      // [N, ng] or nullptr (signed nibbles)
+  const float* bias;      // [N] fp32 or nullptr
+  void* y;                // [M, N] of out
+  at::ScalarType out;
+};
+
+inline void store_out(const Problem& p, int64_t m, int64_t n, float v) {
+  const int64_t i = m * p.N + n;
+  switch (p.out) {
+    case at::kFloat: static_cast<float*>(p.y)[i] = v; break;
+    case at::kHalf: static_cast<at::Half*>(p.y)[i] = static_cast<at::Half>(v); break;
+    default: static_cast<at::BFloat16*>(p.y)[i] = static_cast<at::BFloat16>(v); break;
+  }
+}
+
+// ------------------------------------------------------------------------------ portable
+
+void run_portable(const Problem& p) {
+  const int64_t M = p.M, N = p.N, K = p.K, ng = p.ng, G = p.G;
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    std::vector<int8_t> q(K);            // one unpacked weight row, zero point subtracted later
+    std::vector<float> acc(M);
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* row = p.bp + n * (K / 2);
+      for (int64_t i = 0; i < K / 2; ++i) {
+        const int lo = row[i] & 0xF, hi = row[i] >> 4;
+        q[2 * i] = static_cast<int8_t>(p.zb ? lo : (lo ^ 8) - 8);
+        q[2 * i + 1] = static_cast<int8_t>(p.zb ? hi : (hi ^ 8) - 8);
+      }
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t g = 0; g < ng; ++g) {
+        const int32_t z = p.zb ? p.zb[n * ng + g] : 0;
+        const float s = p.sb[n * ng + g];
+        for (int64_t m = 0; m < M; ++m) {
+          const int8_t* a = p.a + m * K + g * G;
+          const int8_t* w = q.data() + g * G;
+          int32_t c = 0;
+          for (int64_t k = 0; k < G; ++k) c += int32_t(a[k]) * (int32_t(w[k]) - z);
+          acc[m] = acc[m] + static_cast<float>(c) * s;
+        }
+      }
+      for (int64_t m = 0; m < M; ++m) {
+        float v = acc[m] * p.sa[m];
+        if (p.bias) v = v + p.bias[n];
+        store_out(p, m, n, v);
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------ AVX2
+
+#if QK_X86
+
+struct Prepared {
+  std::vector<int8_t> ap;     // [Mpad, lda] a, permuted per 32-chunk (even k, then odd k), zero padded
+  std::vector<int32_t> asum;  // [ng, Mpad] sum of a over each group
+  int64_t lda = 0, Mpad = 0, nchunks = 0, cpg = 0;
+};
+
+// One row of a -> its permuted, zero-padded copy dst [lda] and its group sums asum[g * Mpad].
+QK_TARGET_AVX2_NOFMA void prepare_row(const int8_t* src, int64_t K, int64_t ng, int64_t G, int8_t* dst,
+                                      int32_t* asum, int64_t Mpad) {
+  // Within each 128-bit lane: the 8 even bytes, then the 8 odd ones; then qwords 0, 2, 1, 3.
+  const __m256i idx = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                       0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+  int64_t c = 0;
+  for (; (c + 1) * kChunk <= K; ++c) {
+    __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + c * kChunk));
+    v = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(v, idx), 0xD8);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + c * kChunk), v);
+  }
+  for (int64_t k = c * kChunk; k < K; ++k) {  // tail chunk (G == K only); the rest stays 0
+    const int64_t t = k - c * kChunk;
+    dst[c * kChunk + (t & 1 ? 16 + t / 2 : t / 2)] = src[k];
+  }
+  for (int64_t g = 0; g < ng; ++g) {
+    int32_t s = 0;
+    for (int64_t k = g * G; k < (g + 1) * G; ++k) s += src[k];
+    asum[g * Mpad] = s;
+  }
+}
+
+void prepare_a(const Problem& p, int64_t mr, Prepared& pr) {
+  const int64_t M = p.M, K = p.K;
+  pr.nchunks = (K + kChunk - 1) / kChunk;
+  pr.lda = pr.nchunks * kChunk;
+  pr.Mpad = (M + mr - 1) / mr * mr;
+  pr.cpg = (p.G + kChunk - 1) / kChunk;  // G % 32 != 0 only for G == K, i.e. one group
+  pr.ap.assign(size_t(pr.Mpad * pr.lda), 0);
+  pr.asum.assign(size_t(p.ng * pr.Mpad), 0);
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      prepare_row(p.a + m * K, K, p.ng, p.G, pr.ap.data() + m * pr.lda, pr.asum.data() + m, pr.Mpad);
+  });
+}
+
+// [sum(v0), ..., sum(v7)]
+QK_TARGET_AVX2_NOFMA inline __m256i reduce8(const __m256i* v) {
+  const __m256i h01 = _mm256_hadd_epi32(v[0], v[1]);
+  const __m256i h23 = _mm256_hadd_epi32(v[2], v[3]);
+  const __m256i h45 = _mm256_hadd_epi32(v[4], v[5]);
+  const __m256i h67 = _mm256_hadd_epi32(v[6], v[7]);
+  const __m256i h0123 = _mm256_hadd_epi32(h01, h23);
+  const __m256i h4567 = _mm256_hadd_epi32(h45, h67);
+  return _mm256_add_epi32(_mm256_permute2x128_si256(h0123, h4567, 0x20),
+                          _mm256_permute2x128_si256(h0123, h4567, 0x31));
+}
+
+// 16 packed bytes -> 32 unsigned nibbles: low lane = low nibbles (even k), high lane = high nibbles.
+template <bool kAsym>
+QK_TARGET_AVX2_NOFMA inline __m256i unpack32(const uint8_t* src) {
+  __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+  if (!kAsym) v = _mm256_xor_si256(v, _mm256_set1_epi8(static_cast<char>(0x88)));  // q + 8, both nibbles
+  v = _mm256_blend_epi32(v, _mm256_srli_epi16(v, 4), 0xF0);
+  return _mm256_and_si256(v, _mm256_set1_epi8(0x0F));
+}
+
+// Rows n0 .. n0 + NR - 1 of b (clamped to N - 1) unpacked to unsigned nibbles in a's permuted
+// order, [NR, lda] bytes: for the tiled path, which reuses them across all M tiles of a block.
+template <bool kAsym>
+QK_TARGET_AVX2_NOFMA void unpack_rows(const Problem& p, const Prepared& pr, int64_t n0, int nr, uint8_t* dst) {
+  const int64_t K = p.K, full = K / kChunk;
+  for (int j = 0; j < nr; ++j) {
+    const uint8_t* row = p.bp + std::min(n0 + j, p.N - 1) * (K / 2);
+    uint8_t* d = dst + j * pr.lda;
+    for (int64_t c = 0; c < pr.nchunks; ++c) {
+      __m256i w;
+      if (c < full) {
+        w = unpack32<kAsym>(row + c * (kChunk / 2));
+      } else {
+        alignas(16) uint8_t buf[16] = {0};
+        std::memcpy(buf, row + c * (kChunk / 2), size_t((K - c * kChunk) / 2));
+        w = unpack32<kAsym>(buf);
+      }
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + c * kChunk), w);
+    }
+  }
+}
+
+// One MR x NR tile (rows m0.., n0..; rows past N are clamped to N - 1 and not stored).
+// Writes sa[m] * sum_g sb[n, g] * c (+ bias) to res[i * NR + j]. With wpre (unpack_rows of
+// these NR rows) the weights are loaded ready-made, else unpacked here.
+template <int MR, int NR, bool kAsym>
+QK_TARGET_AVX2_NOFMA void tile_avx2(const Problem& p, const Prepared& pr, int64_t m0, int64_t n0,
+                                    const uint8_t* wpre, float* res) {
+  static_assert(MR * NR == 8, "one ymm of 8 group sums per tile");
+  const int64_t K = p.K, ng = p.ng, ldb = K / 2, nchunks = pr.nchunks, cpg = pr.cpg;
+  const int64_t full = K / kChunk;  // chunks without a tail
+  const int8_t* arow[MR];
+  const uint8_t* brow[NR];
+  int64_t nrow[NR];
+  for (int i = 0; i < MR; ++i) arow[i] = pr.ap.data() + (m0 + i) * pr.lda;
+  for (int j = 0; j < NR; ++j) {
+    nrow[j] = std::min(n0 + j, p.N - 1);
+    brow[j] = p.bp + nrow[j] * ldb;
+  }
+  const __m256i ones16 = _mm256_set1_epi16(1);
+  __m256 facc = _mm256_setzero_ps();
+  for (int64_t g = 0; g < ng; ++g) {
+    const int64_t c_end = std::min((g + 1) * cpg, nchunks);
+    __m256i gsum = _mm256_setzero_si256();
+    for (int64_t cb = g * cpg; cb < c_end; cb += kFlush) {
+      const int64_t ce = std::min(cb + kFlush, c_end);
+      __m256i acc[8];
+#pragma GCC unroll 8
+      for (int t = 0; t < 8; ++t) acc[t] = _mm256_setzero_si256();
+      for (int64_t c = cb; c < ce; ++c) {
+#pragma GCC unroll 8
+        for (int j = 0; j < NR; ++j) {
+          __m256i w;
+          if (wpre != nullptr) {
+            w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wpre + j * pr.lda + c * kChunk));
+          } else if (c < full) {
+            w = unpack32<kAsym>(brow[j] + c * (kChunk / 2));
+          } else {  // the last, partial chunk of a G == K row: never read past the row
+            alignas(16) uint8_t buf[16] = {0};
+            std::memcpy(buf, brow[j] + c * (kChunk / 2), size_t((K - c * kChunk) / 2));
+            w = unpack32<kAsym>(buf);
+          }
+#pragma GCC unroll 8
+          for (int i = 0; i < MR; ++i) {
+            const __m256i av = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(arow[i] + c * kChunk));
+            acc[i * NR + j] = _mm256_add_epi16(acc[i * NR + j], _mm256_maddubs_epi16(w, av));
+          }
+        }
+      }
+#pragma GCC unroll 8
+      for (int t = 0; t < 8; ++t) acc[t] = _mm256_madd_epi16(acc[t], ones16);
+      gsum = _mm256_add_epi32(gsum, reduce8(acc));
+    }
+    // c = sum a * u - z' * sum a, exact in int32 (wrapping intermediates cancel).
+    int32_t zz[NR], as[MR];
+    float ss[NR];
+    for (int j = 0; j < NR; ++j) {
+      zz[j] = kAsym ? p.zb[nrow[j] * ng + g] : 8;
+      ss[j] = p.sb[nrow[j] * ng + g];
+    }
+    for (int i = 0; i < MR; ++i) as[i] = pr.asum[g * pr.Mpad + m0 + i];
+    const __m256i zv = _mm256_setr_epi32(zz[0 % NR], zz[1 % NR], zz[2 % NR], zz[3 % NR], zz[4 % NR], zz[5 % NR],
+                                         zz[6 % NR], zz[7 % NR]);
+    const __m256i av = _mm256_setr_epi32(as[0 / NR], as[1 / NR], as[2 / NR], as[3 / NR], as[4 / NR], as[5 / NR],
+                                         as[6 / NR], as[7 / NR]);
+    const __m256 sv = _mm256_setr_ps(ss[0 % NR], ss[1 % NR], ss[2 % NR], ss[3 % NR], ss[4 % NR], ss[5 % NR],
+                                     ss[6 % NR], ss[7 % NR]);
+    gsum = _mm256_sub_epi32(gsum, _mm256_mullo_epi32(zv, av));
+    facc = _mm256_add_ps(facc, _mm256_mul_ps(_mm256_cvtepi32_ps(gsum), sv));
+  }
+  float sa[MR], bs[NR];
+  for (int i = 0; i < MR; ++i) sa[i] = p.sa[std::min(m0 + i, p.M - 1)];
+  facc = _mm256_mul_ps(facc, _mm256_setr_ps(sa[0 / NR], sa[1 / NR], sa[2 / NR], sa[3 / NR], sa[4 / NR],
+                                            sa[5 / NR], sa[6 / NR], sa[7 / NR]));
+  if (p.bias) {
+    for (int j = 0; j < NR; ++j) bs[j] = p.bias[nrow[j]];
+    facc = _mm256_add_ps(facc, _mm256_setr_ps(bs[0 % NR], bs[1 % NR], bs[2 % NR], bs[3 % NR], bs[4 % NR],
+                                              bs[5 % NR], bs[6 % NR], bs[7 % NR]));
+  }
+  _mm256_storeu_ps(res, facc);
+}
+
+using TileFn = void (*)(const Problem&, const Prepared&, int64_t, int64_t, const uint8_t*, float*);
+
+template <int MR, int NR>
+TileFn pick_tile(bool asym) {
+  return asym ? &tile_avx2<MR, NR, true> : &tile_avx2<MR, NR, false>;
+}
+
+void run_avx2(const Problem& p) {
+  // M = 1, 2: one tile row covers all of a (each weight byte read once); else 4 x 2 tiles.
+  const int mr = p.M == 1 ? 1 : p.M == 2 ? 2 : 4;
+  const int nr = 8 / mr;
+  const bool asym = p.zb != nullptr;
+  const TileFn tile = mr == 1 ? pick_tile<1, 8>(asym) : mr == 2 ? pick_tile<2, 4>(asym) : pick_tile<4, 2>(asym);
+  Prepared pr;
+  prepare_a(p, mr, pr);
+  const int64_t m_tiles = pr.Mpad / mr;
+  const int64_t n_tiles = (p.N + nr - 1) / nr;
+  // M block: its permuted a rows fit in ~256 KB of L2; N block: 64 rows of b.
+  const int64_t mb_tiles = std::max<int64_t>(1, kABlockBytes / (pr.lda * mr));
+  const int64_t nb_tiles = std::max<int64_t>(1, 64 / nr);
+  const int64_t m_blocks = (m_tiles + mb_tiles - 1) / mb_tiles;
+  const int64_t n_blocks = (n_tiles + nb_tiles - 1) / nb_tiles;
+  // More than one M tile: unpack each pair of b rows once per M block (in L1), not once per tile.
+  const bool pre = m_tiles > 1;
+  const auto unpack = asym ? &unpack_rows<true> : &unpack_rows<false>;
+  at::parallel_for(0, n_blocks * m_blocks, 1, [&](int64_t t0, int64_t t1) {
+    alignas(32) float res[8];
+    std::vector<uint8_t> wbuf(pre ? size_t(nr * pr.lda) : 0);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t nbk = t / m_blocks, mbk = t % m_blocks;  // N outer: b rows reused across tasks
+      const int64_t nt1 = std::min(n_tiles, (nbk + 1) * nb_tiles);
+      const int64_t mt1 = std::min(m_tiles, (mbk + 1) * mb_tiles);
+      for (int64_t nt = nbk * nb_tiles; nt < nt1; ++nt) {
+        if (pre) unpack(p, pr, nt * nr, nr, wbuf.data());
+        for (int64_t mt = mbk * mb_tiles; mt < mt1; ++mt) {
+          const int64_t m0 = mt * mr, n0 = nt * nr;
+          tile(p, pr, m0, n0, pre ? wbuf.data() : nullptr, res);
+          for (int i = 0; i < mr && m0 + i < p.M; ++i)
+            for (int j = 0; j < nr && n0 + j < p.N; ++j) store_out(p, m0 + i, n0 + j, res[i * nr + j]);
+        }
+      }
+    }
+  });
+}
+
+#endif  // QK_X86
+
+// ------------------------------------------------------------------------------ op
+
+at::Tensor w4a8_gemm_cpu(const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& sa_in,
+                         const at::Tensor& sb_in, const std::optional<at::Tensor>& zb_in,
+                         const std::optional<at::Tensor>& bias_in, std::optional<at::ScalarType> out_dtype) {
+  // The checks of reference.w4a8_gemm, in its order, with _validate.py's messages.
+  C::dtype_is(kOp, "a", a_in, at::kChar);
+  C::ndim_is(kOp, "a", a_in, 2, "[M, K] activation");
+  const int64_t M = a_in.size(0), K = a_in.size(1);
+  C::dtype_is(kOp, "b_packed", b_in, at::kByte);
+  C::ndim_is(kOp, "b_packed", b_in, 2, "[N, K/2] (two int4 values per byte along K)");
+  const int64_t N = b_in.size(0);
+  TORCH_CHECK_VALUE(b_in.size(1) * 2 == K, "quantkernels.", kOp, ": b_packed must have shape [N, K/2] = [N, ", K / 2,
+                    "] for a's K = ", K, ", got ", C::shape_str(b_in.sizes()));
+  C::same_device(kOp, "b_packed", b_in, "a", a_in);
+  C::dtype_is(kOp, "scale_b", sb_in, at::kFloat);
+  C::ndim_is(kOp, "scale_b", sb_in, 2, "[N, K/group_size]");
+  TORCH_CHECK_VALUE(sb_in.size(0) == N, "quantkernels.", kOp, ": scale_b must have N = ", N, " rows, got shape ",
+                    C::shape_str(sb_in.sizes()));
+  const int64_t ng = sb_in.size(1);
+  TORCH_CHECK_VALUE(ng > 0 && K % ng == 0, "quantkernels.", kOp, ": scale_b has ", ng,
+                    " groups per row, which does not divide K = ", K);
+  const int64_t G = K / ng;
+  TORCH_CHECK_VALUE(G == 32 || G == 64 || G == 128 || G == 256 || G == K, "quantkernels.", kOp,
+                    ": scale_b implies group_size = K / ", ng, " = ", G, "; must be one of (32, 64, 128, 256) or K");
+  if (zb_in.has_value()) {
+    C::dtype_is(kOp, "zero_b", *zb_in, at::kByte);
+    C::shape_is(kOp, "zero_b", *zb_in, sb_in.sizes(), "(the shape of scale_b)");
+    C::same_device(kOp, "zero_b", *zb_in, "b_packed", b_in);
+  }
+  C::same_device(kOp, "scale_b", sb_in, "b_packed", b_in);
+  C::dtype_is(kOp, "scale_a", sa_in, at::kFloat);
+  const int64_t sa_shape[1] = {M};
+  C::shape_is(kOp, "scale_a", sa_in, sa_shape, "(one per-token scale per row of a)");
+  C::same_device(kOp, "scale_a", sa_in, "a", a_in);
+  C::same_device(kOp, "scale_b", sb_in, "a", a_in);
+  C::k_bound(kOp, G, kMaxGroup, "group_size");
+  C::bias(kOp, bias_in, N, a_in);
+  const at::ScalarType dt = C::out_dtype(kOp, out_dtype);
+  const Isa isa = active_isa();  // read once, on the calling thread
+
+  at::Tensor y = at::empty({M, N}, a_in.options().dtype(dt));
+  if (M == 0 || N == 0) return y;
+  const at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
+  const at::Tensor sa = sa_in.contiguous(), sb = sb_in.contiguous();
+  at::Tensor zb, bias;
+  if (zb_in.has_value()) zb = zb_in->contiguous();
+  if (bias_in.has_value()) bias = bias_in->to(at::kFloat).contiguous();
+  Problem p;
+  p.M = M; p.N = N; p.K = K; p.ng = ng; p.G = G;
+  p.a = a.data_ptr<int8_t>();
+  p.bp = b.data_ptr<uint8_t>();
+  p.sa = sa.data_ptr<float>();
+  p.sb = sb.data_ptr<float>();
+  p.zb = zb.defined() ? zb.data_ptr<uint8_t>() : nullptr;
+  p.bias = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  p.y = y.data_ptr();
+  p.out = dt;
+#if QK_X86
+  if (isa == Isa::Avx2 && K > 0) {
+    run_avx2(p);
+    return y;
+  }
+#endif
+  (void)isa;
+  run_portable(p);
+  return y;
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace quantkernels
+
+TORCH_LIBRARY_IMPL(quantkernels, CPU, m) {
+  m.impl("w4a8_gemm", &quantkernels::cpu::w4a8_gemm_cpu);
+}
