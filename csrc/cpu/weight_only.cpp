@@ -239,11 +239,11 @@ QK_TARGET_WO void gemv8_avx2(const Weight& w, const float* x, int64_t n0, float*
 
 // int4 GEMV tile. x is fp32 [MM, K] in the common K order; xs (fp32 path only) holds the fp64
 // sums of x over the full chunks of each group, [MM, ng].
-template <Rnd R, int MM, int NR>
+template <Rnd R, int MM, int NR, bool SYM>
 QK_TARGET_WO void gemv4_avx2(const Weight& w, const float* x, const double* xs, int64_t n0, float* y) {
   const int64_t K = w.K, ng = w.ng;
   const __m256i m15 = _mm256_set1_epi32(15);
-  const __m256i flip = _mm256_set1_epi32(w.has_zero ? 0 : 0x88);
+  const __m256i flip = _mm256_set1_epi32(0x88);
   const uint8_t* q[NR];
   __m256 acc[MM][NR], blk[MM][NR];
   for (int r = 0; r < NR; ++r) {
@@ -269,7 +269,8 @@ QK_TARGET_WO void gemv4_avx2(const Weight& w, const float* x, const double* xs, 
           xo[m] = _mm256_loadu_ps(x + m * K + k + 8);
         }
         for (int r = 0; r < NR; ++r) {
-          const __m256i b = _mm256_xor_si256(load8_u8(q[r] + k / 2), flip);
+          __m256i b = load8_u8(q[r] + k / 2);
+          if constexpr (SYM) b = _mm256_xor_si256(b, flip);  // signed nibbles: flip bit 3, zero' = 8
           __m256 lo, hi;
           if constexpr (R == Rnd::F32) {  // unsigned nibble; zero point applied after the sum
             lo = _mm256_cvtepi32_ps(_mm256_and_si256(b, m15));
@@ -313,8 +314,13 @@ QK_TARGET_WO void gemv_rows_avx2_mm(const Weight& w, const float* x, const doubl
   constexpr int NR = MM == 1 ? 4 : (MM == 2 ? 2 : 1);
   int64_t n = n0;
   if (w.int4) {
-    for (; n + NR <= n1; n += NR) gemv4_avx2<R, MM, NR>(w, x, xs, n, y);
-    for (; n < n1; ++n) gemv4_avx2<R, MM, 1>(w, x, xs, n, y);
+    if (w.has_zero) {
+      for (; n + NR <= n1; n += NR) gemv4_avx2<R, MM, NR, false>(w, x, xs, n, y);
+      for (; n < n1; ++n) gemv4_avx2<R, MM, 1, false>(w, x, xs, n, y);
+    } else {
+      for (; n + NR <= n1; n += NR) gemv4_avx2<R, MM, NR, true>(w, x, xs, n, y);
+      for (; n < n1; ++n) gemv4_avx2<R, MM, 1, true>(w, x, xs, n, y);
+    }
   } else {
     for (; n + NR <= n1; n += NR) gemv8_avx2<R, MM, NR>(w, x, n, y);
     for (; n < n1; ++n) gemv8_avx2<R, MM, 1>(w, x, n, y);
