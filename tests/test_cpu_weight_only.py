@@ -5,7 +5,8 @@ reference functions are imported directly. NUMERICS.md s.6: fp32 output within r
 the fp64 evaluation of the formula (the kernel factors the scale out of the K-sum for fp32 x,
 so it is not bit-identical); fp16/bf16 output within assert_close defaults of the reference,
 whose weight is rounded to x's dtype element by element -- test_weight_rounded_per_element
-checks that rounding bit-exactly. Every case runs on both ISA paths and at 1 and 2 threads.
+checks that rounding bit-exactly. Every case runs on both ISA paths; the sweeps alternate 1 and 2
+threads between cases, the multi-thread tests run both.
 """
 import itertools
 
@@ -44,6 +45,14 @@ def threads(request):
     old = torch.get_num_threads()
     torch.set_num_threads(request.param)
     yield request.param
+    torch.set_num_threads(old)
+
+
+@pytest.fixture
+def set_threads():
+    """For the big sweeps: the test picks 1 or 2 threads per case (half the cases each)."""
+    old = torch.get_num_threads()
+    yield torch.set_num_threads
     torch.set_num_threads(old)
 
 
@@ -86,8 +95,9 @@ W8_CASES = list(itertools.product(MS, W8_NK, DTYPES))
 
 
 @pytest.mark.parametrize("M,NK,dtype", W8_CASES, ids=[f"M{m}-N{n}-K{k}-{DT_ID[d]}" for m, (n, k), d in W8_CASES])
-def test_w8a16(M, NK, dtype, isa, threads):
+def test_w8a16(M, NK, dtype, isa, set_threads):
     N, K = NK
+    set_threads(1 + (M + N + DTYPES.index(dtype)) % 2)
     g = torch.Generator().manual_seed(M * 1009 + N * 31 + K)
     x = _x(M, K, dtype, g, noncontig=M % 2 == 1)
     b = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g)
@@ -119,8 +129,9 @@ def _int4_weight(N, K, G, zero, g):
 @pytest.mark.parametrize("M,NKG,dtype,zero", W4_CASES,
                          ids=[f"M{m}-N{n}-K{k}-G{gs}-{DT_ID[d]}-{'asym' if z else 'sym'}"
                               for m, (n, k, gs), d, z in W4_CASES])
-def test_w4a16(M, NKG, dtype, zero, isa, threads):
+def test_w4a16(M, NKG, dtype, zero, isa, set_threads):
     N, K, G = NKG
+    set_threads(1 + (M + N + DTYPES.index(dtype) + zero) % 2)
     g = torch.Generator().manual_seed(M * 1009 + N * 31 + K + G + zero)
     x = _x(M, K, dtype, g, noncontig=M % 2 == 1)
     p, s, z = _int4_weight(N, K, G, zero, g)
