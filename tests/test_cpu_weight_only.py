@@ -175,10 +175,11 @@ def test_weight_rounded_per_element(M, dtype, isa):
         torch.testing.assert_close(OPS.w4a16_gemm(x, p, s4, z), R.w4a16_gemm(x, p, s4, z), rtol=0, atol=0)
 
 
-def test_large_k_fp32_accuracy(isa):
-    # Per-channel int4 (G = K) and int8 at a large K: the long sums must stay within 1e-5.
+@pytest.mark.parametrize("M", (2, 7))
+def test_large_k_fp32_accuracy(M, isa):
+    # Per-channel int4 (G = K) and int8 at a large K (GEMV and tiled): the long sums stay within 1e-5.
     g = torch.Generator().manual_seed(5)
-    M, N, K = 2, 9, 8192
+    N, K = 9, 8192 + 6
     x = _x(M, K, torch.float32, g)
     p, s, z = _int4_weight(N, K, K, True, g)
     _check(OPS.w4a16_gemm(x, p, s, z), x, R.dequantize_int4(p, s, z), None, R.w4a16_gemm(x, p, s, z))

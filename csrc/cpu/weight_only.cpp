@@ -18,9 +18,9 @@
 //   flushed every <= 128 elements and the correction z' * sum_k x is evaluated in fp64.
 //   For bf16/fp16 x the weight is rounded per element to x's dtype, as the spec says
 //   (bf16: integer round-half-even on the bits; fp16: vcvtps2ph/vcvtph2ps, F16C).
-// - M >= 5 (tiled): each task dequantizes NB weight rows (exact spec weights, rounded to x's
-//   dtype) into a per-thread fp32 buffer and multiplies it with at::cpu::mm_out (MKL sgemm,
-//   single-threaded inside the parallel region); the full fp32 weight is never materialized.
+// - M >= 5 (tiled): each thread dequantizes 16 weight rows at a time (exact spec weights,
+//   rounded to x's dtype) into its own fp32 buffer (256 KB at K = 4096) and runs 3 x 4 FMA dot
+//   micro-kernels over all M rows of x; the full fp32 weight is never materialized.
 //
 // int4 K order: inside every full 16-element chunk the decoder naturally produces the 8 low
 // nibbles (elements 0, 2, .., 14) then the 8 high nibbles (1, 3, .., 15). Instead of
@@ -31,7 +31,6 @@
 // ISA: QUANTKERNELS_CPU_ISA (cpu_isa.h), read once per call; the AVX2 code also needs F16C
 // (every AVX2 CPU has it; checked anyway, else the portable path runs).
 #include <ATen/ATen.h>
-#include <ATen/CPUFunctions.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -56,7 +55,7 @@ namespace {
 enum class Rnd { F32, BF16, F16 };
 
 constexpr int64_t kMaxGemvM = 4;   // M <= this: GEMV path
-constexpr int64_t kTileN = 64;     // weight rows per task of the tiled path
+constexpr int64_t kTileN = 16;     // weight rows per dequantized tile of the tiled path
 constexpr int64_t kFlush = 128;    // elements per in-register partial sum before it is flushed
 
 inline float round_to(float v, Rnd r) {
@@ -351,6 +350,53 @@ void decode_row_avx2_any(const Weight& w, int64_t n, Rnd r, float* out) {
   else decode_row_avx2<Rnd::F16>(w, n, out);
 }
 
+// C[m, r] = sum_k x[m, k] * w[r, k] for an MR x NR tile (dot form: W rows stay in K order, no
+// transposition). 12 accumulators for 3 x 4; lane sums are flushed every kDotBlock elements.
+constexpr int64_t kDotBlock = 512;
+
+template <int MR, int NR>
+QK_TARGET_WO void dot_tile_avx2(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t K, float* c,
+                                int64_t ldc) {
+  float s[MR][NR] = {};
+  const int64_t Kv = K / 8 * 8;
+  for (int64_t kb = 0; kb < Kv; kb += kDotBlock) {
+    const int64_t ke = std::min(Kv, kb + kDotBlock);
+    __m256 acc[MR][NR];
+    for (int m = 0; m < MR; ++m)
+      for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_setzero_ps();
+    for (int64_t k = kb; k < ke; k += 8) {
+      __m256 wv[NR];
+      for (int r = 0; r < NR; ++r) wv[r] = _mm256_loadu_ps(w + r * ldw + k);
+      for (int m = 0; m < MR; ++m) {
+        const __m256 xv = _mm256_loadu_ps(x + m * ldx + k);
+        for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_fmadd_ps(xv, wv[r], acc[m][r]);
+      }
+    }
+    for (int m = 0; m < MR; ++m)
+      for (int r = 0; r < NR; ++r) s[m][r] += hsum(acc[m][r]);
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < NR; ++r) {
+      float t = s[m][r];
+      for (int64_t k = Kv; k < K; ++k) t += x[m * ldx + k] * w[r * ldw + k];
+      c[m * ldc + r] = t;
+    }
+}
+
+using DotTileFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, float*, int64_t);
+
+struct DotTable {
+  DotTileFn fn[3][4];
+  DotTable() {
+    fn[0][0] = &dot_tile_avx2<1, 1>; fn[0][1] = &dot_tile_avx2<1, 2>;
+    fn[0][2] = &dot_tile_avx2<1, 3>; fn[0][3] = &dot_tile_avx2<1, 4>;
+    fn[1][0] = &dot_tile_avx2<2, 1>; fn[1][1] = &dot_tile_avx2<2, 2>;
+    fn[1][2] = &dot_tile_avx2<2, 3>; fn[1][3] = &dot_tile_avx2<2, 4>;
+    fn[2][0] = &dot_tile_avx2<3, 1>; fn[2][1] = &dot_tile_avx2<3, 2>;
+    fn[2][2] = &dot_tile_avx2<3, 3>; fn[2][3] = &dot_tile_avx2<3, 4>;
+  }
+};
+
 bool cpu_has_f16c() {
   static const bool has = [] {
     __builtin_cpu_init();
@@ -433,14 +479,20 @@ at::Tensor weight_only_gemm(const at::Tensor& x_in, const Weight& w, const at::T
     return y;
   }
 
-  // Tiled: per task, kTileN dequantized weight rows in a per-thread buffer, then one sgemm.
+  // Tiled: one parallel region over tiles of kTileN weight rows. Per tile, the thread
+  // dequantizes the rows into its own fp32 buffer and runs 3 x 4 dot micro-kernels over all M.
+  // No BLAS call and a single fork/join per op: on this shared 2-core machine every extra
+  // OpenMP fork/join (or an MKL call nested in one) cost a scheduler time slice (measured:
+  // 16 fork/joins of 256-row blocks + MKL made M = 16 35x slower at 2 threads than at 1).
   const int64_t n_tiles = (N + kTileN - 1) / kTileN;
+#if QK_X86
+  static const DotTable dot_table;
+#endif
   at::parallel_for(0, n_tiles, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> wbuf(kTileN * K);
-    at::Tensor out = at::empty({M, kTileN}, xk.options());
+    std::vector<float> wbuf(kTileN * K), cbuf(M * kTileN);
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n0 = t * kTileN, nb = std::min(kTileN, N - n0);
-      for (int64_t i = 0; i < nb; ++i) {
+      const int64_t n0 = t * kTileN, nt = std::min(kTileN, N - n0);
+      for (int64_t i = 0; i < nt; ++i) {
 #if QK_X86
         if (avx2) {
           decode_row_avx2_any(w, n0 + i, rnd, wbuf.data() + i * K);
@@ -449,12 +501,22 @@ at::Tensor weight_only_gemm(const at::Tensor& x_in, const Weight& w, const at::T
 #endif
         decode_row_portable(w, n0 + i, rnd, wbuf.data() + i * K);
       }
-      const at::Tensor wt = at::from_blob(wbuf.data(), {nb, K}, xk.options());
-      at::Tensor o = nb == kTileN ? out : at::empty({M, nb}, xk.options());
-      // Straight to the CPU kernel (no dispatcher round trip from a worker thread); MKL runs
-      // single-threaded inside the parallel region.
-      at::cpu::mm_out(o, xk, wt.t());
-      store_any(st, o.data_ptr<float>(), nb, M, nb, B ? B + n0 : nullptr, Y + n0 * esize, N);
+      for (int64_t m0 = 0; m0 < M; m0 += 3) {
+        const int mr = static_cast<int>(std::min<int64_t>(3, M - m0));
+        for (int64_t j = 0; j < nt; j += 4) {
+          const int nr = static_cast<int>(std::min<int64_t>(4, nt - j));
+          float* c = cbuf.data() + m0 * kTileN + j;
+#if QK_X86
+          if (avx2) {
+            dot_table.fn[mr - 1][nr - 1](X + m0 * K, K, wbuf.data() + j * K, K, K, c, kTileN);
+            continue;
+          }
+#endif
+          for (int a = 0; a < mr; ++a)
+            for (int b = 0; b < nr; ++b) c[a * kTileN + b] = dot_portable(X + (m0 + a) * K, wbuf.data() + (j + b) * K, K);
+        }
+      }
+      store_any(st, cbuf.data(), kTileN, M, nt, B ? B + n0 : nullptr, Y + n0 * esize, N);
     }
   });
   return y;
