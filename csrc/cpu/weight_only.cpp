@@ -1,0 +1,670 @@
+// CPU kernels for the weight-only ops quantkernels::w8a16_gemm and quantkernels::w4a16_gemm.
+//
+//   w8a16:  Y = x @ W^T + bias,  W[n, k] = rnd(b[n, k] * scale_b[n])                     b int8 [N, K]
+//   w4a16:  Y = x @ W^T + bias,  W[n, k] = rnd((q[n, k] - zero[n, g]) * scale_b[n, g])  g = k / G
+//           q: PLAIN int4, byte[n, i] = q[n, 2i] | q[n, 2i + 1] << 4; signed nibbles (zero = 0)
+//           when zero_b is None, unsigned nibbles with uint8 zero points otherwise.
+// rnd() rounds the fp32 product to x's dtype (a no-op for fp32); products x * W are exact in
+// fp32 for bf16/fp16 operands; accumulation in fp32; then + bias (fp32), cast to x's dtype.
+//
+// Two paths, chosen by M:
+// - M <= 4 (decode, GEMV): memory bound. Each weight byte is read once and decoded in
+//   registers (vpmovsx/zxbd, and/shift, cvtdq2ps), then FMA'd into all M rows of x. Threads
+//   split N. Tiles of NR weight rows x M rows keep <= 8 accumulators live.
+//   For fp32 x the per-group scale is factored out of the K-sum (sum_k x*(q - z)*s =
+//   s * (sum_k x*q' - z' * sum_k x) with q' the unsigned nibble, z' = 8 for signed nibbles
+//   after flipping bit 3), which saves the per-element subtract and multiply. Not bit-identical
+//   with the reference, but within NUMERICS.md s.6 (fp32 rel 1e-5): the in-register sums are
+//   flushed every <= 128 elements and the correction z' * sum_k x is evaluated in fp64.
+//   For bf16/fp16 x the weight is rounded per element to x's dtype, as the spec says
+//   (bf16: integer round-half-even on the bits; fp16: vcvtps2ph/vcvtph2ps, F16C).
+// - M >= 5 (tiled): each thread dequantizes 16 weight rows at a time (exact spec weights,
+//   rounded to x's dtype) into its own fp32 buffer (256 KB at K = 4096) and runs 3 x 4 FMA dot
+//   micro-kernels over all M rows of x; the full fp32 weight is never materialized.
+//
+// int4 K order: inside every full 16-element chunk the decoder naturally produces the 8 low
+// nibbles (elements 0, 2, .., 14) then the 8 high nibbles (1, 3, .., 15). Instead of
+// interleaving the weights, x is permuted the same way once per call (O(M K)), and the
+// dot products / the tiled GEMM run over that common K order. A K tail that is not a multiple
+// of 16 (only possible with G = K) stays in natural order and is done in scalar code.
+//
+// ISA: QUANTKERNELS_CPU_ISA (cpu_isa.h), read once per call; the AVX2 code also needs F16C
+// (every AVX2 CPU has it; checked anyway, else the portable path runs).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "cpu_isa.h"
+
+#if QK_X86
+#define QK_TARGET_WO __attribute__((target("avx2,fma,f16c")))
+#endif
+
+namespace quantkernels {
+namespace cpu {
+namespace {
+
+// How the dequantized weight is rounded: to x's dtype.
+enum class Rnd { F32, BF16, F16 };
+
+constexpr int64_t kMaxGemvM = 4;   // M <= this: GEMV path
+constexpr int64_t kTileN = 16;     // weight rows per dequantized tile of the tiled path
+constexpr int64_t kFlush = 128;    // elements per in-register partial sum before it is flushed
+
+inline float round_to(float v, Rnd r) {
+  // c10 conversions are round-half-to-even, as torch's .to(dtype).
+  if (r == Rnd::BF16) return static_cast<float>(c10::BFloat16(v));
+  if (r == Rnd::F16) return static_cast<float>(c10::Half(v));
+  return v;
+}
+
+// The quantized weight, plain layout.
+struct Weight {
+  bool int4 = false;
+  bool has_zero = false;              // int4: unsigned nibbles with zero points
+  const int8_t* q8 = nullptr;         // int8 [N, K]
+  const uint8_t* q4 = nullptr;        // uint8 [N, K/2]
+  const float* scale = nullptr;       // [N] (int8) or [N, ng] (int4)
+  const uint8_t* zero = nullptr;      // [N, ng] or nullptr
+  int64_t N = 0, K = 0, ng = 1, G = 0;
+  int64_t Kv = 0;                     // K covered by full vector chunks (int8: 8, int4: 16)
+};
+
+// The exact spec weight W[n, k] in natural K order, rounded to x's dtype (scalar).
+inline float weight_at(const Weight& w, int64_t n, int64_t k, Rnd r) {
+  float v;
+  if (!w.int4) {
+    v = static_cast<float>(w.q8[n * w.K + k]) * w.scale[n];
+  } else {
+    const uint8_t byte = w.q4[n * (w.K / 2) + k / 2];
+    const int u = (k & 1) ? (byte >> 4) : (byte & 0xF);
+    const int64_t g = k / w.G;
+    const float qf = w.has_zero ? static_cast<float>(u) - static_cast<float>(w.zero[n * w.ng + g])
+                                : static_cast<float>((u ^ 8) - 8);
+    v = qf * w.scale[n * w.ng + g];
+  }
+  return round_to(v, r);
+}
+
+// Position in the common K order of element k (int4 full chunks are permuted, see the top).
+inline int64_t korder(const Weight& w, int64_t k) {
+  if (!w.int4 || k >= w.Kv) return k;
+  const int64_t c = k & ~int64_t(15), j = k & 15;
+  return c + ((j & 1) ? 8 + j / 2 : j / 2);
+}
+
+// ------------------------------------------------------------------ portable (plain C++)
+
+void decode_row_portable(const Weight& w, int64_t n, Rnd r, float* out) {
+  for (int64_t k = 0; k < w.K; ++k) out[korder(w, k)] = weight_at(w, n, k, r);
+}
+
+// Dot product in 8 independent partial sums flushed every kFlush elements (accuracy at
+// large K, and the same summation shape as the vector code).
+float dot_portable(const float* a, const float* b, int64_t K) {
+  double total = 0.0;
+  for (int64_t k0 = 0; k0 < K; k0 += kFlush) {
+    const int64_t k1 = std::min(K, k0 + kFlush);
+    float p[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t k = k0;
+    for (; k + 8 <= k1; k += 8)
+      for (int i = 0; i < 8; ++i) p[i] += a[k + i] * b[k + i];
+    for (; k < k1; ++k) p[0] += a[k] * b[k];
+    total += ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
+  }
+  return static_cast<float>(total);
+}
+
+// y[m, n] (fp32, [M, N]) for rows n in [n0, n1).
+void gemv_rows_portable(const Weight& w, Rnd r, const float* x, int64_t M, int64_t n0, int64_t n1, float* y) {
+  std::vector<float> buf(w.K);
+  for (int64_t n = n0; n < n1; ++n) {
+    decode_row_portable(w, n, r, buf.data());
+    for (int64_t m = 0; m < M; ++m) y[m * w.N + n] = dot_portable(x + m * w.K, buf.data(), w.K);
+  }
+}
+
+// ------------------------------------------------------------------ AVX2 + FMA + F16C
+
+#if QK_X86
+template <Rnd R>
+QK_TARGET_WO inline __m256 round_v(__m256 v) {
+  if constexpr (R == Rnd::BF16) {
+    // round half to even to the top 16 bits; NaN kept as is (the bias trick could turn it into Inf)
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i t = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
+    t = _mm256_and_si256(t, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u)));
+    return _mm256_blendv_ps(_mm256_castsi256_ps(t), v, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  } else if constexpr (R == Rnd::F16) {
+    return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  } else {
+    return v;
+  }
+}
+
+QK_TARGET_WO inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+QK_TARGET_WO inline __m256i load8_s8(const int8_t* p) {
+  return _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
+
+QK_TARGET_WO inline __m256i load8_u8(const uint8_t* p) {
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
+
+// One weight row in the common K order, exact spec weights rounded to x's dtype.
+template <Rnd R>
+QK_TARGET_WO void decode_row_avx2(const Weight& w, int64_t n, float* out) {
+  const int64_t K = w.K;
+  if (!w.int4) {
+    const int8_t* q = w.q8 + n * K;
+    const __m256 sv = _mm256_set1_ps(w.scale[n]);
+    for (int64_t k = 0; k < w.Kv; k += 8)
+      _mm256_storeu_ps(out + k, round_v<R>(_mm256_mul_ps(_mm256_cvtepi32_ps(load8_s8(q + k)), sv)));
+  } else {
+    const uint8_t* q = w.q4 + n * (K / 2);
+    const __m256i m15 = _mm256_set1_epi32(15);
+    // signed nibbles: flip bit 3 of each, then value = unsigned - 8
+    const __m256i flip = _mm256_set1_epi32(w.has_zero ? 0 : 0x88);
+    for (int64_t g = 0; g < w.ng; ++g) {
+      const int64_t k0 = g * w.G, k1 = std::min(k0 + w.G, w.Kv);
+      const __m256 sv = _mm256_set1_ps(w.scale[n * w.ng + g]);
+      const __m256i zv = _mm256_set1_epi32(w.has_zero ? w.zero[n * w.ng + g] : 8);
+      for (int64_t k = k0; k < k1; k += 16) {
+        const __m256i b = _mm256_xor_si256(load8_u8(q + k / 2), flip);
+        const __m256i lo = _mm256_sub_epi32(_mm256_and_si256(b, m15), zv);
+        const __m256i hi = _mm256_sub_epi32(_mm256_srli_epi32(b, 4), zv);
+        _mm256_storeu_ps(out + k, round_v<R>(_mm256_mul_ps(_mm256_cvtepi32_ps(lo), sv)));
+        _mm256_storeu_ps(out + k + 8, round_v<R>(_mm256_mul_ps(_mm256_cvtepi32_ps(hi), sv)));
+      }
+    }
+  }
+  for (int64_t k = w.Kv; k < K; ++k) out[k] = weight_at(w, n, k, R);
+}
+
+// int8 GEMV tile: MM rows of x (fp32 [MM, K]) x NR weight rows from n0 -> y[m, n0 + r].
+template <Rnd R, int MM, int NR>
+QK_TARGET_WO void gemv8_avx2(const Weight& w, const float* x, int64_t n0, float* y) {
+  const int64_t K = w.K, Kv = w.Kv;
+  const int8_t* q[NR];
+  __m256 sv[NR], acc[MM][NR], tot[MM][NR];
+  for (int r = 0; r < NR; ++r) {
+    q[r] = w.q8 + (n0 + r) * K;
+    sv[r] = _mm256_set1_ps(w.scale[n0 + r]);
+    for (int m = 0; m < MM; ++m) tot[m][r] = _mm256_setzero_ps();
+  }
+  for (int64_t kb = 0; kb < Kv; kb += kFlush) {
+    const int64_t ke = std::min(Kv, kb + kFlush);
+    for (int m = 0; m < MM; ++m)
+      for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_setzero_ps();
+    for (int64_t k = kb; k < ke; k += 8) {
+      __m256 xv[MM];
+      for (int m = 0; m < MM; ++m) xv[m] = _mm256_loadu_ps(x + m * K + k);
+      for (int r = 0; r < NR; ++r) {
+        __m256 wv = _mm256_cvtepi32_ps(load8_s8(q[r] + k));
+        if constexpr (R != Rnd::F32) wv = round_v<R>(_mm256_mul_ps(wv, sv[r]));
+        for (int m = 0; m < MM; ++m) acc[m][r] = _mm256_fmadd_ps(xv[m], wv, acc[m][r]);
+      }
+    }
+    for (int m = 0; m < MM; ++m)
+      for (int r = 0; r < NR; ++r) tot[m][r] = _mm256_add_ps(tot[m][r], acc[m][r]);
+  }
+  for (int m = 0; m < MM; ++m) {
+    for (int r = 0; r < NR; ++r) {
+      float s = hsum(tot[m][r]);
+      if constexpr (R == Rnd::F32) {
+        for (int64_t k = Kv; k < K; ++k) s += x[m * K + k] * static_cast<float>(q[r][k]);
+        s *= w.scale[n0 + r];  // the scale factored out of the sum (fp32 only)
+      } else {
+        for (int64_t k = Kv; k < K; ++k) s += x[m * K + k] * weight_at(w, n0 + r, k, R);
+      }
+      y[m * w.N + n0 + r] = s;
+    }
+  }
+}
+
+// int4 GEMV tile. x is fp32 [MM, K] in the common K order; xs (fp32 path only) holds the fp64
+// sums of x over the full chunks of each group, [MM, ng].
+template <Rnd R, int MM, int NR, bool SYM>
+QK_TARGET_WO void gemv4_avx2(const Weight& w, const float* x, const double* xs, int64_t n0, float* y) {
+  const int64_t K = w.K, ng = w.ng;
+  const __m256i m15 = _mm256_set1_epi32(15);
+  const __m256i flip = _mm256_set1_epi32(0x88);
+  const uint8_t* q[NR];
+  __m256 acc[MM][NR], blk[MM][NR];
+  for (int r = 0; r < NR; ++r) {
+    q[r] = w.q4 + (n0 + r) * (K / 2);
+    for (int m = 0; m < MM; ++m) acc[m][r] = _mm256_setzero_ps();
+  }
+  for (int64_t g = 0; g < ng; ++g) {
+    const int64_t kg0 = g * w.G, kg1 = std::min(kg0 + w.G, w.Kv);
+    __m256 sv[NR];
+    __m256i zv[NR];
+    for (int r = 0; r < NR; ++r) {
+      sv[r] = _mm256_set1_ps(w.scale[(n0 + r) * ng + g]);
+      zv[r] = _mm256_set1_epi32(w.has_zero ? w.zero[(n0 + r) * ng + g] : 8);
+    }
+    for (int64_t kb = kg0; kb < kg1; kb += kFlush) {
+      const int64_t ke = std::min(kg1, kb + kFlush);
+      for (int m = 0; m < MM; ++m)
+        for (int r = 0; r < NR; ++r) blk[m][r] = _mm256_setzero_ps();
+      for (int64_t k = kb; k < ke; k += 16) {
+        __m256 xe[MM], xo[MM];
+        for (int m = 0; m < MM; ++m) {
+          xe[m] = _mm256_loadu_ps(x + m * K + k);
+          xo[m] = _mm256_loadu_ps(x + m * K + k + 8);
+        }
+        for (int r = 0; r < NR; ++r) {
+          __m256i b = load8_u8(q[r] + k / 2);
+          if constexpr (SYM) b = _mm256_xor_si256(b, flip);  // signed nibbles: flip bit 3, zero' = 8
+          __m256 lo, hi;
+          if constexpr (R == Rnd::F32) {  // unsigned nibble; zero point applied after the sum
+            lo = _mm256_cvtepi32_ps(_mm256_and_si256(b, m15));
+            hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+          } else {  // the spec weight, rounded to x's dtype per element
+            lo = round_v<R>(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(b, m15), zv[r])), sv[r]));
+            hi = round_v<R>(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(b, 4), zv[r])), sv[r]));
+          }
+          for (int m = 0; m < MM; ++m) {
+            blk[m][r] = _mm256_fmadd_ps(xe[m], lo, blk[m][r]);
+            blk[m][r] = _mm256_fmadd_ps(xo[m], hi, blk[m][r]);
+          }
+        }
+      }
+      for (int m = 0; m < MM; ++m)
+        for (int r = 0; r < NR; ++r)
+          acc[m][r] = R == Rnd::F32 ? _mm256_fmadd_ps(blk[m][r], sv[r], acc[m][r]) : _mm256_add_ps(acc[m][r], blk[m][r]);
+    }
+  }
+  for (int m = 0; m < MM; ++m) {
+    for (int r = 0; r < NR; ++r) {
+      const int64_t n = n0 + r;
+      double s = hsum(acc[m][r]);
+      if constexpr (R == Rnd::F32) {
+        double corr = 0.0;  // sum_g scale * zero' * sum_{k in g} x, in fp64
+        for (int64_t g = 0; g < ng; ++g)
+          corr += double(w.scale[n * ng + g]) * double(w.has_zero ? w.zero[n * ng + g] : 8) * xs[m * ng + g];
+        s -= corr;
+      }
+      float tail = 0.0f;  // K tail in natural order (G = K only)
+      for (int64_t k = w.Kv; k < K; ++k) tail += x[m * K + k] * weight_at(w, n, k, R);
+      y[m * w.N + n] = static_cast<float>(s + double(tail));
+    }
+  }
+}
+
+template <Rnd R, int MM>
+QK_TARGET_WO void gemv_rows_avx2_mm(const Weight& w, const float* x, const double* xs, int64_t n0, int64_t n1,
+                                    float* y) {
+  // MM * NR <= 4: with the block sums that is <= 8 live accumulators.
+  constexpr int NR = MM == 1 ? 4 : (MM == 2 ? 2 : 1);
+  int64_t n = n0;
+  if (w.int4) {
+    if (w.has_zero) {
+      for (; n + NR <= n1; n += NR) gemv4_avx2<R, MM, NR, false>(w, x, xs, n, y);
+      for (; n < n1; ++n) gemv4_avx2<R, MM, 1, false>(w, x, xs, n, y);
+    } else {
+      for (; n + NR <= n1; n += NR) gemv4_avx2<R, MM, NR, true>(w, x, xs, n, y);
+      for (; n < n1; ++n) gemv4_avx2<R, MM, 1, true>(w, x, xs, n, y);
+    }
+  } else {
+    for (; n + NR <= n1; n += NR) gemv8_avx2<R, MM, NR>(w, x, n, y);
+    for (; n < n1; ++n) gemv8_avx2<R, MM, 1>(w, x, n, y);
+  }
+}
+
+template <Rnd R>
+void gemv_rows_avx2_r(const Weight& w, const float* x, const double* xs, int64_t M, int64_t n0, int64_t n1,
+                      float* y) {
+  switch (M) {
+    case 1: gemv_rows_avx2_mm<R, 1>(w, x, xs, n0, n1, y); break;
+    case 2: gemv_rows_avx2_mm<R, 2>(w, x, xs, n0, n1, y); break;
+    case 3: gemv_rows_avx2_mm<R, 3>(w, x, xs, n0, n1, y); break;
+    default: gemv_rows_avx2_mm<R, 4>(w, x, xs, n0, n1, y); break;
+  }
+}
+
+void gemv_rows_avx2(const Weight& w, Rnd r, const float* x, const double* xs, int64_t M, int64_t n0, int64_t n1,
+                    float* y) {
+  if (r == Rnd::F32) gemv_rows_avx2_r<Rnd::F32>(w, x, xs, M, n0, n1, y);
+  else if (r == Rnd::BF16) gemv_rows_avx2_r<Rnd::BF16>(w, x, xs, M, n0, n1, y);
+  else gemv_rows_avx2_r<Rnd::F16>(w, x, xs, M, n0, n1, y);
+}
+
+void decode_row_avx2_any(const Weight& w, int64_t n, Rnd r, float* out) {
+  if (r == Rnd::F32) decode_row_avx2<Rnd::F32>(w, n, out);
+  else if (r == Rnd::BF16) decode_row_avx2<Rnd::BF16>(w, n, out);
+  else decode_row_avx2<Rnd::F16>(w, n, out);
+}
+
+// C[m, r] = sum_k x[m, k] * w[r, k] for an MR x NR tile (dot form: W rows stay in K order, no
+// transposition). 12 accumulators for 3 x 4; lane sums are flushed every kDotBlock elements.
+constexpr int64_t kDotBlock = 512;
+
+template <int MR, int NR>
+QK_TARGET_WO void dot_tile_avx2(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t K, float* c,
+                                int64_t ldc) {
+  float s[MR][NR] = {};
+  const int64_t Kv = K / 8 * 8;
+  for (int64_t kb = 0; kb < Kv; kb += kDotBlock) {
+    const int64_t ke = std::min(Kv, kb + kDotBlock);
+    __m256 acc[MR][NR];
+    for (int m = 0; m < MR; ++m)
+      for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_setzero_ps();
+    for (int64_t k = kb; k < ke; k += 8) {
+      __m256 wv[NR];
+      for (int r = 0; r < NR; ++r) wv[r] = _mm256_loadu_ps(w + r * ldw + k);
+      for (int m = 0; m < MR; ++m) {
+        const __m256 xv = _mm256_loadu_ps(x + m * ldx + k);
+        for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_fmadd_ps(xv, wv[r], acc[m][r]);
+      }
+    }
+    for (int m = 0; m < MR; ++m)
+      for (int r = 0; r < NR; ++r) s[m][r] += hsum(acc[m][r]);
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < NR; ++r) {
+      float t = s[m][r];
+      for (int64_t k = Kv; k < K; ++k) t += x[m * ldx + k] * w[r * ldw + k];
+      c[m * ldc + r] = t;
+    }
+}
+
+using DotTileFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, float*, int64_t);
+
+struct DotTable {
+  DotTileFn fn[3][4];
+  DotTable() {
+    fn[0][0] = &dot_tile_avx2<1, 1>; fn[0][1] = &dot_tile_avx2<1, 2>;
+    fn[0][2] = &dot_tile_avx2<1, 3>; fn[0][3] = &dot_tile_avx2<1, 4>;
+    fn[1][0] = &dot_tile_avx2<2, 1>; fn[1][1] = &dot_tile_avx2<2, 2>;
+    fn[1][2] = &dot_tile_avx2<2, 3>; fn[1][3] = &dot_tile_avx2<2, 4>;
+    fn[2][0] = &dot_tile_avx2<3, 1>; fn[2][1] = &dot_tile_avx2<3, 2>;
+    fn[2][2] = &dot_tile_avx2<3, 3>; fn[2][3] = &dot_tile_avx2<3, 4>;
+  }
+};
+
+bool cpu_has_f16c() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("f16c");
+  }();
+  return has;
+}
+#endif
+
+// ------------------------------------------------------------------ driver
+
+// x as fp32 [M, K] in the common K order (x is contiguous).
+at::Tensor x_in_k_order(const at::Tensor& x, const Weight& w) {
+  at::Tensor xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
+  if (!w.int4 || w.Kv == 0) return xf;
+  const int64_t M = x.size(0), K = w.K;
+  at::Tensor xp = at::empty({M, K}, xf.options());
+  const float* src = xf.data_ptr<float>();
+  float* dst = xp.data_ptr<float>();
+  at::parallel_for(0, M, std::max<int64_t>(1, (1 << 16) / K), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      for (int64_t k = 0; k < K; ++k) dst[m * K + korder(w, k)] = src[m * K + k];
+  });
+  return xp;
+}
+
+template <typename out_t>
+void store_out(const float* acc, int64_t lda, int64_t rows, int64_t cols, const float* bias, out_t* y, int64_t ldy) {
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) {
+      float v = acc[i * lda + j];
+      if (bias) v = v + bias[j];
+      y[i * ldy + j] = static_cast<out_t>(v);  // round half to even, as .to(dtype)
+    }
+}
+
+void store_any(at::ScalarType st, const float* acc, int64_t lda, int64_t rows, int64_t cols, const float* bias,
+               void* y, int64_t ldy) {
+  if (st == at::kFloat) store_out(acc, lda, rows, cols, bias, static_cast<float*>(y), ldy);
+  else if (st == at::kHalf) store_out(acc, lda, rows, cols, bias, static_cast<c10::Half*>(y), ldy);
+  else store_out(acc, lda, rows, cols, bias, static_cast<c10::BFloat16*>(y), ldy);
+}
+
+at::Tensor weight_only_gemm(const at::Tensor& x_in, const Weight& w, const at::Tensor& bias, bool avx2) {
+  const int64_t M = x_in.size(0), N = w.N, K = w.K;
+  const at::ScalarType st = x_in.scalar_type();
+  at::Tensor y = at::empty({M, N}, x_in.options());
+  if (M == 0 || N == 0) return y;
+  const Rnd rnd = st == at::kFloat ? Rnd::F32 : (st == at::kBFloat16 ? Rnd::BF16 : Rnd::F16);
+  const at::Tensor xk = x_in_k_order(x_in.contiguous(), w);
+  const float* X = xk.data_ptr<float>();
+  const float* B = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  const int64_t esize = y.element_size();
+  char* Y = static_cast<char*>(y.data_ptr());
+
+  if (M <= kMaxGemvM) {
+    // fp32 result [M, N] (y itself for fp32 output), then bias + cast.
+    at::Tensor acc = st == at::kFloat ? y : at::empty({M, N}, y.options().dtype(at::kFloat));
+    float* A = acc.data_ptr<float>();
+    std::vector<double> xs;
+#if QK_X86
+    if (avx2 && w.int4 && rnd == Rnd::F32) {  // group sums of x for the factored zero point
+      xs.assign(M * w.ng, 0.0);
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t g = 0; g < w.ng; ++g)
+          for (int64_t k = g * w.G; k < std::min((g + 1) * w.G, w.Kv); ++k) xs[m * w.ng + g] += X[m * K + k];
+    }
+#endif
+    const int64_t grain = std::max<int64_t>(16, (1 << 15) / K);  // small layers stay on one thread
+    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+#if QK_X86
+      if (avx2) {
+        gemv_rows_avx2(w, rnd, X, xs.data(), M, n0, n1, A);
+        return;
+      }
+#endif
+      gemv_rows_portable(w, rnd, X, M, n0, n1, A);
+    });
+    if (st != at::kFloat || B) store_any(st, A, N, M, N, B, Y, N);
+    return y;
+  }
+
+  // Tiled: one parallel region over tiles of kTileN weight rows. Per tile, the thread
+  // dequantizes the rows into its own fp32 buffer and runs 3 x 4 dot micro-kernels over all M.
+  // No BLAS call and a single fork/join per op: on this shared 2-core machine every extra
+  // OpenMP fork/join (or an MKL call nested in one) cost a scheduler time slice (measured:
+  // 16 fork/joins of 256-row blocks + MKL made M = 16 35x slower at 2 threads than at 1).
+  const int64_t n_tiles = (N + kTileN - 1) / kTileN;
+#if QK_X86
+  static const DotTable dot_table;
+#endif
+  at::parallel_for(0, n_tiles, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> wbuf(kTileN * K), cbuf(M * kTileN);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * kTileN, nt = std::min(kTileN, N - n0);
+      for (int64_t i = 0; i < nt; ++i) {
+#if QK_X86
+        if (avx2) {
+          decode_row_avx2_any(w, n0 + i, rnd, wbuf.data() + i * K);
+          continue;
+        }
+#endif
+        decode_row_portable(w, n0 + i, rnd, wbuf.data() + i * K);
+      }
+      for (int64_t m0 = 0; m0 < M; m0 += 3) {
+        const int mr = static_cast<int>(std::min<int64_t>(3, M - m0));
+        for (int64_t j = 0; j < nt; j += 4) {
+          const int nr = static_cast<int>(std::min<int64_t>(4, nt - j));
+          float* c = cbuf.data() + m0 * kTileN + j;
+#if QK_X86
+          if (avx2) {
+            dot_table.fn[mr - 1][nr - 1](X + m0 * K, K, wbuf.data() + j * K, K, K, c, kTileN);
+            continue;
+          }
+#endif
+          for (int a = 0; a < mr; ++a)
+            for (int b = 0; b < nr; ++b) c[a * kTileN + b] = dot_portable(X + (m0 + a) * K, wbuf.data() + (j + b) * K, K);
+        }
+      }
+      store_any(st, cbuf.data(), kTileN, M, nt, B ? B + n0 : nullptr, Y + n0 * esize, N);
+    }
+  });
+  return y;
+}
+
+// ------------------------------------------------------------------ validation
+// Messages mirror quantkernels/_validate.py (and reference.py's order of checks).
+
+std::string shape_str(at::IntArrayRef s) {
+  std::string r = "(";
+  for (size_t i = 0; i < s.size(); ++i) {
+    r += std::to_string(s[i]);
+    if (s.size() == 1 || i + 1 < s.size()) r += s.size() == 1 ? "," : ", ";
+  }
+  return r + ")";
+}
+
+constexpr const char* kFloatDtypes = "['torch.float16', 'torch.bfloat16', 'torch.float32']";
+
+bool is_float(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat; }
+
+void check_device(const char* op, const char* name, const at::Tensor& t, const char* ref_name, const at::Tensor& ref) {
+  TORCH_CHECK_VALUE(t.device() == ref.device(), "quantkernels.", op, ": ", name, " is on ", t.device(), " but ",
+                    ref_name, " is on ", ref.device(), "; all tensors must be on one device");
+}
+
+void check_x(const char* op, const at::Tensor& x, int64_t K) {
+  TORCH_CHECK_TYPE(is_float(x.scalar_type()), "quantkernels.", op, ": x must have dtype in ", kFloatDtypes, ", got ",
+                   dtype_name(x.scalar_type()));
+  TORCH_CHECK_VALUE(x.dim() >= 2, "quantkernels.", op, ": x must have at least 2 dimension(s), got a ", x.dim(),
+                    "-D tensor");
+  TORCH_CHECK_VALUE(x.size(-1) > 0, "quantkernels.", op, ": x must have a non-empty last dimension K, got shape ",
+                    shape_str(x.sizes()));
+  TORCH_CHECK_VALUE(x.dim() == 2, "quantkernels.", op, ": x must be 2-D [M, K] activation, got shape ",
+                    shape_str(x.sizes()));
+  TORCH_CHECK_VALUE(x.size(1) == K, "quantkernels.", op, ": x has K = ", x.size(1),
+                    " columns but the weight has K = ", K, " (x shape ", shape_str(x.sizes()), ")");
+}
+
+// Returns bias as contiguous fp32 (undefined if None).
+at::Tensor check_bias(const char* op, const std::optional<at::Tensor>& bias, int64_t N, const at::Tensor& x) {
+  if (!bias.has_value()) return at::Tensor();
+  const at::Tensor& b = *bias;
+  TORCH_CHECK_TYPE(is_float(b.scalar_type()), "quantkernels.", op, ": bias must have dtype in ", kFloatDtypes,
+                   ", got ", dtype_name(b.scalar_type()));
+  TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == N, "quantkernels.", op, ": bias must have shape (", N,
+                    ",) (one value per output channel N), got ", shape_str(b.sizes()));
+  check_device(op, "bias", b, "the other inputs", x);
+  return b.to(at::kFloat).contiguous();
+}
+
+bool use_avx2() {
+  const Isa isa = active_isa();  // read once per call, on the calling thread
+#if QK_X86
+  return isa == Isa::Avx2 && cpu_has_f16c();
+#else
+  (void)isa;
+  return false;
+#endif
+}
+
+// ------------------------------------------------------------------ ops
+
+at::Tensor w8a16_gemm_cpu(const at::Tensor& x_in, const at::Tensor& b_in, const at::Tensor& scale_in,
+                          const std::optional<at::Tensor>& bias_in) {
+  const char* op = "w8a16_gemm";
+  TORCH_CHECK_TYPE(b_in.scalar_type() == at::kChar, "quantkernels.", op, ": b must have dtype in ['torch.int8'], got ",
+                   dtype_name(b_in.scalar_type()));
+  TORCH_CHECK_VALUE(b_in.dim() == 2, "quantkernels.", op, ": b must be 2-D [N, K] weight, got shape ",
+                    shape_str(b_in.sizes()));
+  const int64_t N = b_in.size(0), K = b_in.size(1);
+  check_x(op, x_in, K);
+  TORCH_CHECK_TYPE(scale_in.scalar_type() == at::kFloat, "quantkernels.", op,
+                   ": scale_b must have dtype in ['torch.float32'], got ", dtype_name(scale_in.scalar_type()));
+  TORCH_CHECK_VALUE(scale_in.dim() == 1 && scale_in.size(0) == N, "quantkernels.", op, ": scale_b must have shape (",
+                    N, ",) (one per-channel scale per row of b), got ", shape_str(scale_in.sizes()));
+  check_device(op, "b", b_in, "x", x_in);
+  check_device(op, "scale_b", scale_in, "x", x_in);
+  const at::Tensor bias = check_bias(op, bias_in, N, x_in);
+  const bool avx2 = use_avx2();
+
+  const at::Tensor b = b_in.contiguous(), scale = scale_in.contiguous();
+  Weight w;
+  w.q8 = b.data_ptr<int8_t>();
+  w.scale = scale.data_ptr<float>();
+  w.N = N;
+  w.K = K;
+  w.G = K;
+  w.Kv = K / 8 * 8;
+  return weight_only_gemm(x_in, w, bias, avx2);
+}
+
+at::Tensor w4a16_gemm_cpu(const at::Tensor& x_in, const at::Tensor& b_in, const at::Tensor& scale_in,
+                          const std::optional<at::Tensor>& zero_in, const std::optional<at::Tensor>& bias_in) {
+  const char* op = "w4a16_gemm";
+  TORCH_CHECK_TYPE(b_in.scalar_type() == at::kByte, "quantkernels.", op,
+                   ": b_packed must have dtype in ['torch.uint8'], got ", dtype_name(b_in.scalar_type()));
+  TORCH_CHECK_VALUE(b_in.dim() == 2, "quantkernels.", op,
+                    ": b_packed must be 2-D [N, K/2] (two int4 values per byte along K), got shape ",
+                    shape_str(b_in.sizes()));
+  const int64_t N = b_in.size(0), K = b_in.size(1) * 2;
+  TORCH_CHECK_TYPE(scale_in.scalar_type() == at::kFloat, "quantkernels.", op,
+                   ": scale_b must have dtype in ['torch.float32'], got ", dtype_name(scale_in.scalar_type()));
+  TORCH_CHECK_VALUE(scale_in.dim() == 2, "quantkernels.", op, ": scale_b must be 2-D [N, K/group_size], got shape ",
+                    shape_str(scale_in.sizes()));
+  TORCH_CHECK_VALUE(scale_in.size(0) == N, "quantkernels.", op, ": scale_b must have N = ", N, " rows, got shape ",
+                    shape_str(scale_in.sizes()));
+  const int64_t ng = scale_in.size(1);
+  TORCH_CHECK_VALUE(ng > 0 && K % ng == 0, "quantkernels.", op, ": scale_b has ", ng,
+                    " groups per row, which does not divide K = ", K);
+  const int64_t G = K / ng;
+  TORCH_CHECK_VALUE(G == 32 || G == 64 || G == 128 || G == 256 || G == K, "quantkernels.", op,
+                    ": scale_b implies group_size = K / ", ng, " = ", G, "; must be one of (32, 64, 128, 256) or K");
+  if (zero_in.has_value()) {
+    const at::Tensor& z = *zero_in;
+    TORCH_CHECK_TYPE(z.scalar_type() == at::kByte, "quantkernels.", op,
+                     ": zero_b must have dtype in ['torch.uint8'], got ", dtype_name(z.scalar_type()));
+    TORCH_CHECK_VALUE(z.sizes() == scale_in.sizes(), "quantkernels.", op, ": zero_b must have shape ",
+                      shape_str(scale_in.sizes()), " (the shape of scale_b), got ", shape_str(z.sizes()));
+  }
+  check_device(op, "scale_b", scale_in, "b_packed", b_in);
+  if (zero_in.has_value()) check_device(op, "zero_b", *zero_in, "b_packed", b_in);
+  check_x(op, x_in, K);
+  check_device(op, "b_packed", b_in, "x", x_in);
+  const at::Tensor bias = check_bias(op, bias_in, N, x_in);
+  const bool avx2 = use_avx2();
+
+  const at::Tensor b = b_in.contiguous(), scale = scale_in.contiguous();
+  const at::Tensor zero = zero_in.has_value() ? zero_in->contiguous() : at::Tensor();
+  Weight w;
+  w.int4 = true;
+  w.has_zero = zero.defined();
+  w.q4 = b.data_ptr<uint8_t>();
+  w.scale = scale.data_ptr<float>();
+  w.zero = zero.defined() ? zero.data_ptr<uint8_t>() : nullptr;
+  w.N = N;
+  w.K = K;
+  w.ng = ng;
+  w.G = G;
+  w.Kv = K / 16 * 16;  // G is a multiple of 16 unless G = K (one group)
+  return weight_only_gemm(x_in, w, bias, avx2);
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace quantkernels
+
+TORCH_LIBRARY_IMPL(quantkernels, CPU, m) {
+  m.impl("w8a16_gemm", &quantkernels::cpu::w8a16_gemm_cpu);
+  m.impl("w4a16_gemm", &quantkernels::cpu::w4a16_gemm_cpu);
+}

@@ -1,0 +1,284 @@
+"""C++ CPU kernels of quantkernels::w8a16_gemm and quantkernels::w4a16_gemm (csrc/cpu/weight_only.cpp).
+
+The op (torch.ops.quantkernels.*) is the C++ kernel once quantkernels._C is loaded; the
+reference functions are imported directly. NUMERICS.md s.6: fp32 output within rel 1e-5 of
+the fp64 evaluation of the formula (the kernel factors the scale out of the K-sum for fp32 x,
+so it is not bit-identical); fp16/bf16 output within assert_close defaults of the reference,
+whose weight is rounded to x's dtype element by element -- test_weight_rounded_per_element
+checks that rounding bit-exactly. Every case runs on both ISA paths; the sweeps alternate 1 and 2
+threads between cases, the multi-thread tests run both.
+"""
+import itertools
+
+import pytest
+import torch
+
+import quantkernels._ops  # noqa: F401  (schemas + reference registration)
+from quantkernels import _native
+from quantkernels import reference as R
+
+if not _native.load():
+    pytest.skip(f"native extension quantkernels._C not available: {_native.REASON}", allow_module_level=True)
+
+OPS = torch.ops.quantkernels
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DT_ID = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def test_native_kernels_are_registered_for_cpu():
+    # Otherwise every test below would silently compare the reference with itself.
+    for op in ("w8a16_gemm", "w4a16_gemm"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"quantkernels::{op}", "CPU"), op
+
+
+@pytest.fixture(params=["avx2", "portable"])
+def isa(request, monkeypatch):
+    if request.param == "avx2" and not _native.cpu_has_avx2():
+        pytest.skip("CPU has no AVX2+FMA")
+    monkeypatch.setenv("QUANTKERNELS_CPU_ISA", request.param)
+    assert _native.cpu_isa() == request.param
+    return request.param
+
+
+@pytest.fixture(params=[1, 2], ids=lambda t: f"threads{t}")
+def threads(request):
+    old = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(old)
+
+
+@pytest.fixture
+def set_threads():
+    """For the big sweeps: the test picks 1 or 2 threads per case (half the cases each)."""
+    old = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(old)
+
+
+def _x(M, K, dtype, g, noncontig=False):
+    x = torch.randn(M, K, generator=g) * torch.exp2(torch.randint(-3, 4, (M, 1), generator=g).float())
+    x = x.to(dtype)
+    if noncontig:
+        x = torch.empty(K, M, dtype=dtype).t().copy_(x)
+        assert not x.is_contiguous() or M <= 1
+    return x
+
+
+def _bias(N, kind, g):
+    if kind == "none":
+        return None
+    return torch.randn(N, generator=g).to({"fp32": torch.float32, "bf16": torch.bfloat16}[kind])
+
+
+def _check(out, x, w_rounded, bias, ref):
+    """out vs the fp64 formula (fp32) or vs the reference (fp16/bf16)."""
+    M, N = x.shape[0], w_rounded.shape[0]
+    assert out.dtype == x.dtype and out.shape == (M, N) and out.is_contiguous()
+    if x.dtype == torch.float32:
+        w = w_rounded.double()
+        y = x.double() @ w.t()
+        scale = x.double().abs() @ w.abs().t()  # the size of the terms: a cancelling sum keeps a bound
+        if bias is not None:
+            y, scale = y + bias.double(), scale + bias.double().abs()
+        err = (out.double() - y).abs()
+        assert bool((err <= 1e-5 * scale + 1e-30).all()), f"max rel err {(err / (scale + 1e-30)).max().item()}"
+    else:
+        torch.testing.assert_close(out, ref)
+
+
+# --------------------------------------------------------------------------- w8a16
+
+MS = (0, 1, 2, 3, 4, 5, 17, 67)
+W8_NK = [(1, 8), (7, 33), (13, 256), (37, 1031)]   # N odd; K around the 8-wide vector and the 128 flush
+W8_CASES = list(itertools.product(MS, W8_NK, DTYPES))
+
+
+@pytest.mark.parametrize("M,NK,dtype", W8_CASES, ids=[f"M{m}-N{n}-K{k}-{DT_ID[d]}" for m, (n, k), d in W8_CASES])
+def test_w8a16(M, NK, dtype, isa, set_threads):
+    N, K = NK
+    set_threads(1 + (M + N + DTYPES.index(dtype)) % 2)
+    g = torch.Generator().manual_seed(M * 1009 + N * 31 + K)
+    x = _x(M, K, dtype, g, noncontig=M % 2 == 1)
+    b = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g)
+    b[0, :2] = -128                                      # valid int8, outside the quantizer's range
+    s = torch.rand(N, generator=g) * 0.01 + 1e-3
+    bias = _bias(N, ("none", "fp32", "bf16")[(M + K) % 3], g)
+    out = OPS.w8a16_gemm(x, b, s, bias)
+    _check(out, x, (b.float() * s[:, None]).to(dtype), bias, R.w8a16_gemm(x, b, s, bias))
+
+
+# --------------------------------------------------------------------------- w4a16
+
+W4_MS = (0, 1, 2, 3, 4, 5, 17, 67)
+# (N, K, G): G in 32/64/128/256 and G = K, including a K that is not a multiple of 16 (only G = K allows it).
+W4_NKG = [(5, 256, 32), (3, 512, 64), (13, 384, 128), (9, 512, 256), (7, 200, 200), (11, 38, 38), (1, 2, 2)]
+W4_CASES = [(m, nkg, d, z) for m, nkg, d, z in itertools.product(W4_MS, W4_NKG, DTYPES, (False, True))
+            if m in (0, 1, 4, 5, 67) or nkg[2] in (32, 200)]
+
+
+def _int4_weight(N, K, G, zero, g):
+    w = torch.randn(N, K, generator=g) * 0.02
+    if zero:
+        w = w + 0.01  # asymmetric range: zero points away from 8
+        return R.quantize_uint4_asym(w, G)
+    p, s = R.quantize_int4_sym(w, G)
+    return p, s, None
+
+
+@pytest.mark.parametrize("M,NKG,dtype,zero", W4_CASES,
+                         ids=[f"M{m}-N{n}-K{k}-G{gs}-{DT_ID[d]}-{'asym' if z else 'sym'}"
+                              for m, (n, k, gs), d, z in W4_CASES])
+def test_w4a16(M, NKG, dtype, zero, isa, set_threads):
+    N, K, G = NKG
+    set_threads(1 + (M + N + DTYPES.index(dtype) + zero) % 2)
+    g = torch.Generator().manual_seed(M * 1009 + N * 31 + K + G + zero)
+    x = _x(M, K, dtype, g, noncontig=M % 2 == 1)
+    p, s, z = _int4_weight(N, K, G, zero, g)
+    bias = _bias(N, ("none", "fp32", "bf16")[(M + G) % 3], g)
+    out = OPS.w4a16_gemm(x, p, s, z, bias)
+    _check(out, x, R.dequantize_int4(p, s, z).to(dtype), bias, R.w4a16_gemm(x, p, s, z, bias))
+
+
+@pytest.mark.parametrize("M", (1, 3, 67))
+def test_w4a16_full_nibble_range(M, isa):
+    # Every nibble 0..15 in every position, signed (-8..7) and with extreme zero points (0, 15).
+    g = torch.Generator().manual_seed(M)
+    N, K, G = 17, 256, 32
+    p = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, generator=g)
+    p[0] = torch.arange(128, dtype=torch.uint8) * 2 + 1  # all byte values in row 0
+    s = torch.rand(N, K // G, generator=g) + 0.5
+    z = torch.randint(0, 16, (N, K // G), dtype=torch.uint8, generator=g)
+    z[1], z[2] = 0, 15
+    x = _x(M, K, torch.float32, g)
+    for zz in (None, z):
+        out = OPS.w4a16_gemm(x, p, s, zz, None)
+        _check(out, x, R.dequantize_int4(p, s, zz), None, R.w4a16_gemm(x, p, s, zz, None))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=DT_ID.get)
+@pytest.mark.parametrize("M", (1, 4, 5))
+def test_weight_rounded_per_element(M, dtype, isa):
+    """x rows with two ones: y = W[n, a] + W[n, b], exact in fp32, so the output equals the
+    reference bit for bit only if each weight was rounded to x's dtype before the sum (rounding
+    the sum once instead differs for many (a, b))."""
+    g = torch.Generator().manual_seed(M)
+    N, K = 33, 256
+    x = torch.zeros(M, K, dtype=dtype)
+    for m in range(M):
+        x[m, torch.randperm(K, generator=g)[:2]] = 1
+    b = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g)
+    s = torch.rand(N, generator=g) * 0.01 + 1e-3
+    torch.testing.assert_close(OPS.w8a16_gemm(x, b, s), R.w8a16_gemm(x, b, s), rtol=0, atol=0)
+    for p, s4, z in (_int4_weight(N, K, 32, False, g), _int4_weight(N, K, 64, True, g)):
+        s4 = s4 * (1 + torch.rand(s4.shape, generator=g))  # scales with many mantissa bits
+        torch.testing.assert_close(OPS.w4a16_gemm(x, p, s4, z), R.w4a16_gemm(x, p, s4, z), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("M", (2, 7))
+def test_large_k_fp32_accuracy(M, isa):
+    # Per-channel int4 (G = K) and int8 at a large K (GEMV and tiled): the long sums stay within 1e-5.
+    g = torch.Generator().manual_seed(5)
+    N, K = 9, 8192 + 6
+    x = _x(M, K, torch.float32, g)
+    p, s, z = _int4_weight(N, K, K, True, g)
+    _check(OPS.w4a16_gemm(x, p, s, z), x, R.dequantize_int4(p, s, z), None, R.w4a16_gemm(x, p, s, z))
+    b = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g)
+    sb = torch.rand(N, generator=g)
+    _check(OPS.w8a16_gemm(x, b, sb), x, b.float() * sb[:, None], None, R.w8a16_gemm(x, b, sb))
+
+
+@pytest.mark.parametrize("M", (1, 67))
+def test_multi_thread_large_n(M, isa, threads):
+    # Enough rows that 2 threads split the work (GEMV grain, tiled N tiles) with a ragged tail.
+    g = torch.Generator().manual_seed(M)
+    N, K = 1000 + 3, 512
+    x = _x(M, K, torch.float32, g)
+    p, s, z = _int4_weight(N, K, 128, True, g)
+    _check(OPS.w4a16_gemm(x, p, s, z), x, R.dequantize_int4(p, s, z), None, R.w4a16_gemm(x, p, s, z))
+    b = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g)
+    sb = torch.rand(N, generator=g) * 0.01
+    _check(OPS.w8a16_gemm(x, b, sb), x, b.float() * sb[:, None], None, R.w8a16_gemm(x, b, sb))
+
+
+def test_non_contiguous_weights(isa):
+    g = torch.Generator().manual_seed(9)
+    M, N, K = 3, 7, 64
+    x = _x(M, K, torch.float32, g)
+    b = torch.randint(-127, 128, (2 * N, K), dtype=torch.int8, generator=g)[::2]
+    s = (torch.rand(2 * N, generator=g) * 0.01)[::2]
+    _check(OPS.w8a16_gemm(x, b, s), x, b.float() * s[:, None], None, R.w8a16_gemm(x, b, s))
+    p, s4, z = _int4_weight(N, K, 32, True, g)
+    pt = torch.empty(K // 2, N, dtype=torch.uint8).t().copy_(p)
+    assert not pt.is_contiguous()
+    _check(OPS.w4a16_gemm(x, pt, s4, z), x, R.dequantize_int4(p, s4, z), None, R.w4a16_gemm(x, p, s4, z))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
+def test_opcheck(dtype):
+    g = torch.Generator().manual_seed(0)
+    x = _x(3, 64, dtype, g)
+    b = torch.randint(-127, 128, (5, 64), dtype=torch.int8, generator=g)
+    torch.library.opcheck(OPS.w8a16_gemm.default, (x, b, torch.rand(5), torch.randn(5)))
+    p, s, z = _int4_weight(5, 64, 32, True, g)
+    torch.library.opcheck(OPS.w4a16_gemm.default, (x, p, s, z, None))
+
+
+# --------------------------------------------------------------------------- errors: the reference's messages
+
+
+def _same_error(exc, fn_native, fn_ref):
+    with pytest.raises(exc) as native:
+        fn_native()
+    with pytest.raises(exc) as ref:
+        fn_ref()
+    assert str(native.value) == str(ref.value)
+
+
+def _w8_bad():
+    x, b, s = torch.randn(3, 8), torch.zeros(5, 8, dtype=torch.int8), torch.ones(5)
+    return [
+        (TypeError, (x, b.float(), s, None)),
+        (ValueError, (x, b[0], s, None)),
+        (TypeError, (x.double(), b, s, None)),
+        (ValueError, (x[0], b, s, None)),
+        (ValueError, (torch.randn(3, 0), b, s, None)),
+        (ValueError, (x[None], b, s, None)),
+        (ValueError, (torch.randn(3, 9), b, s, None)),
+        (TypeError, (x, b, s.double(), None)),
+        (ValueError, (x, b, torch.ones(4), None)),
+        (TypeError, (x, b, s, torch.zeros(5, dtype=torch.int32))),
+        (ValueError, (x, b, s, torch.zeros(6))),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_w8_bad())))
+def test_w8a16_errors(case):
+    exc, args = _w8_bad()[case]
+    _same_error(exc, lambda: OPS.w8a16_gemm(*args), lambda: R.w8a16_gemm(*args))
+
+
+def _w4_bad():
+    x, p = torch.randn(3, 64), torch.zeros(5, 32, dtype=torch.uint8)
+    s, z = torch.ones(5, 2), torch.zeros(5, 2, dtype=torch.uint8)
+    return [
+        (TypeError, (x, p.to(torch.int8), s, z, None)),
+        (ValueError, (x, p[0], s, z, None)),
+        (TypeError, (x, p, s.half(), z, None)),
+        (ValueError, (x, p, s[0], z, None)),
+        (ValueError, (x, p, torch.ones(4, 2), z, None)),
+        (ValueError, (x, p, torch.ones(5, 3), None, None)),    # 3 groups do not divide K = 64
+        (ValueError, (x, p, torch.ones(5, 4), None, None)),    # G = 16
+        (TypeError, (x, p, s, z.to(torch.int8), None)),
+        (ValueError, (x, p, s, z[:, :1], None)),
+        (TypeError, (x.to(torch.int8), p, s, z, None)),
+        (ValueError, (torch.randn(3, 62), p, s, z, None)),
+        (ValueError, (x, p, s, z, torch.zeros(5, 1))),
+        (TypeError, (x, p, s, None, torch.zeros(5, dtype=torch.float64))),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_w4_bad())))
+def test_w4a16_errors(case):
+    exc, args = _w4_bad()[case]
+    _same_error(exc, lambda: OPS.w4a16_gemm(*args), lambda: R.w4a16_gemm(*args))
