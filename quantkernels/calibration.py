@@ -1,10 +1,11 @@
 """Calibration: run a model over calibration batches and collect per-layer input statistics.
 
 Two statistics, both of a linear layer's *input* ``X`` (flattened to ``[tokens, K]``):
-  - ``xtx``: ``sum X^T X`` accumulated in float64 (``[K, K]``), the GPTQ Hessian up to a factor;
+  - ``xtx``: ``sum X^T X`` (``[K, K]``), the GPTQ Hessian up to a factor: each batch's product in
+    float32, the sum over batches in float64;
   - ``absmax``: ``max |X[:, k]|`` per input channel (``[K]``), SmoothQuant's activation statistic.
 
-A *batch* is whatever the model takes: a dict of keyword arguments (a tokenizer's output),
+A *batch* is whatever the model takes: a mapping of keyword arguments (a tokenizer's output),
 a tuple of positional arguments, or a single tensor. Padding tokens are included unless the
 batch dict holds an ``attention_mask`` and ``mask_padding=True`` (the default): then only the
 rows of unmasked tokens count, for layers whose input keeps the ``[batch, seq, K]`` shape.
@@ -21,6 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
+from collections.abc import Mapping
+
 import torch
 from torch import Tensor, nn
 
@@ -33,7 +36,7 @@ class LayerStats:
 
     in_features: int
     n: int = 0
-    xtx: Optional[Tensor] = None      # float64 [K, K]: sum_t x_t x_t^T
+    xtx: Optional[Tensor] = None      # float64 [K, K]: sum over batches of (X^T X in float32)
     absmax: Optional[Tensor] = None   # float32 [K]: max_t |x_t|
 
     def hessian(self) -> Tensor:
@@ -42,18 +45,25 @@ class LayerStats:
             raise ValueError("quantkernels.calibration: no Hessian was collected for this layer")
         return self.xtx / max(self.n, 1)
 
-    def update(self, x: Tensor, hessian: bool, absmax: bool) -> None:
+    def update(self, x: Tensor, hessian: bool, absmax: bool, xtx: Optional[Tensor] = None) -> None:
+        """Adds the rows of ``x`` [..., K]; ``xtx``: their ``X^T X`` if already computed."""
         x = x.detach().reshape(-1, self.in_features)
         if x.shape[0] == 0:
             return
         if hessian:
-            xd = x.to(torch.float64)
-            upd = xd.t() @ xd
-            self.xtx = upd if self.xtx is None else self.xtx.add_(upd)
+            upd = batch_xtx(x) if xtx is None else xtx
+            self.xtx = upd.clone() if self.xtx is None else self.xtx.add_(upd)
         if absmax:
             m = x.abs().amax(dim=0).float()
             self.absmax = m if self.absmax is None else torch.maximum(self.absmax, m)
         self.n += x.shape[0]
+
+
+def batch_xtx(x: Tensor) -> Tensor:
+    """``X^T X`` of one batch [T, K]: the product in float32 (float64 inputs stay float64), returned in
+    float64 for the accumulation over batches, whose sum is where rounding would pile up."""
+    xf = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    return (xf.t() @ xf).to(torch.float64)
 
 
 def is_linear(m: nn.Module) -> bool:
@@ -73,7 +83,7 @@ def linear_weight(m: nn.Module) -> Tensor:
 
 
 def call_model(model: nn.Module, batch: Batch):
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):  # a dict or a tokenizer's BatchEncoding
         return model(**batch)
     if isinstance(batch, (tuple, list)):
         return model(*batch)
@@ -81,7 +91,7 @@ def call_model(model: nn.Module, batch: Batch):
 
 
 def _token_mask(batch: Batch) -> Optional[Tensor]:
-    if isinstance(batch, dict) and isinstance(batch.get("attention_mask"), Tensor):
+    if isinstance(batch, Mapping) and isinstance(batch.get("attention_mask"), Tensor):
         m = batch["attention_mask"]
         if m.dim() == 2:
             return m.bool()
@@ -105,13 +115,22 @@ class _Watcher:
         self.stats = {n: LayerStats(linear_in_features(m)) for n, m in modules.items()}
         self.mask: Optional[Tensor] = None  # [batch, seq] bool of the current batch, if known
         self._handles = []
+        self._last = (None, None)  # (input tensor, its X^T X): q, k, v read one tensor, compute once
 
     def _hook(self, name):
         def hook(mod, args, kwargs):
-            x = args[0] if args else next(iter(kwargs.values()))
+            x_in = args[0] if args else next(iter(kwargs.values()))
+            x = x_in
             if self.mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(self.mask.shape):
                 x = x[self.mask.to(x.device)]
-            self.stats[name].update(x, self.hessian, self.absmax)
+            xtx = None
+            if self.hessian:
+                if self._last[0] is x_in:
+                    xtx = self._last[1]
+                else:
+                    xtx = batch_xtx(x.detach().reshape(-1, x.shape[-1]))
+                    self._last = (x_in, xtx)
+            self.stats[name].update(x, self.hessian, self.absmax, xtx)
         return hook
 
     def __enter__(self):
@@ -120,6 +139,7 @@ class _Watcher:
         return self
 
     def __exit__(self, *exc):
+        self._last = (None, None)
         for h in self._handles:
             h.remove()
         self._handles.clear()

@@ -20,7 +20,8 @@ parameters are computed first, from the original weights in the original order, 
 columns are quantized in act order against those fixed grids. The stored layout is the plain
 one; no permutation reaches the kernels or the activations.
 
-Numerics: the Hessian ``X^T X / n`` is accumulated in float64; damping ``damp * mean(diag H)``
+Numerics: the Hessian ``X^T X / n`` is summed over batches in float64 (each batch in float32);
+damping ``damp * mean(diag H)``
 is added (and multiplied by 10 up to 6 times if the Cholesky factorisation still fails);
 the inverse's Cholesky factor is computed in float64 and the sweep runs in float32.
 Dead input channels (``H[k, k] == 0``: never active in the calibration data) get
