@@ -43,6 +43,7 @@ def main(argv=None):
     p.add_argument("--out", default="bench/results")
     p.add_argument("--calib", type=int, default=256, help="calibration paragraphs")
     p.add_argument("--alphas", default="0.5,0.8", help="SmoothQuant migration strengths")
+    p.add_argument("--parts", default="w4a16,w4a8,w8a8", help="which row groups to run (comma-separated)")
     a = p.parse_args(argv)
     tok, base = load_minilm()
     paras = offline_paragraphs()
@@ -59,17 +60,30 @@ def main(argv=None):
         rows.append((name, how, dt, cosines(m, evals, refs)))
         print(rows[-1], flush=True)
 
+    parts = set(a.parts.split(","))
+    if "w4a16" in parts:
+        w4a16_rows(add, calib)
+    if "w4a8" in parts:
+        add("w4a8 g128", "RTN", lambda m: qk.quantize_model(m, "w4a8", group_size=128))
+        add("w4a8 g128", "GPTQ", lambda m: qk.gptq_quantize_model(m, calib, "w4a8", group_size=128, sym=True,
+                                                                  progress=False))
+    if "w8a8" in parts:
+        w8a8_rows(add, calib, [float(x) for x in a.alphas.split(",") if x])
+    return report(a, rows)
+
+
+def w4a16_rows(add, calib):
     add("w4a16 g128 asym", "RTN", lambda m: qk.quantize_model(m, "w4a16", group_size=128))
     add("w4a16 g128 asym", "GPTQ", lambda m: qk.gptq_quantize_model(m, calib, "w4a16", group_size=128, progress=False))
     add("w4a16 g128 asym", "GPTQ act-order (static groups)",
         lambda m: qk.gptq_quantize_model(m, calib, "w4a16", group_size=128, act_order=True, progress=False))
     add("w4a16 g128 sym (zero 8)", "GPTQ",
         lambda m: qk.gptq_quantize_model(m, calib, "w4a16", group_size=128, sym=True, progress=False))
-    add("w4a8 g128", "RTN", lambda m: qk.quantize_model(m, "w4a8", group_size=128))
-    add("w4a8 g128", "GPTQ", lambda m: qk.gptq_quantize_model(m, calib, "w4a8", group_size=128, sym=True,
-                                                              progress=False))
+
+
+def w8a8_rows(add, calib, alphas):
     add("w8a8", "RTN", lambda m: qk.quantize_model(m, "w8a8"))
-    for al in [float(x) for x in a.alphas.split(",") if x]:
+    for al in alphas:
         add("w8a8", f"SmoothQuant alpha={al}",
             lambda m, al=al: qk.smoothquant_quantize_model(m, calib, "w8a8", alpha=al, progress=False))
         add("w8a8", f"SmoothQuant alpha={al}, no folding (input_scale only)",
@@ -77,6 +91,8 @@ def main(argv=None):
     add("w8a8", "GPTQ weights", lambda m: qk.gptq_quantize_model(m, calib, "w8a8", progress=False))
     add("llm_int8", "RTN (reference point)", lambda m: qk.quantize_model(m, "llm_int8"))
 
+
+def report(a, rows):
     fp_err = {}
     lines = [
         "# Calibration on all-MiniLM-L6-v2: RTN vs GPTQ, W8A8 vs W8A8 + SmoothQuant",
