@@ -15,6 +15,9 @@ from . import _native, dispatch, reference
 from .convert import QuantizationReport, memory_footprint, quantize_model
 from .formats import WeightFormat
 from .nn import SCHEMES, QuantLinear
+from . import calibration
+from .gptq import gptq_quantize_model, load_gptq_checkpoint, save_gptq_checkpoint
+from .smoothquant import smoothquant_quantize_model
 
 __version__ = "0.1.0"
 
@@ -31,4 +34,6 @@ BACKENDS = dispatch.BACKENDS
 __all__ = [
     "QuantLinear", "quantize_model", "memory_footprint", "QuantizationReport", "WeightFormat",
     "SCHEMES", "BACKENDS", "ops", "reference", "dispatch", "__version__",
+    "calibration", "gptq_quantize_model", "smoothquant_quantize_model", "save_gptq_checkpoint",
+    "load_gptq_checkpoint",
 ]

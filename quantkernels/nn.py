@@ -62,7 +62,10 @@ class QuantLinear(nn.Module):
       - ``qweight``: int8 ``[N, K]`` (int8 schemes) or uint8 ``[N, K/2]`` (int4, PLAIN packing);
       - ``weight_scale``: float32 ``[N]`` (int8) or ``[N, K/G]`` (int4 group-wise);
       - ``weight_zero``: uint8 ``[N, K/G]`` zero points (w4a16 only);
-      - ``bias``: ``[N]`` in the original layer's dtype, or None.
+      - ``bias``: ``[N]`` in the original layer's dtype, or None;
+      - ``input_scale``: float32 ``[K]`` or None (default): when set (SmoothQuant, where the
+        smoothing cannot be folded into a preceding layer) forward computes ``x / input_scale``
+        per input channel before the quantized GEMM.
     ``weight_format`` names the layout of ``qweight`` (``formats.WeightFormat``).
     """
 
@@ -94,6 +97,13 @@ class QuantLinear(nn.Module):
             self.register_buffer("weight_scale", torch.ones(N, dtype=torch.float32, device=device))
             self.register_buffer("weight_zero", None)
         self.register_buffer("bias", torch.zeros(N, dtype=dtype, device=device) if bias else None)
+        self.register_buffer("input_scale", None)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a state_dict with an input_scale loads into a module built without one
+        if self.input_scale is None and isinstance(state_dict.get(prefix + "input_scale"), Tensor):
+            self.input_scale = torch.ones(self.in_features, dtype=torch.float32, device=self.qweight.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ------------------------------------------------------------------ construction
 
@@ -143,6 +153,8 @@ class QuantLinear(nn.Module):
                              f"got {tuple(x.shape)}")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
+        if self.input_scale is not None:
+            x2 = (x2.float() / self.input_scale).to(x.dtype)
         dev = x.device
 
         def k(op):
@@ -172,5 +184,7 @@ class QuantLinear(nn.Module):
             parts.append("group_size=per-channel")
         if self.scheme == "llm_int8":
             parts.append(f"threshold={self.threshold}")
+        if self.input_scale is not None:
+            parts.append("input_scale=True")
         parts += [f"format={self.weight_format.value}", f"backend={self.backend}"]
         return ", ".join(parts)

@@ -1,0 +1,209 @@
+"""SmoothQuant (Xiao et al., 2023) for the int8-activation schemes (w8a8, w4a8, llm_int8).
+
+Per input channel ``j`` of a linear layer (or of a group of layers reading the same input),
+``s_j = max|X_j|^alpha / max_i |W_ij|^(1 - alpha)``; the layer computes
+``(X / s) (W * s)^T``, which is the same product with the activation outliers migrated into
+the weights (``alpha``: the migration strength; 0.5 by default, higher for models with
+stronger outliers). Channels never active in the calibration data (or with all-zero weights)
+keep ``s_j = 1``.
+
+Where the architecture allows, ``1 / s`` is *folded* into the producer of ``X`` at no run-time
+cost: a LayerNorm / RMSNorm whose output feeds only these layers (pre-norm decoders: Llama,
+Mistral, Qwen, Gemma; Gemma's ``(1 + weight)`` convention is handled), or a linear layer whose
+output reaches ``X`` through per-channel operations only (``v_proj -> o_proj`` without grouped
+KV heads, ``up_proj -> down_proj`` through ``act(gate) * up``, BERT's ``value -> attention.output``).
+Everywhere else (e.g. BERT's post-norm residual stream, GELU before ``output.dense``, a pooler)
+``s`` is stored in ``QuantLinear.input_scale`` and the forward divides ``x`` by it before the
+per-token quantization.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .calibration import collect_stats, find_blocks, is_linear, linear_weight, select_linears
+from .convert import quantize_model
+from .nn import _check_scheme, unsupported_reason
+
+
+@dataclass
+class SmoothGroup:
+    """Linear layers reading one input, and the module producing it that can absorb ``1/s`` (or None)."""
+
+    consumers: List[str]
+    producer: Optional[str] = None
+    scale: Optional[Tensor] = None   # s, float32 [K], once computed
+
+
+def _has(block: nn.Module, path: str) -> bool:
+    try:
+        block.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
+
+
+def _block_groups(block: nn.Module) -> List[Tuple[Optional[str], List[str]]]:
+    """(producer, consumers) pairs, paths relative to the block, for the architectures we know."""
+    g: List[Tuple[Optional[str], List[str]]] = []
+    if _has(block, "self_attn.q_proj") and _has(block, "input_layernorm"):       # Llama / Gemma / Qwen
+        attn = block.get_submodule("self_attn")
+        qkv = [f"self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj") if _has(block, f"self_attn.{p}")]
+        g.append(("input_layernorm", qkv))
+        if _has(block, "self_attn.o_proj"):
+            v, o = attn.get_submodule("v_proj"), attn.get_submodule("o_proj")
+            # v -> o is per-channel only when no KV head is shared by several query heads
+            ok = linear_weight(v).shape[0] == linear_weight(o).shape[1]
+            g.append(("self_attn.v_proj" if ok else None, ["self_attn.o_proj"]))
+        mlp_norm = next((n for n in ("pre_feedforward_layernorm", "post_attention_layernorm") if _has(block, n)), None)
+        mlp = [f"mlp.{p}" for p in ("gate_proj", "up_proj") if _has(block, f"mlp.{p}")]
+        if mlp:
+            g.append((mlp_norm, mlp))
+        if _has(block, "mlp.down_proj"):
+            g.append(("mlp.up_proj" if _has(block, "mlp.up_proj") else None, ["mlp.down_proj"]))
+    elif _has(block, "attention.self.query") and _has(block, "attention.output.dense"):   # BERT (post-norm)
+        g.append((None, [f"attention.self.{p}" for p in ("query", "key", "value")]))
+        g.append(("attention.self.value", ["attention.output.dense"]))
+    return g
+
+
+def smoothing_groups(model: nn.Module, fold: bool = True) -> List[SmoothGroup]:
+    """The smoothing groups of every linear layer of ``model``: known block structures give shared
+    groups with fold targets; every other linear layer is a group of its own without one."""
+    groups: List[SmoothGroup] = []
+    covered = set()
+    try:
+        prefix, blocks = find_blocks(model)
+    except ValueError:
+        blocks = []
+    for i, block in enumerate(blocks):
+        for prod, cons in _block_groups(block):
+            names = [f"{prefix}.{i}.{c}" for c in cons]
+            groups.append(SmoothGroup(names, f"{prefix}.{i}.{prod}" if (prod and fold) else None))
+            covered.update(names)
+    for n, m in model.named_modules():
+        if is_linear(m) and n not in covered and n != "":
+            groups.append(SmoothGroup([n]))
+    return groups
+
+
+def smoothing_scale(act_absmax: Tensor, weights: Iterable[Tensor], alpha: float) -> Tensor:
+    """``s = max|X|^alpha / max|W|^(1-alpha)`` per input channel (float32), 1 on dead channels."""
+    a = act_absmax.float()
+    w = torch.stack([linear_weight_abs_max(W) for W in weights]).amax(dim=0).to(a.device)
+    s = a.clamp(min=1e-5).pow(alpha) / w.clamp(min=1e-5).pow(1 - alpha)
+    s = torch.where((a > 0) & (w > 0) & torch.isfinite(s), s, torch.ones_like(s))
+    return s
+
+
+def linear_weight_abs_max(W: Tensor) -> Tensor:
+    return W.detach().abs().amax(dim=0).float()
+
+
+@torch.no_grad()
+def _fold_into(producer: nn.Module, s: Tensor) -> None:
+    """Divides the producer's output channels by ``s``."""
+    if is_linear(producer):
+        W = linear_weight(producer)          # a view for Conv1D: in-place ops reach the parameter
+        W.div_(s.to(W.dtype).unsqueeze(1))
+        if producer.bias is not None:
+            producer.bias.div_(s.to(producer.bias.dtype))
+        return
+    w = getattr(producer, "weight", None)
+    if not isinstance(w, Tensor) or w.shape != s.shape:
+        raise TypeError(f"quantkernels.smoothquant: cannot fold into {type(producer).__name__}")
+    if type(producer).__name__.startswith("Gemma"):   # Gemma RMSNorm scales by (1 + weight)
+        w.copy_((1 + w.float()) / s - 1)
+    else:
+        w.div_(s.to(w.dtype))
+    b = getattr(producer, "bias", None)
+    if isinstance(b, Tensor):
+        b.div_(s.to(b.dtype))
+
+
+@dataclass
+class SmoothReport:
+    alpha: float
+    folded: Dict[str, str] = field(default_factory=dict)        # consumer -> producer that absorbed 1/s
+    input_scale: List[str] = field(default_factory=list)        # layers dividing x by s at run time
+    scales: Dict[str, Tensor] = field(default_factory=dict)     # consumer -> s
+
+
+@torch.no_grad()
+def smooth_model(model: nn.Module, act_absmax: Dict[str, Tensor], alpha: float = 0.5, *,
+                 layers: Optional[Iterable[str]] = None, fold: bool = True) -> SmoothReport:
+    """Applies SmoothQuant to the *float* model in place: multiplies the weights of the ``layers``
+    (default: every layer in ``act_absmax``) by ``s`` and folds ``1/s`` into producers where
+    possible. Layers whose ``1/s`` could not be folded are listed in ``report.input_scale``: the
+    caller must divide their input by ``report.scales[name]`` (``smoothquant_quantize_model``
+    stores it in ``QuantLinear.input_scale``). The float model stays equivalent only after that."""
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"quantkernels.smoothquant: alpha must be in [0, 1], got {alpha}")
+    wanted = set(act_absmax if layers is None else layers)
+    rep = SmoothReport(alpha)
+    for grp in smoothing_groups(model, fold):
+        if grp.producer is not None:
+            # folding changes the producer's output for every consumer: all must be smoothed
+            if not all(c in act_absmax for c in grp.consumers) or not any(c in wanted for c in grp.consumers):
+                continue
+            mods = [model.get_submodule(c) for c in grp.consumers]
+            a = torch.stack([act_absmax[c].float() for c in grp.consumers]).amax(dim=0)
+            s = smoothing_scale(a, [linear_weight(m) for m in mods], alpha)
+            _fold_into(model.get_submodule(grp.producer), s)
+            for c, m in zip(grp.consumers, mods):
+                W = linear_weight(m)
+                W.mul_(s.to(W.dtype).unsqueeze(0))
+                rep.folded[c] = grp.producer
+                rep.scales[c] = s
+        else:
+            for c in grp.consumers:  # each layer can carry its own input_scale
+                if c not in wanted or c not in act_absmax:
+                    continue
+                m = model.get_submodule(c)
+                W = linear_weight(m)
+                s = smoothing_scale(act_absmax[c], [W], alpha)
+                W.mul_(s.to(W.dtype).unsqueeze(0))
+                rep.input_scale.append(c)
+                rep.scales[c] = s
+    return rep
+
+
+@torch.no_grad()
+def smoothquant_quantize_model(model: nn.Module, batches: Iterable, scheme: str = "w8a8", *, alpha: float = 0.5,
+                               fold: bool = True, include=None, exclude=("lm_head",), group_size: int = 128,
+                               threshold: float = 6.0, backend: str = "auto", mask_padding: bool = True,
+                               progress: bool = True) -> nn.Module:
+    """Calibrates (per-channel input absmax, one pass), smooths (``smooth_model``), then
+    ``quantize_model(model, scheme, ...)``; layers whose smoothing is not folded get
+    ``QuantLinear.input_scale``. In place; ``model.quantkernels_report.smoothquant`` holds the
+    ``SmoothReport``."""
+    _check_scheme(scheme)
+    layers = select_linears(model, include, exclude)
+    targets = {}
+    for n, m in layers.items():
+        W = linear_weight(m)
+        if unsupported_reason(scheme, W.shape[1], W.shape[0], group_size) is None:
+            targets[n] = m
+    # statistics for every linear layer: a fold group needs all of its consumers' inputs
+    stats = collect_stats(model, batches, layers=select_linears(model, None, ()), hessian=False, absmax=True,
+                          mask_padding=mask_padding, progress=progress, desc="smoothquant calibration")
+    absmax = {n: st.absmax for n, st in stats.items() if st.absmax is not None}
+    rep = smooth_model(model, absmax, alpha, layers=list(targets), fold=fold)
+    quantize_model(model, scheme, include=include, exclude=exclude, group_size=group_size, threshold=threshold,
+                   backend=backend)
+    qrep = model.quantkernels_report
+    for n in rep.input_scale:
+        if n not in qrep.quantized:  # cannot happen: input_scale layers are all quantization targets
+            raise RuntimeError(f"quantkernels.smoothquant: {n} was smoothed but not quantized")
+        ql = model.get_submodule(n)
+        ql.input_scale = rep.scales[n].to(ql.qweight.device, torch.float32).contiguous()
+    qrep.smoothquant = rep
+    return model
+
+
+__all__ = ["smoothquant_quantize_model", "smooth_model", "smoothing_groups", "smoothing_scale", "SmoothGroup",
+           "SmoothReport"]
