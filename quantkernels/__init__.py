@@ -15,6 +15,7 @@ from . import _native, dispatch, reference
 from .convert import QuantizationReport, memory_footprint, quantize_model
 from .formats import WeightFormat
 from .nn import SCHEMES, QuantLinear
+from .serialization import CheckpointError, init_empty_weights, load_bnb_int8, load_quantized, save_quantized
 
 __version__ = "0.1.0"
 
@@ -31,4 +32,5 @@ BACKENDS = dispatch.BACKENDS
 __all__ = [
     "QuantLinear", "quantize_model", "memory_footprint", "QuantizationReport", "WeightFormat",
     "SCHEMES", "BACKENDS", "ops", "reference", "dispatch", "__version__",
+    "save_quantized", "load_quantized", "load_bnb_int8", "init_empty_weights", "CheckpointError",
 ]
