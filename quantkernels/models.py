@@ -76,7 +76,7 @@ def convert_gemma(out: Path) -> Path:
     print(f"converting {gguf.name} to safetensors in {out} (once; about a minute)", file=sys.stderr)
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
 
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -85,10 +85,14 @@ def convert_gemma(out: Path) -> Path:
     cfg = model.config
     if hasattr(cfg, "quantization_config"):
         del cfg.quantization_config
+    cfg.architectures = [type(model).__name__]  # the GGUF config says Gemma3TextModel (no LM head)
     cfg.save_pretrained(tmp)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(tmp)
-    save_model(model, str(tmp / "model.safetensors"))  # tied embeddings stored once
+    sd = model.state_dict()
+    if getattr(cfg, "tie_word_embeddings", False):
+        sd.pop("lm_head.weight", None)  # tied to model.embed_tokens.weight: stored once
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     tok.save_pretrained(tmp)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
