@@ -18,6 +18,7 @@ from .nn import SCHEMES, QuantLinear
 from . import calibration
 from .gptq import gptq_quantize_model, load_gptq_checkpoint, save_gptq_checkpoint
 from .smoothquant import smoothquant_quantize_model
+from .serialization import CheckpointError, init_empty_weights, load_bnb_int8, load_quantized, save_quantized
 
 __version__ = "0.1.0"
 
@@ -36,4 +37,5 @@ __all__ = [
     "SCHEMES", "BACKENDS", "ops", "reference", "dispatch", "__version__",
     "calibration", "gptq_quantize_model", "smoothquant_quantize_model", "save_gptq_checkpoint",
     "load_gptq_checkpoint",
+    "save_quantized", "load_quantized", "load_bnb_int8", "init_empty_weights", "CheckpointError",
 ]

