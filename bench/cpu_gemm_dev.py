@@ -30,7 +30,7 @@ def load_native(jit: bool):
         import quantkernels._C  # noqa: F401
         return "quantkernels._C"
     from torch.utils.cpp_extension import load
-    load(name="qk_gemm_dev", sources=[os.path.join(ROOT, "csrc", "cpu", "gemm_int8.cpp")],
+    load(name="qk_gemm_dev", sources=[os.path.join(ROOT, "csrc", "cpu", f) for f in ("gemm_int8.cpp", "module.cpp")],
          extra_cflags=["-O3"], is_python_module=False)
     return "JIT csrc/cpu/gemm_int8.cpp"
 

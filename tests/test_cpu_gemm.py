@@ -16,25 +16,15 @@ import pathlib
 import pytest
 import torch
 
-import quantkernels._ops  # noqa: F401  (schemas + reference registration)
+import quantkernels  # schemas, reference, and quantkernels._C (the C++ kernels)
 from quantkernels import reference as R
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 OPS = torch.ops.quantkernels
 
 
-def _load_native():
-    # Only this checkout's build: an editable install of another tree could also answer
-    # `import quantkernels._C` with that tree's library.
-    if list((ROOT / "quantkernels").glob("_C*.so")):
-        import quantkernels._C  # noqa: F401
-        return
-    from torch.utils.cpp_extension import load
-    load(name="qk_gemm_test", sources=[str(ROOT / "csrc" / "cpu" / "gemm_int8.cpp")],
-         extra_cflags=["-O3"], is_python_module=False)
-
-
-_load_native()
+if not quantkernels._native.AVAILABLE:
+    pytest.skip(f"quantkernels._C is not built: {quantkernels._native.REASON}", allow_module_level=True)
 
 
 def test_native_kernels_are_registered_for_cpu():

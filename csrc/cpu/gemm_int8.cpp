@@ -37,64 +37,14 @@
 
 #include "gemm_int8.h"
 
-#if __has_include("cpu_isa.h")
 #include "cpu_isa.h"
-#define QK_HAVE_CPU_ISA_H 1
-#else
-#define QK_HAVE_CPU_ISA_H 0
-#if defined(__x86_64__) || defined(__i386__)
-#define QK_X86 1
-#include <immintrin.h>
-#define QK_TARGET_AVX2 __attribute__((target("avx2,fma")))
-#else
-#define QK_X86 0
-#endif
-#endif
 
 namespace quantkernels {
 namespace cpu {
 namespace {
 
-#if QK_HAVE_CPU_ISA_H
 bool gemm_use_avx2() { return active_isa() == Isa::Avx2; }
 std::string gemm_dtype_name(c10::ScalarType t) { return dtype_name(t); }
-#else
-// Standalone fallback (JIT development build without cpu_isa.h): same rules as cpu_isa.h.
-bool gemm_use_avx2() {
-#if QK_X86
-  static const bool has = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
-  const char* env = std::getenv("QUANTKERNELS_CPU_ISA");
-  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "auto") == 0) return has;
-  if (std::strcmp(env, "portable") == 0) return false;
-  if (std::strcmp(env, "avx2") == 0) {
-    TORCH_CHECK(has, "quantkernels: QUANTKERNELS_CPU_ISA=avx2 but this CPU does not support AVX2 and FMA");
-    return true;
-  }
-  TORCH_CHECK(false, "quantkernels: QUANTKERNELS_CPU_ISA must be one of 'auto', 'avx2', 'portable' "
-                     "(or unset), got '", env, "'");
-#else
-  return false;
-#endif
-}
-std::string gemm_dtype_name(c10::ScalarType t) {
-  switch (t) {
-    case c10::ScalarType::Float: return "torch.float32";
-    case c10::ScalarType::Half: return "torch.float16";
-    case c10::ScalarType::BFloat16: return "torch.bfloat16";
-    case c10::ScalarType::Double: return "torch.float64";
-    case c10::ScalarType::Char: return "torch.int8";
-    case c10::ScalarType::Byte: return "torch.uint8";
-    case c10::ScalarType::Short: return "torch.int16";
-    case c10::ScalarType::Int: return "torch.int32";
-    case c10::ScalarType::Long: return "torch.int64";
-    case c10::ScalarType::Bool: return "torch.bool";
-    default: return std::string("torch.") + c10::toString(t);
-  }
-}
-#endif
 
 constexpr int MR = 2;        // rows of a per micro-kernel
 constexpr int NR = 4;        // rows of b per micro-kernel
