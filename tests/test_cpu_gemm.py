@@ -81,6 +81,38 @@ def test_int8_gemm_exact_multi_block(M, N, K, isa, threads):
     torch.testing.assert_close(OPS.int8_gemm(a, b), R.int8_gemm(a, b), rtol=0, atol=0)
 
 
+# The AVX2 panel path (u8 |b| x s8 sign(a, b) maddubs) runs when a has no -128, as every quantizer
+# output; b may hold -128. The cases above put -128 into a, so they exercise the widened fallback.
+@pytest.mark.parametrize("M,N,K", INT8_CASES, ids=[f"M{m}-N{n}-K{k}" for m, n, k in INT8_CASES])
+def test_int8_gemm_exact_panel_path(M, N, K, isa, threads):
+    g = torch.Generator().manual_seed(M * 1000003 + N * 1009 + K + 1)
+    a, b = _rand_int8(M, K, lo=-127, gen=g), _rand_int8(N, K, gen=g)
+    a[:, : min(K, 3)] = -127
+    b[:, : min(K, 2)] = -128  # |b| = 128 with |a| = 127: the largest maddubs pair, 2 * 128 * 127
+    torch.testing.assert_close(OPS.int8_gemm(a, b), R.int8_gemm(a, b), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("M,N,K", [(130, 201, 4099), (257, 97, 2051), (16, 64, 2048), (8, 4, 4), (9, 3, 2)])
+def test_int8_gemm_exact_panel_blocks(M, N, K, isa, threads):
+    # Several 128-token, 64-row and 2048-byte K blocks with every tail: tokens (a 9..15-token and
+    # a 1..8-token panel), weight rows (N % 4), and K % 4 (the zero-padded tail quad).
+    g = torch.Generator().manual_seed(M + N + K)
+    a, b = _rand_int8(M, K, lo=-127, gen=g), _rand_int8(N, K, gen=g)
+    torch.testing.assert_close(OPS.int8_gemm(a, b), R.int8_gemm(a, b), rtol=0, atol=0)
+
+
+def test_int8_gemm_panel_extremes_at_max_k(isa):
+    # The largest sums the panel path can form: 127 * 128 * 131071 and its negative.
+    K = 131071
+    a = torch.full((3, K), -127, dtype=torch.int8)
+    b = torch.full((2, K), -128, dtype=torch.int8)
+    b[1] = 127
+    a[2, ::2] = 127
+    out = OPS.int8_gemm(a, b)
+    torch.testing.assert_close(out, R.int8_gemm(a, b), rtol=0, atol=0)
+    assert out[0, 0].item() == 127 * 128 * K
+
+
 def test_int8_gemm_extremes_at_max_k(isa):
     # 128 * 128 * 131071 = 2^31 - 16384: the largest sum, still exact in int32; and its negative.
     K = 131071

@@ -5,23 +5,17 @@
 //
 // a is int8 [M, K] (activations), b is int8 [N, K] (weights, F.linear layout, plain row-major).
 //
-// Exactness. Both ops use one integer path that is exact for every int8 value, -128 included:
-// a is widened to int16 once per call (a small [M, K16] buffer), each 16-byte chunk of a b row
-// is sign-extended to int16 in registers (vpmovsxbw), and _mm256_madd_epi16 forms int32 sums of
-// two products (|2 * 128 * 128| = 32768 fits in int32; madd_epi16 only wraps for two
-// (-32768)^2 products, impossible here). We do NOT use the u8 x s8 maddubs trick: its int16
-// pair sum saturates for (-128) * (-128) * 2 = 32768, so it would need a pre-scan of int8_gemm
-// inputs, and on Zen3 it costs the same number of multiply uops per 32 MACs (maddubs + madd
-// with ones) as two madd_epi16, so there is nothing to win. K <= 131071 keeps every int32
-// partial sum in range (128 * 128 * K < 2^31).
-//
-// Blocking. Micro-kernel: MR = 2 rows of a x NR = 4 rows of b, 8 ymm int32 accumulators,
-// K in steps of 16, one horizontal reduction per K block (2 x 6 and 3 x 4 tiles spill or run
-// slower with GCC 12 on Zen3). Cache blocking: KC = 4096 along K (the 4 x KC b tile, 16 KB,
-// stays in L1 while the a rows of the M block stream past it from L2; KC = 1024 measured ~20%
-// slower at K = 4096: more reductions and C read-modify-writes), MC = 128 rows of a, NC = 96
-// rows of b (reused from L2 across M blocks). Threads split (N block, M block) tasks with N outer, so
-// consecutive tasks of one thread reuse the same b block from L2.
+// Two integer paths, both exact for every int8 input:
+// - AVX2 "panel" path (below, gemm_driver_panel): weight rows broadcast, activations packed per
+//   call into 16-token panels, u8 x s8 _mm256_maddubs_epi16 with the sign moved onto a
+//   (sign(a, w) * |w|), exact because the packer checks that a holds no -128 (every quantizer's
+//   output is in [-127, 127]); see the comment above panel_micro for the bound and the cost.
+// - the widened path: a widened to int16 once per call, b rows sign-extended in registers,
+//   _mm256_madd_epi16 (|2 * 128 * 128| = 32768 fits in int32). Used by the portable ISA (plain
+//   C++ micro-kernels) and, on AVX2, when a holds -128 (only the raw int8_gemm op can see that).
+//   Micro-kernel MR = 2 rows of a x NR = 4 rows of b, K in steps of 16, one horizontal reduction
+//   per K block; cache blocks KC = 4096, MC = 128, NC = 96.
+// K <= 131071 keeps every int32 partial sum in range (128 * 128 * K < 2^31).
 //
 // ISA: the AVX2 micro-kernel is compiled per function with target("avx2,fma") and chosen at run
 // time (QUANTKERNELS_CPU_ISA=portable forces the plain C++ path, read on every call).
@@ -30,10 +24,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #include "gemm_int8.h"
 
@@ -192,11 +188,11 @@ void epilogue_erased(const int32_t* C, int64_t ldc, int64_t mb, int64_t nb, cons
 
 }  // namespace
 
-// The GEMM over plain a [M, K] (int8) and b [N, K] (int8), declared in gemm_int8.h. If ep.fn is
-// null, the int32 result goes to c_out [M, N]; otherwise each finished block goes through ep.fn into ep.y.
-void gemm_driver(const at::Tensor& a, const at::Tensor& b, int64_t M, int64_t N, int64_t K, int32_t* c_out,
-                 const Epilogue& ep) {
-  const bool avx2 = gemm_use_avx2();  // read on the calling thread, once per call
+namespace {
+
+// The widened-int16 driver: the portable path, and the AVX2 fallback when a holds -128.
+void gemm_driver_widened(const at::Tensor& a, const at::Tensor& b, int64_t M, int64_t N, int64_t K, int32_t* c_out,
+                         const Epilogue& ep, bool avx2) {
   const MicroTable table(avx2);
   const int64_t lda = (K + 15) / 16 * 16;
   const at::Tensor a16 = widen_a(a, M, K, lda);
@@ -244,6 +240,244 @@ void gemm_driver(const at::Tensor& a, const at::Tensor& b, int64_t M, int64_t N,
       }
     }
   });
+}
+
+// ------------------------------------------------------------------------------ panel path (AVX2)
+// The fast AVX2 path. Roles are swapped relative to a textbook GEMM so that the weight stays in
+// the PLAIN layout (no repacked format, no per-call weight copy): for a tile of PR = 4 weight rows
+// and up to PT = 16 tokens,
+//   acc[r][v] (8 int32 lanes = 8 tokens) += sum over a k-quad of b[n + r, k..k+3] * a[t, k..k+3]
+// where the 4 weight bytes of row n + r are broadcast to every 32-bit lane and the activations
+// come from a per-call packed panel P[quad][16 tokens][4 bytes] (a is small: M x K).
+// Exactness: _mm256_maddubs_epi16(u8, s8) multiplies unsigned by signed bytes and adds adjacent
+// pairs into int16 with saturation. We feed u8 = |w| (abs of the broadcast weight, 0..128) and
+// s8 = sign(a, w) = a * sgn(w). With a in [-127, 127] (checked while packing: a's -128 cannot be
+// negated, so such a call takes the widened path) every pair sum is at most 2 * 128 * 127 = 32512
+// < 32767: no saturation, and the product |w| * a * sgn(w) = w * a exactly. _mm256_madd_epi16
+// with ones widens each pair sum to int32 (exact). K <= 131071 keeps the int32 sums in range.
+// Cost per k-quad and 4 x 16 tile: 2 panel loads, 4 broadcast loads, 4 abs, 8 sign, 8 maddubs,
+// 8 madd, 8 add: 256 multiply-adds. Measured alone on one Zen3 core (1024 quads, data in L1/L2):
+// ~60-68 G multiply-adds/s; 4 x 16 beat 3, 5 and 6 weight rows (5 and 6 spill on 16 ymm registers).
+// Why fbgemm (torch.ao quantize_dynamic) still runs ~15-25% faster per core: its dynamic Linear
+// quantizes activations to 7 bits (reduce_range=True: u8 in [0, 127]), so maddubs cannot saturate
+// without any sign handling and it spends 3 vector ops per 32 multiply-adds (maddubs, madd, add)
+// against our 4 (+ abs per broadcast); Zen3 has no VNNI. Measured alone: the same loop without the
+// sign and abs (wrong results) runs at ~90 G/s, without the abs only at ~69 G/s. NUMERICS s.1 fixes
+// 8-bit activations in [-127, 127], which this path computes exactly.
+// Blocking: KQ = 512 quads (2048 bytes of K: a 4-row weight strip is 8 KB in L1, a 16-token panel
+// 32 KB from L2), MT = 128 tokens (8 panels = 256 KB in L2 per K block), NT = 64 weight rows per
+// task; tasks (N outer, M inner) go to threads by at::parallel_for.
+
+constexpr int PT = 16;          // tokens per panel
+constexpr int PR = 4;           // weight rows per micro-kernel
+constexpr int64_t KQ = 512;     // k-quads per K block
+constexpr int64_t MT = 128;     // tokens per task (multiple of PT)
+constexpr int64_t NT = 64;      // weight rows per task (multiple of PR)
+
+#if QK_X86
+// Tile[r][t] = sum over nq quads of W[r * ldw + 4q + j] * P[q * 64 + t * 4 + j], r < mr, t < 8 * NV.
+template <int mr, int NV>
+QK_TARGET_AVX2 void panel_micro(const int8_t* W, int64_t ldw, const int8_t* P, int64_t nq, int32_t* tile) {
+  __m256i acc[mr][NV];
+#pragma GCC unroll 4
+  for (int r = 0; r < mr; ++r)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_setzero_si256();
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t q = 0; q < nq; ++q) {
+    __m256i av[NV];
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) av[v] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(P + q * 64 + v * 32));
+#pragma GCC unroll 4
+    for (int r = 0; r < mr; ++r) {
+      int32_t w4;
+      std::memcpy(&w4, W + r * ldw + q * 4, 4);
+      const __m256i wb = _mm256_set1_epi32(w4);
+      const __m256i wa = _mm256_abs_epi8(wb);
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) {
+        const __m256i p = _mm256_maddubs_epi16(wa, _mm256_sign_epi8(av[v], wb));
+        acc[r][v] = _mm256_add_epi32(acc[r][v], _mm256_madd_epi16(p, ones));
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < mr; ++r)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) _mm256_storeu_si256(reinterpret_cast<__m256i*>(tile + r * PT + v * 8), acc[r][v]);
+}
+
+// The full 4 x 16 tile, written out with named accumulators: GCC 12 keeps the array form of the
+// template above in registers poorly (it stored accumulators to the stack every iteration,
+// ~10% slower); this form compiles to 38 instructions per k-quad and no stack traffic.
+#define QK_PANEL_ROW(r, acc0, acc1)                                                  \
+  {                                                                                  \
+    int32_t w4;                                                                      \
+    std::memcpy(&w4, W + (r) * ldw + q * 4, 4);                                      \
+    const __m256i wb = _mm256_set1_epi32(w4);                                        \
+    const __m256i wa = _mm256_abs_epi8(wb);                                          \
+    __m256i s0 = _mm256_sign_epi8(a0, wb);                                           \
+    __m256i s1 = _mm256_sign_epi8(a1, wb);                                           \
+    s0 = _mm256_madd_epi16(_mm256_maddubs_epi16(wa, s0), ones);                      \
+    s1 = _mm256_madd_epi16(_mm256_maddubs_epi16(wa, s1), ones);                      \
+    acc0 = _mm256_add_epi32(acc0, s0);                                               \
+    acc1 = _mm256_add_epi32(acc1, s1);                                               \
+  }
+template <>
+QK_TARGET_AVX2 void panel_micro<4, 2>(const int8_t* W, int64_t ldw, const int8_t* P, int64_t nq, int32_t* tile) {
+  __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00,
+          c31 = c00;
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t q = 0; q < nq; ++q) {
+    const __m256i a0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(P + q * 64));
+    const __m256i a1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(P + q * 64 + 32));
+    QK_PANEL_ROW(0, c00, c01)
+    QK_PANEL_ROW(1, c10, c11)
+    QK_PANEL_ROW(2, c20, c21)
+    QK_PANEL_ROW(3, c30, c31)
+  }
+  __m256i* t = reinterpret_cast<__m256i*>(tile);
+  _mm256_storeu_si256(t + 0, c00); _mm256_storeu_si256(t + 1, c01);
+  _mm256_storeu_si256(t + 2, c10); _mm256_storeu_si256(t + 3, c11);
+  _mm256_storeu_si256(t + 4, c20); _mm256_storeu_si256(t + 5, c21);
+  _mm256_storeu_si256(t + 6, c30); _mm256_storeu_si256(t + 7, c31);
+}
+#undef QK_PANEL_ROW
+
+using PanelFn = void (*)(const int8_t*, int64_t, const int8_t*, int64_t, int32_t*);
+
+struct PanelTable {
+  PanelFn fn[PR][2];  // [mr - 1][NV - 1]
+  PanelTable() {
+    fn[0][0] = &panel_micro<1, 1>; fn[0][1] = &panel_micro<1, 2>;
+    fn[1][0] = &panel_micro<2, 1>; fn[1][1] = &panel_micro<2, 2>;
+    fn[2][0] = &panel_micro<3, 1>; fn[2][1] = &panel_micro<3, 2>;
+    fn[3][0] = &panel_micro<4, 1>; fn[3][1] = &panel_micro<4, 2>;
+  }
+};
+static_assert(PR == 4, "update PanelTable");
+
+// Packs a [M, K] into panels [ceil(M / 16)][nq][16][4] (zero padding for the token and K tails).
+// Returns false (and the caller takes the widened path) if a holds -128.
+bool pack_panels(const int8_t* a, int64_t M, int64_t K, int64_t nq, int8_t* P) {
+  const int64_t panels = (M + PT - 1) / PT;
+  std::atomic<bool> has_min{false};
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    bool found = false;
+    for (int64_t p = p0; p < p1; ++p) {
+      int8_t* dst = P + p * nq * PT * 4;
+      std::memset(dst, 0, size_t(nq * PT * 4));
+      const int64_t t1 = std::min<int64_t>(PT, M - p * PT);
+      for (int64_t t = 0; t < t1; ++t) {
+        const int8_t* src = a + (p * PT + t) * K;
+        int64_t k = 0;
+        for (; k + 4 <= K; k += 4) {
+          int32_t v;
+          std::memcpy(&v, src + k, 4);
+          std::memcpy(dst + (k / 4) * PT * 4 + t * 4, &v, 4);
+          // a byte equal to 0x80 (-128): (v ^ 0x80808080) has a zero byte there
+          const uint32_t x = uint32_t(v) ^ 0x80808080u;
+          found |= ((x - 0x01010101u) & ~x & 0x80808080u) != 0;
+        }
+        for (; k < K; ++k) {
+          dst[(k / 4) * PT * 4 + t * 4 + (k % 4)] = src[k];
+          found |= src[k] == -128;
+        }
+      }
+    }
+    if (found) has_min.store(true, std::memory_order_relaxed);
+  });
+  return !has_min.load();
+}
+
+void gemm_driver_panel(const int8_t* Pk, const at::Tensor& b, int64_t M, int64_t N, int64_t K, int32_t* c_out,
+                       const Epilogue& ep) {
+  const int64_t nq = (K + 3) / 4;   // quads in the panel (K tail zero-padded)
+  const int64_t nq_full = K / 4;    // quads that can be read straight from b's rows
+  const int8_t* B = b.data_ptr<int8_t>();
+  // b's K tail (K % 4 bytes per row) zero-padded to one quad per row: [N][4].
+  std::vector<int8_t> btail;
+  if (nq != nq_full) {
+    btail.assign(size_t(N * 4), 0);
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t k = nq_full * 4; k < K; ++k) btail[size_t(n * 4 + (k - nq_full * 4))] = B[n * K + k];
+  }
+  const PanelTable table;
+  const int64_t n_blocks = (N + NT - 1) / NT;
+  const int64_t m_blocks = (M + MT - 1) / MT;
+  const bool fused = ep.fn != nullptr || ep.block_fn != nullptr;
+  at::parallel_for(0, n_blocks * m_blocks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<int32_t> cbuf(fused ? size_t(MT * NT) : size_t(0));
+    alignas(32) int32_t tile[PR * PT];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t nbk = t / m_blocks, mbk = t % m_blocks;
+      const int64_t n0 = nbk * NT, nb = std::min(NT, N - n0);
+      const int64_t m0 = mbk * MT, mb = std::min(MT, M - m0);
+      int32_t* C;
+      int64_t ldc;
+      if (fused) {
+        C = cbuf.data();
+        ldc = NT;
+      } else {
+        C = c_out + m0 * N + n0;
+        ldc = N;
+      }
+      for (int64_t i = 0; i < mb; ++i) std::fill(C + i * ldc, C + i * ldc + nb, 0);
+      for (int64_t q0 = 0; q0 < nq; q0 += KQ) {
+        const int64_t q1 = std::min(nq, q0 + KQ);
+        const int64_t qf = std::min(q1, nq_full);  // quads [q0, qf) from b, [qf, q1) from btail
+        for (int64_t j = 0; j < nb; j += PR) {
+          const int mr = int(std::min<int64_t>(PR, nb - j));
+          for (int64_t i = 0; i < mb; i += PT) {
+            const int64_t tb = std::min<int64_t>(PT, mb - i);
+            const int nv = tb > 8 ? 2 : 1;
+            const int8_t* Pp = Pk + ((m0 + i) / PT) * nq * PT * 4;
+            if (qf > q0) {
+              table.fn[mr - 1][nv - 1](B + (n0 + j) * K + q0 * 4, K, Pp + q0 * PT * 4, qf - q0, tile);
+            } else {
+              std::memset(tile, 0, sizeof(tile));
+            }
+            if (q1 > qf) {  // the zero-padded K tail quad (at most one, in the last K block)
+              alignas(32) int32_t tail[PR * PT];
+              table.fn[mr - 1][nv - 1](btail.data() + (n0 + j) * 4, 4, Pp + qf * PT * 4, q1 - qf, tail);
+              for (int e = 0; e < PR * PT; ++e) tile[e] += tail[e];
+            }
+            for (int r = 0; r < mr; ++r)
+              for (int64_t u = 0; u < tb; ++u) C[(i + u) * ldc + j + r] += tile[r * PT + u];
+          }
+        }
+      }
+      if (ep.block_fn) {
+        ep.block_fn(ep.ctx, C, ldc, m0, mb, n0, nb);
+      } else if (ep.fn) {
+        ep.fn(C, ldc, mb, nb, ep.sa + m0, ep.sb + n0, ep.bias ? ep.bias + n0 : nullptr,
+              ep.y + (m0 * N + n0) * ep.elem_size, N);
+      }
+    }
+  });
+}
+#endif
+
+}  // namespace
+
+// The GEMM over plain a [M, K] (int8) and b [N, K] (int8), declared in gemm_int8.h. If ep.fn is
+// null, the int32 result goes to c_out [M, N]; otherwise each finished block goes through ep.fn
+// into ep.y. AVX2: the panel path (a packed per call), or the widened path if a holds -128;
+// portable: the widened path with plain C++ micro-kernels.
+void gemm_driver(const at::Tensor& a, const at::Tensor& b, int64_t M, int64_t N, int64_t K, int32_t* c_out,
+                 const Epilogue& ep) {
+  const bool avx2 = gemm_use_avx2();  // read on the calling thread, once per call
+#if QK_X86
+  if (avx2 && K > 0) {
+    const int64_t nq = (K + 3) / 4;
+    at::Tensor panels = at::empty({(M + PT - 1) / PT * nq * PT * 4}, a.options());
+    if (pack_panels(a.data_ptr<int8_t>(), M, K, nq, panels.data_ptr<int8_t>())) {
+      gemm_driver_panel(panels.data_ptr<int8_t>(), b, M, N, K, c_out, ep);
+      return;
+    }
+  }
+#endif
+  gemm_driver_widened(a, b, M, N, K, c_out, ep, avx2);
 }
 
 namespace {
