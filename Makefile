@@ -32,7 +32,13 @@ test: install
 	$(PY) -m pytest -q -m "not cuda" --ignore=tests/test_triton.py
 	$(PY) -m pytest -q -m "not cuda" tests/test_triton.py
 
-bench: install
+# bitsandbytes only for the benchmark's Linear8bitLt / Linear4bit baselines (it runs on CPU).
+BENCH_DEPS := bitsandbytes
+$(VENV)/.bench-deps: $(VENV)/.deps
+	$(PY) -m pip install -q $(BENCH_DEPS)
+	@touch $@
+
+bench: install $(VENV)/.bench-deps
 	$(PY) -m bench.gemm
 
 # Without a GPU: compile every CUDA source for sm_80/sm_89/sm_90a (spills are errors), require
