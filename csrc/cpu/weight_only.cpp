@@ -19,8 +19,10 @@
 //   For bf16/fp16 x the weight is rounded per element to x's dtype, as the spec says
 //   (bf16: integer round-half-even on the bits; fp16: vcvtps2ph/vcvtph2ps, F16C).
 // - M >= 5 (tiled): each thread dequantizes 16 weight rows at a time (exact spec weights,
-//   rounded to x's dtype) into its own fp32 buffer (256 KB at K = 4096) and runs 3 x 4 FMA dot
-//   micro-kernels over all M rows of x; the full fp32 weight is never materialized.
+//   rounded to x's dtype) into its own fp32 buffer (256 KB at K = 4096), transposes it to
+//   K-major (8 x 8 register transposes) and runs 6 x 16 outer-product FMA tiles over all M rows
+//   of x in K blocks of 256 (the block's weights, 16 KB, stay in L1; x is broadcast from memory);
+//   the full fp32 weight is never materialized. Portable ISA: dot products per output.
 //
 // int4 K order: inside every full 16-element chunk the decoder naturally produces the 8 low
 // nibbles (elements 0, 2, .., 14) then the 8 high nibbles (1, 3, .., 15). Instead of
@@ -350,52 +352,72 @@ void decode_row_avx2_any(const Weight& w, int64_t n, Rnd r, float* out) {
   else decode_row_avx2<Rnd::F16>(w, n, out);
 }
 
-// C[m, r] = sum_k x[m, k] * w[r, k] for an MR x NR tile (dot form: W rows stay in K order, no
-// transposition). 12 accumulators for 3 x 4; lane sums are flushed every kDotBlock elements.
-constexpr int64_t kDotBlock = 512;
 
-template <int MR, int NR>
-QK_TARGET_WO void dot_tile_avx2(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t K, float* c,
-                                int64_t ldc) {
-  float s[MR][NR] = {};
-  const int64_t Kv = K / 8 * 8;
-  for (int64_t kb = 0; kb < Kv; kb += kDotBlock) {
-    const int64_t ke = std::min(Kv, kb + kDotBlock);
-    __m256 acc[MR][NR];
-    for (int m = 0; m < MR; ++m)
-      for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_setzero_ps();
-    for (int64_t k = kb; k < ke; k += 8) {
-      __m256 wv[NR];
-      for (int r = 0; r < NR; ++r) wv[r] = _mm256_loadu_ps(w + r * ldw + k);
-      for (int m = 0; m < MR; ++m) {
-        const __m256 xv = _mm256_loadu_ps(x + m * ldx + k);
-        for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_fmadd_ps(xv, wv[r], acc[m][r]);
-      }
+// Outer-product tile for the tiled path: C[m, 0..15] += sum_{k < kc} x[m * ldx + k] * wT[k * 16 + 0..15]
+// for m < MR, with the weight tile transposed to K-major (16 rows = 2 ymm per k). 12 accumulators
+// for 6 rows, x broadcast from memory, 12 FMAs per 2 weight loads; the tile's K block (kWoKB
+// values, 16 KB) stays in L1 while the x rows stream past it. Each call sums its K block in fresh
+// registers (a sequential fp32 chain of at most kWoKB products per output) and adds it to C.
+constexpr int64_t kWoKB = 256;
+
+template <int MR>
+QK_TARGET_WO void outer_tile_avx2(const float* x, int64_t ldx, const float* wT, int64_t kc, float* c) {
+  __m256 a0[MR], a1[MR];
+#pragma GCC unroll 6
+  for (int m = 0; m < MR; ++m) a0[m] = a1[m] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m256 w0 = _mm256_loadu_ps(wT + k * 16), w1 = _mm256_loadu_ps(wT + k * 16 + 8);
+#pragma GCC unroll 6
+    for (int m = 0; m < MR; ++m) {
+      const __m256 xb = _mm256_broadcast_ss(x + m * ldx + k);
+      a0[m] = _mm256_fmadd_ps(xb, w0, a0[m]);
+      a1[m] = _mm256_fmadd_ps(xb, w1, a1[m]);
     }
-    for (int m = 0; m < MR; ++m)
-      for (int r = 0; r < NR; ++r) s[m][r] += hsum(acc[m][r]);
   }
-  for (int m = 0; m < MR; ++m)
-    for (int r = 0; r < NR; ++r) {
-      float t = s[m][r];
-      for (int64_t k = Kv; k < K; ++k) t += x[m * ldx + k] * w[r * ldw + k];
-      c[m * ldc + r] = t;
-    }
+#pragma GCC unroll 6
+  for (int m = 0; m < MR; ++m) {
+    _mm256_storeu_ps(c + m * 16, _mm256_add_ps(_mm256_loadu_ps(c + m * 16), a0[m]));
+    _mm256_storeu_ps(c + m * 16 + 8, _mm256_add_ps(_mm256_loadu_ps(c + m * 16 + 8), a1[m]));
+  }
 }
 
-using DotTileFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, float*, int64_t);
-
-struct DotTable {
-  DotTileFn fn[3][4];
-  DotTable() {
-    fn[0][0] = &dot_tile_avx2<1, 1>; fn[0][1] = &dot_tile_avx2<1, 2>;
-    fn[0][2] = &dot_tile_avx2<1, 3>; fn[0][3] = &dot_tile_avx2<1, 4>;
-    fn[1][0] = &dot_tile_avx2<2, 1>; fn[1][1] = &dot_tile_avx2<2, 2>;
-    fn[1][2] = &dot_tile_avx2<2, 3>; fn[1][3] = &dot_tile_avx2<2, 4>;
-    fn[2][0] = &dot_tile_avx2<3, 1>; fn[2][1] = &dot_tile_avx2<3, 2>;
-    fn[2][2] = &dot_tile_avx2<3, 3>; fn[2][3] = &dot_tile_avx2<3, 4>;
-  }
+using OuterTileFn = void (*)(const float*, int64_t, const float*, int64_t, float*);
+struct OuterTable {
+  OuterTileFn fn[6] = {&outer_tile_avx2<1>, &outer_tile_avx2<2>, &outer_tile_avx2<3>,
+                       &outer_tile_avx2<4>, &outer_tile_avx2<5>, &outer_tile_avx2<6>};
 };
+
+// dst[k * 16 + i] = src[i * lds + k] for i < 16, k < K (16 rows of K floats -> K-major), with
+// 8 x 8 in-register transposes; rows >= nt are written as zeros.
+QK_TARGET_WO void transpose_rows16(const float* src, int64_t lds, int64_t nt, int64_t K, float* dst) {
+  const int64_t K8 = K / 8 * 8;
+  for (int h = 0; h < 2; ++h) {
+    for (int64_t k = 0; k < K8; k += 8) {
+      __m256 r[8];
+      for (int i = 0; i < 8; ++i)
+        r[i] = (h * 8 + i < nt) ? _mm256_loadu_ps(src + (h * 8 + i) * lds + k) : _mm256_setzero_ps();
+      const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+      const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+      const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+      const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+      const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+      const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+      const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+      const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+      float* d = dst + k * 16 + h * 8;
+      _mm256_storeu_ps(d + 0 * 16, _mm256_permute2f128_ps(u0, u4, 0x20));
+      _mm256_storeu_ps(d + 1 * 16, _mm256_permute2f128_ps(u1, u5, 0x20));
+      _mm256_storeu_ps(d + 2 * 16, _mm256_permute2f128_ps(u2, u6, 0x20));
+      _mm256_storeu_ps(d + 3 * 16, _mm256_permute2f128_ps(u3, u7, 0x20));
+      _mm256_storeu_ps(d + 4 * 16, _mm256_permute2f128_ps(u0, u4, 0x31));
+      _mm256_storeu_ps(d + 5 * 16, _mm256_permute2f128_ps(u1, u5, 0x31));
+      _mm256_storeu_ps(d + 6 * 16, _mm256_permute2f128_ps(u2, u6, 0x31));
+      _mm256_storeu_ps(d + 7 * 16, _mm256_permute2f128_ps(u3, u7, 0x31));
+    }
+  }
+  for (int64_t k = K8; k < K; ++k)
+    for (int64_t i = 0; i < 16; ++i) dst[k * 16 + i] = i < nt ? src[i * lds + k] : 0.0f;
+}
 
 bool cpu_has_f16c() {
   static const bool has = [] {
@@ -480,16 +502,19 @@ at::Tensor weight_only_gemm(const at::Tensor& x_in, const Weight& w, const at::T
   }
 
   // Tiled: one parallel region over tiles of kTileN weight rows. Per tile, the thread
-  // dequantizes the rows into its own fp32 buffer and runs 3 x 4 dot micro-kernels over all M.
+  // dequantizes the rows into its own fp32 buffer; AVX2 transposes it to K-major and runs 6 x 16
+  // outer-product tiles over all M in K blocks of kWoKB (portable: dot products).
   // No BLAS call and a single fork/join per op: on this shared 2-core machine every extra
   // OpenMP fork/join (or an MKL call nested in one) cost a scheduler time slice (measured:
   // 16 fork/joins of 256-row blocks + MKL made M = 16 35x slower at 2 threads than at 1).
+  static_assert(kTileN == 16, "the outer-product tile is 16 weight rows wide");
   const int64_t n_tiles = (N + kTileN - 1) / kTileN;
-#if QK_X86
-  static const DotTable dot_table;
-#endif
   at::parallel_for(0, n_tiles, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> wbuf(kTileN * K), cbuf(M * kTileN);
+#if QK_X86
+    static const OuterTable outer;
+    std::vector<float> wT(avx2 ? K * kTileN : 0);
+#endif
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n0 = t * kTileN, nt = std::min(kTileN, N - n0);
       for (int64_t i = 0; i < nt; ++i) {
@@ -501,21 +526,24 @@ at::Tensor weight_only_gemm(const at::Tensor& x_in, const Weight& w, const at::T
 #endif
         decode_row_portable(w, n0 + i, rnd, wbuf.data() + i * K);
       }
-      for (int64_t m0 = 0; m0 < M; m0 += 3) {
-        const int mr = static_cast<int>(std::min<int64_t>(3, M - m0));
-        for (int64_t j = 0; j < nt; j += 4) {
-          const int nr = static_cast<int>(std::min<int64_t>(4, nt - j));
-          float* c = cbuf.data() + m0 * kTileN + j;
 #if QK_X86
-          if (avx2) {
-            dot_table.fn[mr - 1][nr - 1](X + m0 * K, K, wbuf.data() + j * K, K, K, c, kTileN);
-            continue;
+      if (avx2) {
+        transpose_rows16(wbuf.data(), K, nt, K, wT.data());
+        std::fill(cbuf.begin(), cbuf.end(), 0.0f);
+        for (int64_t k0 = 0; k0 < K; k0 += kWoKB) {
+          const int64_t kc = std::min(kWoKB, K - k0);
+          for (int64_t m0 = 0; m0 < M; m0 += 6) {
+            const int mr = static_cast<int>(std::min<int64_t>(6, M - m0));
+            outer.fn[mr - 1](X + m0 * K + k0, K, wT.data() + k0 * kTileN, kc, cbuf.data() + m0 * kTileN);
           }
-#endif
-          for (int a = 0; a < mr; ++a)
-            for (int b = 0; b < nr; ++b) c[a * kTileN + b] = dot_portable(X + (m0 + a) * K, wbuf.data() + (j + b) * K, K);
         }
+        store_any(st, cbuf.data(), kTileN, M, nt, B ? B + n0 : nullptr, Y + n0 * esize, N);
+        continue;
       }
+#endif
+      for (int64_t m0 = 0; m0 < M; ++m0)
+        for (int64_t j = 0; j < nt; ++j)
+          cbuf[m0 * kTileN + j] = dot_portable(X + m0 * K, wbuf.data() + j * K, K);
       store_any(st, cbuf.data(), kTileN, M, nt, B ? B + n0 : nullptr, Y + n0 * esize, N);
     }
   });
