@@ -48,3 +48,15 @@ def test_native_kernel_is_picked_up(tmp_path):
             lib._destroy()
     methods = {r["method"] for r in _rows(out["csv"])}
     assert "w8a16 (native)" in methods and "w8a16 (reference)" not in methods
+
+
+def test_cpu_accuracy_table(tmp_path):
+    # The claim the CPU results make about fbgemm: its 7-bit activations cost SQNR.
+    from bench import cpu_accuracy
+
+    table = cpu_accuracy.rows()
+    plain, outl = table[0][1], table[1][1]
+    assert plain["w8a8 (ours)"] > 37.0 and plain["w8a8 (ours)"] > plain["fbgemm quantize_dynamic qint8"] + 3.0
+    assert outl["llm_int8 thr6 (ours)"] > 38.0 > outl["w8a8 (ours)"]
+    cpu_accuracy.main(["--out", str(tmp_path)])
+    assert "| w8a8 (ours) |" in (tmp_path / "cpu_accuracy.md").read_text()
