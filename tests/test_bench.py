@@ -48,3 +48,22 @@ def test_native_kernel_is_picked_up(tmp_path):
             lib._destroy()
     methods = {r["method"] for r in _rows(out["csv"])}
     assert "w8a16 (native)" in methods and "w8a16 (reference)" not in methods
+
+
+def test_weight_only_cuda_targets_table():
+    """bench/weight_only_cuda.py's verdicts against issue 5's targets, from synthetic rows."""
+    from bench import weight_only_cuda as wo
+
+    def row(method, scheme, backend, M, ms):
+        return dict(K=4096, N=4096, M=M, method=method, scheme=scheme, backend=backend, median_ms=ms)
+
+    rows = [row("F.linear bf16", "baseline", "torch", 1, 1.0), row("w4a16 g128 asym (native)", "w4a16", "native", 1, 0.25),
+            row("w8a16 (native)", "w8a16", "native", 1, 0.5),
+            row("F.linear bf16", "baseline", "torch", 16, 1.0), row("w4a16 g128 asym (native)", "w4a16", "native", 16, 0.5),
+            row("F.linear bf16", "baseline", "torch", 64, 1.0)]
+    md = wo.targets_table(rows)
+    lines = {ln.split("|")[3].strip(): ln for ln in md.splitlines() if ln.startswith("| 4096 |")}
+    assert "4.00x" in lines["1"] and ">= 3.3x met" in lines["1"] and "2.00x" in lines["1"]
+    assert "2.00x" in lines["16"] and ">= 3.3x MISSED" in lines["16"]
+    assert "no result" in lines["64"]
+    assert "Targets missed: 2." in md
