@@ -291,8 +291,14 @@ at::Tensor weight_only(const char* op, const at::Tensor& x_in, const at::Tensor&
   const int64_t M = x.size(0);
   check_grid(op, "M", M, 8);
   at::Tensor y = at::empty({M, N}, x.options());
-  C10_CUDA_CHECK(weight_only_gemm(x.data_ptr(), to_dtype(x.scalar_type()), w.data_ptr(), int4, sb.data_ptr<float>(),
-                                  u8_or_null(zero), ng, f32_or_null(bias), M, N, K, y.data_ptr(), stream_of(x)));
+  // GEMV (splits == 0) or the tensor-core kernel, split-K `splits` ways (weight_only.cu). The
+  // workspace comes from the caching allocator on the current stream: graph-capturable.
+  const DType xt = to_dtype(x.scalar_type());
+  const int splits = weight_only_splits(xt, int4, x.data_ptr(), w.data_ptr(), M, N, K, ng);
+  at::Tensor ws = splits > 1 ? at::empty({splits, M, N}, x.options().dtype(at::kFloat)) : at::Tensor();
+  C10_CUDA_CHECK(weight_only_gemm(x.data_ptr(), xt, w.data_ptr(), int4, sb.data_ptr<float>(), u8_or_null(zero), ng,
+                                  f32_or_null(bias), M, N, K, y.data_ptr(), splits,
+                                  ws.defined() ? ws.data_ptr<float>() : nullptr, stream_of(x)));
   return y;
 }
 
