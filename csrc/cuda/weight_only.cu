@@ -13,7 +13,10 @@
 //    sum per row, reduced across the warp at the end. The 16-byte path needs K to be a multiple
 //    of the chunk (16 / 32 values), 16-byte aligned pointers and (int4) G % 32 == 0; otherwise,
 //    and for the K tail, lanes go one k value at a time (correct, slower).
-//    Used for M <= kGemvMaxM (= 8: above it the GEMV re-reads every weight byte once per 8 rows),
+//    Used for M <= kGemvMaxM (= 8: above it the GEMV re-reads every weight byte once per 8 rows;
+//    the bindings let QUANTKERNELS_CUDA_WO_GEMV_MAX_M override it, e.g. 0 to measure the
+//    tensor-core kernel at decode M: per weight it needs ~4 instructions, the GEMV ~8 with an
+//    I2F, so it may win even at M = 1 -- unmeasured),
 //    for fp32 activations at every M (no fp32 tensor-core path: tf32 would change the numbers),
 //    and for the shapes the tensor-core kernel does not take (below).
 //
@@ -36,7 +39,8 @@
 //      {2t+8, 2t+9}. Its weights are then ONE aligned 8-byte shared load per n8 tile and stage
 //      (int4: 16 nibbles; int8: one 16-byte load), every weight byte is read from global
 //      memory once per M tile and from shared memory once per warp, and the activations of a
-//      m16 tile are four 16-byte shared loads per lane (rows g and g + 8, k 16t .. 16t + 15),
+//      m16 tile are four 16-byte shared loads per lane (rows g and g + 8, k 16t .. 16t + 15;
+//      two per half stage, i.e. per two MMA steps, to bound the registers of the 64-row tile),
 //      which replace ldmatrix: ldmatrix.x4 hands lane t the pairs 2t, 2t+1 of each 8-wide
 //      chunk, i.e. the standard k order, which would force the stride-4 gather (4x the shared
 //      weight traffic plus byte permutes) on the weights; the LDS.128 path costs the same
@@ -49,14 +53,14 @@
 //    - Dequantization in registers with the magic-number trick, in fp32 rather than Marlin's
 //      fp16 (0x6400) / bf16 (0x4300) form: the nibble (byte) u is placed into the mantissa
 //      of 2^23 by a byte permute (0x4B000000 | u = 2^23 + u exactly), 2^23 + z is subtracted
-//      (exact: q - z is an integer of magnitude <= 255), the result multiplied by the fp32 group scale with
-//      __fmul_rn and the pair rounded to T by one cvt.rn.{f16x2,bf16x2}.f32. That is bit for
-//      bit the reference's T(float(q - z) * s): Marlin's fp16 HFMA2 with an fp16 scale
-//      rounds the scale and the product separately in fp16 (up to ~1 ulp of T off per weight,
-//      and for bf16 more) -- not our spec. Signed int4 uses u = nibble ^ 8, z = 8; int8 uses
-//      u = byte ^ 0x80, z = 128. Cost per weight: one PRMT (plus a LOP3 and a shift per 8 int4
-//      values to split the nibbles into bytes), an FADD, an FMUL and half a cvt, done once
-//      per (M tile, weight).
+//      (exact: q - z is an integer of magnitude <= 255), the result multiplied by the fp32
+//      group scale with __fmul_rn and the pair rounded to T by one cvt.rn.{f16x2,bf16x2}.f32.
+//      That is bit for bit the reference's T(float(q - z) * s): Marlin's fp16 HFMA2 with an
+//      fp16 scale rounds the scale and the product separately in fp16 (up to ~1 ulp of T off
+//      per weight, and for bf16 more) -- not our spec. Signed int4 uses u = nibble ^ 8, z = 8;
+//      int8 uses u = byte ^ 0x80, z = 128. Cost per weight: one PRMT (plus a LOP3 and a shift
+//      per 8 int4 values to split the nibbles into bytes), an FADD, an FMUL and half a cvt,
+//      done once per (M tile, weight).
 //    - Scales (and zero points) per lane and n8 tile are loaded from global memory one stage
 //      ahead (registers), so their latency overlaps the previous stage's MMAs. A lane's 16
 //      consecutive k values lie in one group when G % 16 == 0.
@@ -296,8 +300,17 @@ weight_only_mma_kernel(const T* __restrict__ x, const uint8_t* __restrict__ w, c
     }
   };
 
-  // Scale and (2^23 + zero point) of this lane's weight row in n8 tile j for stage `it`.
-  // Past N or K: scale 0 (the zero-filled operands then add exact zeros; no scale is read there).
+  // Group of this lane's first k in the next stage load_scales reads, and its offset in the
+  // group: one division here, then advanced by 64 per call (no 64-bit division in the loop).
+  int64_t grp = 0, grp_off = 0;
+  if constexpr (INT4) {
+    const int64_t k = static_cast<int64_t>(kt0) * kTcBK + 16 * t;
+    grp = k / group_size;
+    grp_off = k - grp * group_size;
+  }
+  // Scale and (2^23 + zero point) of this lane's weight row in n8 tile j for stage `it`; called
+  // for it = 0, 1, 2, ... in order. Past N or K: scale 0 (the zero-filled operands then add
+  // exact zeros; no scale is read there).
   auto load_scales = [&](int it, float (&sc)[NT], float (&zm)[NT]) {
     const int64_t k = static_cast<int64_t>(kt0 + it) * kTcBK + 16 * t;  // this lane's first k
 #pragma unroll
@@ -306,7 +319,7 @@ weight_only_mma_kernel(const T* __restrict__ x, const uint8_t* __restrict__ w, c
       float s = 0.0f, z = INT4 ? 8.0f : 128.0f;
       if (n < N && k < K) {
         if constexpr (INT4) {
-          const int64_t gi = n * num_groups + k / group_size;
+          const int64_t gi = n * num_groups + grp;
           s = __ldg(scale + gi);
           if (zero != nullptr) z = static_cast<float>(__ldg(zero + gi));
         } else {
@@ -315,6 +328,13 @@ weight_only_mma_kernel(const T* __restrict__ x, const uint8_t* __restrict__ w, c
       }
       sc[j] = s;
       zm[j] = __fadd_rn(8388608.0f, z);  // 2^23 + z, exact
+    }
+    if constexpr (INT4) {
+      grp_off += kTcBK;  // group_size >= 32: at most two steps
+      while (grp_off >= group_size) {
+        grp_off -= group_size;
+        ++grp;
+      }
     }
   };
 
@@ -532,8 +552,9 @@ int current_sm_count() {
 }  // namespace
 
 int weight_only_splits(DType xt, bool int4, const void* x, const void* w, int64_t M, int64_t N, int64_t K,
-                       int64_t num_groups) {
-  if (xt == DType::F32 || M <= kGemvMaxM || N <= 0 || K <= 0 || num_groups <= 0) return 0;
+                       int64_t num_groups, int gemv_max_m) {
+  if (gemv_max_m < 0) gemv_max_m = kGemvMaxM;
+  if (xt == DType::F32 || M <= gemv_max_m || N <= 0 || K <= 0 || num_groups <= 0) return 0;
   if (!aligned16(x) || !aligned16(w) || K % (int4 ? 32 : 16) != 0) return 0;
   if (int4 && (K % num_groups != 0 || (K / num_groups) % 16 != 0)) return 0;
   const int64_t ctas = ceil_div(N, tc_bn(M)) * ceil_div(M, tc_bm(M));
