@@ -7,6 +7,9 @@ Runs bench.gemm (bf16 activations, native CUDA kernels only, M = 1, 16, 64; the 
 and M, the speedup of W4A16 (g128 asym) and W8A16 over bf16 F.linear next to issue 5's targets
 (W4A16: >= 3.3x at M = 1 and 16, >= 2x at M = 64; W8A16 has no stated target, shown for
 reference). M = 1 runs the GEMV kernel, M = 16 and 64 the tensor-core kernel (weight_only.cu).
+A second pass (into --out/tc_at_decode) times the M <= 8 cases again with
+QUANTKERNELS_CUDA_WO_GEMV_MAX_M=0, i.e. through the tensor-core kernel, and a second table
+compares the two kernels there: the data for choosing the GEMV / tensor-core threshold.
 Exit status 0 even when a target is missed: the table says so ("MISSED"); the numbers are the
 result, not a test.
 """
@@ -14,6 +17,7 @@ result, not a test.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Dict, List
@@ -54,6 +58,24 @@ def targets_table(rows: List[dict]) -> str:
     return "\n".join(lines)
 
 
+def decode_table(gemv_rows: List[dict], tc_rows: List[dict]) -> str:
+    """Markdown: M <= 8 through the GEMV (default) and through the tensor-core kernel."""
+    def med(rows, scheme):
+        return {(r["K"], r["N"], r["M"]): r["median_ms"] for r in rows
+                if r["scheme"] == scheme and r["backend"] == "native"}
+    base = {(r["K"], r["N"], r["M"]): r["median_ms"] for r in gemv_rows if r["method"] == BASE}
+    lines = ["## M <= 8: GEMV (default) vs the tensor-core kernel (QUANTKERNELS_CUDA_WO_GEMV_MAX_M=0)", "",
+             "| scheme | K | N | M | F.linear bf16 ms | GEMV ms (speedup) | tensor cores ms (speedup) | faster |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for scheme in ("w4a16", "w8a16"):
+        g, t = med(gemv_rows, scheme), med(tc_rows, scheme)
+        for key in sorted(k for k in g if k in t and k in base):
+            b = base[key]
+            lines.append(f"| {scheme} | {key[0]} | {key[1]} | {key[2]} | {b:.4f} | {g[key]:.4f} ({b / g[key]:.2f}x) | "
+                         f"{t[key]:.4f} ({b / t[key]:.2f}x) | {'GEMV' if g[key] <= t[key] else 'tensor cores'} |")
+    return "\n".join(lines + [""])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.weight_only_cuda", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -67,6 +89,16 @@ def main(argv=None) -> int:
                      "--m", *map(str, args.m), "--shapes", *args.shapes, "--bandwidth-gib", "0.25",
                      "--out", str(args.out)])
     md = targets_table(res["rows"])
+    small = [m for m in args.m if m <= 8]
+    if small:
+        os.environ["QUANTKERNELS_CUDA_WO_GEMV_MAX_M"] = "0"  # read by the bindings on every call
+        try:
+            tc = gemm.main(["--device", "cuda", "--dtype", "bf16", "--schemes", "w4a16", "w8a16", "--backends",
+                            "native", "--m", *map(str, small), "--shapes", *args.shapes, "--bandwidth-gib", "0",
+                            "--out", str(args.out / "tc_at_decode")])
+        finally:
+            del os.environ["QUANTKERNELS_CUDA_WO_GEMV_MAX_M"]
+        md += "\n" + decode_table(res["rows"], tc["rows"])
     print(md)
     (args.out / "weight_only_targets.md").write_text(md)
     print(f"wrote {args.out / 'weight_only_targets.md'}", file=sys.stderr)

@@ -67,3 +67,8 @@ def test_weight_only_cuda_targets_table():
     assert "2.00x" in lines["16"] and ">= 3.3x MISSED" in lines["16"]
     assert "no result" in lines["64"]
     assert "Targets missed: 2." in md
+    tc = [dict(row("w4a16 g128 asym (native)", "w4a16", "native", 1, 0.5), method="w4a16 g128 asym (native)")]
+    dec = wo.decode_table(rows, tc)
+    line = next(ln for ln in dec.splitlines() if ln.startswith("| w4a16 |"))
+    assert "0.2500 (4.00x)" in line and "0.5000 (2.00x)" in line and line.endswith("| GEMV |")
+    assert not any(ln.startswith("| w8a16 |") for ln in dec.splitlines())  # no tensor-core row for it

@@ -365,6 +365,30 @@ def test_weight_only_path_selection(dtype):
     assert "weight_only_mma_kernel" in n and "splitk_reduce_kernel" not in n, n  # one stage: no split
 
 
+def test_weight_only_gemv_threshold_env(monkeypatch):
+    """QUANTKERNELS_CUDA_WO_GEMV_MAX_M moves the GEMV / tensor-core threshold (read per call):
+    0 sends decode M (1, 3, 8) to the tensor cores, with results as the spec; a large value
+    keeps M = 17 on the GEMV; a malformed value is a ValueError naming the variable."""
+    N, K, G = 200, 1024, 128
+    packed, sb, zero = _w4_weight(N, K, G, True)
+    b8, s8 = randint8((N, K)), pos_scale((N,), 0.003)
+    monkeypatch.setenv("QUANTKERNELS_CUDA_WO_GEMV_MAX_M", "0")
+    for M, dtype in itertools.product((1, 3, 8), HALF_DTYPES):
+        x = rand_rows(M, K, dtype)
+        n = _kernel_names(lambda: _check_w4a16(x, packed, sb, zero, torch.randn(N).to(dtype), dtype, f"Y (M={M})"))
+        assert "weight_only_mma_kernel" in n and "weight_only_gemv_kernel" not in n, n
+        y = ops.w8a16_gemm(x.to(DEV), b8.to(DEV), s8.to(DEV))
+        exact, mag = S.weight_only(S.f32(x), S.f32((b8.float() * s8[:, None]).to(dtype)))
+        S.assert_float_output(y, exact, mag, dtype, f"Y w8a16 (M={M})")
+    monkeypatch.setenv("QUANTKERNELS_CUDA_WO_GEMV_MAX_M", "100")
+    x = rand_rows(17, K, torch.float16).to(DEV)
+    n = _kernel_names(lambda: ops.w4a16_gemm(x, packed.to(DEV), sb.to(DEV), zero.to(DEV)))
+    assert "weight_only_gemv_kernel" in n and "weight_only_mma_kernel" not in n, n
+    monkeypatch.setenv("QUANTKERNELS_CUDA_WO_GEMV_MAX_M", "eight")
+    with pytest.raises(ValueError, match=r"QUANTKERNELS_CUDA_WO_GEMV_MAX_M must be an integer.*'eight'"):
+        ops.w4a16_gemm(x, packed.to(DEV), sb.to(DEV), zero.to(DEV))
+
+
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dn)
 def test_w4a16_tensor_core_3d_noncontiguous(dtype):
     """QuantLinear on CUDA: a 3-D input (M = 2 * 19 rows) and non-contiguous views reach the
