@@ -42,13 +42,15 @@ bench: install $(VENV)/.bench-deps
 	$(PY) -m bench.gemm
 
 # Without a GPU: compile every CUDA source for sm_80/sm_89/sm_90a (spills are errors), require
-# IMMA in the tensor-core GEMMs' SASS, write bench/results/cuda_resources.md, and build + import
-# the whole extension against a CUDA build of torch kept in a venv outside the clone
-# (QK_CUDA_VENV, default ~/.cache/quantkernels/venv-torch2.14.1-cu130; see tools/cuda_check.sh).
+# IMMA in the int8 tensor-core GEMMs' SASS and HMMA in the weight-only (W4A16 / W8A16) ones,
+# write bench/results/cuda_resources.md, and build + import the whole extension against a CUDA
+# build of torch kept in a venv outside the clone (QK_CUDA_VENV, default
+# ~/.cache/quantkernels/venv-torch2.14.1-cu130; see tools/cuda_check.sh).
 cuda-check:
 	bash tools/cuda_check.sh
 
-# On a machine with a GPU: build with CUDA, run the CUDA tests and the GPU benchmarks,
+# On a machine with a GPU: build with CUDA, run the CUDA tests and the GPU benchmarks (the
+# full sweep, then W4A16 / W8A16 at issue 5's shapes against bf16 F.linear into weight_only/),
 # write the reports to $$OUT (when set) or bench/results/.
 # The GPU machines are offline and ship torch (+cu130) in their own python, so gpu-check creates
 # no venv and installs nothing from a registry: it uses $(VENV)'s python if that has a CUDA torch,
@@ -64,6 +66,7 @@ gpu-check:
 	@mkdir -p $(OUT_DIR)
 	set -o pipefail; $(GPU_PY) -m pytest -q -m cuda --junitxml=$(OUT_DIR)/gpu_tests.xml 2>&1 | tee $(OUT_DIR)/gpu_tests.txt
 	$(GPU_PY) -m bench.gemm --device cuda --out $(OUT_DIR)
+	$(GPU_PY) -m bench.weight_only_cuda --out $(OUT_DIR)/weight_only
 
 clean:
 	rm -rf build *.egg-info quantkernels/*.so $(VENV)/.built

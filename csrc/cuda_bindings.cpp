@@ -18,6 +18,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -281,6 +282,19 @@ void check_activation(const char* op, const at::Tensor& x, int64_t K) {
                     " columns but the weight has K = ", K, " (x shape ", shape_str(x.sizes()), ")");
 }
 
+// QUANTKERNELS_CUDA_WO_GEMV_MAX_M: the largest M the weight-only ops send to the GEMV (fp16 /
+// bf16; default 8, above it the tensor-core kernel). Read on every call, like
+// QUANTKERNELS_CPU_ISA, so that benchmarks and tests can compare both kernels in one process.
+int wo_gemv_max_m(const char* op) {
+  const char* env = std::getenv("QUANTKERNELS_CUDA_WO_GEMV_MAX_M");
+  if (env == nullptr || *env == '\0') return -1;  // the kernel's default
+  char* end = nullptr;
+  const long v = std::strtol(env, &end, 10);
+  TORCH_CHECK_VALUE(end != env && *end == '\0' && v >= 0 && v <= 1000000, "quantkernels.", op,
+                    ": QUANTKERNELS_CUDA_WO_GEMV_MAX_M must be an integer in [0, 1000000], got '", env, "'");
+  return static_cast<int>(v);
+}
+
 at::Tensor weight_only(const char* op, const at::Tensor& x_in, const at::Tensor& w_in, bool int4,
                        const at::Tensor& sb_in, const at::Tensor& zero_in, int64_t ng,
                        const std::optional<at::Tensor>& bias_in, int64_t N, int64_t K) {
@@ -291,8 +305,14 @@ at::Tensor weight_only(const char* op, const at::Tensor& x_in, const at::Tensor&
   const int64_t M = x.size(0);
   check_grid(op, "M", M, 8);
   at::Tensor y = at::empty({M, N}, x.options());
-  C10_CUDA_CHECK(weight_only_gemm(x.data_ptr(), to_dtype(x.scalar_type()), w.data_ptr(), int4, sb.data_ptr<float>(),
-                                  u8_or_null(zero), ng, f32_or_null(bias), M, N, K, y.data_ptr(), stream_of(x)));
+  // GEMV (splits == 0) or the tensor-core kernel, split-K `splits` ways (weight_only.cu). The
+  // workspace comes from the caching allocator on the current stream: graph-capturable.
+  const DType xt = to_dtype(x.scalar_type());
+  const int splits = weight_only_splits(xt, int4, x.data_ptr(), w.data_ptr(), M, N, K, ng, wo_gemv_max_m(op));
+  at::Tensor ws = splits > 1 ? at::empty({splits, M, N}, x.options().dtype(at::kFloat)) : at::Tensor();
+  C10_CUDA_CHECK(weight_only_gemm(x.data_ptr(), xt, w.data_ptr(), int4, sb.data_ptr<float>(), u8_or_null(zero), ng,
+                                  f32_or_null(bias), M, N, K, y.data_ptr(), splits,
+                                  ws.defined() ? ws.data_ptr<float>() : nullptr, stream_of(x)));
   return y;
 }
 

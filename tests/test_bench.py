@@ -60,3 +60,25 @@ def test_cpu_accuracy_table(tmp_path):
     assert outl["llm_int8 thr6 (ours)"] > 38.0 > outl["w8a8 (ours)"]
     cpu_accuracy.main(["--out", str(tmp_path)])
     assert "| w8a8 (ours) |" in (tmp_path / "cpu_accuracy.md").read_text()
+def test_weight_only_cuda_targets_table():
+    """bench/weight_only_cuda.py's verdicts against issue 5's targets, from synthetic rows."""
+    from bench import weight_only_cuda as wo
+
+    def row(method, scheme, backend, M, ms):
+        return dict(K=4096, N=4096, M=M, method=method, scheme=scheme, backend=backend, median_ms=ms)
+
+    rows = [row("F.linear bf16", "baseline", "torch", 1, 1.0), row("w4a16 g128 asym (native)", "w4a16", "native", 1, 0.25),
+            row("w8a16 (native)", "w8a16", "native", 1, 0.5),
+            row("F.linear bf16", "baseline", "torch", 16, 1.0), row("w4a16 g128 asym (native)", "w4a16", "native", 16, 0.5),
+            row("F.linear bf16", "baseline", "torch", 64, 1.0)]
+    md = wo.targets_table(rows)
+    lines = {ln.split("|")[3].strip(): ln for ln in md.splitlines() if ln.startswith("| 4096 |")}
+    assert "4.00x" in lines["1"] and ">= 3.3x met" in lines["1"] and "2.00x" in lines["1"]
+    assert "2.00x" in lines["16"] and ">= 3.3x MISSED" in lines["16"]
+    assert "no result" in lines["64"]
+    assert "Targets missed: 2." in md
+    tc = [dict(row("w4a16 g128 asym (native)", "w4a16", "native", 1, 0.5), method="w4a16 g128 asym (native)")]
+    dec = wo.decode_table(rows, tc)
+    line = next(ln for ln in dec.splitlines() if ln.startswith("| w4a16 |"))
+    assert "0.2500 (4.00x)" in line and "0.5000 (2.00x)" in line and line.endswith("| GEMV |")
+    assert not any(ln.startswith("| w8a16 |") for ln in dec.splitlines())  # no tensor-core row for it

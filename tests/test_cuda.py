@@ -5,7 +5,11 @@ Everything here needs a GPU (marked ``cuda``; run by ``make gpu-check``). Intege
 exactly; float outputs follow NUMERICS.md s.6 (``_spec.assert_float_output``). Shapes are odd
 on purpose: M in (1, 3, 17, 67, 130) crosses the three tile configs (M <= 16, <= 64, > 64) and
 their M tails, N and K are not tile multiples, and K % 16 != 0 / misaligned pointers take the
-SIMT fallback kernels. test_ops.py also runs every op on ``cuda`` through the dispatcher.
+SIMT fallback kernels. The weight-only ops have a GEMV (M <= 8, fp32, unaligned shapes) and a
+tensor-core kernel (fp16/bf16, M > 8, optional split-K): the *_tensor_core tests cover M across
+that threshold, its tiles and tails, group sizes 32 / 128 / K, and test_weight_only_path_selection
+checks (with the profiler's kernel names) which kernel ran. test_ops.py also runs every op on
+``cuda`` through the dispatcher.
 """
 
 from __future__ import annotations
@@ -252,6 +256,166 @@ def test_w4a16_gemm(M, N, K, dtype, asym):
     S.assert_float_output(y, exact, mag, dtype, "Y")
 
 
+# Tensor-core W4A16 / W8A16 (weight_only_mma_kernel, fp16/bf16, M > 8; weight_only.cu). M = 8 is
+# the last GEMV row count, 9 / 16 the BM = 16 tile, 17 / 33 / 64 / 67 / 130 the BM = 32 / 64
+# tiles and their M tails; N values are not multiples of the 64 / 128-channel tiles; at small M,
+# (200, 4096) and (130, 1056) take the split-K path with its reduce kernel (1056: an uneven last
+# split), (37, 256) / (70, 96) a single split; K = 96 and 1056 end inside a 64-wide stage.
+TC_MS = (8, 9, 16, 17, 33, 64, 67, 130)
+TC_W4_SHAPES = [(37, 256, 32), (37, 256, 128), (37, 256, 256), (200, 4096, 32), (200, 4096, 128),
+                (200, 4096, 4096), (70, 96, 32), (70, 96, 96), (130, 1056, 32), (130, 1056, 1056)]
+TC_W8_SHAPES = [(37, 256), (200, 4096), (70, 48), (130, 1056)]
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _w4_weight(N, K, G, asym):
+    w = torch.randn(N, K) * 0.02
+    w[:, 5] *= 40  # a wide group next to ordinary ones
+    if asym:
+        packed, sb, zero = ops.quantize_uint4_asym(w, G)
+    else:
+        (packed, sb), zero = ops.quantize_int4_sym(w, G), None
+    return packed, sb, zero
+
+
+def _check_w4a16(x, packed, sb, zero, bias, dtype, what):
+    dev = [t.to(DEV) if t is not None else None for t in (x, packed, sb, zero, bias)]
+    y = ops.w4a16_gemm(*dev)
+    wdeq = R.dequantize_int4(packed, sb, zero, torch.float32).to(dtype)  # rounded to x's dtype, as the spec
+    exact, mag = S.weight_only(S.f32(x), S.f32(wdeq), None if bias is None else S.f32(bias))
+    S.assert_float_output(y, exact, mag, dtype, what)
+
+
+@pytest.mark.parametrize("M,N,K,G,dtype,asym", [
+    pytest.param(M, N, K, G, dt, asym, id=f"{M}x{N}x{K}-g{G}-{dn(dt)}-{'asym' if asym else 'sym'}")
+    for M, (N, K, G), dt, asym in itertools.product(TC_MS, TC_W4_SHAPES, HALF_DTYPES, (False, True))])
+def test_w4a16_tensor_core(M, N, K, G, dtype, asym):
+    x = rand_rows(M, K, dtype)
+    packed, sb, zero = _w4_weight(N, K, G, asym)
+    bias = torch.randn(N).to(dtype) if (M + asym) % 2 else None  # on and off across every shape
+    _check_w4a16(x, packed, sb, zero, bias, dtype, "Y")
+
+
+@pytest.mark.parametrize("M,N,K,dtype", [
+    pytest.param(M, N, K, dt, id=f"{M}x{N}x{K}-{dn(dt)}")
+    for M, (N, K), dt in itertools.product(TC_MS, TC_W8_SHAPES, HALF_DTYPES)])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+def test_w8a16_tensor_core(M, N, K, dtype, with_bias):
+    x = rand_rows(M, K, dtype)
+    b, sb = randint8((N, K)), pos_scale((N,), 0.003)
+    b[:, 3] = -128  # the int8 extremes go through the magic-number dequantization too
+    b[:, 4] = 127
+    bias = torch.randn(N).to(dtype) if with_bias else None
+    y = ops.w8a16_gemm(x.to(DEV), b.to(DEV), sb.to(DEV), None if bias is None else bias.to(DEV))
+    w = (b.float() * sb[:, None]).to(dtype)
+    exact, mag = S.weight_only(S.f32(x), S.f32(w), None if bias is None else S.f32(bias))
+    S.assert_float_output(y, exact, mag, dtype, "Y")
+
+
+def test_w4a16_tensor_core_dequant_is_bitexact():
+    """One nonzero activation per row picks one weight column: the output must be exactly
+    T(float(q - z) * s) (times a power of two), i.e. the in-register dequantization matches the
+    reference bit for bit (no fp16 scale rounding as in Marlin's HFMA2 form)."""
+    M, N, K, G = 16, 96, 512, 32
+    for dtype, asym in itertools.product(HALF_DTYPES, (False, True)):
+        packed, sb, zero = _w4_weight(N, K, G, asym)
+        sb = sb * (1 + torch.rand_like(sb) * 1e-3)  # scales far from any fp16/bf16 value
+        x = torch.zeros(M, K, dtype=dtype)
+        cols = torch.randperm(K)[:M]
+        x[torch.arange(M), cols] = 2.0
+        y = ops.w4a16_gemm(x.to(DEV), packed.to(DEV), sb.to(DEV), None if zero is None else zero.to(DEV)).cpu()
+        wdeq = R.dequantize_int4(packed, sb, zero, torch.float32).to(dtype)
+        expect = (wdeq[:, cols].t().float() * 2).to(dtype)
+        assert torch.equal(y, expect), f"{dtype} asym={asym}: {(y.float() - expect.float()).abs().max()}"
+
+
+def _kernel_names(fn) -> str:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return " ".join(e.key for e in prof.key_averages())
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dn)
+def test_weight_only_path_selection(dtype):
+    """M <= 8, fp32, misaligned x, K % 32 != 0 (int4) take the GEMV; M > 8 the tensor cores, with
+    the split-K reduce only when the (M, N) tiles leave the GPU idle and K is long enough."""
+    packed, sb, zero = (t.to(DEV) for t in _w4_weight(200, 4096, 128, True))
+    b8, s8 = randint8((200, 4096)).to(DEV), pos_scale((200,), 0.003).to(DEV)
+
+    def names(M, xdt=dtype, w4=True, mis=False, K=4096, p=packed, s=sb, z=zero):
+        x = rand_rows(M, K, xdt).to(DEV)
+        x = misaligned(x) if mis else x
+        return _kernel_names(lambda: ops.w4a16_gemm(x, p, s, z) if w4 else ops.w8a16_gemm(x, b8, s8))
+
+    for M in (1, 8):
+        n = names(M)
+        assert "weight_only_gemv_kernel" in n and "weight_only_mma_kernel" not in n, n
+    for M in (9, 17, 64, 130):
+        for w4 in (True, False):
+            n = names(M, w4=w4)
+            assert "weight_only_mma_kernel" in n and "weight_only_gemv_kernel" not in n, (M, w4, n)
+    assert "splitk_reduce_kernel" in names(16)  # 4 x 1 CTAs of 64 channels for a whole GPU
+    assert "weight_only_gemv_kernel" in names(17, xdt=torch.float32)
+    assert "weight_only_gemv_kernel" in names(17, mis=True)
+    p48, s48, z48 = (t.to(DEV) for t in _w4_weight(64, 48, 48, True))
+    assert "weight_only_gemv_kernel" in names(17, K=48, p=p48, s=s48, z=z48)
+    p64, s64, z64 = (t.to(DEV) for t in _w4_weight(64, 64, 64, True))
+    n = names(17, K=64, p=p64, s=s64, z=z64)
+    assert "weight_only_mma_kernel" in n and "splitk_reduce_kernel" not in n, n  # one stage: no split
+
+
+def test_weight_only_gemv_threshold_env(monkeypatch):
+    """QUANTKERNELS_CUDA_WO_GEMV_MAX_M moves the GEMV / tensor-core threshold (read per call):
+    0 sends decode M (1, 3, 8) to the tensor cores, with results as the spec; a large value
+    keeps M = 17 on the GEMV; a malformed value is a ValueError naming the variable."""
+    N, K, G = 200, 1024, 128
+    packed, sb, zero = _w4_weight(N, K, G, True)
+    b8, s8 = randint8((N, K)), pos_scale((N,), 0.003)
+    monkeypatch.setenv("QUANTKERNELS_CUDA_WO_GEMV_MAX_M", "0")
+    for M, dtype in itertools.product((1, 3, 8), HALF_DTYPES):
+        x = rand_rows(M, K, dtype)
+        n = _kernel_names(lambda: _check_w4a16(x, packed, sb, zero, torch.randn(N).to(dtype), dtype, f"Y (M={M})"))
+        assert "weight_only_mma_kernel" in n and "weight_only_gemv_kernel" not in n, n
+        y = ops.w8a16_gemm(x.to(DEV), b8.to(DEV), s8.to(DEV))
+        exact, mag = S.weight_only(S.f32(x), S.f32((b8.float() * s8[:, None]).to(dtype)))
+        S.assert_float_output(y, exact, mag, dtype, f"Y w8a16 (M={M})")
+    monkeypatch.setenv("QUANTKERNELS_CUDA_WO_GEMV_MAX_M", "100")
+    x = rand_rows(17, K, torch.float16).to(DEV)
+    n = _kernel_names(lambda: ops.w4a16_gemm(x, packed.to(DEV), sb.to(DEV), zero.to(DEV)))
+    assert "weight_only_gemv_kernel" in n and "weight_only_mma_kernel" not in n, n
+    monkeypatch.setenv("QUANTKERNELS_CUDA_WO_GEMV_MAX_M", "eight")
+    with pytest.raises(ValueError, match=r"QUANTKERNELS_CUDA_WO_GEMV_MAX_M must be an integer.*'eight'"):
+        ops.w4a16_gemm(x, packed.to(DEV), sb.to(DEV), zero.to(DEV))
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dn)
+def test_w4a16_tensor_core_3d_noncontiguous(dtype):
+    """QuantLinear on CUDA: a 3-D input (M = 2 * 19 rows) and non-contiguous views reach the
+    tensor-core kernel through the bindings' .contiguous(); results as the spec."""
+    N, K = 130, 512
+    lin = torch.nn.Linear(K, N).to(DEV, dtype)
+    ql = quantkernels.QuantLinear.from_linear(lin, "w4a16", group_size=128, backend="cuda")
+    base = rand_rows(2 * 19, 2 * K, dtype).to(DEV)
+    for x in (base[:, :K].reshape(2, 19, K), base[:, ::2].reshape(2, 19, K),
+              base[:, :K].t().contiguous().t().reshape(2, 19, K)):
+        y = ql(x)
+        assert y.shape == (2, 19, N) and y.dtype == dtype
+        x2 = x.reshape(-1, K).cpu()
+        wdeq = R.dequantize_int4(ql.qweight.cpu(), ql.weight_scale.cpu(),
+                                 None if ql.weight_zero is None else ql.weight_zero.cpu(), torch.float32).to(dtype)
+        exact, mag = S.weight_only(S.f32(x2), S.f32(wdeq), S.f32(ql.bias.cpu()))
+        S.assert_float_output(y.reshape(-1, N), exact, mag, dtype, "Y")
+    # The raw op on a non-contiguous 2-D activation (a column slice: rows 2K apart).
+    packed, sb, zero = _w4_weight(N, K, 32, False)
+    xs = base[:, K:]
+    assert not xs.is_contiguous()
+    y = ops.w4a16_gemm(xs, packed.to(DEV), sb.to(DEV))
+    wdeq = R.dequantize_int4(packed, sb, None, torch.float32).to(dtype)
+    exact, mag = S.weight_only(S.f32(xs.cpu()), S.f32(wdeq))
+    S.assert_float_output(y, exact, mag, dtype, "Y (column slice)")
+
+
 def test_weight_only_misaligned_fallback():
     x = rand_rows(3, 256, torch.float16).to(DEV)
     b, sb = randint8((40, 256)).to(DEV), pos_scale((40,), 0.003).to(DEV)
@@ -342,6 +506,25 @@ def test_cuda_graph_w8a8():
                               torch.randn(N)))
 
 
+@pytest.mark.parametrize("M", [17, 67])
+def test_cuda_graph_w4a16_tensor_core(M):
+    """The tensor-core path with split-K (its fp32 workspace comes from the caching allocator)."""
+    N, K, G = 200, 4096, 128
+
+    def make():
+        w = torch.randn(N, K) * 0.02
+        p, s, z = ops.quantize_uint4_asym(w, G)
+        return torch.randn(M, K, dtype=torch.bfloat16), p, s, z, torch.randn(N, dtype=torch.bfloat16)
+
+    _graph_check(lambda x, p, s, z, b: ops.w4a16_gemm(x, p, s, z, b), make)
+
+
+def test_cuda_graph_w8a16_tensor_core():
+    M, N, K = 33, 130, 1056
+    _graph_check(lambda x, b, s: ops.w8a16_gemm(x, b, s),
+                 lambda: (torch.randn(M, K, dtype=torch.float16), randint8((N, K)), pos_scale((N,), 0.003)))
+
+
 # --------------------------------------------------------------------------- dispatch, errors, opcheck
 
 
@@ -381,6 +564,11 @@ def test_opcheck():
     torch.library.opcheck(ops.quantize_int8_rowwise, (torch.randn(3, 64, device=DEV),))
     x = planted(17, 64, torch.float16).to(DEV)
     torch.library.opcheck(ops.llm_int8_linear, (x, b, sb, None, 6.0))
+    # The weight-only tensor-core path (M > 8) with split-K and its workspace.
+    xh = rand_rows(17, 1024, torch.float16).to(DEV)
+    p, s, z = (t.to(DEV) for t in _w4_weight(40, 1024, 32, True))
+    torch.library.opcheck(ops.w4a16_gemm, (xh, p, s, z, torch.randn(40, device=DEV)))
+    torch.library.opcheck(ops.w8a16_gemm, (xh, randint8((40, 1024)).to(DEV), pos_scale((40,), 0.003).to(DEV)))
 
 
 # --------------------------------------------------------------------------- compute-sanitizer
@@ -400,7 +588,8 @@ SANITIZE_SCRIPT = textwrap.dedent("""
     ops = torch.ops.quantkernels
     d = "cuda"
     torch.manual_seed(0)
-    for M, N, K in [(3, 37, 48), (17, 70, 100), (67, 130, 160)]:   # tails, fallback, all configs
+    # tails, fallback, all configs; (17, 200, 1024): weight-only tensor cores with split-K
+    for M, N, K in [(3, 37, 48), (17, 70, 100), (67, 130, 160), (17, 200, 1024)]:
         a = torch.randint(-128, 128, (M, K), dtype=torch.int8, device=d)
         b = torch.randint(-128, 128, (N, K), dtype=torch.int8, device=d)
         sa, sb = torch.rand(M, device=d), torch.rand(N, device=d)
@@ -414,6 +603,7 @@ SANITIZE_SCRIPT = textwrap.dedent("""
         G = 32 if K % 32 == 0 else K
         p, s, z = ops.quantize_uint4_asym(torch.randn(N, K, device=d), G)
         ops.w4a16_gemm(x, p, s, z)
+        ops.w4a16_gemm(x.half(), p, s, None, torch.randn(N, device=d))
         ops.w4a8_gemm(a, p, sa, s, z, None, torch.float32)
     torch.cuda.synchronize()
     print("SANITIZE-OK")

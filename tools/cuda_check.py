@@ -4,7 +4,8 @@
    (-Xptxas=--warn-on-spills,--warning-as-error). Objects are cached by a hash of the sources,
    the flags and the nvcc version (~/.cache/quantkernels/cuda-check/).
 2. cuobjdump --dump-sass / --dump-resource-usage of each object: FAILS unless every tensor-core
-   GEMM kernel (imma_gemm_kernel<...>) contains IMMA on every arch, or if any kernel spills
+   GEMM kernel (imma_gemm_kernel<...>) contains IMMA and every weight-only tensor-core kernel
+   (weight_only_mma_kernel<...>) contains HMMA on every arch, or if any kernel spills
    (STACK / LOCAL > 0). Writes the per-kernel register / shared-memory / IMMA table to
    bench/results/cuda_resources.md.
 3. Builds the whole extension (CPU + CUDA) against the CUDA build of torch in a venv outside the
@@ -35,6 +36,8 @@ NVCC_FLAGS = ["-c", "-O3", "-std=c++17", f"-I{ROOT / 'csrc'}", *GENCODE,
 CACHE = Path(os.environ.get("QK_CUDA_CACHE", Path.home() / ".cache" / "quantkernels"))
 # Kernels that must run on int8 tensor cores: their SASS must hold IMMA on every arch.
 TENSOR_CORE_KERNELS = re.compile(r"imma_gemm_kernel")
+# Kernels that must run on fp16/bf16 tensor cores (weight-only W4A16 / W8A16): HMMA on every arch.
+HMMA_KERNELS = re.compile(r"weight_only_mma_kernel")
 WGMMA_KERNELS = re.compile(r"wgmma")  # none yet: a Hopper path would have to show IGMMA on sm_90a
 
 
@@ -88,7 +91,7 @@ def demangle(names):
 
 
 def sass_report(cuobjdump: str, objs: dict[str, Path]):
-    """[(file, arch, mangled kernel, regs, static smem, stack, local, imma, igmma)]"""
+    """[(file, arch, mangled kernel, regs, static smem, stack, local, imma, igmma, hmma)]"""
     rows = []
     for src, obj in objs.items():
         res = run([cuobjdump, "--dump-resource-usage", str(obj)])
@@ -117,20 +120,28 @@ def sass_report(cuobjdump: str, objs: dict[str, Path]):
             m = re.match(r"\s*Function : (\S+)", line)
             if m:
                 fn = m.group(1)
-                counts[(arch, fn)] = [0, 0]
+                counts[(arch, fn)] = [0, 0, 0]
             elif fn is not None and (arch, fn) in counts:
                 if re.search(r"\bIMMA\.", line):
                     counts[(arch, fn)][0] += 1
                 if re.search(r"\bIGMMA\.", line):
                     counts[(arch, fn)][1] += 1
+                if re.search(r"\bHMMA\.", line):
+                    counts[(arch, fn)][2] += 1
         for (arch, fn), (reg, stack, shared, local) in sorted(usage.items()):
-            imma, igmma = counts.get((arch, fn), [0, 0])
-            rows.append((src, arch, fn, reg, shared, stack, local, imma, igmma))
+            imma, igmma, hmma = counts.get((arch, fn), [0, 0, 0])
+            rows.append((src, arch, fn, reg, shared, stack, local, imma, igmma, hmma))
     return rows
 
 
 def dynamic_smem(pretty: str) -> str:
-    """Dynamic shared memory of an imma_gemm_kernel<BM, BN, WM, WN, STAGES, INT4, Out> instance."""
+    """Dynamic shared memory of an imma_gemm_kernel<BM, BN, WM, WN, STAGES, INT4, Out> or a
+    weight_only_mma_kernel<T, INT4, BM, NT, STAGES> instance (TcCfg::kSmem in weight_only.cu:
+    STAGES x (BM rows x 128 bytes of activations + 32 NT channels x 32 / 64 bytes of weights))."""
+    m = re.search(r"weight_only_mma_kernel<[^,]+, (true|false), (\d+), (\d+), (\d+)>", pretty)
+    if m:
+        int4, bm, nt, stages = m.group(1) == "true", int(m.group(2)), int(m.group(3)), int(m.group(4))
+        return str(stages * (bm * 128 + 32 * nt * (32 if int4 else 64)))
     m = re.search(r"imma_gemm_kernel<(\d+), (\d+), \d+, \d+, (\d+), (true|false)", pretty)
     if not m:
         return "-"
@@ -152,17 +163,21 @@ def write_resources(rows, path: Path, elapsed: str) -> list[str]:
         "",
         "Columns: registers per thread; static shared memory (bytes); dynamic shared memory (bytes,",
         "from the tile config); stack / local bytes (spills: must be 0); IMMA = int8 mma.sync",
-        "instructions, IGMMA = Hopper wgmma instructions in the SASS.",
+        "instructions, HMMA = fp16/bf16 mma.sync instructions, IGMMA = Hopper wgmma instructions",
+        "in the SASS.",
         "",
-        "| file | kernel | arch | regs | smem static | smem dynamic | stack | local | IMMA | IGMMA |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| file | kernel | arch | regs | smem static | smem dynamic | stack | local | IMMA | HMMA | IGMMA |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for src, arch, fn, reg, shared, stack, local, imma, igmma in sorted(rows, key=lambda r: (r[0], names[r[2]], r[1])):
+    for src, arch, fn, reg, shared, stack, local, imma, igmma, hmma in sorted(
+            rows, key=lambda r: (r[0], names[r[2]], r[1])):
         pretty = names[fn]
         lines.append(f"| {src} | `{pretty}` | {arch} | {reg} | {shared} | {dynamic_smem(pretty)} | {stack} | "
-                     f"{local} | {imma} | {igmma} |")
+                     f"{local} | {imma} | {hmma} | {igmma} |")
         if TENSOR_CORE_KERNELS.search(pretty) and imma == 0:
             failures.append(f"{pretty} on {arch}: no IMMA instruction in the SASS")
+        if HMMA_KERNELS.search(pretty) and hmma == 0:
+            failures.append(f"{pretty} on {arch}: no HMMA instruction in the SASS")
         if WGMMA_KERNELS.search(pretty) and arch == "sm_90a" and igmma == 0:
             failures.append(f"{pretty} on {arch}: no IGMMA instruction in the SASS")
         if stack or local:
@@ -170,6 +185,9 @@ def write_resources(rows, path: Path, elapsed: str) -> list[str]:
     n_tc = sum(1 for r in rows if TENSOR_CORE_KERNELS.search(names[r[2]]))
     if n_tc == 0:
         failures.append("no tensor-core GEMM kernel (imma_gemm_kernel) found in any object")
+    n_hmma = sum(1 for r in rows if HMMA_KERNELS.search(names[r[2]]))
+    if n_hmma == 0:
+        failures.append("no fp16/bf16 tensor-core GEMM kernel (weight_only_mma_kernel) found in any object")
     lines += ["", f"Compile step: {elapsed}.", ""]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
@@ -297,7 +315,9 @@ def main() -> int:
         n_imma = sum(r[7] for r in tc if r[1] == arch)
         n_k = sum(1 for r in tc if r[1] == arch)
         max_reg = max((r[3] for r in rows if r[1] == arch), default=0)
-        log(f"{arch}: {n_k} tensor-core GEMM kernels, {n_imma} IMMA instructions in total, "
+        hm = [r for r in rows if r[1] == arch and HMMA_KERNELS.search(names[r[2]])]
+        log(f"{arch}: {n_k} int8 tensor-core GEMM kernels, {n_imma} IMMA instructions in total; "
+            f"{len(hm)} fp16/bf16 ones, {sum(r[9] for r in hm)} HMMA; "
             f"max {max_reg} registers/thread, {sum(1 for r in rows if r[1] == arch)} kernels")
     log(f"wrote {out.relative_to(ROOT)}")
     if failures:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # make cuda-check: compile-checks the CUDA kernels and builds the CUDA extension without a GPU.
 #   1. nvcc every csrc/cuda/*.cu for sm_80, sm_89, sm_90a, spills as errors
-#   2. cuobjdump: IMMA must be in every tensor-core GEMM's SASS; register / smem table ->
+#   2. cuobjdump: IMMA must be in every int8 tensor-core GEMM's SASS, HMMA in every fp16/bf16 one
+#      (weight-only W4A16 / W8A16); register / smem table ->
 #      bench/results/cuda_resources.md
 #   3. the whole extension against torch 2.14.1 (CUDA 13.0 build) in a cached venv outside the
 #      clone, built in a cached copy of the tree (the clone's .venv / CPU build is not touched),

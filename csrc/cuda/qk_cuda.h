@@ -76,11 +76,22 @@ cudaError_t llm_int8_correct(const float* acc, const void* x, DType xt, const in
 // W8A16 / W4A16 (NUMERICS.md s.4): y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]) in fp32, cast to xt,
 // where w[n, k] = float(q[n, k] (- zero[n, g])) * scale[n, g], rounded to xt (the activation dtype).
 // int8: b int8 [N, K], scale [N] (num_groups = 1). int4: bp uint8 [N, K/2] PLAIN, scale [N, G'],
-// zero optional. A GEMV: each warp streams one weight row once for up to 8 rows of x; M > 8
-// re-reads the weight once per 8 rows (meant for decode; M large belongs to a tiled kernel).
+// zero optional. Two kernels (weight_only.cu): a GEMV that streams each weight row once for up
+// to 8 rows of x, and a tensor-core GEMM (mma.sync m16n8k16 f16/bf16, weights dequantized in
+// registers, optional split-K).
+//
+// weight_only_splits: the path for these arguments. 0 = the GEMV (fp32 activations,
+// M <= gemv_max_m (< 0: the default, 8), misaligned pointers, K % 32 != 0 for int4 /
+// K % 16 != 0 for int8, int4 group size % 16 != 0);
+// s >= 1 = the tensor-core kernel with the K dimension split s ways (sized from the current
+// device's SM count). The caller passes s back to weight_only_gemm with, when s > 1, an fp32
+// workspace of s * M * N elements (any contents; only this launch uses it).
+int weight_only_splits(DType xt, bool int4, const void* x, const void* w, int64_t M, int64_t N, int64_t K,
+                       int64_t num_groups, int gemv_max_m);
+
 cudaError_t weight_only_gemm(const void* x, DType xt, const void* w, bool int4, const float* scale_b,
                              const uint8_t* zero_b, int64_t num_groups, const float* bias, int64_t M, int64_t N,
-                             int64_t K, void* y, cudaStream_t stream);
+                             int64_t K, void* y, int splits, float* workspace, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace quantkernels
