@@ -57,7 +57,7 @@ def _assert_fp32_close(out, y64, scale, tol=1e-5):
 
 # --------------------------------------------------------------------------- w4a8_gemm
 
-MS = (0, 1, 3, 4, 5, 17, 67)
+MS = (0, 1, 2, 3, 4, 5, 17, 67)
 # (N, K, G): odd N; G in 32/64/128/256 and G = K, including K not a multiple of 32 (G = K only).
 NKG = [(7, 256, 32), (13, 256, 64), (5, 512, 128), (3, 512, 256), (9, 96, 96), (11, 100, 100), (1, 2, 2),
        (19, 4096 + 64, 64)]
@@ -102,6 +102,21 @@ def test_w4a8_gemm(M, nkg, kind, isa, threads):
     a, bp, sa, sb, zb, bias = _w4a8_inputs(M, N, K, G, kind, seed=M * 7919 + N * 31 + K + G)
     out = OPS.w4a8_gemm(a, bp, sa, sb, zb, bias, None)
     assert out.dtype == torch.float32 and out.shape == (M, N)
+    _assert_fp32_close(out, *_w4a8_fp64(a, bp, sa, sb, zb, bias))
+
+
+DECODE_NKG = [(515, 512, 32), (203, 4096, 128), (67, 200, 200)]
+DECODE_CASES = list(itertools.product((1, 2, 3, 4), DECODE_NKG, ["sym", "asym"]))
+
+
+@pytest.mark.parametrize("M,nkg,kind", DECODE_CASES,
+                         ids=[f"M{m}-N{n}-K{k}-G{g}-{kd}" for m, (n, k, g), kd in DECODE_CASES])
+def test_w4a8_gemm_decode(M, nkg, kind, isa, threads):
+    # Decode (M <= 4, one pass over the weights with the next tile prefetched): several 64-row
+    # N blocks split over the threads, ragged N tails, bias on.
+    N, K, G = nkg
+    a, bp, sa, sb, zb, bias = _w4a8_inputs(M, N, K, G, kind, seed=M * 3 + N + G, bias_dtype=torch.float32)
+    out = OPS.w4a8_gemm(a, bp, sa, sb, zb, bias, None)
     _assert_fp32_close(out, *_w4a8_fp64(a, bp, sa, sb, zb, bias))
 
 

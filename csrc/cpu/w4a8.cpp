@@ -26,7 +26,11 @@
 // Tiling. A micro-tile is MR rows of a x NR rows of b with MR * NR = 8 int16 accumulators, and
 // the 8 group sums are reduced together into one vector (hadd tree). M = 1, 2: tiles 1 x 8 and
 // 2 x 4, one pass over the weights (GEMV: each weight byte is read once, unpacked in registers);
-// M >= 3: 4 x 2 tiles, M blocked so that the permuted a block stays in L2; with more than one M
+// M = 3, 4: one 4 x 2 tile row, also a single pass. In these one-pass (decode) cases the next
+// tile's weight rows (NR rows further, same offset) are prefetched while a tile runs: a weight
+// row is ~2 KB, the hardware prefetchers stop at 4 KB pages, so without it each row start
+// waits for DRAM.
+// M >= 5: 4 x 2 tiles, M blocked so that the permuted a block stays in L2; with more than one M
 // tile, each pair of weight rows is unpacked once per M block into an L1 buffer and reused by
 // all of the block's tiles. Threads split (N block, M block) tasks, N outer. QUANTKERNELS_CPU_ISA=portable selects a
 // plain C++ path (same integer results, same float order).
@@ -233,6 +237,9 @@ QK_TARGET_AVX2_NOFMA void tile_avx2(const Problem& p, const Prepared& pr, int64_
 #pragma GCC unroll 8
       for (int t = 0; t < 8; ++t) acc[t] = _mm256_setzero_si256();
       for (int64_t c = cb; c < ce; ++c) {
+        if (wpre == nullptr && (c & 3) == 0)  // GEMV: prefetch the next tile's rows, a line (4 chunks) each
+          for (int j = 0; j < NR; ++j)
+            _mm_prefetch(reinterpret_cast<const char*>(brow[j] + c * (kChunk / 2) + NR * ldb), _MM_HINT_T0);
 #pragma GCC unroll 8
         for (int j = 0; j < NR; ++j) {
           __m256i w;

@@ -10,7 +10,10 @@
 // Two paths, chosen by M:
 // - M <= 4 (decode, GEMV): memory bound. Each weight byte is read once and decoded in
 //   registers (vpmovsx/zxbd, and/shift, cvtdq2ps), then FMA'd into all M rows of x. Threads
-//   split N. Tiles of NR weight rows x M rows keep <= 8 accumulators live.
+//   split N. Tiles of NR weight rows x M rows keep <= 8 accumulators live. While a tile runs,
+//   the next tile (NR rows further, same offset) is prefetched line by line: a weight row is
+//   about one 4 KB page at K = 4096 and the hardware prefetchers stop at page boundaries, so
+//   without it every row start waits for DRAM.
 //   For fp32 x the per-group scale is factored out of the K-sum (sum_k x*(q - z)*s =
 //   s * (sum_k x*q' - z' * sum_k x) with q' the unsigned nibble, z' = 8 for signed nibbles
 //   after flipping bit 3), which saves the per-element subtract and multiply. Not bit-identical
@@ -206,8 +209,13 @@ QK_TARGET_WO void gemv8_avx2(const Weight& w, const float* x, int64_t n0, float*
     sv[r] = _mm256_set1_ps(w.scale[n0 + r]);
     for (int m = 0; m < MM; ++m) tot[m][r] = _mm256_setzero_ps();
   }
+  const int64_t ahead = NR * K;  // prefetch the next tile of NR rows, same offset (see the top)
   for (int64_t kb = 0; kb < Kv; kb += kFlush) {
     const int64_t ke = std::min(Kv, kb + kFlush);
+    for (int r = 0; r < NR; ++r) {  // kFlush = 128 bytes = 2 lines per row
+      _mm_prefetch(reinterpret_cast<const char*>(q[r] + kb + ahead), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(q[r] + kb + 64 + ahead), _MM_HINT_T0);
+    }
     for (int m = 0; m < MM; ++m)
       for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_setzero_ps();
     for (int64_t k = kb; k < ke; k += 8) {
@@ -259,6 +267,9 @@ QK_TARGET_WO void gemv4_avx2(const Weight& w, const float* x, const double* xs, 
     }
     for (int64_t kb = kg0; kb < kg1; kb += kFlush) {
       const int64_t ke = std::min(kg1, kb + kFlush);
+      if ((kb & 127) == 0)  // one 64-byte line (128 nibbles) per row, of the next tile of NR rows
+        for (int r = 0; r < NR; ++r)
+          _mm_prefetch(reinterpret_cast<const char*>(q[r] + kb / 2 + NR * (K / 2)), _MM_HINT_T0);
       for (int m = 0; m < MM; ++m)
         for (int r = 0; r < NR; ++r) blk[m][r] = _mm256_setzero_ps();
       for (int64_t k = kb; k < ke; k += 16) {
