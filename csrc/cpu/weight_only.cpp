@@ -198,12 +198,27 @@ QK_TARGET_WO void decode_row_avx2(const Weight& w, int64_t n, float* out) {
   for (int64_t k = w.Kv; k < K; ++k) out[k] = weight_at(w, n, k, R);
 }
 
+// One 8-wide K step of the int8 GEMV tile: acc[m][r] += x[m, k..k+8) * W[n0 + r, k..k+8).
+template <Rnd R, int MM, int NR>
+QK_TARGET_WO inline void step8(const int8_t* const* q, const __m256* sv, const float* x, int64_t K, int64_t k,
+                               __m256 (&acc)[MM][NR]) {
+  __m256 xv[MM];
+  for (int m = 0; m < MM; ++m) xv[m] = _mm256_loadu_ps(x + m * K + k);
+  for (int r = 0; r < NR; ++r) {
+    __m256 wv = _mm256_cvtepi32_ps(load8_s8(q[r] + k));
+    if constexpr (R != Rnd::F32) wv = round_v<R>(_mm256_mul_ps(wv, sv[r]));
+    for (int m = 0; m < MM; ++m) acc[m][r] = _mm256_fmadd_ps(xv[m], wv, acc[m][r]);
+  }
+}
+
 // int8 GEMV tile: MM rows of x (fp32 [MM, K]) x NR weight rows from n0 -> y[m, n0 + r].
+// Two accumulator sets (even / odd 8-wide steps) so that 2 * MM * NR = 8 FMA chains are in
+// flight (FMA latency 4 x 2 per cycle), not 4.
 template <Rnd R, int MM, int NR>
 QK_TARGET_WO void gemv8_avx2(const Weight& w, const float* x, int64_t n0, float* y) {
   const int64_t K = w.K, Kv = w.Kv;
   const int8_t* q[NR];
-  __m256 sv[NR], acc[MM][NR], tot[MM][NR];
+  __m256 sv[NR], acc0[MM][NR], acc1[MM][NR], tot[MM][NR];
   for (int r = 0; r < NR; ++r) {
     q[r] = w.q8 + (n0 + r) * K;
     sv[r] = _mm256_set1_ps(w.scale[n0 + r]);
@@ -217,18 +232,15 @@ QK_TARGET_WO void gemv8_avx2(const Weight& w, const float* x, int64_t n0, float*
       _mm_prefetch(reinterpret_cast<const char*>(q[r] + kb + 64 + ahead), _MM_HINT_T0);
     }
     for (int m = 0; m < MM; ++m)
-      for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_setzero_ps();
-    for (int64_t k = kb; k < ke; k += 8) {
-      __m256 xv[MM];
-      for (int m = 0; m < MM; ++m) xv[m] = _mm256_loadu_ps(x + m * K + k);
-      for (int r = 0; r < NR; ++r) {
-        __m256 wv = _mm256_cvtepi32_ps(load8_s8(q[r] + k));
-        if constexpr (R != Rnd::F32) wv = round_v<R>(_mm256_mul_ps(wv, sv[r]));
-        for (int m = 0; m < MM; ++m) acc[m][r] = _mm256_fmadd_ps(xv[m], wv, acc[m][r]);
-      }
+      for (int r = 0; r < NR; ++r) acc0[m][r] = acc1[m][r] = _mm256_setzero_ps();
+    int64_t k = kb;
+    for (; k + 16 <= ke; k += 16) {
+      step8<R, MM, NR>(q, sv, x, K, k, acc0);
+      step8<R, MM, NR>(q, sv, x, K, k + 8, acc1);
     }
+    if (k < ke) step8<R, MM, NR>(q, sv, x, K, k, acc0);
     for (int m = 0; m < MM; ++m)
-      for (int r = 0; r < NR; ++r) tot[m][r] = _mm256_add_ps(tot[m][r], acc[m][r]);
+      for (int r = 0; r < NR; ++r) tot[m][r] = _mm256_add_ps(tot[m][r], _mm256_add_ps(acc0[m][r], acc1[m][r]));
   }
   for (int m = 0; m < MM; ++m) {
     for (int r = 0; r < NR; ++r) {
@@ -252,7 +264,7 @@ QK_TARGET_WO void gemv4_avx2(const Weight& w, const float* x, const double* xs, 
   const __m256i m15 = _mm256_set1_epi32(15);
   const __m256i flip = _mm256_set1_epi32(0x88);
   const uint8_t* q[NR];
-  __m256 acc[MM][NR], blk[MM][NR];
+  __m256 acc[MM][NR], blk[MM][NR], blh[MM][NR];  // blk: low nibbles, blh: high nibbles (2 FMA chains)
   for (int r = 0; r < NR; ++r) {
     q[r] = w.q4 + (n0 + r) * (K / 2);
     for (int m = 0; m < MM; ++m) acc[m][r] = _mm256_setzero_ps();
@@ -271,7 +283,7 @@ QK_TARGET_WO void gemv4_avx2(const Weight& w, const float* x, const double* xs, 
         for (int r = 0; r < NR; ++r)
           _mm_prefetch(reinterpret_cast<const char*>(q[r] + kb / 2 + NR * (K / 2)), _MM_HINT_T0);
       for (int m = 0; m < MM; ++m)
-        for (int r = 0; r < NR; ++r) blk[m][r] = _mm256_setzero_ps();
+        for (int r = 0; r < NR; ++r) blk[m][r] = blh[m][r] = _mm256_setzero_ps();
       for (int64_t k = kb; k < ke; k += 16) {
         __m256 xe[MM], xo[MM];
         for (int m = 0; m < MM; ++m) {
@@ -291,13 +303,15 @@ QK_TARGET_WO void gemv4_avx2(const Weight& w, const float* x, const double* xs, 
           }
           for (int m = 0; m < MM; ++m) {
             blk[m][r] = _mm256_fmadd_ps(xe[m], lo, blk[m][r]);
-            blk[m][r] = _mm256_fmadd_ps(xo[m], hi, blk[m][r]);
+            blh[m][r] = _mm256_fmadd_ps(xo[m], hi, blh[m][r]);
           }
         }
       }
       for (int m = 0; m < MM; ++m)
-        for (int r = 0; r < NR; ++r)
-          acc[m][r] = R == Rnd::F32 ? _mm256_fmadd_ps(blk[m][r], sv[r], acc[m][r]) : _mm256_add_ps(acc[m][r], blk[m][r]);
+        for (int r = 0; r < NR; ++r) {
+          const __m256 b = _mm256_add_ps(blk[m][r], blh[m][r]);
+          acc[m][r] = R == Rnd::F32 ? _mm256_fmadd_ps(b, sv[r], acc[m][r]) : _mm256_add_ps(acc[m][r], b);
+        }
     }
   }
   for (int m = 0; m < MM; ++m) {
