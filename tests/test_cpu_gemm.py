@@ -106,16 +106,35 @@ GEMV_NK = [(1003, 255), (37, 4096 + 7), (261, 64), (6, 16), (2, 1)]
 GEMV_CASES = list(itertools.product((1, 2, 3, 4), GEMV_NK))
 
 
+@pytest.mark.parametrize("a_has_m128", [True, False], ids=["a-128", "a-127"])
 @pytest.mark.parametrize("M,NK", GEMV_CASES, ids=[f"M{m}-N{n}-K{k}" for m, (n, k) in GEMV_CASES])
-def test_int8_gemv_decode_exact(M, NK, isa, threads):
+def test_int8_gemv_decode_exact(M, NK, a_has_m128, isa, threads):
+    # a with -128: the int16 madd path; a in [-127, 127]: the u8 x s8 maddubs path (AVX2). b holds
+    # -128 either way, and a row of b = -128 against a = +-127 gives the largest maddubs pair sums.
     N, K = NK
-    g = torch.Generator().manual_seed(M * 7 + N * 1009 + K)
-    a, b = _rand_int8(M, K, gen=g), _rand_int8(N, K, gen=g)
-    a[0, : min(K, 5)] = -128  # -128 x -128 products anywhere, exact
+    g = torch.Generator().manual_seed(M * 7 + N * 1009 + K + a_has_m128)
+    a, b = _rand_int8(M, K, lo=-128 if a_has_m128 else -127, gen=g), _rand_int8(N, K, gen=g)
+    a[-1, : min(K, 4)] = -127
+    a[0, : min(K, 5)] = -128 if a_has_m128 else 127
     b[:, : min(K, 3)] = -128
     b[-1] = -128
+    assert bool((a == -128).any()) == a_has_m128
     out = OPS.int8_gemm(a, b)
     torch.testing.assert_close(out, R.int8_gemm(a, b), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("M", (1, 4))
+def test_int8_gemv_extremes(M, isa):
+    # Whole rows of +-127 x -128 over a long K: every int16 pair sum is +-32512 (the maddubs
+    # bound) and the int32 totals are large; exact. The same with -128 in a (the int16 path).
+    K = 8192 + 64 + 5
+    b = torch.full((6, K), -128, dtype=torch.int8)
+    b[1] = 127
+    b[2, ::2] = 127
+    for lo in (-127, -128):
+        a = torch.full((M, K), lo, dtype=torch.int8)
+        a[0] = 127
+        torch.testing.assert_close(OPS.int8_gemm(a, b), R.int8_gemm(a, b), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("layout", ["transposed_a", "strided_b"])
@@ -202,6 +221,7 @@ def test_w8a8_gemv_decode(M, bias_kind, out_dtype, isa, threads):
     # M <= 4 (gemv_int8.cpp): N = 1001 spans several 256-column epilogue blocks and both threads.
     N, K = 1001, 100
     a, b, sa, sb, bias = _w8a8_inputs(M, N, K, bias_kind, seed=M * 17 + len(bias_kind))
+    b[: M + 1, : 2 * M + 1] = -128  # valid int8 weight values outside the quantizer's range
     out = OPS.w8a8_gemm(a, b, sa, sb, bias, out_dtype)
     dt = out_dtype or torch.float32
     assert out.dtype == dt and out.shape == (M, N)

@@ -105,7 +105,9 @@ def test_w4a8_gemm(M, nkg, kind, isa, threads):
     _assert_fp32_close(out, *_w4a8_fp64(a, bp, sa, sb, zb, bias))
 
 
-DECODE_NKG = [(515, 512, 32), (203, 4096, 128), (67, 200, 200)]
+# G and K multiples of 64 take the lane-wise decode GEMV (w4a8.cpp): G = 64 / 128 / 256 and
+# per-channel G = K = 640 (int16 flushes inside a group); G = 32 and K = 200 the tiled path.
+DECODE_NKG = [(515, 512, 32), (203, 4096, 128), (67, 200, 200), (37, 512, 64), (21, 768, 256), (9, 640, 640)]
 DECODE_CASES = list(itertools.product((1, 2, 3, 4), DECODE_NKG, ["sym", "asym"]))
 
 
@@ -148,6 +150,26 @@ def test_w4a8_gemm_extremes(isa):
     q_asym[1] = 0
     for bp, zb in [(R.pack_int4(q_sym), None), (R.pack_int4(q_asym), torch.randint(0, 16, (N, 2), dtype=torch.uint8))]:
         sa, sb = torch.ones(M), torch.ones(N, 2)
+        out = OPS.w4a8_gemm(a, bp, sa, sb, zb, None, None)
+        y64, _ = _w4a8_fp64(a, bp, sa, sb, zb, None)
+        torch.testing.assert_close(out.double(), y64, rtol=0, atol=0)  # integers < 2^24: exact in fp32
+
+
+@pytest.mark.parametrize("M", (1, 2, 3, 4))
+def test_w4a8_gemv_extremes(M, isa):
+    # Decode GEMV bounds: a = -128 / 127 against nibbles 0 / 15 over a per-channel K = 1024 group
+    # (int16 sums of 8 maddubs results reach 8 * 2 * 15 * 128 = 30720), zero points 0 and 15.
+    N, K = 5, 1024
+    a = torch.full((M, K), -128, dtype=torch.int8)
+    a[0, 1::2] = 127
+    q_sym = torch.full((N, K), -8, dtype=torch.int8)
+    q_sym[1] = 7
+    q_sym[2, ::2] = 7
+    q_asym = torch.full((N, K), 15, dtype=torch.uint8)
+    q_asym[1] = 0
+    z = torch.tensor([[0], [15], [0], [15], [7]], dtype=torch.uint8)
+    for bp, zb in [(R.pack_int4(q_sym), None), (R.pack_int4(q_asym), z)]:
+        sa, sb = torch.ones(M), torch.ones(N, 1)
         out = OPS.w4a8_gemm(a, bp, sa, sb, zb, None, None)
         y64, _ = _w4a8_fp64(a, bp, sa, sb, zb, None)
         torch.testing.assert_close(out.double(), y64, rtol=0, atol=0)  # integers < 2^24: exact in fp32

@@ -6,6 +6,11 @@
 // int32 sums of two products, exact for every int8 value including -128 (|2 * 128 * 128| = 2^15
 // fits int32), and K <= 131071 keeps the int32 sums in range (the caller checks K).
 //
+// When a holds no -128 (w8a8 activations from our quantizers are in [-127, 127]) the AVX2 path
+// uses u8 x s8 maddubs on |b| and sign(a, b) instead: 32 bytes of b per step, no widening
+// (measured ~1.4x fewer cycles at M = 4, single thread); a raw int8_gemm input with -128 takes
+// the int16 path, which is exact for every value.
+//
 // Tiles of NR consecutive b rows x all M rows of a (MM * NR <= 8 int32 accumulators). A b row
 // is one 4 KB page at K = 4096, where the hardware prefetchers restart on every page; the
 // kernel therefore prefetches the NEXT tile (NR rows further, same offset) while it computes
@@ -93,6 +98,66 @@ QK_TARGET_AVX2 void tile_avx2(const int16_t* A, int64_t lda, const int8_t* B, in
   }
 }
 
+// The same tile with u8 x s8 maddubs, for a without -128 (always so for our quantizers):
+// maddubs(|b|, sign(a, b)) = pair sums of |b| * (+-a) = b * a, at most 2 * 128 * 127 = 32512 (no
+// int16 saturation; |-128| = 128 is read unsigned, so b may hold -128), then madd(ones) -> int32.
+// 32 bytes of b per step instead of 16, and no sign extension.
+template <int MM, int NR>
+QK_TARGET_AVX2 void tile_ubs_avx2(const int8_t* A, int64_t lda, const int8_t* B, int64_t K, int64_t n, int32_t* c,
+                                  int64_t ldc, int64_t j0) {
+  const int8_t* b[NR];
+  for (int r = 0; r < NR; ++r) b[r] = B + (n + r) * K;
+  const int64_t ahead = NR * K;  // the next tile, same offset
+  const __m256i ones16 = _mm256_set1_epi16(1);
+  __m256i acc[MM][NR];
+  for (int m = 0; m < MM; ++m)
+    for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_setzero_si256();
+  const int64_t K64 = K / kLine * kLine;
+  int64_t k = 0;
+  for (; k < K64; k += kLine) {
+    for (int r = 0; r < NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(b[r] + k + ahead), _MM_HINT_T0);
+#pragma GCC unroll 2
+    for (int64_t kk = k; kk < k + kLine; kk += 32) {
+      __m256i av[MM];
+      for (int m = 0; m < MM; ++m) av[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(A + m * lda + kk));
+      for (int r = 0; r < NR; ++r) {
+        const __m256i bv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b[r] + kk));
+        const __m256i ab = _mm256_abs_epi8(bv);
+        for (int m = 0; m < MM; ++m)
+          acc[m][r] = _mm256_add_epi32(
+              acc[m][r], _mm256_madd_epi16(_mm256_maddubs_epi16(ab, _mm256_sign_epi8(av[m], bv)), ones16));
+      }
+    }
+  }
+  for (int m = 0; m < MM; ++m) {
+    const int8_t* a = A + m * lda;
+    for (int r = 0; r < NR; ++r) {
+      int32_t s = hsum_i32(acc[m][r]);
+      for (int64_t t = k; t < K; ++t) s += int32_t(a[t]) * int32_t(b[r][t]);  // K tail (< 64)
+      c[m * ldc + j0 + r] = s;
+    }
+  }
+}
+
+template <int MM>
+void rows_ubs_mm(const int8_t* A, int64_t lda, const int8_t* B, int64_t K, int64_t n0, int64_t n1, int32_t* c,
+                 int64_t ldc) {
+  constexpr int NR = MM <= 2 ? 4 : 2;
+  int64_t n = n0;
+  for (; n + NR <= n1; n += NR) tile_ubs_avx2<MM, NR>(A, lda, B, K, n, c, ldc, n - n0);
+  for (; n < n1; ++n) tile_ubs_avx2<MM, 1>(A, lda, B, K, n, c, ldc, n - n0);
+}
+
+void rows_ubs(const int8_t* A, int64_t lda, int64_t M, const int8_t* B, int64_t K, int64_t n0, int64_t n1,
+              int32_t* c, int64_t ldc) {
+  switch (M) {
+    case 1: rows_ubs_mm<1>(A, lda, B, K, n0, n1, c, ldc); break;
+    case 2: rows_ubs_mm<2>(A, lda, B, K, n0, n1, c, ldc); break;
+    case 3: rows_ubs_mm<3>(A, lda, B, K, n0, n1, c, ldc); break;
+    default: rows_ubs_mm<4>(A, lda, B, K, n0, n1, c, ldc); break;
+  }
+}
+
 template <int MM>
 void rows_avx2_mm(const int16_t* A, int64_t lda, const int8_t* B, int64_t K, int64_t n0, int64_t n1, int32_t* c,
                   int64_t ldc) {
@@ -120,11 +185,14 @@ void gemv_int8(const at::Tensor& a, const at::Tensor& b, int64_t M, int64_t N, i
   TORCH_CHECK(M >= 1 && M <= kGemvInt8MaxM, "quantkernels: gemv_int8 called with M = ", M, " (expects 1..",
               kGemvInt8MaxM, ")");
   const bool avx2 = active_isa() == Isa::Avx2;  // read once, on the calling thread
-  const int64_t lda = (K + 15) / 16 * 16;
-  std::vector<int16_t> a16(size_t(M * lda), 0);
   const int8_t* src = a.data_ptr<int8_t>();
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k) a16[m * lda + k] = src[m * K + k];
+  // maddubs needs a without -128 (a is tiny: checking it costs nothing next to b).
+  const bool ubs = avx2 && std::find(src, src + M * K, int8_t(-128)) == src + M * K;
+  const int64_t lda = (K + 15) / 16 * 16;
+  std::vector<int16_t> a16(ubs ? size_t(0) : size_t(M * lda), 0);
+  if (!ubs)
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < K; ++k) a16[m * lda + k] = src[m * K + k];
   const int16_t* A = a16.data();
   const int8_t* B = b.data_ptr<int8_t>();
   const bool fused = ep.fn != nullptr || ep.block_fn != nullptr;
@@ -139,7 +207,9 @@ void gemv_int8(const at::Tensor& a, const at::Tensor& b, int64_t M, int64_t N, i
       int32_t* c = fused ? cbuf.data() : c_out + j0;
       const int64_t ldc = fused ? kBlock : N;
 #if QK_X86
-      if (avx2) {
+      if (ubs) {
+        rows_ubs(src, K, M, B, K, j0, j1, c, ldc);
+      } else if (avx2) {
         rows_avx2(A, lda, M, B, K, j0, j1, c, ldc);
       } else
 #endif
