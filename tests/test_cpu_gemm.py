@@ -131,6 +131,57 @@ def test_int8_gemm_k0(isa):
     torch.testing.assert_close(out, torch.zeros(3, 5, dtype=torch.int32), rtol=0, atol=0)
 
 
+# Decode sizes (M <= 4) run csrc/cpu/gemv_int8.cpp: N tiles of 4 / 2 rows and their tails, the
+# 64-byte K steps and the 16-wide K tail, N split over threads (N = 1003 at K = 255 is above
+# the grain), the 256-column epilogue blocks.
+GEMV_NK = [(1003, 255), (37, 4096 + 7), (261, 64), (6, 16), (2, 1)]
+GEMV_CASES = list(itertools.product((1, 2, 3, 4), GEMV_NK))
+
+
+@pytest.mark.parametrize("a_has_m128", [True, False], ids=["a-128", "a-127"])
+@pytest.mark.parametrize("M,NK", GEMV_CASES, ids=[f"M{m}-N{n}-K{k}" for m, (n, k) in GEMV_CASES])
+def test_int8_gemv_decode_exact(M, NK, a_has_m128, isa, threads):
+    # a with -128: the int16 madd path; a in [-127, 127]: the u8 x s8 maddubs path (AVX2). b holds
+    # -128 either way, and a row of b = -128 against a = +-127 gives the largest maddubs pair sums.
+    N, K = NK
+    g = torch.Generator().manual_seed(M * 7 + N * 1009 + K + a_has_m128)
+    a, b = _rand_int8(M, K, lo=-128 if a_has_m128 else -127, gen=g), _rand_int8(N, K, gen=g)
+    a[-1, : min(K, 4)] = -127
+    a[0, : min(K, 5)] = -128 if a_has_m128 else 127
+    b[:, : min(K, 3)] = -128
+    b[-1] = -128
+    assert bool((a == -128).any()) == a_has_m128
+    out = OPS.int8_gemm(a, b)
+    torch.testing.assert_close(out, R.int8_gemm(a, b), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("M", (1, 4))
+def test_int8_gemv_extremes(M, isa):
+    # Whole rows of +-127 x -128 over a long K: every int16 pair sum is +-32512 (the maddubs
+    # bound) and the int32 totals are large; exact. The same with -128 in a (the int16 path).
+    K = 8192 + 64 + 5
+    b = torch.full((6, K), -128, dtype=torch.int8)
+    b[1] = 127
+    b[2, ::2] = 127
+    for lo in (-127, -128):
+        a = torch.full((M, K), lo, dtype=torch.int8)
+        a[0] = 127
+        torch.testing.assert_close(OPS.int8_gemm(a, b), R.int8_gemm(a, b), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("layout", ["transposed_a", "strided_b"])
+@pytest.mark.parametrize("M", (1, 2, 3, 4))
+def test_int8_gemv_decode_non_contiguous(M, layout, isa, threads):
+    g = torch.Generator().manual_seed(M)
+    N, K = 515, 301
+    if layout == "transposed_a":
+        a, b = _rand_int8(K, M, gen=g).t(), _rand_int8(N, K, gen=g)
+    else:
+        a, b = _rand_int8(M, K, gen=g), _rand_int8(2 * N, K, gen=g)[::2]
+    assert not (a.is_contiguous() and b.is_contiguous()) or M == 1
+    torch.testing.assert_close(OPS.int8_gemm(a, b), R.int8_gemm(a, b), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("layout", ["strided_a", "transposed_a", "strided_b"])
 def test_int8_gemm_non_contiguous(layout, isa, threads):
     g = torch.Generator().manual_seed(3)
@@ -193,6 +244,37 @@ def test_w8a8_gemm(M, N, K, bias_kind, out_dtype, isa, threads):
         torch.testing.assert_close(out, ref, rtol=0, atol=0)
     else:
         torch.testing.assert_close(out, ref)
+
+
+@pytest.mark.parametrize("out_dtype", OUT_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("bias_kind", BIASES)
+@pytest.mark.parametrize("M", (1, 2, 3, 4))
+def test_w8a8_gemv_decode(M, bias_kind, out_dtype, isa, threads):
+    # M <= 4 (gemv_int8.cpp): N = 1001 spans several 256-column epilogue blocks and both threads.
+    N, K = 1001, 100
+    a, b, sa, sb, bias = _w8a8_inputs(M, N, K, bias_kind, seed=M * 17 + len(bias_kind))
+    b[: M + 1, : 2 * M + 1] = -128  # valid int8 weight values outside the quantizer's range
+    out = OPS.w8a8_gemm(a, b, sa, sb, bias, out_dtype)
+    dt = out_dtype or torch.float32
+    assert out.dtype == dt and out.shape == (M, N)
+    ref = R.w8a8_gemm(a, b, sa, sb, bias, out_dtype)
+    if dt == torch.float32:
+        y64, scale = _formula_fp64(a, b, sa, sb, bias)
+        assert bool(((out.double() - y64).abs() <= 1e-5 * scale + 1e-30).all())
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)  # same epilogue order: bit-identical
+    else:
+        torch.testing.assert_close(out, ref)
+
+
+def test_w8a8_gemv_decode_non_contiguous(isa, threads):
+    M, N, K = 3, 300, 515
+    a, b, sa, sb, bias = _w8a8_inputs(M, N, K, "bf16", seed=12)
+    a_nc = torch.empty(K, M, dtype=torch.int8).t().copy_(a)
+    b_nc = torch.empty(2 * N, K, dtype=torch.int8)[1::2].copy_(b)
+    sb_nc = torch.empty(N, 3)[:, 1].copy_(sb)
+    assert not any(t.is_contiguous() for t in (a_nc, b_nc, sb_nc))
+    out = OPS.w8a8_gemm(a_nc, b_nc, sa, sb_nc, bias, torch.bfloat16)
+    torch.testing.assert_close(out, R.w8a8_gemm(a, b, sa, sb, bias, torch.bfloat16), rtol=0, atol=0)
 
 
 def test_w8a8_gemm_non_contiguous(isa, threads):

@@ -57,7 +57,7 @@ def _assert_fp32_close(out, y64, scale, tol=1e-5):
 
 # --------------------------------------------------------------------------- w4a8_gemm
 
-MS = (0, 1, 3, 4, 5, 17, 67)
+MS = (0, 1, 2, 3, 4, 5, 17, 67)
 # (N, K, G): odd N; G in 32/64/128/256 and G = K, including K not a multiple of 32 (G = K only).
 NKG = [(7, 256, 32), (13, 256, 64), (5, 512, 128), (3, 512, 256), (9, 96, 96), (11, 100, 100), (1, 2, 2),
        (19, 4096 + 64, 64)]
@@ -105,6 +105,23 @@ def test_w4a8_gemm(M, nkg, kind, isa, threads):
     _assert_fp32_close(out, *_w4a8_fp64(a, bp, sa, sb, zb, bias))
 
 
+# G and K multiples of 64 take the lane-wise decode GEMV (w4a8.cpp): G = 64 / 128 / 256 and
+# per-channel G = K = 640 (int16 flushes inside a group); G = 32 and K = 200 the tiled path.
+DECODE_NKG = [(515, 512, 32), (203, 4096, 128), (67, 200, 200), (37, 512, 64), (21, 768, 256), (9, 640, 640)]
+DECODE_CASES = list(itertools.product((1, 2, 3, 4), DECODE_NKG, ["sym", "asym"]))
+
+
+@pytest.mark.parametrize("M,nkg,kind", DECODE_CASES,
+                         ids=[f"M{m}-N{n}-K{k}-G{g}-{kd}" for m, (n, k, g), kd in DECODE_CASES])
+def test_w4a8_gemm_decode(M, nkg, kind, isa, threads):
+    # Decode (M <= 4, one pass over the weights with the next tile prefetched): several 64-row
+    # N blocks split over the threads, ragged N tails, bias on.
+    N, K, G = nkg
+    a, bp, sa, sb, zb, bias = _w4a8_inputs(M, N, K, G, kind, seed=M * 3 + N + G, bias_dtype=torch.float32)
+    out = OPS.w4a8_gemm(a, bp, sa, sb, zb, bias, None)
+    _assert_fp32_close(out, *_w4a8_fp64(a, bp, sa, sb, zb, bias))
+
+
 @pytest.mark.parametrize("out_dtype", [None, torch.float32, torch.float16, torch.bfloat16], ids=DT_ID.get)
 @pytest.mark.parametrize("bias_dtype", [None, torch.float32, torch.bfloat16], ids=DT_ID.get)
 @pytest.mark.parametrize("M", (1, 2, 5))
@@ -133,6 +150,26 @@ def test_w4a8_gemm_extremes(isa):
     q_asym[1] = 0
     for bp, zb in [(R.pack_int4(q_sym), None), (R.pack_int4(q_asym), torch.randint(0, 16, (N, 2), dtype=torch.uint8))]:
         sa, sb = torch.ones(M), torch.ones(N, 2)
+        out = OPS.w4a8_gemm(a, bp, sa, sb, zb, None, None)
+        y64, _ = _w4a8_fp64(a, bp, sa, sb, zb, None)
+        torch.testing.assert_close(out.double(), y64, rtol=0, atol=0)  # integers < 2^24: exact in fp32
+
+
+@pytest.mark.parametrize("M", (1, 2, 3, 4))
+def test_w4a8_gemv_extremes(M, isa):
+    # Decode GEMV bounds: a = -128 / 127 against nibbles 0 / 15 over a per-channel K = 1024 group
+    # (int16 sums of 8 maddubs results reach 8 * 2 * 15 * 128 = 30720), zero points 0 and 15.
+    N, K = 5, 1024
+    a = torch.full((M, K), -128, dtype=torch.int8)
+    a[0, 1::2] = 127
+    q_sym = torch.full((N, K), -8, dtype=torch.int8)
+    q_sym[1] = 7
+    q_sym[2, ::2] = 7
+    q_asym = torch.full((N, K), 15, dtype=torch.uint8)
+    q_asym[1] = 0
+    z = torch.tensor([[0], [15], [0], [15], [7]], dtype=torch.uint8)
+    for bp, zb in [(R.pack_int4(q_sym), None), (R.pack_int4(q_asym), z)]:
+        sa, sb = torch.ones(M), torch.ones(N, 1)
         out = OPS.w4a8_gemm(a, bp, sa, sb, zb, None, None)
         y64, _ = _w4a8_fp64(a, bp, sa, sb, zb, None)
         torch.testing.assert_close(out.double(), y64, rtol=0, atol=0)  # integers < 2^24: exact in fp32

@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "gemm_int8.h"
+#include "gemv_int8.h"
 
 #include "cpu_isa.h"
 
@@ -530,7 +531,8 @@ at::Tensor int8_gemm_cpu(const at::Tensor& a_in, const at::Tensor& b_in) {
   const int64_t M = a.size(0), N = b.size(0), K = a.size(1);
   at::Tensor c = at::empty({M, N}, a.options().dtype(at::kInt));
   if (M == 0 || N == 0) return c;
-  gemm_driver(a, b, M, N, K, c.data_ptr<int32_t>(), Epilogue{});
+  if (M <= kGemvInt8MaxM) gemv_int8(a, b, M, N, K, c.data_ptr<int32_t>(), Epilogue{});  // decode (gemv_int8.cpp)
+  else gemm_driver(a, b, M, N, K, c.data_ptr<int32_t>(), Epilogue{});
   return c;
 }
 
@@ -574,7 +576,8 @@ at::Tensor w8a8_gemm_cpu(const at::Tensor& a_in, const at::Tensor& b_in, const a
     case at::kHalf: ep.fn = &epilogue_erased<c10::Half>; break;
     default: ep.fn = &epilogue_erased<c10::BFloat16>; break;
   }
-  gemm_driver(a, b, M, N, K, nullptr, ep);
+  if (M <= kGemvInt8MaxM) gemv_int8(a, b, M, N, K, nullptr, ep);  // decode (gemv_int8.cpp)
+  else gemm_driver(a, b, M, N, K, nullptr, ep);
   return y;
 }
 

@@ -23,13 +23,22 @@
 // (torch's sum over groups is not sequential, so fp32 outputs match the reference within a
 // few ulps, not bit for bit; the tests compare with the fp64 formula, NUMERICS.md s.6.)
 //
+// Decode (M <= 4, G and K multiples of 64): a separate GEMV (gemv_tile below, lane-wise group
+// sums, no horizontal reduction in the K loop), one pass over the weights with the next tile
+// prefetched. Every other shape uses the tiles below.
+//
 // Tiling. A micro-tile is MR rows of a x NR rows of b with MR * NR = 8 int16 accumulators, and
 // the 8 group sums are reduced together into one vector (hadd tree). M = 1, 2: tiles 1 x 8 and
 // 2 x 4, one pass over the weights (GEMV: each weight byte is read once, unpacked in registers);
-// M >= 3: 4 x 2 tiles, M blocked so that the permuted a block stays in L2; with more than one M
+// M = 3, 4: one 4 x 2 tile row, also a single pass. In these one-pass (decode) cases the next
+// tile's weight rows (NR rows further, same offset) are prefetched while a tile runs: a weight
+// row is ~2 KB, the hardware prefetchers stop at 4 KB pages, so without it each row start
+// waits for DRAM.
+// M >= 5: 4 x 2 tiles, M blocked so that the permuted a block stays in L2; with more than one M
 // tile, each pair of weight rows is unpacked once per M block into an L1 buffer and reused by
-// all of the block's tiles. Threads split (N block, M block) tasks, N outer. QUANTKERNELS_CPU_ISA=portable selects a
-// plain C++ path (same integer results, same float order).
+// all of the block's tiles. Threads split (N block, M block) tasks, N outer.
+// QUANTKERNELS_CPU_ISA=portable selects a plain C++ path for every shape (same integer results;
+// the tiled path's float order).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -233,6 +242,9 @@ QK_TARGET_AVX2_NOFMA void tile_avx2(const Problem& p, const Prepared& pr, int64_
 #pragma GCC unroll 8
       for (int t = 0; t < 8; ++t) acc[t] = _mm256_setzero_si256();
       for (int64_t c = cb; c < ce; ++c) {
+        if (wpre == nullptr && (c & 3) == 0)  // GEMV: prefetch the next tile's rows, a line (4 chunks) each
+          for (int j = 0; j < NR; ++j)
+            _mm_prefetch(reinterpret_cast<const char*>(brow[j] + c * (kChunk / 2) + NR * ldb), _MM_HINT_T0);
 #pragma GCC unroll 8
         for (int j = 0; j < NR; ++j) {
           __m256i w;
@@ -330,6 +342,144 @@ void run_avx2(const Problem& p) {
   });
 }
 
+// ------------------------------------------------------------------------------ AVX2 decode GEMV
+// M <= 4 with G and K multiples of 64 (the common group sizes 64 / 128 / 256 and per-channel
+// G = K): one pass over the weights, NR = 4 / M rows per tile (M * NR <= 4 int16 + 4 fp32
+// accumulators). 32 packed bytes (64 nibbles) per row and step, unpacked with one and + one
+// shift + one and (plus the 0x88 flip for signed nibbles): the low nibbles are the even k of the
+// 64-chunk, the high nibbles the odd k, so a is permuted once per call per 64-chunk into
+// (32 even k, 32 odd k). maddubs(u4, a) pair sums (<= 3840) are summed in int16 (at most 8,
+// <= 30720), widened with madd(ones) once per group (or every 8), and kept PER LANE: each of the
+// 8 int32 lanes holds the exact sum over its own K positions. The zero point is removed per lane
+// with the lane-wise sums of a over the same positions (computed once per call), so c is exact
+// in int32 per (lane, group), then cvt * sb[n, g] is summed per lane over the groups in fp32 and
+// the 8 lanes are added at the end: no horizontal reduction inside the K loop. (Float order:
+// per-lane group sums, then across lanes; the tests bound it against the fp64 formula.)
+constexpr int64_t kGemvChunk = 64;
+
+struct GemvPrep {
+  std::vector<int8_t> ap;     // [M, K] permuted per 64-chunk
+  std::vector<int32_t> asum;  // [M, ng, 8] lane-wise sums of a over each group
+};
+
+QK_TARGET_AVX2_NOFMA void gemv_prepare(const Problem& p, GemvPrep& g) {
+  const int64_t M = p.M, K = p.K, ng = p.ng, G = p.G;
+  g.ap.resize(size_t(M * K));
+  g.asum.assign(size_t(M * ng * 8), 0);
+  const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+  for (int64_t m = 0; m < M; ++m) {
+    const int8_t* src = p.a + m * K;
+    int8_t* dst = g.ap.data() + m * K;
+    for (int64_t c = 0; c < K; c += kGemvChunk)
+      for (int64_t i = 0; i < kGemvChunk / 2; ++i) {
+        dst[c + i] = src[c + 2 * i];
+        dst[c + kGemvChunk / 2 + i] = src[c + 2 * i + 1];
+      }
+    for (int64_t gi = 0; gi < ng; ++gi) {
+      __m256i s = _mm256_setzero_si256();
+      for (int64_t k = gi * G; k < (gi + 1) * G; k += 32) {
+        const __m256i av = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(dst + k));
+        s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, av), ones16));
+      }
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(g.asum.data() + (m * ng + gi) * 8), s);
+    }
+  }
+}
+
+template <int MM, int NR, bool kAsym>
+QK_TARGET_AVX2_NOFMA void gemv_tile(const Problem& p, const GemvPrep& g, int64_t n0) {
+  const int64_t K = p.K, ng = p.ng, G = p.G, ldb = K / 2;
+  const __m256i m15 = _mm256_set1_epi8(0x0F), flip = _mm256_set1_epi8(static_cast<char>(0x88));
+  const __m256i ones16 = _mm256_set1_epi16(1);
+  const uint8_t* b[NR];
+  for (int r = 0; r < NR; ++r) b[r] = p.bp + (n0 + r) * ldb;
+  __m256 facc[MM][NR];
+  for (int m = 0; m < MM; ++m)
+    for (int r = 0; r < NR; ++r) facc[m][r] = _mm256_setzero_ps();
+  const int64_t flush = 4 * kGemvChunk;  // 8 maddubs results (lo + hi per 64-chunk) per int16 sum
+  for (int64_t gi = 0; gi < ng; ++gi) {
+    __m256i c32[MM][NR];
+    for (int m = 0; m < MM; ++m)
+      for (int r = 0; r < NR; ++r) c32[m][r] = _mm256_setzero_si256();
+    for (int64_t kb = gi * G; kb < (gi + 1) * G; kb += flush) {
+      const int64_t ke = std::min((gi + 1) * G, kb + flush);
+      __m256i c16[MM][NR];
+      for (int m = 0; m < MM; ++m)
+        for (int r = 0; r < NR; ++r) c16[m][r] = _mm256_setzero_si256();
+      for (int64_t k = kb; k < ke; k += kGemvChunk) {
+        if ((k & 127) == 0)  // the next tile's rows, one 64-byte line (128 nibbles) each
+          for (int r = 0; r < NR; ++r)
+            _mm_prefetch(reinterpret_cast<const char*>(b[r] + k / 2 + NR * ldb), _MM_HINT_T0);
+        __m256i alo[MM], ahi[MM];
+        for (int m = 0; m < MM; ++m) {
+          alo[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g.ap.data() + m * K + k));
+          ahi[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g.ap.data() + m * K + k + 32));
+        }
+        for (int r = 0; r < NR; ++r) {
+          __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b[r] + k / 2));
+          if (!kAsym) v = _mm256_xor_si256(v, flip);  // signed nibbles: u = q + 8
+          const __m256i lo = _mm256_and_si256(v, m15);
+          const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m15);
+          for (int m = 0; m < MM; ++m) {
+            c16[m][r] = _mm256_add_epi16(c16[m][r], _mm256_maddubs_epi16(lo, alo[m]));
+            c16[m][r] = _mm256_add_epi16(c16[m][r], _mm256_maddubs_epi16(hi, ahi[m]));
+          }
+        }
+      }
+      for (int m = 0; m < MM; ++m)
+        for (int r = 0; r < NR; ++r) c32[m][r] = _mm256_add_epi32(c32[m][r], _mm256_madd_epi16(c16[m][r], ones16));
+    }
+    for (int r = 0; r < NR; ++r) {
+      const __m256 sv = _mm256_set1_ps(p.sb[(n0 + r) * ng + gi]);
+      const __m256i zv = _mm256_set1_epi32(kAsym ? p.zb[(n0 + r) * ng + gi] : 8);
+      for (int m = 0; m < MM; ++m) {
+        const __m256i as = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g.asum.data() + (m * ng + gi) * 8));
+        const __m256i c = _mm256_sub_epi32(c32[m][r], _mm256_mullo_epi32(zv, as));  // exact per lane
+        facc[m][r] = _mm256_add_ps(facc[m][r], _mm256_mul_ps(_mm256_cvtepi32_ps(c), sv));
+      }
+    }
+  }
+  for (int m = 0; m < MM; ++m)
+    for (int r = 0; r < NR; ++r) {
+      __m128 h = _mm_add_ps(_mm256_castps256_ps128(facc[m][r]), _mm256_extractf128_ps(facc[m][r], 1));
+      h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+      h = _mm_add_ss(h, _mm_movehdup_ps(h));
+      float v = _mm_cvtss_f32(h) * p.sa[m];
+      if (p.bias) v = v + p.bias[n0 + r];
+      store_out(p, m, n0 + r, v);
+    }
+}
+
+template <int MM, bool kAsym>
+void gemv_rows(const Problem& p, const GemvPrep& g, int64_t n0, int64_t n1) {
+  constexpr int NR = MM == 1 ? 4 : (MM == 2 ? 2 : 1);
+  int64_t n = n0;
+  for (; n + NR <= n1; n += NR) gemv_tile<MM, NR, kAsym>(p, g, n);
+  for (; n < n1; ++n) gemv_tile<MM, 1, kAsym>(p, g, n);
+}
+
+template <bool kAsym>
+void gemv_rows_any(const Problem& p, const GemvPrep& g, int64_t n0, int64_t n1) {
+  switch (p.M) {
+    case 1: gemv_rows<1, kAsym>(p, g, n0, n1); break;
+    case 2: gemv_rows<2, kAsym>(p, g, n0, n1); break;
+    case 3: gemv_rows<3, kAsym>(p, g, n0, n1); break;
+    default: gemv_rows<4, kAsym>(p, g, n0, n1); break;
+  }
+}
+
+bool gemv_applies(const Problem& p) { return p.M <= 4 && p.G % kGemvChunk == 0 && p.K % kGemvChunk == 0; }
+
+void run_gemv_avx2(const Problem& p) {
+  GemvPrep g;
+  gemv_prepare(p, g);
+  const int64_t grain = std::max<int64_t>(16, (int64_t(1) << 16) / p.K);  // small layers: one thread
+  at::parallel_for(0, p.N, grain, [&](int64_t n0, int64_t n1) {
+    if (p.zb) gemv_rows_any<true>(p, g, n0, n1);
+    else gemv_rows_any<false>(p, g, n0, n1);
+  });
+}
+
 #endif  // QK_X86
 
 // ------------------------------------------------------------------------------ op
@@ -392,7 +542,8 @@ at::Tensor w4a8_gemm_cpu(const at::Tensor& a_in, const at::Tensor& b_in, const a
   p.out = dt;
 #if QK_X86
   if (isa == Isa::Avx2 && K > 0) {
-    run_avx2(p);
+    if (gemv_applies(p)) run_gemv_avx2(p);  // decode: M <= 4, G and K multiples of 64
+    else run_avx2(p);
     return y;
   }
 #endif
