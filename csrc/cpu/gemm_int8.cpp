@@ -463,10 +463,14 @@ void gemm_driver_panel(const int8_t* Pk, const at::Tensor& b, int64_t M, int64_t
 
 // The GEMM over plain a [M, K] (int8) and b [N, K] (int8), declared in gemm_int8.h. If ep.fn is
 // null, the int32 result goes to c_out [M, N]; otherwise each finished block goes through ep.fn
-// into ep.y. AVX2: the panel path (a packed per call), or the widened path if a holds -128;
-// portable: the widened path with plain C++ micro-kernels.
+// into ep.y. M <= 4: gemv_int8 (gemv_int8.cpp); else AVX2: the panel path (a packed per call),
+// or the widened path if a holds -128; portable: the widened path with plain C++ micro-kernels.
 void gemm_driver(const at::Tensor& a, const at::Tensor& b, int64_t M, int64_t N, int64_t K, int32_t* c_out,
                  const Epilogue& ep) {
+  if (M <= kGemvInt8MaxM) {  // decode: one pass over b for all rows (gemv_int8.cpp)
+    gemv_int8(a, b, M, N, K, c_out, ep);
+    return;
+  }
   const bool avx2 = gemm_use_avx2();  // read on the calling thread, once per call
 #if QK_X86
   if (avx2 && K > 0) {
@@ -531,8 +535,7 @@ at::Tensor int8_gemm_cpu(const at::Tensor& a_in, const at::Tensor& b_in) {
   const int64_t M = a.size(0), N = b.size(0), K = a.size(1);
   at::Tensor c = at::empty({M, N}, a.options().dtype(at::kInt));
   if (M == 0 || N == 0) return c;
-  if (M <= kGemvInt8MaxM) gemv_int8(a, b, M, N, K, c.data_ptr<int32_t>(), Epilogue{});  // decode (gemv_int8.cpp)
-  else gemm_driver(a, b, M, N, K, c.data_ptr<int32_t>(), Epilogue{});
+  gemm_driver(a, b, M, N, K, c.data_ptr<int32_t>(), Epilogue{});
   return c;
 }
 
@@ -576,8 +579,7 @@ at::Tensor w8a8_gemm_cpu(const at::Tensor& a_in, const at::Tensor& b_in, const a
     case at::kHalf: ep.fn = &epilogue_erased<c10::Half>; break;
     default: ep.fn = &epilogue_erased<c10::BFloat16>; break;
   }
-  if (M <= kGemvInt8MaxM) gemv_int8(a, b, M, N, K, nullptr, ep);  // decode (gemv_int8.cpp)
-  else gemm_driver(a, b, M, N, K, nullptr, ep);
+  gemm_driver(a, b, M, N, K, nullptr, ep);
   return y;
 }
 

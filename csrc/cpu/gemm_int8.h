@@ -33,6 +33,7 @@ struct Epilogue {
 };
 
 // C = a @ b^T over contiguous int8 a [M, K] and b [N, K], K <= 131071 (checked by the caller).
+// M <= 4 goes to gemv_int8 (gemv_int8.h: one pass over b); larger M to the blocked GEMM.
 // If ep.fn is null the int32 result goes to c_out [M, N]; otherwise each finished block goes
 // through ep.fn. Reads QUANTKERNELS_CPU_ISA (cpu_isa.h) on the calling thread.
 void gemm_driver(const at::Tensor& a, const at::Tensor& b, int64_t M, int64_t N, int64_t K, int32_t* c_out,

@@ -1,5 +1,5 @@
 // Decode-size (M <= kGemvInt8MaxM) int8 x int8 -> int32 products for int8_gemm / w8a8_gemm
-// (gemm_int8.cpp calls gemv_int8 instead of gemm_driver for small M). Same contract as
+// (gemm_driver calls it for small M, so every caller, LLM.int8 included, gets it). Same contract as
 // gemm_driver (gemm_int8.h): exact int32 sums, c_out or the epilogue hooks.
 #pragma once
 
