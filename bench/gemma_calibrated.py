@@ -27,6 +27,7 @@ import argparse
 import copy
 import datetime
 import json
+import os
 import platform
 import sys
 import time
@@ -35,6 +36,7 @@ from pathlib import Path
 import torch
 
 import quantkernels as qk
+from quantkernels import _native
 from quantkernels import calibration as C
 from quantkernels import gptq as GQ
 from quantkernels import models
@@ -59,6 +61,16 @@ def data(tok, eval_tokens: int, pydoc_tokens: int, calib_window: int, use_tail: 
     eval_windows = _windows(ev, bos, models.WINDOW)
     calib = [dict(input_ids=w, logits_to_keep=1) for w in _windows(cal, bos, calib_window)]
     return eval_windows, calib, sources, len(ids)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
+    except OSError:
+        pass
+    return platform.machine()
 
 
 def rtn_sym(model, group_size=128):
@@ -140,7 +152,19 @@ def main(argv=None):
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None, help="markdown file; a .json with the numbers is written beside it")
+    p.add_argument("--render", nargs="+", default=None, metavar="JSON",
+                   help="no evaluation: merge these result files (runs split over several processes) into --out")
     a = p.parse_args(argv)
+    if a.render:
+        parts = [json.loads(Path(f).read_text()) for f in a.render]
+        res = dict(parts[0], rows=[r for part in parts for r in part["rows"]],
+                   command=[part["command"] for part in parts])
+        text = render(res)
+        if a.out:
+            Path(a.out).write_text(text)
+            Path(a.out).with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
+        print(text)
+        return res
     if a.threads:
         torch.set_num_threads(a.threads)
     path = models.resolve_model(models.GEMMA)
@@ -155,12 +179,11 @@ def main(argv=None):
                                 progress=False)
         absmax = {n: s.absmax for n, s in stats.items() if s.absmax is not None}
         print(f"SmoothQuant statistics: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    res = dict(model=models.GEMMA, date=datetime.date.today().isoformat(), machine=platform.processor() or
-               platform.machine(), threads=torch.get_num_threads(), torch=torch.__version__,
+    res = dict(model=models.GEMMA, date=datetime.date.today().isoformat(), machine=cpu_name(), threads=torch.get_num_threads(), torch=torch.__version__,
                eval=f"eval_text.txt tokens 0..{a.eval_tokens} of {total}, {len(evw)} windows of <= {models.WINDOW}",
                calibration=sources, calib_tokens=ncal, calib_windows=len(calib), calib_window=a.calib_window,
                command="python -m bench.gemma_calibrated " + " ".join(argv if argv is not None else sys.argv[1:]),
-               rows=[])
+               native_cpu_kernels=_native.AVAILABLE, rows=[])
     for v in variants:
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -173,8 +196,23 @@ def main(argv=None):
             del m
         if a.out:
             Path(a.out).with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
-    print(table(res))
+    text = render(res)
+    if a.out:
+        Path(a.out).write_text(text)
+    print(text)
     return res
+
+
+def render(res) -> str:
+    cmds = res["command"] if isinstance(res["command"], list) else [res["command"]]
+    head = [f"# Gemma-3-270M: GPTQ and SmoothQuant with disjoint calibration data", "",
+            f"- date {res['date']}, machine: {res['machine']}, torch {res['torch']}, {res['threads']} thread(s); "
+            f"native CPU kernels: {res['native_cpu_kernels']}",
+            f"- evaluation: perplexity on {res['eval']} (each window starts with BOS)",
+            f"- calibration ({res['calib_tokens']} tokens incl. BOS, {res['calib_windows']} windows of <= "
+            f"{res['calib_window']}): " + "; ".join(res["calibration"]) + ". No evaluation token is used.",
+            "- command(s): " + "; ".join(f"`nice -n 5 {c}`" for c in cmds), ""]
+    return "\n".join(head) + "\n" + table(res) + "\n"
 
 
 if __name__ == "__main__":
