@@ -15,7 +15,8 @@ Variants (``--variants``, comma-separated):
   fp32 | rtn | rtn-sym (w4a16 g128 round-to-nearest, asym / sym) |
   gptq | gptq-act | gptq-sym | gptq-sym-act (GPTQ w4a16 g128, act-order = static groups) |
   w8a8 | sq<alpha> (SmoothQuant + w8a8, e.g. sq0.5) | sqauto (per-group alpha chosen on the
-  calibration data, ``smoothquant.smooth_model(alpha="auto")``)
+  calibration data, ``smoothquant.smooth_model(alpha="auto")``); a w8a8 / sq variant followed by
+  ``@GLOB`` quantizes only the layers matching GLOB (``w8a8@*.self_attn.*``)
 
     nice -n 5 python -m bench.gemma_calibrated --threads 2 \
         --out bench/results/eval_gemma3-270m_calibrated.md
@@ -87,6 +88,8 @@ def rtn_sym(model, group_size=128):
 def build(name, base, calib, absmax, group_size):
     m = copy.deepcopy(base)
     info = ""
+    name, _, only = name.partition("@")   # "w8a8@*.mlp.*": quantize only the layers matching the glob
+    include = [only] if only else None
     if name == "fp32":
         return base, info
     if name == "rtn":
@@ -97,10 +100,11 @@ def build(name, base, calib, absmax, group_size):
         sym, act = "-sym" in name, "-act" in name
         GQ.gptq_quantize_model(m, calib, "w4a16", group_size=group_size, sym=sym, act_order=act, progress=False)
     elif name == "w8a8":
-        qk.quantize_model(m, "w8a8")
+        qk.quantize_model(m, "w8a8", include=include)
     elif name.startswith("sq"):
         alpha = "auto" if name == "sqauto" else float(name[2:])
-        S.smoothquant_quantize_model(m, calib, "w8a8", alpha=alpha, act_absmax=absmax, progress=False)
+        S.smoothquant_quantize_model(m, calib, "w8a8", alpha=alpha, act_absmax=absmax, include=include,
+                                     progress=False)
         rep = m.quantkernels_report.smoothquant
         info = f"folded {len(rep.folded)}, input_scale {len(rep.input_scale)}"
         if rep.alphas:
@@ -118,11 +122,24 @@ LABELS = {"fp32": "fp32", "rtn": "w4a16 g128 RTN asym", "rtn-sym": "w4a16 g128 R
 
 
 def label(v):
-    return LABELS.get(v) or f"w8a8 + SmoothQuant alpha {v[2:]}"
+    v, _, only = v.partition("@")
+    return (LABELS.get(v) or f"w8a8 + SmoothQuant alpha {v[2:]}") + (f", only {only}" if only else "")
+
+
+ORDER = ["fp32", "rtn", "gptq", "gptq-act", "rtn-sym", "gptq-sym", "gptq-sym-act", "w8a8"]
+
+
+def _order(v):
+    v, _, only = v.partition("@")
+    if only:
+        return (len(ORDER) + 1, only, 0.0 if v == "w8a8" else 2.0 if v == "sqauto" else float(v[2:]))
+    if v in ORDER:
+        return (ORDER.index(v), "", 0.0)
+    return (len(ORDER), "", 2.0 if v == "sqauto" else float(v[2:]))
 
 
 def table(res):
-    rows = res["rows"]
+    rows = sorted(res["rows"], key=lambda r: _order(r["variant"]))
     fp = next((r["ppl"] for r in rows if r["variant"] == "fp32"), None)
     ref = {"rtn": next((r["ppl"] for r in rows if r["variant"] == "rtn"), None),
            "rtn-sym": next((r["ppl"] for r in rows if r["variant"] == "rtn-sym"), None),
@@ -133,11 +150,12 @@ def table(res):
         v = r["variant"]
         vs = "" if fp is None or v == "fp32" else f"{(r['ppl'] / fp - 1) * 100:+.2f}%"
         base = "rtn-sym" if v.startswith("gptq-sym") else "rtn" if v.startswith("gptq") else \
-            "w8a8" if v.startswith("sq") else None
+            "w8a8" if v.startswith("sq") and "@" not in v else None
         share = ""
         if base and ref[base] and fp and ref[base] != fp:
-            share = f"{(r['ppl'] - fp) / (ref[base] - fp) * 100:.0f}% of {label(base)}'s"
-        out.append(f"| {label(v)} | {r['ppl']:.3f} | {vs} | {share} | {r['build_s']:.0f} | {r['info']} |")
+            share = f"{(r['ppl'] - fp) / (ref[base] - fp) * 100:.1f}% of {label(base)}'s"
+        info = r["info"] + ("" if r.get("native", True) else " (reference kernels: no quantkernels._C in that run)")
+        out.append(f"| {label(v)} | {r['ppl']:.3f} | {vs} | {share} | {r['build_s']:.0f} | {info.strip()} |")
     return "\n".join(out)
 
 
@@ -157,8 +175,12 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.render:
         parts = [json.loads(Path(f).read_text()) for f in a.render]
-        res = dict(parts[0], rows=[r for part in parts for r in part["rows"]],
-                   command=[part["command"] for part in parts])
+        keys = ("eval", "calibration", "calib_tokens", "calib_window")
+        if any(tuple(part[k] for k in keys) != tuple(parts[0][k] for k in keys) for part in parts):
+            raise SystemExit("--render: the runs used different evaluation / calibration data")
+        res = dict(parts[0], rows=[dict(r, native=part["native_cpu_kernels"]) for part in parts for r in part["rows"]],
+                   command=[part["command"] for part in parts],
+                   native_cpu_kernels=sorted({part["native_cpu_kernels"] for part in parts}))
         text = render(res)
         if a.out:
             Path(a.out).write_text(text)
