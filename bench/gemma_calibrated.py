@@ -14,7 +14,8 @@ cut into windows of ``--calib-window`` tokens, each with BOS. The model runs wit
 Variants (``--variants``, comma-separated):
   fp32 | rtn | rtn-sym (w4a16 g128 round-to-nearest, asym / sym) |
   gptq | gptq-act | gptq-sym | gptq-sym-act (GPTQ w4a16 g128, act-order = static groups) |
-  w8a8 | sq<alpha> (SmoothQuant + w8a8, e.g. sq0.5) | sqauto (per-group alpha chosen on the
+  w8a8 | sq<alpha> (SmoothQuant + w8a8, e.g. sq0.5) | sqn<alpha> (smoothing only the layers read
+  from a norm: q/k/v and gate/up, as the SmoothQuant reference code does) | sqauto (per-group alpha chosen on the
   calibration data, ``smoothquant.smooth_model(alpha="auto")``); a w8a8 / sq variant followed by
   ``@GLOB`` quantizes only the layers matching GLOB (``w8a8@*.self_attn.*``)
 
@@ -102,9 +103,11 @@ def build(name, base, calib, absmax, group_size):
     elif name == "w8a8":
         qk.quantize_model(m, "w8a8", include=include)
     elif name.startswith("sq"):
-        alpha = "auto" if name == "sqauto" else float(name[2:])
+        groups = "norm" if name.startswith("sqn") else "all"
+        a = name[3:] if groups == "norm" else name[2:]
+        alpha = "auto" if a == "auto" else float(a)
         S.smoothquant_quantize_model(m, calib, "w8a8", alpha=alpha, act_absmax=absmax, include=include,
-                                     progress=False)
+                                     groups=groups, progress=False)
         rep = m.quantkernels_report.smoothquant
         info = f"folded {len(rep.folded)}, input_scale {len(rep.input_scale)}"
         if rep.alphas:
@@ -123,19 +126,28 @@ LABELS = {"fp32": "fp32", "rtn": "w4a16 g128 RTN asym", "rtn-sym": "w4a16 g128 R
 
 def label(v):
     v, _, only = v.partition("@")
-    return (LABELS.get(v) or f"w8a8 + SmoothQuant alpha {v[2:]}") + (f", only {only}" if only else "")
+    if v.startswith("sqn"):
+        lab = f"w8a8 + SmoothQuant alpha {v[3:]}, norm-fed layers only (q/k/v, gate/up)"
+    else:
+        lab = LABELS.get(v) or f"w8a8 + SmoothQuant alpha {v[2:]}"
+    return lab + (f", only {only}" if only else "")
 
 
 ORDER = ["fp32", "rtn", "gptq", "gptq-act", "rtn-sym", "gptq-sym", "gptq-sym-act", "w8a8"]
 
 
+def _alpha(v):
+    a = v[3:] if v.startswith("sqn") else v[2:]
+    return 2.0 if a == "auto" else float(a)
+
+
 def _order(v):
     v, _, only = v.partition("@")
     if only:
-        return (len(ORDER) + 1, only, 0.0 if v == "w8a8" else 2.0 if v == "sqauto" else float(v[2:]))
+        return (len(ORDER) + 2, only, 0.0 if v == "w8a8" else _alpha(v))
     if v in ORDER:
         return (ORDER.index(v), "", 0.0)
-    return (len(ORDER), "", 2.0 if v == "sqauto" else float(v[2:]))
+    return (len(ORDER) + (1 if v.startswith("sqn") else 0), "", _alpha(v))
 
 
 def table(res):

@@ -232,7 +232,7 @@ def smooth_model(model: nn.Module, act_absmax: Dict[str, Tensor], alpha: Union[f
                  layers: Optional[Iterable[str]] = None, fold: bool = True,
                  samples: Optional[Dict[str, Tensor]] = None, scheme: str = "w8a8",
                  candidates: Iterable[float] = AUTO_ALPHAS, group_size: int = 128, threshold: float = 6.0,
-                 backend: str = "auto") -> SmoothReport:
+                 backend: str = "auto", groups: str = "all") -> SmoothReport:
     """Applies SmoothQuant to the *float* model in place: multiplies the weights of the ``layers``
     (default: every layer in ``act_absmax``) by ``s`` and folds ``1/s`` into producers where
     possible. Layers whose ``1/s`` could not be folded are listed in ``report.input_scale``: the
@@ -243,7 +243,14 @@ def smooth_model(model: nn.Module, act_absmax: Dict[str, Tensor], alpha: Union[f
     whose ``scheme``-quantized layers reproduce the float outputs best on ``samples`` (input rows
     of each group's first consumer: ``collect_smoothing_samples``); ``report.alphas`` lists the
     choices. The other arguments (``group_size``, ``threshold``, ``backend``) are those of the
-    quantization that follows."""
+    quantization that follows.
+
+    ``groups="norm"`` smooths only the layers read from a LayerNorm / RMSNorm (q/k/v and gate/up
+    or fc1 in pre-norm decoders), as the SmoothQuant authors' code does; ``"all"`` (default) also
+    smooths the layers after a linear one (o_proj, down_proj: folded or ``input_scale``) and
+    every other linear layer (``input_scale``)."""
+    if groups not in ("all", "norm"):
+        raise ValueError(f"quantkernels.smoothquant: groups must be 'all' or 'norm', got {groups!r}")
     auto = isinstance(alpha, str)
     if auto and alpha != "auto":
         raise ValueError(f"quantkernels.smoothquant: alpha must be a number in [0, 1] or 'auto', got {alpha!r}")
@@ -271,6 +278,8 @@ def smooth_model(model: nn.Module, act_absmax: Dict[str, Tensor], alpha: Union[f
         return None if best is None else smoothing_scale(a_max, Ws, best)
 
     for grp in smoothing_groups(model, fold):
+        if groups == "norm" and (grp.producer is None or is_linear(model.get_submodule(grp.producer))):
+            continue
         if grp.producer is not None:
             # folding changes the producer's output for every consumer: all must be smoothed
             if not all(c in act_absmax for c in grp.consumers) or not any(c in wanted for c in grp.consumers):
@@ -307,7 +316,8 @@ def smoothquant_quantize_model(model: nn.Module, batches: Iterable, scheme: str 
                                exclude=("lm_head",), group_size: int = 128, threshold: float = 6.0,
                                backend: str = "auto", mask_padding: bool = True, progress: bool = True,
                                act_absmax: Optional[Dict[str, Tensor]] = None,
-                               candidates: Iterable[float] = AUTO_ALPHAS, auto_rows: int = 512) -> nn.Module:
+                               candidates: Iterable[float] = AUTO_ALPHAS, auto_rows: int = 512,
+                               groups: str = "all") -> nn.Module:
     """Calibrates (per-channel input absmax, one pass), smooths (``smooth_model``), then
     ``quantize_model(model, scheme, ...)``; layers whose smoothing is not folded get
     ``QuantLinear.input_scale``. In place; ``model.quantkernels_report.smoothquant`` holds the
@@ -316,7 +326,8 @@ def smoothquant_quantize_model(model: nn.Module, batches: Iterable, scheme: str 
     ``act_absmax``: statistics already collected on this very (float) model over ``batches``
     (``collect_stats(..., absmax=True)`` of every linear layer), e.g. to sweep ``alpha`` without
     recalibrating. ``alpha="auto"`` picks each group's alpha among ``candidates`` (or none) on
-    up to ``auto_rows`` input rows per group (one more pass over ``batches``)."""
+    up to ``auto_rows`` input rows per group (one more pass over ``batches``). ``groups``: which
+    layers are smoothed (``smooth_model``)."""
     _check_scheme(scheme)
     batches = list(batches)
     layers = select_linears(model, include, exclude)
@@ -338,7 +349,8 @@ def smoothquant_quantize_model(model: nn.Module, batches: Iterable, scheme: str 
                   and all(c in absmax for c in g.consumers)]
         samples = collect_smoothing_samples(model, batches, groups, max_rows=auto_rows, mask_padding=mask_padding)
     rep = smooth_model(model, absmax, alpha, layers=list(targets), fold=fold, samples=samples, scheme=scheme,
-                       candidates=candidates, group_size=group_size, threshold=threshold, backend=backend)
+                       candidates=candidates, group_size=group_size, threshold=threshold, backend=backend,
+                       groups=groups)
     quantize_model(model, scheme, include=include, exclude=exclude, group_size=group_size, threshold=threshold,
                    backend=backend)
     qrep = model.quantkernels_report

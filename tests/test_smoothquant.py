@@ -313,3 +313,25 @@ def test_save_load_round_trip_with_input_scale(tmp_path, scheme):
     (tmp_path / "quantization_config.json").write_text(json.dumps(cfg))
     with pytest.raises(qk.CheckpointError, match="input_scale must be true or false"):
         qk.load_quantized(_tiny("gemma3"), tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_norm_only_groups(kind):
+    """groups='norm' (the SmoothQuant reference code's choice) smooths q/k/v and gate/up only, all
+    folded into their norms, and the float model stays equivalent."""
+    model = _tiny(kind)
+    batches = _calib()
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = _out(model, ids)
+    stats = C.collect_stats(model, batches, layers=C.select_linears(model, None, ()), hessian=False, progress=False)
+    rep = S.smooth_model(model, {n: s.absmax for n, s in stats.items()}, 0.5, layers=list(C.select_linears(model)),
+                         groups="norm")
+    assert not rep.input_scale
+    assert {n.split(".", 3)[3] for n in rep.folded} == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                        "mlp.gate_proj", "mlp.up_proj"}
+    assert all(p.endswith("layernorm") for p in rep.folded.values())
+    with torch.no_grad():
+        torch.testing.assert_close(_out(model, ids), ref, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="groups"):
+        S.smooth_model(model, {}, 0.5, groups="some")
