@@ -14,7 +14,12 @@ output reaches ``X`` through per-channel operations only (``v_proj -> o_proj`` w
 KV heads, ``up_proj -> down_proj`` through ``act(gate) * up``, BERT's ``value -> attention.output``).
 Everywhere else (e.g. BERT's post-norm residual stream, GELU before ``output.dense``, a pooler)
 ``s`` is stored in ``QuantLinear.input_scale`` and the forward divides ``x`` by it before the
-per-token quantization.
+per-token quantization (``save_quantized`` / ``load_quantized`` keep that buffer).
+
+``alpha`` is one number for the whole model, or ``"auto"``: per smoothing group, the candidate
+alpha (or no smoothing) whose quantized layers reproduce the float outputs best on calibration
+rows. ``groups="norm"`` restricts smoothing to the layers read from a norm (q/k/v, gate/up), as
+the SmoothQuant authors' code does.
 """
 
 from __future__ import annotations
