@@ -1,11 +1,11 @@
 """Issue 7 on Gemma-3-270M: GPTQ vs round-to-nearest (w4a16 g128) and SmoothQuant vs plain w8a8,
 perplexity with calibration data disjoint from the evaluation tokens.
 
-Evaluation: the first ``--eval-tokens`` (default 1024) Gemma tokens of quantkernels/data/eval_text.txt
-in windows of 512 (each with BOS), exactly what ``quantkernels eval --max-tokens 1024`` scores.
-Calibration (never the evaluation tokens):
-  - ``tail``: the rest of eval_text.txt (tokens 1024 .. end, ~1,380 tokens: later paragraphs of
-    the same public-domain books, so in-domain but disjoint), and
+Evaluation: ``--eval-tokens`` (default 1024) Gemma tokens of quantkernels/data/eval_text.txt from
+``--eval-start`` (default 0) in windows of 512 (each with BOS); the default is exactly what
+``quantkernels eval --max-tokens 1024`` scores. Calibration (never the evaluation tokens):
+  - the rest of eval_text.txt (unless ``--no-tail``; by default tokens 1024 .. end, ~1,380
+    tokens: later paragraphs of the same public-domain books, so in-domain but disjoint), and
   - ``pydoc``: ``--pydoc-tokens`` tokens of English prose from Python's own documentation
     (``calibration.offline_paragraphs``), out of domain,
 cut into windows of ``--calib-window`` tokens, each with BOS. The model runs with
@@ -49,11 +49,12 @@ def _windows(ids, bos, window):
     return [torch.tensor([bos] + ids[i:i + window]).unsqueeze(0) for i in range(0, len(ids), window)]
 
 
-def data(tok, eval_tokens: int, pydoc_tokens: int, calib_window: int, use_tail: bool = True):
+def data(tok, eval_tokens: int, pydoc_tokens: int, calib_window: int, use_tail: bool = True, eval_start: int = 0):
     ids = tok(models.eval_text(), add_special_tokens=False, verbose=False)["input_ids"]
-    ev, tail = ids[:eval_tokens], ids[eval_tokens:]
-    cal = list(tail) if use_tail else []
-    sources = [f"eval_text.txt tokens {eval_tokens}..{len(ids)} ({len(tail)} tokens)"] if use_tail else []
+    end = min(eval_start + eval_tokens, len(ids))
+    ev, rest = ids[eval_start:end], ids[:eval_start] + ids[end:]
+    cal = list(rest) if use_tail else []
+    sources = [f"eval_text.txt outside the evaluation tokens ({len(rest)} tokens)"] if use_tail else []
     if pydoc_tokens:
         doc = tok(" ".join(C.offline_paragraphs()), add_special_tokens=False, verbose=False)["input_ids"]
         cal += doc[:pydoc_tokens]
@@ -62,7 +63,7 @@ def data(tok, eval_tokens: int, pydoc_tokens: int, calib_window: int, use_tail: 
     bos = tok.bos_token_id
     eval_windows = _windows(ev, bos, models.WINDOW)
     calib = [dict(input_ids=w, logits_to_keep=1) for w in _windows(cal, bos, calib_window)]
-    return eval_windows, calib, sources, len(ids)
+    return eval_windows, calib, sources, len(ids), (eval_start, end)
 
 
 def cpu_name() -> str:
@@ -176,6 +177,7 @@ def main(argv=None):
     p.add_argument("--variants", default="fp32,rtn,gptq,gptq-act,rtn-sym,gptq-sym,gptq-sym-act,w8a8,"
                                           "sq0.5,sq0.65,sq0.8,sqauto")
     p.add_argument("--eval-tokens", type=int, default=1024)
+    p.add_argument("--eval-start", type=int, default=0, help="first evaluation token (default 0)")
     p.add_argument("--pydoc-tokens", type=int, default=2700)
     p.add_argument("--no-tail", action="store_true", help="calibrate on the Python documentation prose only")
     p.add_argument("--calib-window", type=int, default=256)
@@ -203,7 +205,8 @@ def main(argv=None):
         torch.set_num_threads(a.threads)
     path = models.resolve_model(models.GEMMA)
     base, tok, _ = models.load_float_model(path)
-    evw, calib, sources, total = data(tok, a.eval_tokens, a.pydoc_tokens, a.calib_window, not a.no_tail)
+    evw, calib, sources, total, (e0, e1) = data(tok, a.eval_tokens, a.pydoc_tokens, a.calib_window, not a.no_tail,
+                                                a.eval_start)
     ncal = sum(b["input_ids"].numel() for b in calib)
     variants = [v.strip() for v in a.variants.split(",") if v.strip()]
     absmax = None
@@ -214,7 +217,7 @@ def main(argv=None):
         absmax = {n: s.absmax for n, s in stats.items() if s.absmax is not None}
         print(f"SmoothQuant statistics: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     res = dict(model=models.GEMMA, date=datetime.date.today().isoformat(), machine=cpu_name(), threads=torch.get_num_threads(), torch=torch.__version__,
-               eval=f"eval_text.txt tokens 0..{a.eval_tokens} of {total}, {len(evw)} windows of <= {models.WINDOW}",
+               eval=f"eval_text.txt tokens {e0}..{e1} of {total}, {len(evw)} windows of <= {models.WINDOW}",
                calibration=sources, calib_tokens=ncal, calib_windows=len(calib), calib_window=a.calib_window,
                command="python -m bench.gemma_calibrated " + " ".join(argv if argv is not None else sys.argv[1:]),
                native_cpu_kernels=_native.AVAILABLE, rows=[])
