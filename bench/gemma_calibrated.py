@@ -29,6 +29,7 @@ import argparse
 import copy
 import datetime
 import json
+import math
 import os
 import platform
 import sys
@@ -186,19 +187,20 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="markdown file; a .json with the numbers is written beside it")
     p.add_argument("--render", nargs="+", default=None, metavar="JSON",
                    help="no evaluation: merge these result files (runs split over several processes) into --out")
+    p.add_argument("--heldout", nargs="+", default=None, metavar="JSON",
+                   help="with --render: result files of a second evaluation range (its own calibration), shown "
+                        "after the first, plus the perplexity pooled over both ranges")
     a = p.parse_args(argv)
     if a.render:
-        parts = [json.loads(Path(f).read_text()) for f in a.render]
-        keys = ("eval", "calibration", "calib_tokens", "calib_window")
-        if any(tuple(part[k] for k in keys) != tuple(parts[0][k] for k in keys) for part in parts):
-            raise SystemExit("--render: the runs used different evaluation / calibration data")
-        res = dict(parts[0], rows=[dict(r, native=part["native_cpu_kernels"]) for part in parts for r in part["rows"]],
-                   command=[part["command"] for part in parts],
-                   native_cpu_kernels=sorted({part["native_cpu_kernels"] for part in parts}))
+        res = merge(a.render)
         text = render(res)
+        if a.heldout:
+            held = merge(a.heldout)
+            text += "\n## Second evaluation range\n\n" + render(held, title=False) + "\n" + pooled(res, held)
         if a.out:
             Path(a.out).write_text(text)
-            Path(a.out).with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
+            Path(a.out).with_suffix(".json").write_text(json.dumps(dict(res, heldout=held if a.heldout else None),
+                                                                   indent=1) + "\n")
         print(text)
         return res
     if a.threads:
@@ -240,9 +242,38 @@ def main(argv=None):
     return res
 
 
-def render(res) -> str:
+def merge(files):
+    parts = [json.loads(Path(f).read_text()) for f in files]
+    keys = ("eval", "calibration", "calib_tokens", "calib_window")
+    if any(tuple(part[k] for k in keys) != tuple(parts[0][k] for k in keys) for part in parts):
+        raise SystemExit(f"--render: the runs {files} used different evaluation / calibration data")
+    return dict(parts[0], rows=[dict(r, native=part["native_cpu_kernels"]) for part in parts for r in part["rows"]],
+                command=[part["command"] for part in parts],
+                native_cpu_kernels=sorted({part["native_cpu_kernels"] for part in parts}))
+
+
+def pooled(a, b) -> str:
+    """Perplexity over both evaluation ranges together (token-weighted mean NLL), for the variants
+    measured on both; each range was calibrated without its own tokens."""
+    pa = {r["variant"]: r for r in a["rows"]}
+    pb = {r["variant"]: r for r in b["rows"]}
+    rows = []
+    for v in sorted(set(pa) & set(pb), key=_order):
+        ra, rb = pa[v], pb[v]
+        n = ra["tokens"] + rb["tokens"]
+        rows.append(dict(variant=v, ppl=math.exp((ra["tokens"] * math.log(ra["ppl"]) + rb["tokens"] * math.log(rb["ppl"]))
+                                                 / n), tokens=n, build_s=float("nan"), info="", native=True))
+    if not rows:
+        return ""
+    t = table(dict(rows=rows)).replace(" build s |", "").replace("|---|---|---|---|---|---|", "|---|---|---|---|---|")
+    t = "\n".join(line.replace(" nan |", "") for line in t.splitlines())
+    return (f"## Both ranges pooled\n\nPerplexity over all {rows[0]['tokens']} scored tokens (mean NLL weighted by "
+            f"tokens; each range with its own calibration, never containing its tokens):\n\n" + t + "\n")
+
+
+def render(res, title: bool = True) -> str:
     cmds = res["command"] if isinstance(res["command"], list) else [res["command"]]
-    head = [f"# Gemma-3-270M: GPTQ and SmoothQuant with disjoint calibration data", "",
+    head = (["# Gemma-3-270M: GPTQ and SmoothQuant with disjoint calibration data", ""] if title else []) + [
             f"- date {res['date']}, machine: {res['machine']}, torch {res['torch']}, {res['threads']} thread(s); "
             f"native CPU kernels: {res['native_cpu_kernels']}",
             f"- evaluation: perplexity on {res['eval']} (each window starts with BOS)",
