@@ -350,9 +350,9 @@ def smoothquant_quantize_model(model: nn.Module, batches: Iterable, scheme: str 
         absmax = dict(act_absmax)
     samples = None
     if alpha == "auto":
-        groups = [g for g in smoothing_groups(model, fold) if any(c in targets for c in g.consumers)
-                  and all(c in absmax for c in g.consumers)]
-        samples = collect_smoothing_samples(model, batches, groups, max_rows=auto_rows, mask_padding=mask_padding)
+        sgroups = [g for g in smoothing_groups(model, fold) if any(c in targets for c in g.consumers)
+                   and all(c in absmax for c in g.consumers)]
+        samples = collect_smoothing_samples(model, batches, sgroups, max_rows=auto_rows, mask_padding=mask_padding)
     rep = smooth_model(model, absmax, alpha, layers=list(targets), fold=fold, samples=samples, scheme=scheme,
                        candidates=candidates, group_size=group_size, threshold=threshold, backend=backend,
                        groups=groups)

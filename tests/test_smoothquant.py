@@ -335,3 +335,8 @@ def test_norm_only_groups(kind):
         torch.testing.assert_close(_out(model, ids), ref, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="groups"):
         S.smooth_model(model, {}, 0.5, groups="some")
+    # through smoothquant_quantize_model, with alpha="auto": only the norm-fed groups get an alpha
+    sq = qk.smoothquant_quantize_model(_tiny(kind), batches, "w8a8", alpha="auto", groups="norm", progress=False)
+    rep = sq.quantkernels_report.smoothquant
+    assert not rep.input_scale and rep.alphas
+    assert {n.split(".", 3)[3] for n in rep.alphas} == {"self_attn.q_proj", "mlp.gate_proj"}
