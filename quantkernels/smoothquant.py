@@ -199,13 +199,13 @@ def collect_smoothing_samples(model: nn.Module, batches: Iterable, groups: List[
 
 
 @torch.no_grad()
-def _group_error(x: Tensor, weights: List[Tensor], biases: List[Optional[Tensor]], s: Optional[Tensor],
-                 scheme: str, group_size: int, threshold: float, backend: str) -> float:
+def _group_error(x: Tensor, weights: List[Tensor], s: Optional[Tensor], scheme: str, group_size: int,
+                 threshold: float, backend: str) -> float:
     """Sum over the group's layers of ||x W^T - QuantLinear(W * s)(x / s)||^2 / ||x W^T||^2."""
     from .nn import QuantLinear
 
     err = 0.0
-    for W, b in zip(weights, biases):
+    for W in weights:   # biases cancel in the difference: left out
         W = W.detach().float()
         ref = x @ W.t()
         lin = nn.utils.skip_init(nn.Linear, W.shape[1], W.shape[0], bias=False)
@@ -223,11 +223,11 @@ def choose_alpha(x: Tensor, act_absmax: Tensor, weights: List[Tensor], *, scheme
     """The migration strength minimizing the group's relative output error on the sample rows ``x``
     (quantized as ``scheme`` would), among ``candidates`` and None (no smoothing, ``s = 1``).
     Returns (best, {candidate: error})."""
-    errs: Dict[Optional[float], float] = {None: _group_error(x, weights, [None] * len(weights), None, scheme,
-                                                             group_size, threshold, backend)}
+    errs: Dict[Optional[float], float] = {None: _group_error(x, weights, None, scheme, group_size, threshold,
+                                                             backend)}
     for a in candidates:
         s = smoothing_scale(act_absmax, weights, float(a))
-        errs[float(a)] = _group_error(x, weights, [None] * len(weights), s, scheme, group_size, threshold, backend)
+        errs[float(a)] = _group_error(x, weights, s, scheme, group_size, threshold, backend)
     best = min(errs, key=lambda k: errs[k])
     return best, errs
 
