@@ -78,7 +78,7 @@ def init_empty_weights() -> Iterator[None]:
 def _module_entry(m: QuantLinear) -> Dict[str, Any]:
     return {"scheme": m.scheme, "weight_format": m.weight_format.value, "group_size": m.group_size,
             "threshold": m.threshold, "in_features": m.in_features, "out_features": m.out_features,
-            "bias": m.bias is not None}
+            "bias": m.bias is not None, "input_scale": m.input_scale is not None}
 
 
 def _common(entries: Dict[str, Dict[str, Any]], key: str):
@@ -197,6 +197,8 @@ def read_config(path: PathLike) -> Dict[str, Any]:
         if e["weight_format"] != fmt:
             raise _err(cfg_path, f"modules[{name!r}]: weight_format {e['weight_format']!r} does not match scheme "
                                  f"{e['scheme']!r} (which stores {fmt!r})")
+        if not isinstance(e.get("input_scale", False), bool):
+            raise _err(cfg_path, f"modules[{name!r}]: input_scale must be true or false, got {e['input_scale']!r}")
         if not isinstance(e["threshold"], (int, float)) or math.isnan(e["threshold"]):
             raise _err(cfg_path, f"modules[{name!r}]: threshold must be a number, got {e['threshold']!r}")
         why = unsupported_reason(e["scheme"], e["in_features"], e["out_features"], e["group_size"]) \
@@ -270,6 +272,8 @@ def load_quantized(model: nn.Module, path: PathLike, *, backend: str = "auto",
                           f"{'a' if old_bias is not None else 'no'} bias")
         q = QuantLinear(K, N, bias=e["bias"], scheme=e["scheme"], group_size=e["group_size"],
                         threshold=e["threshold"], backend=backend, device="meta")
+        if e.get("input_scale", False):  # SmoothQuant scales that could not be folded (float32 [K])
+            q.input_scale = torch.empty(K, dtype=torch.float32, device="meta")
         new_modules[name] = q
         for k, t in q.state_dict().items():
             expected[f"{name}.{k}" if name else k] = t

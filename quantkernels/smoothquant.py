@@ -14,13 +14,18 @@ output reaches ``X`` through per-channel operations only (``v_proj -> o_proj`` w
 KV heads, ``up_proj -> down_proj`` through ``act(gate) * up``, BERT's ``value -> attention.output``).
 Everywhere else (e.g. BERT's post-norm residual stream, GELU before ``output.dense``, a pooler)
 ``s`` is stored in ``QuantLinear.input_scale`` and the forward divides ``x`` by it before the
-per-token quantization.
+per-token quantization (``save_quantized`` / ``load_quantized`` keep that buffer).
+
+``alpha`` is one number for the whole model, or ``"auto"``: per smoothing group, the candidate
+alpha (or no smoothing) whose quantized layers reproduce the float outputs best on calibration
+rows. ``groups="norm"`` restricts smoothing to the layers read from a norm (q/k/v, gate/up), as
+the SmoothQuant authors' code does.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -131,28 +136,164 @@ class SmoothReport:
     folded: Dict[str, str] = field(default_factory=dict)        # consumer -> producer that absorbed 1/s
     input_scale: List[str] = field(default_factory=list)        # layers dividing x by s at run time
     scales: Dict[str, Tensor] = field(default_factory=dict)     # consumer -> s
+    # alpha="auto": first consumer of each group -> the alpha chosen (None: left unsmoothed)
+    alphas: Dict[str, Optional[float]] = field(default_factory=dict)
+
+
+#: the migration strengths ``alpha="auto"`` tries for each group (plus "no smoothing")
+AUTO_ALPHAS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+class _Sampler:
+    """Forward pre-hooks keeping up to ``max_rows`` input rows (evenly spaced over all the tokens
+    seen) of one layer per smoothing group: the data ``alpha="auto"`` scores candidates on."""
+
+    def __init__(self, modules: Dict[str, nn.Module], max_rows: int):
+        self.modules, self.max_rows = modules, max_rows
+        self.rows: Dict[str, List[Tensor]] = {n: [] for n in modules}
+        self.mask: Optional[Tensor] = None
+        self._handles = []
+
+    def _hook(self, name):
+        def hook(mod, args, kwargs):
+            x = args[0] if args else next(iter(kwargs.values()))
+            if self.mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(self.mask.shape):
+                x = x[self.mask.to(x.device)]
+            self.rows[name].append(x.detach().reshape(-1, x.shape[-1]).float().cpu())
+        return hook
+
+    def __enter__(self):
+        for n, m in self.modules.items():
+            self._handles.append(m.register_forward_pre_hook(self._hook(n), with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def samples(self) -> Dict[str, Tensor]:
+        out = {}
+        for n, parts in self.rows.items():
+            if not parts:
+                continue
+            x = torch.cat(parts)
+            if x.shape[0] > self.max_rows:
+                x = x[torch.linspace(0, x.shape[0] - 1, self.max_rows).round().long()]
+            out[n] = x
+        return out
 
 
 @torch.no_grad()
-def smooth_model(model: nn.Module, act_absmax: Dict[str, Tensor], alpha: float = 0.5, *,
-                 layers: Optional[Iterable[str]] = None, fold: bool = True) -> SmoothReport:
+def collect_smoothing_samples(model: nn.Module, batches: Iterable, groups: List[SmoothGroup], *,
+                              max_rows: int = 512, mask_padding: bool = True) -> Dict[str, Tensor]:
+    """Input rows of each group's first consumer (``max_rows`` at most, evenly spaced), float32 on the CPU."""
+    from .calibration import _token_mask, call_model
+
+    mods = {g.consumers[0]: model.get_submodule(g.consumers[0]) for g in groups}
+    with _Sampler(mods, max_rows) as s:
+        for b in batches:
+            s.mask = _token_mask(b) if mask_padding else None
+            call_model(model, b)
+    return s.samples()
+
+
+@torch.no_grad()
+def _group_error(x: Tensor, weights: List[Tensor], s: Optional[Tensor], scheme: str, group_size: int,
+                 threshold: float, backend: str) -> float:
+    """Sum over the group's layers of ||x W^T - QuantLinear(W * s)(x / s)||^2 / ||x W^T||^2."""
+    from .nn import QuantLinear
+
+    err = 0.0
+    for W in weights:   # biases cancel in the difference: left out
+        W = W.detach().float()
+        ref = x @ W.t()
+        lin = nn.utils.skip_init(nn.Linear, W.shape[1], W.shape[0], bias=False)
+        lin.weight = nn.Parameter(W * s.unsqueeze(0) if s is not None else W.clone(), requires_grad=False)
+        ql = QuantLinear.from_linear(lin, scheme, group_size=group_size, threshold=threshold, backend=backend)
+        out = ql(x / s if s is not None else x)
+        err += ((ref - out).double().pow(2).sum() / ref.double().pow(2).sum().clamp(min=1e-30)).item()
+    return err
+
+
+@torch.no_grad()
+def choose_alpha(x: Tensor, act_absmax: Tensor, weights: List[Tensor], *, scheme: str = "w8a8",
+                 candidates: Iterable[float] = AUTO_ALPHAS, group_size: int = 128, threshold: float = 6.0,
+                 backend: str = "auto") -> Tuple[Optional[float], Dict[Optional[float], float]]:
+    """The migration strength minimizing the group's relative output error on the sample rows ``x``
+    (quantized as ``scheme`` would), among ``candidates`` and None (no smoothing, ``s = 1``).
+    Returns (best, {candidate: error})."""
+    errs: Dict[Optional[float], float] = {None: _group_error(x, weights, None, scheme, group_size, threshold,
+                                                             backend)}
+    for a in candidates:
+        s = smoothing_scale(act_absmax, weights, float(a))
+        errs[float(a)] = _group_error(x, weights, s, scheme, group_size, threshold, backend)
+    best = min(errs, key=lambda k: errs[k])
+    return best, errs
+
+
+@torch.no_grad()
+def smooth_model(model: nn.Module, act_absmax: Dict[str, Tensor], alpha: Union[float, str] = 0.5, *,
+                 layers: Optional[Iterable[str]] = None, fold: bool = True,
+                 samples: Optional[Dict[str, Tensor]] = None, scheme: str = "w8a8",
+                 candidates: Iterable[float] = AUTO_ALPHAS, group_size: int = 128, threshold: float = 6.0,
+                 backend: str = "auto", groups: str = "all") -> SmoothReport:
     """Applies SmoothQuant to the *float* model in place: multiplies the weights of the ``layers``
     (default: every layer in ``act_absmax``) by ``s`` and folds ``1/s`` into producers where
     possible. Layers whose ``1/s`` could not be folded are listed in ``report.input_scale``: the
     caller must divide their input by ``report.scales[name]`` (``smoothquant_quantize_model``
-    stores it in ``QuantLinear.input_scale``). The float model stays equivalent only after that."""
-    if not 0 <= alpha <= 1:
+    stores it in ``QuantLinear.input_scale``). The float model stays equivalent only after that.
+
+    ``alpha="auto"``: per smoothing group, the alpha among ``candidates`` (or no smoothing at all)
+    whose ``scheme``-quantized layers reproduce the float outputs best on ``samples`` (input rows
+    of each group's first consumer: ``collect_smoothing_samples``); ``report.alphas`` lists the
+    choices. The other arguments (``group_size``, ``threshold``, ``backend``) are those of the
+    quantization that follows.
+
+    ``groups="norm"`` smooths only the layers read from a LayerNorm / RMSNorm (q/k/v and gate/up
+    or fc1 in pre-norm decoders), as the SmoothQuant authors' code does; ``"all"`` (default) also
+    smooths the layers after a linear one (o_proj, down_proj: folded or ``input_scale``) and
+    every other linear layer (``input_scale``)."""
+    if groups not in ("all", "norm"):
+        raise ValueError(f"quantkernels.smoothquant: groups must be 'all' or 'norm', got {groups!r}")
+    auto = isinstance(alpha, str)
+    if auto and alpha != "auto":
+        raise ValueError(f"quantkernels.smoothquant: alpha must be a number in [0, 1] or 'auto', got {alpha!r}")
+    if not auto and not 0 <= alpha <= 1:
         raise ValueError(f"quantkernels.smoothquant: alpha must be in [0, 1], got {alpha}")
+    candidates = tuple(float(c) for c in candidates)
+    if auto:
+        if samples is None:
+            raise ValueError("quantkernels.smoothquant: alpha='auto' needs samples= (collect_smoothing_samples)")
+        if not candidates or not all(0 <= c <= 1 for c in candidates):
+            raise ValueError(f"quantkernels.smoothquant: candidates must be alphas in [0, 1], got {candidates}")
     wanted = set(act_absmax if layers is None else layers)
-    rep = SmoothReport(alpha)
+    rep = SmoothReport(float("nan") if auto else float(alpha))
+
+    def scale_for(names: List[str], mods: List[nn.Module], a_max: Tensor) -> Optional[Tensor]:
+        Ws = [linear_weight(m) for m in mods]
+        if not auto:
+            return smoothing_scale(a_max, Ws, alpha)
+        x = samples.get(names[0])
+        if x is None:
+            raise ValueError(f"quantkernels.smoothquant: alpha='auto' has no input samples for {names[0]}")
+        best, _ = choose_alpha(x.to(Ws[0].device), a_max, Ws, scheme=scheme, candidates=candidates,
+                               group_size=group_size, threshold=threshold, backend=backend)
+        rep.alphas[names[0]] = best
+        return None if best is None else smoothing_scale(a_max, Ws, best)
+
     for grp in smoothing_groups(model, fold):
+        if groups == "norm" and (grp.producer is None or is_linear(model.get_submodule(grp.producer))):
+            continue
         if grp.producer is not None:
             # folding changes the producer's output for every consumer: all must be smoothed
             if not all(c in act_absmax for c in grp.consumers) or not any(c in wanted for c in grp.consumers):
                 continue
             mods = [model.get_submodule(c) for c in grp.consumers]
             a = torch.stack([act_absmax[c].float() for c in grp.consumers]).amax(dim=0)
-            s = smoothing_scale(a, [linear_weight(m) for m in mods], alpha)
+            s = scale_for(grp.consumers, mods, a)
+            if s is None:
+                continue
             _fold_into(model.get_submodule(grp.producer), s)
             for c, m in zip(grp.consumers, mods):
                 W = linear_weight(m)
@@ -164,8 +305,10 @@ def smooth_model(model: nn.Module, act_absmax: Dict[str, Tensor], alpha: float =
                 if c not in wanted or c not in act_absmax:
                     continue
                 m = model.get_submodule(c)
+                s = scale_for([c], [m], act_absmax[c].float())
+                if s is None:
+                    continue
                 W = linear_weight(m)
-                s = smoothing_scale(act_absmax[c], [W], alpha)
                 W.mul_(s.to(W.dtype).unsqueeze(0))
                 rep.input_scale.append(c)
                 rep.scales[c] = s
@@ -173,26 +316,46 @@ def smooth_model(model: nn.Module, act_absmax: Dict[str, Tensor], alpha: float =
 
 
 @torch.no_grad()
-def smoothquant_quantize_model(model: nn.Module, batches: Iterable, scheme: str = "w8a8", *, alpha: float = 0.5,
-                               fold: bool = True, include=None, exclude=("lm_head",), group_size: int = 128,
-                               threshold: float = 6.0, backend: str = "auto", mask_padding: bool = True,
-                               progress: bool = True) -> nn.Module:
+def smoothquant_quantize_model(model: nn.Module, batches: Iterable, scheme: str = "w8a8", *,
+                               alpha: Union[float, str] = 0.5, fold: bool = True, include=None,
+                               exclude=("lm_head",), group_size: int = 128, threshold: float = 6.0,
+                               backend: str = "auto", mask_padding: bool = True, progress: bool = True,
+                               act_absmax: Optional[Dict[str, Tensor]] = None,
+                               candidates: Iterable[float] = AUTO_ALPHAS, auto_rows: int = 512,
+                               groups: str = "all") -> nn.Module:
     """Calibrates (per-channel input absmax, one pass), smooths (``smooth_model``), then
     ``quantize_model(model, scheme, ...)``; layers whose smoothing is not folded get
     ``QuantLinear.input_scale``. In place; ``model.quantkernels_report.smoothquant`` holds the
-    ``SmoothReport``."""
+    ``SmoothReport``.
+
+    ``act_absmax``: statistics already collected on this very (float) model over ``batches``
+    (``collect_stats(..., absmax=True)`` of every linear layer), e.g. to sweep ``alpha`` without
+    recalibrating. ``alpha="auto"`` picks each group's alpha among ``candidates`` (or none) on
+    up to ``auto_rows`` input rows per group (one more pass over ``batches``). ``groups``: which
+    layers are smoothed (``smooth_model``)."""
     _check_scheme(scheme)
+    batches = list(batches)
     layers = select_linears(model, include, exclude)
     targets = {}
     for n, m in layers.items():
         W = linear_weight(m)
         if unsupported_reason(scheme, W.shape[1], W.shape[0], group_size) is None:
             targets[n] = m
-    # statistics for every linear layer: a fold group needs all of its consumers' inputs
-    stats = collect_stats(model, batches, layers=select_linears(model, None, ()), hessian=False, absmax=True,
-                          mask_padding=mask_padding, progress=progress, desc="smoothquant calibration")
-    absmax = {n: st.absmax for n, st in stats.items() if st.absmax is not None}
-    rep = smooth_model(model, absmax, alpha, layers=list(targets), fold=fold)
+    if act_absmax is None:
+        # statistics for every linear layer: a fold group needs all of its consumers' inputs
+        stats = collect_stats(model, batches, layers=select_linears(model, None, ()), hessian=False, absmax=True,
+                              mask_padding=mask_padding, progress=progress, desc="smoothquant calibration")
+        absmax = {n: st.absmax for n, st in stats.items() if st.absmax is not None}
+    else:
+        absmax = dict(act_absmax)
+    samples = None
+    if alpha == "auto":
+        sgroups = [g for g in smoothing_groups(model, fold) if any(c in targets for c in g.consumers)
+                   and all(c in absmax for c in g.consumers)]
+        samples = collect_smoothing_samples(model, batches, sgroups, max_rows=auto_rows, mask_padding=mask_padding)
+    rep = smooth_model(model, absmax, alpha, layers=list(targets), fold=fold, samples=samples, scheme=scheme,
+                       candidates=candidates, group_size=group_size, threshold=threshold, backend=backend,
+                       groups=groups)
     quantize_model(model, scheme, include=include, exclude=exclude, group_size=group_size, threshold=threshold,
                    backend=backend)
     qrep = model.quantkernels_report
@@ -206,4 +369,4 @@ def smoothquant_quantize_model(model: nn.Module, batches: Iterable, scheme: str 
 
 
 __all__ = ["smoothquant_quantize_model", "smooth_model", "smoothing_groups", "smoothing_scale", "SmoothGroup",
-           "SmoothReport"]
+           "SmoothReport", "choose_alpha", "collect_smoothing_samples", "AUTO_ALPHAS"]

@@ -87,7 +87,8 @@ def test_config_contents(tmp_path):
     assert (cfg["scheme"], cfg["group_size"], cfg["weight_format"]) == ("w4a16", 64, "uint4_plain")
     assert set(cfg["modules"]) == {"up", "down"}
     assert cfg["modules"]["up"] == {"scheme": "w4a16", "weight_format": "uint4_plain", "group_size": 64,
-                                    "threshold": 6.0, "in_features": 256, "out_features": 512, "bias": True}
+                                    "threshold": 6.0, "in_features": 256, "out_features": 512, "bias": True,
+                                    "input_scale": False}
     assert "not a multiple of group_size" in cfg["kept_in_float"]["narrow"]
     assert "exclude" in cfg["kept_in_float"]["lm_head"]
     assert cfg["tied"] == {"lm_head.weight": "embed.weight"}
