@@ -16,6 +16,7 @@ __attribute__((target("avx2,fma"))) and selected at run time (csrc/cpu/cpu_isa.h
 
 import glob
 import os
+import sys
 
 from setuptools import setup
 
@@ -57,6 +58,14 @@ def _extensions():
     # No -std flag: torch adds the standard its headers need (c++17 or c++20 by version).
     cxx_flags = ["-O3", "-fdiagnostics-color=always"]
     nvcc_flags = ["-O3"]
+    link_flags = []
+    # at::parallel_for is a header template: with torch's OpenMP backend its `#pragma omp parallel`
+    # is compiled into *our* objects, so without -fopenmp every CPU kernel silently runs on one
+    # thread. -fopenmp links libgomp.so.1, which resolves to the copy torch has already loaded
+    # (torch/lib/libgomp.so.1, same SONAME), so torch.set_num_threads governs our kernels too.
+    if "OpenMP" in torch.__config__.parallel_info() and sys.platform.startswith("linux"):
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
 
     use_cuda, why = _want_cuda(cpp_extension, torch)
     if use_cuda:
@@ -79,6 +88,7 @@ def _extensions():
         sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        extra_link_args=link_flags,
         py_limited_api=True,
     )
     cmdclass = {"build_ext": cpp_extension.BuildExtension}

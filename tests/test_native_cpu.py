@@ -5,6 +5,7 @@ Every test runs on each CPU instruction-set path the machine has (``portable`` a
 """
 
 import itertools
+import sys
 
 import pytest
 import torch
@@ -247,3 +248,17 @@ def test_missing_extension_warns_once_and_falls_back():
     first, reason = out.splitlines()[:2]
     assert first == "1 False False [[127, 2]]", out
     assert "ImportError" in reason or "ModuleNotFoundError" in reason, out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or "OpenMP" not in torch.__config__.parallel_info(),
+                    reason="torch without OpenMP, or not Linux")
+def test_extension_is_built_with_torchs_openmp():
+    # at::parallel_for compiles its `#pragma omp parallel` into our objects: without -fopenmp every
+    # kernel runs on one thread whatever torch.set_num_threads says (it did, until this test).
+    import quantkernels._C as ext
+
+    blob = open(ext.__file__, "rb").read()
+    assert b"GOMP_parallel" in blob and b"libgomp.so.1" in blob, "quantkernels._C was built without -fopenmp"
+    # ... and it shares torch's OpenMP runtime (one libgomp in the process), so set_num_threads applies.
+    loaded = {line.split()[-1] for line in open("/proc/self/maps") if "libgomp" in line}
+    assert len(loaded) == 1, f"more than one OpenMP runtime loaded: {sorted(loaded)}"
