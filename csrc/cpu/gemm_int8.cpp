@@ -257,13 +257,13 @@ void gemm_driver_widened(const at::Tensor& a, const at::Tensor& b, int64_t M, in
 // < 32767: no saturation, and the product |w| * a * sgn(w) = w * a exactly. _mm256_madd_epi16
 // with ones widens each pair sum to int32 (exact). K <= 131071 keeps the int32 sums in range.
 // Cost per k-quad and 4 x 16 tile: 2 panel loads, 4 broadcast loads, 4 abs, 8 sign, 8 maddubs,
-// 8 madd, 8 add: 256 multiply-adds. Measured alone on one Zen3 core (1024 quads, data in L1/L2):
-// ~60-68 G multiply-adds/s; 4 x 16 beat 3, 5 and 6 weight rows (5 and 6 spill on 16 ymm registers).
+// 8 madd, 8 add: 256 multiply-adds. Measured alone on one Zen3 core (bench/panel_micro.cpp: 1024
+// quads, data in L1/L2, noisy shared machine): ~55-68 G multiply-adds/s; 4 x 16 beat 3, 5 and 6 weight rows (5 and 6 spill on 16 ymm registers).
 // Why fbgemm (torch.ao quantize_dynamic) still runs ~15-25% faster per core: its dynamic Linear
 // quantizes activations to 7 bits (reduce_range=True: u8 in [0, 127]), so maddubs cannot saturate
 // without any sign handling and it spends 3 vector ops per 32 multiply-adds (maddubs, madd, add)
-// against our 4 (+ abs per broadcast); Zen3 has no VNNI. Measured alone: the same loop without the
-// sign and abs (wrong results) runs at ~90 G/s, without the abs only at ~69 G/s. NUMERICS s.1 fixes
+// against our 4 (+ abs per broadcast); Zen3 has no VNNI. Measured alone (bench/panel_micro.cpp): the same loop
+// without sign and abs (wrong results) runs at ~70-90 G/s, without the abs only at ~55-76 G/s. NUMERICS s.1 fixes
 // 8-bit activations in [-127, 127], which this path computes exactly.
 // Blocking: KQ = 512 quads (2048 bytes of K: a 4-row weight strip is 8 KB in L1, a 16-token panel
 // 32 KB from L2), MT = 128 tokens (8 panels = 256 KB in L2 per K block), NT = 64 weight rows per
