@@ -101,28 +101,18 @@ def test_int8_gemm_exact_panel_blocks(M, N, K, isa, threads):
     torch.testing.assert_close(OPS.int8_gemm(a, b), R.int8_gemm(a, b), rtol=0, atol=0)
 
 
-def test_int8_gemm_panel_extremes_at_max_k(isa):
-    # The largest sums the panel path can form: 127 * 128 * 131071 and its negative.
+@pytest.mark.parametrize("a_min", [-128, -127], ids=["widened", "panel"])
+def test_int8_gemm_extremes_at_max_k(a_min, isa):
+    # The largest sums, still exact in int32, and their negatives: a = -128 (widened path):
+    # 128 * 128 * 131071 = 2^31 - 16384; a = -127 (AVX2 panel path): 127 * 128 * 131071.
     K = 131071
-    a = torch.full((3, K), -127, dtype=torch.int8)
+    a = torch.full((3, K), a_min, dtype=torch.int8)
     b = torch.full((2, K), -128, dtype=torch.int8)
     b[1] = 127
     a[2, ::2] = 127
     out = OPS.int8_gemm(a, b)
     torch.testing.assert_close(out, R.int8_gemm(a, b), rtol=0, atol=0)
-    assert out[0, 0].item() == 127 * 128 * K
-
-
-def test_int8_gemm_extremes_at_max_k(isa):
-    # 128 * 128 * 131071 = 2^31 - 16384: the largest sum, still exact in int32; and its negative.
-    K = 131071
-    a = torch.full((3, K), -128, dtype=torch.int8)
-    b = torch.full((2, K), -128, dtype=torch.int8)
-    b[1] = 127
-    a[2, ::2] = 127
-    out = OPS.int8_gemm(a, b)
-    torch.testing.assert_close(out, R.int8_gemm(a, b), rtol=0, atol=0)
-    assert out[0, 0].item() == 128 * 128 * K
+    assert out[0, 0].item() == -a_min * 128 * K
 
 
 def test_int8_gemm_k0(isa):
