@@ -183,19 +183,7 @@ constexpr int kTcThreads = kTcWarps * 32;
 constexpr int kTcMaxSplits = 16;
 constexpr int kTcMinTilesPerSplit = 4;    // >= 256 k values per split
 
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-// 16-byte async copy global -> shared; pred false copies nothing and zero-fills the 16 bytes.
-__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool pred) {
-  const int src_size = pred ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_size) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
+// smem_addr / cp_async_16 / cp_async_commit / cp_async_wait: qk_common.cuh.
 
 // c += a (16x16, row) * b (16x8, col), fp32 accumulate; pack rounds two fp32 values to one
 // register of T pairs (lo = first, the smaller k / column).
