@@ -112,7 +112,7 @@ def test_w8a16(M, NK, dtype, isa, set_threads):
 
 W4_MS = (0, 1, 2, 3, 4, 5, 17, 67)
 # (N, K, G): G in 32/64/128/256 and G = K, including a K that is not a multiple of 16 (only G = K allows it).
-W4_NKG = [(5, 256, 32), (3, 512, 64), (13, 384, 128), (9, 512, 256), (7, 200, 200), (11, 38, 38), (1, 2, 2)]
+W4_NKG = [(5, 256, 32), (6, 544, 32), (3, 512, 64), (13, 384, 128), (9, 512, 256), (7, 200, 200), (11, 38, 38), (1, 2, 2)]
 W4_CASES = [(m, nkg, d, z) for m, nkg, d, z in itertools.product(W4_MS, W4_NKG, DTYPES, (False, True))
             if m in (0, 1, 4, 5, 67) or nkg[2] in (32, 200)]
 
