@@ -107,7 +107,7 @@ def test_w4a8_gemm(M, nkg, kind, isa, threads):
 
 # G and K multiples of 64 take the lane-wise decode GEMV (w4a8.cpp): G = 64 / 128 / 256 and
 # per-channel G = K = 640 (int16 flushes inside a group); G = 32 and K = 200 the tiled path.
-DECODE_NKG = [(515, 512, 32), (203, 4096, 128), (67, 200, 200), (37, 512, 64), (21, 768, 256), (9, 640, 640)]
+DECODE_NKG = [(515, 512, 32), (203, 4096, 128), (67, 200, 200), (37, 512, 64), (6, 448, 64), (21, 768, 256), (9, 640, 640)]
 DECODE_CASES = list(itertools.product((1, 2, 3, 4), DECODE_NKG, ["sym", "asym"]))
 
 

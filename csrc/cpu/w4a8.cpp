@@ -23,9 +23,9 @@
 // (torch's sum over groups is not sequential, so fp32 outputs match the reference within a
 // few ulps, not bit for bit; the tests compare with the fp64 formula, NUMERICS.md s.6.)
 //
-// Decode (M <= 4, G and K multiples of 64): a separate GEMV (gemv_tile below, lane-wise group
-// sums, no horizontal reduction in the K loop), one pass over the weights with the next tile
-// prefetched. Every other shape uses the tiles below.
+// Decode (M <= 4, G and K multiples of 64): a separate GEMV (gemv_tile below), one pass over
+// the weights with the next tile prefetched; the per-group float work is deferred out of the K
+// loop. Every other shape uses the tiles below.
 //
 // Tiling. A micro-tile is MR rows of a x NR rows of b with MR * NR = 8 int16 accumulators, and
 // the 8 group sums are reduced together into one vector (hadd tree). M = 1, 2: tiles 1 x 8 and
@@ -349,23 +349,23 @@ void run_avx2(const Problem& p) {
 // shift + one and (plus the 0x88 flip for signed nibbles): the low nibbles are the even k of the
 // 64-chunk, the high nibbles the odd k, so a is permuted once per call per 64-chunk into
 // (32 even k, 32 odd k). maddubs(u4, a) pair sums (<= 3840) are summed in int16 (at most 8,
-// <= 30720), widened with madd(ones) once per group (or every 8), and kept PER LANE: each of the
-// 8 int32 lanes holds the exact sum over its own K positions. The zero point is removed per lane
-// with the lane-wise sums of a over the same positions (computed once per call), so c is exact
-// in int32 per (lane, group), then cvt * sb[n, g] is summed per lane over the groups in fp32 and
-// the 8 lanes are added at the end: no horizontal reduction inside the K loop. (Float order:
-// per-lane group sums, then across lanes; the tests bound it against the fp64 formula.)
+// <= 30720) and widened with madd(ones) once per group (G <= 256; every 256 otherwise). Per
+// group, the S = M * NR outputs' lane-wise int32 sums are reduced by one hadd tree to S exact
+// int32 c[g] = sum_{k in g} a * u, stored to a small per-thread buffer; after the K loop one
+// vector pass (4 groups per step) takes each output's sum_g sb[n, g] * (c[g] - z' * sum_{k in g} a)
+// with the zero-point term exact in int32 and cvt, *, + in fp32 (4 partial sums, then added).
+// Doing that float work inside the K loop, per group, cost ~40% of the hot time at G = 128.
 constexpr int64_t kGemvChunk = 64;
 
 struct GemvPrep {
   std::vector<int8_t> ap;     // [M, K] permuted per 64-chunk
-  std::vector<int32_t> asum;  // [M, ng, 8] lane-wise sums of a over each group
+  std::vector<int32_t> asum;  // [M, ng] sums of a over each group
 };
 
 QK_TARGET_AVX2_NOFMA void gemv_prepare(const Problem& p, GemvPrep& g) {
   const int64_t M = p.M, K = p.K, ng = p.ng, G = p.G;
   g.ap.resize(size_t(M * K));
-  g.asum.assign(size_t(M * ng * 8), 0);
+  g.asum.assign(size_t(M * ng), 0);
   const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
   for (int64_t m = 0; m < M; ++m) {
     const int8_t* src = p.a + m * K;
@@ -381,81 +381,129 @@ QK_TARGET_AVX2_NOFMA void gemv_prepare(const Problem& p, GemvPrep& g) {
         const __m256i av = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(dst + k));
         s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, av), ones16));
       }
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(g.asum.data() + (m * ng + gi) * 8), s);
+      const __m128i h = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+      const __m128i h2 = _mm_add_epi32(h, _mm_unpackhi_epi64(h, h));
+      g.asum[size_t(m * ng + gi)] = _mm_cvtsi128_si32(_mm_add_epi32(h2, _mm_shuffle_epi32(h2, 1)));
+    }
+  }
+}
+
+// One 64-chunk of the decode GEMV: c16[m][r] += the 4 maddubs pair sums (lo and hi nibbles).
+template <int MM, int NR, bool kAsym>
+QK_TARGET_AVX2_NOFMA __attribute__((always_inline)) inline void gemv_step(const uint8_t* const* b, const int8_t* ap,
+                                                                          int64_t K, int64_t ldb, int64_t k,
+                                                                          __m256i (&c16)[MM][NR]) {
+  const __m256i m15 = _mm256_set1_epi8(0x0F), flip = _mm256_set1_epi8(static_cast<char>(0x88));
+  if ((k & 127) == 0)  // the next tile's rows, one 64-byte line (128 nibbles) each
+    for (int r = 0; r < NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(b[r] + k / 2 + NR * ldb), _MM_HINT_T0);
+  __m256i alo[MM], ahi[MM];
+  for (int m = 0; m < MM; ++m) {
+    alo[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ap + m * K + k));
+    ahi[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ap + m * K + k + 32));
+  }
+  for (int r = 0; r < NR; ++r) {
+    __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b[r] + k / 2));
+    if (!kAsym) v = _mm256_xor_si256(v, flip);  // signed nibbles: u = q + 8
+    const __m256i lo = _mm256_and_si256(v, m15);
+    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m15);
+    for (int m = 0; m < MM; ++m) {
+      c16[m][r] = _mm256_add_epi16(c16[m][r], _mm256_maddubs_epi16(lo, alo[m]));
+      c16[m][r] = _mm256_add_epi16(c16[m][r], _mm256_maddubs_epi16(hi, ahi[m]));
     }
   }
 }
 
 template <int MM, int NR, bool kAsym>
-QK_TARGET_AVX2_NOFMA void gemv_tile(const Problem& p, const GemvPrep& g, int64_t n0) {
+QK_TARGET_AVX2_NOFMA void gemv_tile(const Problem& p, const GemvPrep& g, int64_t n0, int32_t* cbuf) {
   const int64_t K = p.K, ng = p.ng, G = p.G, ldb = K / 2;
-  const __m256i m15 = _mm256_set1_epi8(0x0F), flip = _mm256_set1_epi8(static_cast<char>(0x88));
   const __m256i ones16 = _mm256_set1_epi16(1);
   const uint8_t* b[NR];
   for (int r = 0; r < NR; ++r) b[r] = p.bp + (n0 + r) * ldb;
-  __m256 facc[MM][NR];
-  for (int m = 0; m < MM; ++m)
-    for (int r = 0; r < NR; ++r) facc[m][r] = _mm256_setzero_ps();
+  constexpr int S = MM * NR;  // output slots (m, r) -> i = m * NR + r; S <= 4
+  static_assert(S <= 4, "one 4-wide epilogue vector per tile");
+  const int32_t* asum = g.asum.data();
+  const int8_t* ap = g.ap.data();
   const int64_t flush = 4 * kGemvChunk;  // 8 maddubs results (lo + hi per 64-chunk) per int16 sum
   for (int64_t gi = 0; gi < ng; ++gi) {
-    __m256i c32[MM][NR];
-    for (int m = 0; m < MM; ++m)
-      for (int r = 0; r < NR; ++r) c32[m][r] = _mm256_setzero_si256();
-    for (int64_t kb = gi * G; kb < (gi + 1) * G; kb += flush) {
-      const int64_t ke = std::min((gi + 1) * G, kb + flush);
+    __m256i v[4];  // per slot: lane-wise int32 sums over the group
+    for (int i = 0; i < 4; ++i) v[i] = _mm256_setzero_si256();
+    if (G <= flush) {  // G = 64, 128, 256: one int16 sum per group, no int32 accumulators in the loop
       __m256i c16[MM][NR];
       for (int m = 0; m < MM; ++m)
         for (int r = 0; r < NR; ++r) c16[m][r] = _mm256_setzero_si256();
-      for (int64_t k = kb; k < ke; k += kGemvChunk) {
-        if ((k & 127) == 0)  // the next tile's rows, one 64-byte line (128 nibbles) each
-          for (int r = 0; r < NR; ++r)
-            _mm_prefetch(reinterpret_cast<const char*>(b[r] + k / 2 + NR * ldb), _MM_HINT_T0);
-        __m256i alo[MM], ahi[MM];
-        for (int m = 0; m < MM; ++m) {
-          alo[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g.ap.data() + m * K + k));
-          ahi[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g.ap.data() + m * K + k + 32));
-        }
-        for (int r = 0; r < NR; ++r) {
-          __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b[r] + k / 2));
-          if (!kAsym) v = _mm256_xor_si256(v, flip);  // signed nibbles: u = q + 8
-          const __m256i lo = _mm256_and_si256(v, m15);
-          const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m15);
-          for (int m = 0; m < MM; ++m) {
-            c16[m][r] = _mm256_add_epi16(c16[m][r], _mm256_maddubs_epi16(lo, alo[m]));
-            c16[m][r] = _mm256_add_epi16(c16[m][r], _mm256_maddubs_epi16(hi, ahi[m]));
-          }
-        }
+      for (int64_t k = gi * G; k < (gi + 1) * G; k += kGemvChunk) gemv_step<MM, NR, kAsym>(b, ap, K, ldb, k, c16);
+      for (int i = 0; i < S; ++i) v[i] = _mm256_madd_epi16(c16[i / NR][i % NR], ones16);
+    } else {
+      for (int64_t kb = gi * G; kb < (gi + 1) * G; kb += flush) {
+        const int64_t ke = std::min((gi + 1) * G, kb + flush);
+        __m256i c16[MM][NR];
+        for (int m = 0; m < MM; ++m)
+          for (int r = 0; r < NR; ++r) c16[m][r] = _mm256_setzero_si256();
+        for (int64_t k = kb; k < ke; k += kGemvChunk) gemv_step<MM, NR, kAsym>(b, ap, K, ldb, k, c16);
+        for (int i = 0; i < S; ++i) v[i] = _mm256_add_epi32(v[i], _mm256_madd_epi16(c16[i / NR][i % NR], ones16));
       }
-      for (int m = 0; m < MM; ++m)
-        for (int r = 0; r < NR; ++r) c32[m][r] = _mm256_add_epi32(c32[m][r], _mm256_madd_epi16(c16[m][r], ones16));
     }
-    for (int r = 0; r < NR; ++r) {
-      const __m256 sv = _mm256_set1_ps(p.sb[(n0 + r) * ng + gi]);
-      const __m256i zv = _mm256_set1_epi32(kAsym ? p.zb[(n0 + r) * ng + gi] : 8);
-      for (int m = 0; m < MM; ++m) {
-        const __m256i as = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g.asum.data() + (m * ng + gi) * 8));
-        const __m256i c = _mm256_sub_epi32(c32[m][r], _mm256_mullo_epi32(zv, as));  // exact per lane
-        facc[m][r] = _mm256_add_ps(facc[m][r], _mm256_mul_ps(_mm256_cvtepi32_ps(c), sv));
+    // The S lane-wise sums -> one int32 per slot (hadd tree): the exact sum_{k in g} a * u.
+    const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+    __m128i c = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+    _mm_store_si128(reinterpret_cast<__m128i*>(cbuf + gi * 4), c);
+  }
+  // Per slot, over the groups (4 at a time, cbuf transposed in registers):
+  //   sum_g sb[n, g] * (c[g] - z'[n, g] * sum_{k in g} a[m, k])   (z' = zero, or 8 for signed nibbles)
+  // The int32 difference is exact; cvt, * sb, + in fp32 (4 partial sums per slot, then added).
+  // Deferred out of the K loop: per group it was ~40% of the hot time at G = 128.
+  __m128 acc[4] = {_mm_setzero_ps(), _mm_setzero_ps(), _mm_setzero_ps(), _mm_setzero_ps()};
+  int64_t gi = 0;
+  for (; gi + 4 <= ng; gi += 4) {
+    __m128 t0 = _mm_load_ps(reinterpret_cast<const float*>(cbuf + gi * 4));
+    __m128 t1 = _mm_load_ps(reinterpret_cast<const float*>(cbuf + gi * 4 + 4));
+    __m128 t2 = _mm_load_ps(reinterpret_cast<const float*>(cbuf + gi * 4 + 8));
+    __m128 t3 = _mm_load_ps(reinterpret_cast<const float*>(cbuf + gi * 4 + 12));
+    _MM_TRANSPOSE4_PS(t0, t1, t2, t3);  // bit moves only: t_i = slot i's int32 c over 4 groups
+    const __m128 t[4] = {t0, t1, t2, t3};
+    for (int i = 0; i < S; ++i) {
+      const int64_t n = n0 + i % NR;
+      const __m128i as = _mm_loadu_si128(reinterpret_cast<const __m128i*>(asum + (i / NR) * ng + gi));
+      __m128i za;
+      if (kAsym) {
+        int32_t z4;
+        std::memcpy(&z4, p.zb + n * ng + gi, 4);
+        za = _mm_mullo_epi32(_mm_cvtepu8_epi32(_mm_cvtsi32_si128(z4)), as);
+      } else {
+        za = _mm_slli_epi32(as, 3);
       }
+      const __m128i c = _mm_sub_epi32(_mm_castps_si128(t[i]), za);
+      acc[i] = _mm_add_ps(acc[i], _mm_mul_ps(_mm_cvtepi32_ps(c), _mm_loadu_ps(p.sb + n * ng + gi)));
     }
   }
-  for (int m = 0; m < MM; ++m)
-    for (int r = 0; r < NR; ++r) {
-      __m128 h = _mm_add_ps(_mm256_castps256_ps128(facc[m][r]), _mm256_extractf128_ps(facc[m][r], 1));
-      h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-      h = _mm_add_ss(h, _mm_movehdup_ps(h));
-      float v = _mm_cvtss_f32(h) * p.sa[m];
-      if (p.bias) v = v + p.bias[n0 + r];
-      store_out(p, m, n0 + r, v);
+  float out[4];
+  for (int i = 0; i < S; ++i) {
+    __m128 h = _mm_add_ps(acc[i], _mm_movehl_ps(acc[i], acc[i]));
+    out[i] = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+  }
+  for (; gi < ng; ++gi)
+    for (int i = 0; i < S; ++i) {
+      const int64_t n = n0 + i % NR;
+      const int32_t z = kAsym ? int32_t(p.zb[n * ng + gi]) : 8;
+      out[i] += float(cbuf[gi * 4 + i] - z * asum[(i / NR) * ng + gi]) * p.sb[n * ng + gi];
     }
+  for (int i = 0; i < S; ++i) {
+    const int m = i / NR, r = i % NR;
+    float val = out[i] * p.sa[m];
+    if (p.bias) val = val + p.bias[n0 + r];
+    store_out(p, m, n0 + r, val);
+  }
 }
 
 template <int MM, bool kAsym>
 void gemv_rows(const Problem& p, const GemvPrep& g, int64_t n0, int64_t n1) {
   constexpr int NR = MM == 1 ? 4 : (MM == 2 ? 2 : 1);
+  // per tile: the S exact group sums of every group, [ng][4] int32 (16-byte aligned rows)
+  std::vector<__m128i> cbuf_store(size_t(p.ng));
+  int32_t* cbuf = reinterpret_cast<int32_t*>(cbuf_store.data());
   int64_t n = n0;
-  for (; n + NR <= n1; n += NR) gemv_tile<MM, NR, kAsym>(p, g, n);
-  for (; n < n1; ++n) gemv_tile<MM, 1, kAsym>(p, g, n);
+  for (; n + NR <= n1; n += NR) gemv_tile<MM, NR, kAsym>(p, g, n, cbuf);
+  for (; n < n1; ++n) gemv_tile<MM, 1, kAsym>(p, g, n, cbuf);
 }
 
 template <bool kAsym>
