@@ -122,6 +122,20 @@ def test_w4a8_gemm_decode(M, nkg, kind, isa, threads):
     _assert_fp32_close(out, *_w4a8_fp64(a, bp, sa, sb, zb, bias))
 
 
+# M >= 5 with G in 32..256 takes the panel path (w4a8.cpp): several 128-token M blocks with a
+# ragged last 16-token panel, 64-row N blocks with an N tail of 1, 2048-wide K blocks plus a tail.
+PANEL_CASES = list(itertools.product([(131, 133, 2048 + 256, 32), (37, 70, 2048 + 256, 256), (5, 3, 128, 128)],
+                                     ["sym", "asym"]))
+
+
+@pytest.mark.parametrize("mnkg,kind", PANEL_CASES, ids=[f"M{m}-N{n}-K{k}-G{g}-{kd}" for (m, n, k, g), kd in PANEL_CASES])
+def test_w4a8_gemm_panel_blocks(mnkg, kind, isa, threads):
+    M, N, K, G = mnkg
+    a, bp, sa, sb, zb, bias = _w4a8_inputs(M, N, K, G, kind, seed=M + N + G, bias_dtype=torch.bfloat16)
+    out = OPS.w4a8_gemm(a, bp, sa, sb, zb, bias, None)
+    _assert_fp32_close(out, *_w4a8_fp64(a, bp, sa, sb, zb, bias))
+
+
 @pytest.mark.parametrize("out_dtype", [None, torch.float32, torch.float16, torch.bfloat16], ids=DT_ID.get)
 @pytest.mark.parametrize("bias_dtype", [None, torch.float32, torch.bfloat16], ids=DT_ID.get)
 @pytest.mark.parametrize("M", (1, 2, 5))
@@ -136,10 +150,12 @@ def test_w4a8_gemm_dtypes_bias(M, bias_dtype, out_dtype, isa):
         torch.testing.assert_close(out, R.w4a8_gemm(a, bp, sa, sb, zb, bias, out_dtype))
 
 
-def test_w4a8_gemm_extremes(isa):
+@pytest.mark.parametrize("M", (4, 20))
+def test_w4a8_gemm_extremes(M, isa):
     # Every nibble at its extreme and a = -128 / 127 over a whole G = 256 group: the int16
     # sums inside the kernel reach their bound (8 * 2 * 15 * 128 = 30720) without saturating.
-    M, N, K, G = 4, 6, 512, 256
+    # M = 4: the decode GEMV; M = 20: the panel path (two 16-token panels, the second ragged).
+    N, K, G = 6, 512, 256
     a = torch.full((M, K), -128, dtype=torch.int8)
     a[1] = 127
     a[2, ::2] = 127

@@ -342,6 +342,179 @@ void run_avx2(const Problem& p) {
   });
 }
 
+// ------------------------------------------------------------------------------ AVX2 panel path
+// M >= 5 with G in 32 / 64 / 128 / 256 (the group sizes GPTQ / AWQ checkpoints use). The roles
+// of gemm_int8.cpp's panel path, without its sign work: every nibble is unsigned (u = q, or
+// q + 8 for signed weights) so it is the u8 operand of _mm256_maddubs_epi16 and the activation,
+// any int8 including -128, the s8 operand; a pair sum is at most 2 * 15 * 128 = 3840, so 8 k-quads
+// (<= 30720) are summed in int16 before one madd(ones) widens them. Per k-quad and 4 x 16 tile:
+// 2 panel loads, 4 weight broadcasts, 8 maddubs, 8 int16 adds (+ 1/8 of a widening): 256
+// multiply-adds, against 8 sign + 8 madd + 4 abs more in the int8 panel (measured alone on one
+// core, L1/L2 data: ~115-120 G multiply-adds/s here against ~55-68 for the int8 micro-kernel).
+//   a  -> panels P[ceil(M / 16)][K / 4][16 tokens][4 bytes] (per call; zero tokens pad the last)
+//         and asum[panel][group][16]: the exact sum of a over each group, per token;
+//   b  -> per task, a strip of 4 weight rows is unpacked to u8 for one K block (KB = 2048 k, 8 KB
+//         in L1) and reused by every panel of the task (MT = 128 tokens);
+//   per (panel, strip, group): c = sum_{k in g} a * u exact in int32 -> c - z' * asum (exact) ->
+//         fp32 * sb[n, g] added to the output's fp32 sum over the groups (in group order);
+//   at the end y = sum * sa[m] (+ bias[n]), separately rounded as in the reference.
+constexpr int kPT = 16;            // tokens per panel
+constexpr int kPR = 4;             // weight rows per strip
+constexpr int64_t kKB = 2048;      // k per K block (a multiple of every panel-path G)
+constexpr int64_t kMT = 128;       // tokens per task (multiple of kPT)
+constexpr int64_t kNT = 64;        // weight rows per task (multiple of kPR)
+
+bool panel_applies(const Problem& p) { return p.M > 4 && p.G % 32 == 0 && p.G <= 256; }
+
+// Per group of one (panel, strip) tile: facc[r][t] += sb_r * (sum_q U[r][4q..] . P[q][t][..] - z'_r * asum[t]).
+#define QK_W4_ROW(r, h0, h1)                                                   \
+  {                                                                            \
+    int32_t w4;                                                                \
+    std::memcpy(&w4, U + (r) * ldu + q * 4, 4);                                \
+    const __m256i wb = _mm256_set1_epi32(w4);                                  \
+    h0 = _mm256_add_epi16(h0, _mm256_maddubs_epi16(wb, a0));                   \
+    h1 = _mm256_add_epi16(h1, _mm256_maddubs_epi16(wb, a1));                   \
+  }
+// ngr consecutive groups of nq = G / 4 quads each: U, P, asum (kPT per group), s4 and z4 (kPR per
+// group) advance group by group; facc is the tile's fp32 sum.
+template <bool kAsym>
+QK_TARGET_AVX2_NOFMA void panel_groups(const uint8_t* U, int64_t ldu, const int8_t* P, int64_t nq, int64_t ngr,
+                                       const int32_t* asum, const float* s4, const int32_t* z4, float* facc) {
+  for (int64_t gr = 0; gr < ngr; ++gr, U += nq * 4, P += nq * 64, asum += kPT, s4 += kPR, z4 += kPR) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i c[8];
+  for (int64_t q8 = 0; q8 < nq; q8 += 8) {  // nq = G / 4 is a multiple of 8
+    __m256i h00 = _mm256_setzero_si256(), h01 = h00, h10 = h00, h11 = h00, h20 = h00, h21 = h00, h30 = h00,
+            h31 = h00;
+    for (int64_t q = q8; q < q8 + 8; ++q) {
+      const __m256i a0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(P + q * 64));
+      const __m256i a1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(P + q * 64 + 32));
+      QK_W4_ROW(0, h00, h01)
+      QK_W4_ROW(1, h10, h11)
+      QK_W4_ROW(2, h20, h21)
+      QK_W4_ROW(3, h30, h31)
+    }
+    const __m256i h[8] = {h00, h01, h10, h11, h20, h21, h30, h31};
+    for (int i = 0; i < 8; ++i) {
+      const __m256i w = _mm256_madd_epi16(h[i], ones);
+      c[i] = q8 == 0 ? w : _mm256_add_epi32(c[i], w);
+    }
+  }
+  for (int r = 0; r < kPR; ++r)
+    for (int v = 0; v < 2; ++v) {
+      const __m256i as = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(asum + v * 8));
+      const __m256i za = kAsym ? _mm256_mullo_epi32(_mm256_set1_epi32(z4[r]), as) : _mm256_slli_epi32(as, 3);
+      const __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(c[r * 2 + v], za)), _mm256_set1_ps(s4[r]));
+      float* o = facc + r * kPT + v * 8;
+      _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), f));
+    }
+  }
+}
+#undef QK_W4_ROW
+
+// a [M, K] -> P [panels][K / 4][16][4] and asum [panels][ng][16] (tokens >= M are zero).
+QK_TARGET_AVX2_NOFMA void panel_pack(const Problem& p, int8_t* P, int32_t* asum) {
+  const int64_t M = p.M, K = p.K, ng = p.ng, G = p.G, nq = K / 4;
+  const int64_t panels = (M + kPT - 1) / kPT;
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t pi = p0; pi < p1; ++pi) {
+      int8_t* dst = P + pi * nq * kPT * 4;
+      int32_t* as = asum + pi * ng * kPT;
+      std::memset(dst, 0, size_t(nq * kPT * 4));
+      std::memset(as, 0, sizeof(int32_t) * size_t(ng * kPT));
+      for (int64_t t = 0; t < kPT && pi * kPT + t < M; ++t) {
+        const int8_t* src = p.a + (pi * kPT + t) * K;
+        for (int64_t q = 0; q < nq; ++q) std::memcpy(dst + (q * kPT + t) * 4, src + q * 4, 4);
+        for (int64_t g = 0; g < ng; ++g) {
+          int32_t sum = 0;
+          for (int64_t k = g * G; k < (g + 1) * G; ++k) sum += src[k];
+          as[g * kPT + t] = sum;
+        }
+      }
+    }
+  });
+}
+
+// Weight rows n0 .. n0 + 3 (rows >= N are zero), k in [k0, k0 + kn), as u8 u = q (+ 8 if signed).
+QK_TARGET_AVX2_NOFMA void panel_unpack(const Problem& p, int64_t n0, int64_t k0, int64_t kn, uint8_t* U,
+                                       int64_t ldu) {
+  const __m128i m15 = _mm_set1_epi8(0x0F);
+  const __m128i flip = _mm_set1_epi8(p.zb ? 0 : static_cast<char>(0x88));
+  for (int r = 0; r < kPR; ++r) {
+    uint8_t* dst = U + r * ldu;
+    if (n0 + r >= p.N) {
+      std::memset(dst, 0, size_t(kn));
+      continue;
+    }
+    const uint8_t* src = p.bp + (n0 + r) * (p.K / 2) + k0 / 2;
+    for (int64_t i = 0; i < kn / 2; i += 16) {  // kn is a multiple of 32
+      const __m128i v = _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)), flip);
+      const __m128i lo = _mm_and_si128(v, m15), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m15);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 2 * i), _mm_unpacklo_epi8(lo, hi));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 2 * i + 16), _mm_unpackhi_epi8(lo, hi));
+    }
+  }
+}
+
+void run_panel_avx2(const Problem& p) {
+  const int64_t M = p.M, N = p.N, K = p.K, ng = p.ng, G = p.G, nq = K / 4;
+  const int64_t panels = (M + kPT - 1) / kPT;
+  // 64-byte aligned (torch's CPU allocator): each k-quad of a panel is one cache line.
+  const at::Tensor Pt = at::empty({panels * nq * kPT * 4}, at::kChar);
+  std::vector<int32_t> asum(size_t(panels * ng * kPT));
+  int8_t* const Pd = Pt.data_ptr<int8_t>();
+  panel_pack(p, Pd, asum.data());
+  const auto groups = p.zb ? &panel_groups<true> : &panel_groups<false>;
+  const int64_t n_blocks = (N + kNT - 1) / kNT, m_blocks = (M + kMT - 1) / kMT;
+  at::parallel_for(0, n_blocks * m_blocks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> facc(size_t(kMT * kNT));  // [panel][strip][4][16] of the task
+    std::vector<uint8_t> U(size_t(kPR * kKB));
+    std::vector<float> s4(size_t(kKB / 32 * kPR));    // [group of the K block][4]
+    std::vector<int32_t> z4(size_t(kKB / 32 * kPR));
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t nbk = t / m_blocks, mbk = t % m_blocks;  // N outer: weight rows reused across tasks
+      const int64_t n0 = nbk * kNT, nb = std::min(kNT, N - n0);
+      const int64_t m0 = mbk * kMT, mb = std::min(kMT, M - m0);
+      const int64_t np = (mb + kPT - 1) / kPT, ns = (nb + kPR - 1) / kPR;
+      std::fill(facc.begin(), facc.end(), 0.0f);
+      for (int64_t k0 = 0; k0 < K; k0 += kKB) {
+        const int64_t kn = std::min(kKB, K - k0);  // a multiple of G
+        for (int64_t j = 0; j < ns; ++j) {
+          const int64_t nj = n0 + j * kPR;
+          panel_unpack(p, nj, k0, kn, U.data(), kKB);
+          const int64_t g0 = k0 / G, g1 = (k0 + kn) / G;
+          for (int64_t g = g0; g < g1; ++g)  // the strip's scales and zero points for the K block
+            for (int r = 0; r < kPR; ++r) {
+              const bool in = nj + r < N;
+              s4[(g - g0) * kPR + r] = in ? p.sb[(nj + r) * ng + g] : 0.0f;
+              z4[(g - g0) * kPR + r] = !in ? 0 : p.zb ? p.zb[(nj + r) * ng + g] : 8;
+            }
+          for (int64_t i = 0; i < np; ++i) {  // panel by panel: its K block streams in order
+            const int64_t pi = m0 / kPT + i;
+            groups(U.data(), kKB, Pd + (pi * nq + k0 / 4) * kPT * 4, G / 4, g1 - g0, asum.data() + (pi * ng + g0) * kPT,
+                   s4.data(), z4.data(), facc.data() + (i * ns + j) * kPR * kPT);
+          }
+        }
+      }
+      for (int64_t i = 0; i < np; ++i)
+        for (int64_t j = 0; j < ns; ++j) {
+          const float* f = facc.data() + (i * ns + j) * kPR * kPT;
+          for (int r = 0; r < kPR; ++r) {
+            const int64_t n = n0 + j * kPR + r;
+            if (n >= N) break;
+            for (int u = 0; u < kPT; ++u) {
+              const int64_t m = m0 + i * kPT + u;
+              if (m >= M) break;
+              float v = f[r * kPT + u] * p.sa[m];
+              if (p.bias) v = v + p.bias[n];
+              store_out(p, m, n, v);
+            }
+          }
+        }
+    }
+  });
+}
+
 // ------------------------------------------------------------------------------ AVX2 decode GEMV
 // M <= 4 with G and K multiples of 64 (the common group sizes 64 / 128 / 256 and per-channel
 // G = K): one pass over the weights, NR = 4 / M rows per tile (M * NR <= 4 int16 + 4 fp32
@@ -590,7 +763,8 @@ at::Tensor w4a8_gemm_cpu(const at::Tensor& a_in, const at::Tensor& b_in, const a
   p.out = dt;
 #if QK_X86
   if (isa == Isa::Avx2 && K > 0) {
-    if (gemv_applies(p)) run_gemv_avx2(p);  // decode: M <= 4, G and K multiples of 64
+    if (gemv_applies(p)) run_gemv_avx2(p);          // decode: M <= 4, G and K multiples of 64
+    else if (panel_applies(p)) run_panel_avx2(p);   // M >= 5, G in 32 / 64 / 128 / 256
     else run_avx2(p);
     return y;
   }
