@@ -25,7 +25,9 @@
 //
 // Decode (M <= 4, G and K multiples of 64): a separate GEMV (gemv_tile below), one pass over
 // the weights with the next tile prefetched; the per-group float work is deferred out of the K
-// loop. Every other shape uses the tiles below.
+// loop. M >= 5 with G in 32 / 64 / 128 / 256: the panel path (run_panel_avx2, ~2x the tiles'
+// throughput: no horizontal sums, 16 tokens per weight broadcast). Every other shape (G = K,
+// or G = 32 at M <= 4) uses the tiles below.
 //
 // Tiling. A micro-tile is MR rows of a x NR rows of b with MR * NR = 8 int16 accumulators, and
 // the 8 group sums are reduced together into one vector (hadd tree). M = 1, 2: tiles 1 x 8 and
@@ -34,7 +36,7 @@
 // tile's weight rows (NR rows further, same offset) are prefetched while a tile runs: a weight
 // row is ~2 KB, the hardware prefetchers stop at 4 KB pages, so without it each row start
 // waits for DRAM.
-// M >= 5: 4 x 2 tiles, M blocked so that the permuted a block stays in L2; with more than one M
+// M >= 5 (G = K only, see above): 4 x 2 tiles, M blocked so that the permuted a block stays in L2; with more than one M
 // tile, each pair of weight rows is unpacked once per M block into an L1 buffer and reused by
 // all of the block's tiles. Threads split (N block, M block) tasks, N outer.
 // QUANTKERNELS_CPU_ISA=portable selects a plain C++ path for every shape (same integer results;
@@ -372,8 +374,8 @@ bool panel_applies(const Problem& p) { return p.M > 4 && p.G % 32 == 0 && p.G <=
     int32_t w4;                                                                \
     std::memcpy(&w4, U + (r) * ldu + q * 4, 4);                                \
     const __m256i wb = _mm256_set1_epi32(w4);                                  \
-    h0 = _mm256_add_epi16(h0, _mm256_maddubs_epi16(wb, a0));                   \
-    h1 = _mm256_add_epi16(h1, _mm256_maddubs_epi16(wb, a1));                   \
+    h0 = _mm256_add_epi16(_mm256_maddubs_epi16(wb, a0), h0);                   \
+    h1 = _mm256_add_epi16(_mm256_maddubs_epi16(wb, a1), h1);                   \
   }
 // ngr consecutive groups of nq = G / 4 quads each: U, P, asum (kPT per group), s4 and z4 (kPR per
 // group) advance group by group; facc is the tile's fp32 sum.
