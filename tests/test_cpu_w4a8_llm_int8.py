@@ -105,9 +105,11 @@ def test_w4a8_gemm(M, nkg, kind, isa, threads):
     _assert_fp32_close(out, *_w4a8_fp64(a, bp, sa, sb, zb, bias))
 
 
-# G and K multiples of 64 take the lane-wise decode GEMV (w4a8.cpp): G = 64 / 128 / 256 and
-# per-channel G = K = 640 (int16 flushes inside a group); G = 32 and K = 200 the tiled path.
-DECODE_NKG = [(515, 512, 32), (203, 4096, 128), (67, 200, 200), (37, 512, 64), (6, 448, 64), (21, 768, 256), (9, 640, 640)]
+# K a multiple of 64 with G = 32 or a multiple of 64 takes the decode GEMV (w4a8.cpp): G = 32 (two
+# groups per 64-chunk), 64 / 128 / 256 and per-channel G = K = 640 (int16 flushes inside a group);
+# K = 200 and K = 96 (G = 32) the tiled path.
+DECODE_NKG = [(515, 512, 32), (7, 96, 32), (203, 4096, 128), (67, 200, 200), (37, 512, 64), (6, 448, 64),
+              (21, 768, 256), (9, 640, 640)]
 DECODE_CASES = list(itertools.product((1, 2, 3, 4), DECODE_NKG, ["sym", "asym"]))
 
 

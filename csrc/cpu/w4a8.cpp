@@ -23,11 +23,11 @@
 // (torch's sum over groups is not sequential, so fp32 outputs match the reference within a
 // few ulps, not bit for bit; the tests compare with the fp64 formula, NUMERICS.md s.6.)
 //
-// Decode (M <= 4, G and K multiples of 64): a separate GEMV (gemv_tile below), one pass over
+// Decode (M <= 4, K a multiple of 64, G = 32 or a multiple of 64): a separate GEMV (gemv_tile below), one pass over
 // the weights with the next tile prefetched; the per-group float work is deferred out of the K
 // loop. M >= 5 with G in 32 / 64 / 128 / 256: the panel path (run_panel_avx2, ~2x the tiles'
 // throughput: no horizontal sums, 16 tokens per weight broadcast). Every other shape (G = K,
-// or G = 32 at M <= 4) uses the tiles below.
+// or M <= 4 with K % 64 != 0) uses the tiles below.
 //
 // Tiling. A micro-tile is MR rows of a x NR rows of b with MR * NR = 8 int16 accumulators, and
 // the 8 group sums are reduced together into one vector (hadd tree). M = 1, 2: tiles 1 x 8 and
@@ -518,8 +518,8 @@ void run_panel_avx2(const Problem& p) {
 }
 
 // ------------------------------------------------------------------------------ AVX2 decode GEMV
-// M <= 4 with G and K multiples of 64 (the common group sizes 64 / 128 / 256 and per-channel
-// G = K): one pass over the weights, NR = 4 / M rows per tile (M * NR <= 4 int16 + 4 fp32
+// M <= 4 with K a multiple of 64 and G = 32 or a multiple of 64 (the common group sizes 32 / 64 /
+// 128 / 256 and per-channel G = K): one pass over the weights, NR = 4 / M rows per tile (M * NR <= 4 int16 + 4 fp32
 // accumulators). 32 packed bytes (64 nibbles) per row and step, unpacked with one and + one
 // shift + one and (plus the 0x88 flip for signed nibbles): the low nibbles are the even k of the
 // 64-chunk, the high nibbles the odd k, so a is permuted once per call per 64-chunk into
@@ -553,7 +553,7 @@ QK_TARGET_AVX2_NOFMA void gemv_prepare(const Problem& p, GemvPrep& g) {
     for (int64_t gi = 0; gi < ng; ++gi) {
       __m256i s = _mm256_setzero_si256();
       for (int64_t k = gi * G; k < (gi + 1) * G; k += 32) {
-        const __m256i av = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(dst + k));
+        const __m256i av = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + k));  // natural order
         s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, av), ones16));
       }
       const __m128i h = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
@@ -599,7 +599,21 @@ QK_TARGET_AVX2_NOFMA void gemv_tile(const Problem& p, const GemvPrep& g, int64_t
   const int32_t* asum = g.asum.data();
   const int8_t* ap = g.ap.data();
   const int64_t flush = 4 * kGemvChunk;  // 8 maddubs results (lo + hi per 64-chunk) per int16 sum
-  for (int64_t gi = 0; gi < ng; ++gi) {
+  // G = 32: a 64-chunk holds two groups, one per 128-bit lane (lane 0: k 0..31 of the chunk, lane 1:
+  // k 32..63, for the weight bytes and the permuted a alike); maddubs, madd and hadd stay in their
+  // lane, so the two halves of the hadd tree are the two groups' sums.
+  for (int64_t ch = 0; G == 32 && ch < K / kGemvChunk; ++ch) {
+    __m256i c16[MM][NR];
+    for (int m = 0; m < MM; ++m)
+      for (int r = 0; r < NR; ++r) c16[m][r] = _mm256_setzero_si256();
+    gemv_step<MM, NR, kAsym>(b, ap, K, ldb, ch * kGemvChunk, c16);
+    __m256i v[4];
+    for (int i = 0; i < 4; ++i) v[i] = i < S ? _mm256_madd_epi16(c16[i / NR][i % NR], ones16) : _mm256_setzero_si256();
+    const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+    _mm_store_si128(reinterpret_cast<__m128i*>(cbuf + 2 * ch * 4), _mm256_castsi256_si128(h));
+    _mm_store_si128(reinterpret_cast<__m128i*>(cbuf + (2 * ch + 1) * 4), _mm256_extracti128_si256(h, 1));
+  }
+  for (int64_t gi = 0; G != 32 && gi < ng; ++gi) {
     __m256i v[4];  // per slot: lane-wise int32 sums over the group
     for (int i = 0; i < 4; ++i) v[i] = _mm256_setzero_si256();
     if (G <= flush) {  // G = 64, 128, 256: one int16 sum per group, no int32 accumulators in the loop
@@ -691,7 +705,9 @@ void gemv_rows_any(const Problem& p, const GemvPrep& g, int64_t n0, int64_t n1) 
   }
 }
 
-bool gemv_applies(const Problem& p) { return p.M <= 4 && p.G % kGemvChunk == 0 && p.K % kGemvChunk == 0; }
+bool gemv_applies(const Problem& p) {
+  return p.M <= 4 && p.K % kGemvChunk == 0 && (p.G % kGemvChunk == 0 || p.G == 32);
+}
 
 void run_gemv_avx2(const Problem& p) {
   GemvPrep g;
@@ -765,7 +781,7 @@ at::Tensor w4a8_gemm_cpu(const at::Tensor& a_in, const at::Tensor& b_in, const a
   p.out = dt;
 #if QK_X86
   if (isa == Isa::Avx2 && K > 0) {
-    if (gemv_applies(p)) run_gemv_avx2(p);          // decode: M <= 4, G and K multiples of 64
+    if (gemv_applies(p)) run_gemv_avx2(p);          // decode: M <= 4, K % 64 == 0, G = 32 or G % 64 == 0
     else if (panel_applies(p)) run_panel_avx2(p);   // M >= 5, G in 32 / 64 / 128 / 256
     else run_avx2(p);
     return y;
