@@ -12,10 +12,12 @@
 //             per row): fewest instructions, 22 per 64 weights
 //   int16x2 : x as two int16 digits (a block fixed point), vpmaddwd
 //   int8x3  : x as three int8 digits, u8 nibble x s8 digit vpmaddubsw, int16 sums
-// Measured here (2026-11-23, shared 2-core Zen3 VM, ~3.1 GHz; noisy, +-15%): every variant
-// lands at ~18-26 G weights/s per core, so fp32 W4A16 at M = 1 on 4096 x 4096 needs ~0.35-0.45
-// ms of instructions on 2 cores before any DRAM stall, against the 1.7x-fbgemm bound of
-// ~0.34 ms. The integer-digit forms are not faster: they trade the conversion for more multiplies.
+// Measured here (2026-11-23, shared 2-core Zen3 VM at ~3.1 GHz; noisy, +-15%), one run:
+// cvt 18.3, pshufb 18.5, magic 20.3, int16x2 19.4, int8x3 19.1 G weights/s per core. So fp32
+// W4A16 at M = 1 on 4096 x 4096 (16.8 M weights) needs ~0.42-0.46 ms of instructions on 2 cores
+// before any DRAM stall, while the bound (1.7x faster than fbgemm's 0.65 ms) is 0.38 ms.
+// The integer-digit forms are not faster: they trade the conversion for more multiplies; the
+// magic-float form saves ~10% but needs a per-row rescaling of x and loses ~3x in cancellation.
 #include <immintrin.h>
 
 #include <cmath>
@@ -43,9 +45,9 @@ QK_T static inline float hsum(__m256 v) {
 // Position of the nibble (byte i of a 64-chunk, high nibble h) in each variant's x order.
 static int pos_cvt(int i, int h) { return (i / 8) * 16 + h * 8 + i % 8; }                      // 16-chunks
 static int pos_shuf(int i, int h) { return 32 * h + 8 * ((i % 16) / 4) + 4 * (i / 16) + i % 4; }  // pshufb j, lane, d
-static int pos_unpack(int i, int h) {                                                          // unpack lo/hi
-  const int l = i / 16, b = i % 16, wi = b / 8, wb = b % 8;
-  return 32 * h + (wi * 2 + wb / 4) * 8 + l * 4 + wb % 4;
+static int pos_w16(int i, int h) {  // unpacklo/hi_epi8 with zero: 16 words per register, lane-major
+  const int l = i / 16, b = i % 16;
+  return 32 * h + 16 * (b / 8) + 8 * l + b % 8;
 }
 
 QK_T static void v_cvt(const uint8_t* const* q, const float* x, int K, float* out) {
@@ -64,7 +66,7 @@ QK_T static void v_cvt(const uint8_t* const* q, const float* x, int K, float* ou
 }
 
 // byte masks: dword d of lane l takes byte 4j + d of its lane, at byte position `at`
-static __m256i spread_mask(int j, int at) {
+QK_T static __m256i spread_mask(int j, int at) {
   alignas(32) int8_t m[32];
   for (int l = 0; l < 2; l++)
     for (int d = 0; d < 4; d++)
@@ -188,10 +190,10 @@ int main(int argc, char** argv) {
   double ref[4] = {0, 0, 0, 0};
   for (int r = 0; r < 4; r++)
     for (int k = 0; k < K; k++) ref[r] += double(xi[k]) * nib(r, k);
-  std::vector<float> xc, xs, xu;
+  std::vector<float> xc, xs, xu;  // x in the cvt, pshufb and int16 orders
   in_order(pos_cvt, xc);
   in_order(pos_shuf, xs);
-  in_order(pos_unpack, xu);
+  in_order(pos_w16, xu);
   std::vector<int16_t> dh(K), dl(K);
   for (int k = 0; k < K; k++) {
     dh[k] = 0;
