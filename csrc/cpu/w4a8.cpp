@@ -563,6 +563,13 @@ QK_TARGET_AVX2_NOFMA void gemv_prepare(const Problem& p, GemvPrep& g) {
   }
 }
 
+// Every 64-byte line of [begin, end).
+QK_TARGET_AVX2_NOFMA inline void prefetch_lines(const void* begin, const void* end) {
+  const uintptr_t e = reinterpret_cast<uintptr_t>(end);
+  for (uintptr_t a = reinterpret_cast<uintptr_t>(begin) & ~uintptr_t(63); a < e; a += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(a), _MM_HINT_T0);
+}
+
 // One 64-chunk of the decode GEMV: c16[m][r] += the 4 maddubs pair sums (lo and hi nibbles).
 template <int MM, int NR, bool kAsym>
 QK_TARGET_AVX2_NOFMA __attribute__((always_inline)) inline void gemv_step(const uint8_t* const* b, const int8_t* ap,
@@ -598,6 +605,14 @@ QK_TARGET_AVX2_NOFMA void gemv_tile(const Problem& p, const GemvPrep& g, int64_t
   static_assert(S <= 4, "one 4-wide epilogue vector per tile");
   const int32_t* asum = g.asum.data();
   const int8_t* ap = g.ap.data();
+  // The next tile's scales and zero points (read by the final pass below): lines of their own,
+  // not covered by the weight prefetches; without this each tile's epilogue waited on DRAM.
+  for (int r = 0; r < NR; ++r) {
+    const int64_t n = n0 + NR + r;
+    if (n >= p.N) break;
+    prefetch_lines(p.sb + n * ng, p.sb + (n + 1) * ng);
+    if (kAsym) prefetch_lines(p.zb + n * ng, p.zb + (n + 1) * ng);
+  }
   const int64_t flush = 4 * kGemvChunk;  // 8 maddubs results (lo + hi per 64-chunk) per int16 sum
   // G = 32: a 64-chunk holds two groups, one per 128-bit lane (lane 0: k 0..31 of the chunk, lane 1:
   // k 32..63, for the weight bytes and the permuted a alike); maddubs, madd and hadd stay in their
