@@ -229,7 +229,11 @@ void block_outliers(const void* ctxv, const int32_t* C, int64_t ldc, int64_t m0,
   const OutlierCtx& x = *static_cast<const OutlierCtx*>(ctxv);
   const int64_t nO = x.nO;
   // (Wq[n, O] * sw[n]) for this block's rows, as the reference rounds it, transposed: [nO][nb].
-  std::vector<float> wt(static_cast<size_t>(nO * nb)), part(static_cast<size_t>(nb)), corr(static_cast<size_t>(nb));
+  // Per-thread scratch, reused across blocks and calls (the GEMV calls this every 32 rows).
+  thread_local std::vector<float> wt, part, corr;
+  wt.resize(static_cast<size_t>(nO * nb));
+  part.resize(static_cast<size_t>(nb));
+  corr.resize(static_cast<size_t>(nb));
   for (int64_t j = 0; j < nb; ++j) {
     const int8_t* row = x.b + (n0 + j) * x.K;
     const float s = x.sw[n0 + j];
