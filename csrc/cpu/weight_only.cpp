@@ -413,7 +413,7 @@ void gemv_rows_avx2(const Weight& w, Rnd r, const float* x, const double* xs, in
 // (round_v / vcvtps2ph), and split into a low-byte and a high-byte 16-entry table; in the K loop
 // a nibble picks its weight with two vpshufb, two unpacks make the 16-bit words and one more
 // step makes fp32 (bf16: the word as the top half; fp16: vcvtph2ps). Bit-identical weights to
-// the per-element path, at ~a third of its instructions (no per-element cvt / mul / rounding).
+// the per-element path, at about half of its instructions (no per-element cvt / mul / rounding).
 // G = 32: a 64-chunk holds two groups, one per 128-bit lane, so each lane gets its own tables.
 // x is permuted once per call per 64-chunk into the order the unpacks produce (lut_korder).
 inline bool lut_gemv_applies(const Weight& w, Rnd r) {
