@@ -82,3 +82,55 @@ def test_weight_only_cuda_targets_table():
     line = next(ln for ln in dec.splitlines() if ln.startswith("| w4a16 |"))
     assert "0.2500 (4.00x)" in line and "0.5000 (2.00x)" in line and line.endswith("| GEMV |")
     assert not any(ln.startswith("| w8a16 |") for ln in dec.splitlines())  # no tensor-core row for it
+
+
+def _write_sweep(tmp_path, rows, bandwidth="25.0"):
+    """A bench.gemm-shaped CSV (only the columns cpu_targets reads) and its markdown header."""
+    from bench import cpu_targets  # noqa: F401  (import error = test failure)
+    path = tmp_path / "sweep.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["K", "N", "M", "method", "median_ms"])
+        for K, N, M, method, ms in rows:
+            w.writerow([K, N, M, method, ms])
+    if bandwidth is not None:
+        path.with_suffix(".md").write_text(f"# sweep\n- memory read bandwidth: {bandwidth} GB/s (sum over 1 GiB fp32)\n")
+    return path
+
+
+def test_cpu_targets_ratios_and_verdicts(tmp_path):
+    from bench import cpu_targets as T
+    K = N = 1000  # the int8 weight is 1e6 bytes: 0.04 ms at 25 GB/s
+    rows = [(K, N, 16, "w8a8 (native)", 2.0), (K, N, 16, T.FBGEMM, 1.8), (K, N, 16, T.FP32, 6.0),
+            (K, N, 1, "w8a8 (native)", 0.046), (K, N, 1, "w8a16 (native)", 0.06),
+            (K, N, 1, "w4a8 g128 (native)", 0.02), (K, N, 1, T.FBGEMM, 0.035), (K, N, 1, T.FP32, 0.16),
+            (K, N, 1, "llm_int8 thr6 (native)", 0.05), (K, N, 1, T.BNB, 0.2)]
+    ms, bw = T.read_sweep(_write_sweep(tmp_path, rows))
+    assert bw == 25.0
+    got = {(tg, M): (round(v, 3), ok) for tg, _, M, v, b, ok in T.evaluate(ms, bw)}
+    assert got[("W8A8 speed vs fbgemm (>= 1.0x)", 16)] == (0.9, False)
+    assert got[("W8A8 speed vs fp32 (>= 1.5x)", 16)] == (3.0, True)
+    assert got[("W8A8 M=1 time / int8-weight read time (<= 1.2x)", 1)] == (1.15, True)
+    assert got[("W8A16 M=1 time / int8-weight read time (<= 1.2x)", 1)] == (1.5, False)
+    assert got[("W4A8 M=1 speed vs fbgemm (>= 1.7x)", 1)] == (1.75, True)
+    assert got[("W4A8 M=1 speed vs fp32 (>= 6x)", 1)] == (8.0, True)
+    assert got[("LLM.int8 time / W8A8 time (<= 1.25x)", 1)] == (round(0.05 / 0.046, 3), True)
+    assert got[("LLM.int8 speed vs bitsandbytes (>= 5x)", 1)] == (4.0, False)
+    assert ("W4A16 M=1 speed vs fbgemm (>= 1.7x)", 1) not in got  # no w4a16 row in this sweep
+    text = T.main([str(tmp_path / "sweep.csv"), "--names", "X"])
+    assert "| W8A8 speed vs fbgemm (>= 1.0x) | 1000x1000 | 16 | **0.90** | 0/1 |" in text
+
+
+def test_cpu_targets_bad_input(tmp_path):
+    from bench import cpu_targets as T
+    path = _write_sweep(tmp_path, [(8, 8, 1, T.FP32, 1.0)], bandwidth=None)
+    with pytest.raises(FileNotFoundError, match="sweep.md"):
+        T.read_sweep(path)
+    path.with_suffix(".md").write_text("# no bandwidth line\n")
+    with pytest.raises(ValueError, match="memory read bandwidth"):
+        T.read_sweep(path)
+    path.with_suffix(".md").write_text("- memory read bandwidth: 20.0 GB/s\n")
+    with pytest.raises(SystemExit, match="no rows"):
+        T.main([str(path)])
+    with pytest.raises(SystemExit):
+        T.main([str(path), "--names", "a", "b"])
