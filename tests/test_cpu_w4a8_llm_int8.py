@@ -124,9 +124,12 @@ def test_w4a8_gemm_decode(M, nkg, kind, isa, threads):
     _assert_fp32_close(out, *_w4a8_fp64(a, bp, sa, sb, zb, bias))
 
 
-# M >= 5 with G in 32..256 takes the panel path (w4a8.cpp): several 128-token M blocks with a
-# ragged last 16-token panel, 64-row N blocks with an N tail of 1, 2048-wide K blocks plus a tail.
-PANEL_CASES = list(itertools.product([(131, 133, 2048 + 256, 32), (37, 70, 2048 + 256, 256), (5, 3, 128, 128)],
+# M >= 9 (M >= 5 where the GEMV does not apply) with G in 32..256 takes the panel path (w4a8.cpp):
+# several 128-token M blocks with a
+# ragged last 16-token panel, 64-row N blocks with an N tail of 1, 2048-wide K blocks plus a tail;
+# a K tail of 96 (48 packed bytes: one 32-byte unpack step and one 16-byte step).
+PANEL_CASES = list(itertools.product([(131, 133, 2048 + 256, 32), (37, 70, 2048 + 256, 256), (5, 3, 128, 128),
+                                      (19, 9, 2048 + 96, 32)],
                                      ["sym", "asym"]))
 
 
@@ -138,9 +141,24 @@ def test_w4a8_gemm_panel_blocks(mnkg, kind, isa, threads):
     _assert_fp32_close(out, *_w4a8_fp64(a, bp, sa, sb, zb, bias))
 
 
+# 4 < M <= 8 with K % 64 == 0 and G = 32 or G % 64 == 0 runs the decode GEMV on row chunks of 4
+# (w4a8.cpp, run_gemv_split_avx2): every chunk writes its own output rows.
+SPLIT_CASES = list(itertools.product([5, 6, 7, 8], [(70, 320, 32), (9, 384, 128)], ["sym", "asym"]))
+
+
+@pytest.mark.parametrize("M,nkg,kind", SPLIT_CASES, ids=[f"M{m}-N{n}-K{k}-G{g}-{kd}" for m, (n, k, g), kd in SPLIT_CASES])
+def test_w4a8_gemm_small_batch_gemv_chunks(M, nkg, kind, isa, threads):
+    N, K, G = nkg
+    a, bp, sa, sb, zb, bias = _w4a8_inputs(M, N, K, G, kind, seed=M * 7 + G, bias_dtype=torch.float32)
+    out = OPS.w4a8_gemm(a, bp, sa, sb, zb, bias, None)
+    _assert_fp32_close(out, *_w4a8_fp64(a, bp, sa, sb, zb, bias))
+    for dt in (torch.float16, torch.bfloat16):  # 2-byte outputs: the chunks' row offsets in elements
+        torch.testing.assert_close(OPS.w4a8_gemm(a, bp, sa, sb, zb, bias, dt), R.w4a8_gemm(a, bp, sa, sb, zb, bias, dt))
+
+
 @pytest.mark.parametrize("out_dtype", [None, torch.float32, torch.float16, torch.bfloat16], ids=DT_ID.get)
 @pytest.mark.parametrize("bias_dtype", [None, torch.float32, torch.bfloat16], ids=DT_ID.get)
-@pytest.mark.parametrize("M", (1, 2, 5))
+@pytest.mark.parametrize("M", (1, 2, 5, 8))
 def test_w4a8_gemm_dtypes_bias(M, bias_dtype, out_dtype, isa):
     a, bp, sa, sb, zb, bias = _w4a8_inputs(M, 13, 256, 128, "asym", seed=M, bias_dtype=bias_dtype)
     out = OPS.w4a8_gemm(a, bp, sa, sb, zb, bias, out_dtype)
