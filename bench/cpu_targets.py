@@ -89,6 +89,9 @@ def combined_table(runs) -> str:
                 keys.append(k)
                 cells[k] = [None] * len(runs)
             cells[k][i] = (v, ok)
+    order = {tg: i for i, tg in enumerate(dict.fromkeys(k[0] for k in keys))}
+    keys.sort(key=lambda k: (k[1], order[k[0]] if not k[0].startswith("LLM") else len(order), k[2],
+                             order[k[0]]))
     head = "| target | K x N | M | " + " | ".join(names) + " | met in |"
     lines = [head, "|" + "---|" * (4 + len(names))]
     for k in keys:
