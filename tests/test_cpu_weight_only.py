@@ -89,7 +89,7 @@ def _check(out, x, w_rounded, bias, ref):
 
 # --------------------------------------------------------------------------- w8a16
 
-MS = (0, 1, 2, 3, 4, 5, 17, 67)
+MS = (0, 1, 2, 3, 4, 5, 7, 8, 17, 67)  # 5..8: the AVX2 GEMV per chunk of 4 rows; 17, 67: tiled
 W8_NK = [(1, 8), (7, 33), (13, 256), (37, 1031)]   # N odd; K around the 8-wide vector and the 128 flush
 W8_CASES = list(itertools.product(MS, W8_NK, DTYPES))
 
@@ -110,11 +110,11 @@ def test_w8a16(M, NK, dtype, isa, set_threads):
 
 # --------------------------------------------------------------------------- w4a16
 
-W4_MS = (0, 1, 2, 3, 4, 5, 17, 67)
+W4_MS = (0, 1, 2, 3, 4, 5, 8, 17, 67)
 # (N, K, G): G in 32/64/128/256 and G = K, including a K that is not a multiple of 16 (only G = K allows it).
 W4_NKG = [(5, 256, 32), (6, 544, 32), (3, 512, 64), (13, 384, 128), (9, 512, 256), (7, 200, 200), (11, 38, 38), (1, 2, 2)]
 W4_CASES = [(m, nkg, d, z) for m, nkg, d, z in itertools.product(W4_MS, W4_NKG, DTYPES, (False, True))
-            if m in (0, 1, 4, 5, 67) or nkg[2] in (32, 200)]
+            if m in (0, 1, 4, 5, 8, 67) or nkg[2] in (32, 200)]
 
 
 def _int4_weight(N, K, G, zero, g):
@@ -157,7 +157,7 @@ def test_w4a16_full_nibble_range(M, isa):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=DT_ID.get)
-@pytest.mark.parametrize("M", (1, 4, 5))
+@pytest.mark.parametrize("M", (1, 4, 5, 8))
 def test_weight_rounded_per_element(M, dtype, isa):
     """x rows with two ones: y = W[n, a] + W[n, b], exact in fp32, so the output equals the
     reference bit for bit only if each weight was rounded to x's dtype before the sum (rounding

@@ -25,7 +25,8 @@
 //   flushed every <= 128 elements and the correction z' * sum_k x is evaluated in fp64.
 //   For bf16/fp16 x the weight is rounded per element to x's dtype, as the spec says
 //   (bf16: integer round-half-even on the bits; fp16: vcvtps2ph/vcvtph2ps, F16C).
-// - M >= 5 (tiled): each thread dequantizes 16 weight rows at a time (exact spec weights,
+// - M = 5..8 (AVX2): the paths above, once per chunk of 4 rows of x (~2x faster than tiled).
+// - M >= 9, or M >= 5 on the portable path (tiled): each thread dequantizes 16 weight rows at a time (exact spec weights,
 //   rounded to x's dtype) into its own fp32 buffer (256 KB at K = 4096), transposes it to
 //   K-major (8 x 8 register transposes) and runs 6 x 16 outer-product FMA tiles over all M rows
 //   of x in K blocks of 256 (the block's weights, 16 KB, stay in L1; x is broadcast from memory);
@@ -65,6 +66,7 @@ namespace {
 enum class Rnd { F32, BF16, F16 };
 
 constexpr int64_t kMaxGemvM = 4;   // M <= this: GEMV path
+constexpr int64_t kGemvSplitM = 8; // kMaxGemvM < M <= this (AVX2): the GEMV per chunk of kMaxGemvM rows
 constexpr int64_t kTileN = 16;     // weight rows per dequantized tile of the tiled path
 constexpr int64_t kFlush = 128;    // elements per in-register partial sum before it is flushed
 
@@ -671,6 +673,16 @@ at::Tensor weight_only_gemm(const at::Tensor& x_in, const Weight& w, const at::T
   const at::ScalarType st = x_in.scalar_type();
   at::Tensor y = at::empty({M, N}, x_in.options());
   if (M == 0 || N == 0) return y;
+  if (avx2 && M > kMaxGemvM && M <= kGemvSplitM) {
+    // Small batches: the GEMV once per chunk of 4 rows (it re-reads the weights per chunk) beats
+    // the tiled path, which dequantizes every weight row whatever M is. 4096^2, 2 threads:
+    // fp32 w4a16 M = 5 / 8 ~5.3 / 5.9 ms tiled vs ~2.1 ms per chunk; w8a16 ~4.8 / 5.3 vs ~1.6.
+    for (int64_t m0 = 0; m0 < M; m0 += kMaxGemvM) {
+      const int64_t mc = std::min(kMaxGemvM, M - m0);
+      y.narrow(0, m0, mc).copy_(weight_only_gemm(x_in.narrow(0, m0, mc), w, bias, avx2));
+    }
+    return y;
+  }
   const Rnd rnd = st == at::kFloat ? Rnd::F32 : (st == at::kBFloat16 ? Rnd::BF16 : Rnd::F16);
   const float* B = bias.defined() ? bias.data_ptr<float>() : nullptr;
   const int64_t esize = y.element_size();
