@@ -439,13 +439,6 @@ QK_TARGET_AVX2_NOFMA void panel_pack(const Problem& p, int8_t* P, int32_t* asum)
   });
 }
 
-// Every 64-byte line of [begin, end).
-QK_TARGET_AVX2_NOFMA inline void prefetch_lines(const void* begin, const void* end) {
-  const uintptr_t e = reinterpret_cast<uintptr_t>(end);
-  for (uintptr_t a = reinterpret_cast<uintptr_t>(begin) & ~uintptr_t(63); a < e; a += 64)
-    _mm_prefetch(reinterpret_cast<const char*>(a), _MM_HINT_T0);
-}
-
 // Weight rows n0 .. n0 + 3 (rows >= N are zero), k in [k0, k0 + kn), as u8 u = q (+ 8 if signed).
 QK_TARGET_AVX2_NOFMA void panel_unpack(const Problem& p, int64_t n0, int64_t k0, int64_t kn, uint8_t* U,
                                        int64_t ldu) {
@@ -591,6 +584,13 @@ QK_TARGET_AVX2_NOFMA void gemv_prepare(const Problem& p, GemvPrep& g) {
       g.asum[size_t(m * ng + gi)] = _mm_cvtsi128_si32(_mm_add_epi32(h2, _mm_shuffle_epi32(h2, 1)));
     }
   }
+}
+
+// Every 64-byte line of [begin, end).
+QK_TARGET_AVX2_NOFMA inline void prefetch_lines(const void* begin, const void* end) {
+  const uintptr_t e = reinterpret_cast<uintptr_t>(end);
+  for (uintptr_t a = reinterpret_cast<uintptr_t>(begin) & ~uintptr_t(63); a < e; a += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(a), _MM_HINT_T0);
 }
 
 // One 64-chunk of the decode GEMV: c16[m][r] += the 4 maddubs pair sums (lo and hi nibbles).
@@ -747,10 +747,19 @@ bool gemv_applies(const Problem& p) {
   return p.M <= 4 && p.K % kGemvChunk == 0 && (p.G % kGemvChunk == 0 || p.G == 32);
 }
 
+void run_gemv_avx2(const Problem& p) {
+  GemvPrep g;
+  gemv_prepare(p, g);
+  const int64_t grain = std::max<int64_t>(16, (int64_t(1) << 16) / p.K);  // small layers: one thread
+  at::parallel_for(0, p.N, grain, [&](int64_t n0, int64_t n1) {
+    if (p.zb) gemv_rows_any<true>(p, g, n0, n1);
+    else gemv_rows_any<false>(p, g, n0, n1);
+  });
+}
+
 // 4 < M <= 8 (small batches): the GEMV on row chunks of 4 (it reads the weights once per chunk)
 // beats the panel path, whose 16-token panels cost the same from M = 5 to 16.
 constexpr int64_t kGemvSplitM = 8;
-void run_gemv_avx2(const Problem& p);
 bool gemv_split_applies(const Problem& p) {
   Problem q = p;
   q.M = 4;
@@ -766,16 +775,6 @@ void run_gemv_split_avx2(const Problem& p) {
     q.y = static_cast<char*>(p.y) + size_t(m0) * row_bytes;
     run_gemv_avx2(q);
   }
-}
-
-void run_gemv_avx2(const Problem& p) {
-  GemvPrep g;
-  gemv_prepare(p, g);
-  const int64_t grain = std::max<int64_t>(16, (int64_t(1) << 16) / p.K);  // small layers: one thread
-  at::parallel_for(0, p.N, grain, [&](int64_t n0, int64_t n1) {
-    if (p.zb) gemv_rows_any<true>(p, g, n0, n1);
-    else gemv_rows_any<false>(p, g, n0, n1);
-  });
 }
 
 #endif  // QK_X86
