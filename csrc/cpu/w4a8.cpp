@@ -384,34 +384,32 @@ bool panel_applies(const Problem& p) { return p.M > 4 && p.G % 32 == 0 && p.G <=
 template <bool kAsym>
 QK_TARGET_AVX2_NOFMA void panel_groups(const uint8_t* U, int64_t ldu, const int8_t* P, int64_t nq, int64_t ngr,
                                        const int32_t* asum, const float* s4, const int32_t* z4, float* facc) {
-  for (int64_t gr = 0; gr < ngr; ++gr, U += nq * 4, P += nq * 64, asum += kPT, s4 += kPR, z4 += kPR) {
   const __m256i ones = _mm256_set1_epi16(1);
-  __m256i c[8];
-  for (int64_t q8 = 0; q8 < nq; q8 += 8) {  // nq = G / 4 is a multiple of 8
-    __m256i h00 = _mm256_setzero_si256(), h01 = h00, h10 = h00, h11 = h00, h20 = h00, h21 = h00, h30 = h00,
-            h31 = h00;
-    for (int64_t q = q8; q < q8 + 8; ++q) {
-      const __m256i a0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(P + q * 64));
-      const __m256i a1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(P + q * 64 + 32));
-      QK_W4_ROW(0, h00, h01)
-      QK_W4_ROW(1, h10, h11)
-      QK_W4_ROW(2, h20, h21)
-      QK_W4_ROW(3, h30, h31)
+  for (int64_t gr = 0; gr < ngr; ++gr, U += nq * 4, P += nq * 64, asum += kPT, s4 += kPR, z4 += kPR) {
+    __m256i c[8];
+    for (int i = 0; i < 8; ++i) c[i] = _mm256_setzero_si256();
+    for (int64_t q8 = 0; q8 < nq; q8 += 8) {  // nq = G / 4 is a multiple of 8
+      __m256i h00 = _mm256_setzero_si256(), h01 = h00, h10 = h00, h11 = h00, h20 = h00, h21 = h00, h30 = h00,
+              h31 = h00;
+      for (int64_t q = q8; q < q8 + 8; ++q) {
+        const __m256i a0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(P + q * 64));
+        const __m256i a1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(P + q * 64 + 32));
+        QK_W4_ROW(0, h00, h01)
+        QK_W4_ROW(1, h10, h11)
+        QK_W4_ROW(2, h20, h21)
+        QK_W4_ROW(3, h30, h31)
+      }
+      const __m256i h[8] = {h00, h01, h10, h11, h20, h21, h30, h31};
+      for (int i = 0; i < 8; ++i) c[i] = _mm256_add_epi32(c[i], _mm256_madd_epi16(h[i], ones));
     }
-    const __m256i h[8] = {h00, h01, h10, h11, h20, h21, h30, h31};
-    for (int i = 0; i < 8; ++i) {
-      const __m256i w = _mm256_madd_epi16(h[i], ones);
-      c[i] = q8 == 0 ? w : _mm256_add_epi32(c[i], w);
-    }
-  }
-  for (int r = 0; r < kPR; ++r)
-    for (int v = 0; v < 2; ++v) {
-      const __m256i as = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(asum + v * 8));
-      const __m256i za = kAsym ? _mm256_mullo_epi32(_mm256_set1_epi32(z4[r]), as) : _mm256_slli_epi32(as, 3);
-      const __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(c[r * 2 + v], za)), _mm256_set1_ps(s4[r]));
-      float* o = facc + r * kPT + v * 8;
-      _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), f));
-    }
+    for (int r = 0; r < kPR; ++r)
+      for (int v = 0; v < 2; ++v) {
+        const __m256i as = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(asum + v * 8));
+        const __m256i za = kAsym ? _mm256_mullo_epi32(_mm256_set1_epi32(z4[r]), as) : _mm256_slli_epi32(as, 3);
+        const __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(c[r * 2 + v], za)), _mm256_set1_ps(s4[r]));
+        float* o = facc + r * kPT + v * 8;
+        _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), f));
+      }
   }
 }
 #undef QK_W4_ROW
@@ -654,21 +652,13 @@ QK_TARGET_AVX2_NOFMA void gemv_tile(const Problem& p, const GemvPrep& g, int64_t
   for (int64_t gi = 0; G != 32 && gi < ng; ++gi) {
     __m256i v[4];  // per slot: lane-wise int32 sums over the group
     for (int i = 0; i < 4; ++i) v[i] = _mm256_setzero_si256();
-    if (G <= flush) {  // G = 64, 128, 256: one int16 sum per group, no int32 accumulators in the loop
+    for (int64_t kb = gi * G; kb < (gi + 1) * G; kb += flush) {  // one pass for G <= 256
+      const int64_t ke = std::min((gi + 1) * G, kb + flush);
       __m256i c16[MM][NR];
       for (int m = 0; m < MM; ++m)
         for (int r = 0; r < NR; ++r) c16[m][r] = _mm256_setzero_si256();
-      for (int64_t k = gi * G; k < (gi + 1) * G; k += kGemvChunk) gemv_step<MM, NR, kAsym>(b, ap, K, ldb, k, c16);
-      for (int i = 0; i < S; ++i) v[i] = _mm256_madd_epi16(c16[i / NR][i % NR], ones16);
-    } else {
-      for (int64_t kb = gi * G; kb < (gi + 1) * G; kb += flush) {
-        const int64_t ke = std::min((gi + 1) * G, kb + flush);
-        __m256i c16[MM][NR];
-        for (int m = 0; m < MM; ++m)
-          for (int r = 0; r < NR; ++r) c16[m][r] = _mm256_setzero_si256();
-        for (int64_t k = kb; k < ke; k += kGemvChunk) gemv_step<MM, NR, kAsym>(b, ap, K, ldb, k, c16);
-        for (int i = 0; i < S; ++i) v[i] = _mm256_add_epi32(v[i], _mm256_madd_epi16(c16[i / NR][i % NR], ones16));
-      }
+      for (int64_t k = kb; k < ke; k += kGemvChunk) gemv_step<MM, NR, kAsym>(b, ap, K, ldb, k, c16);
+      for (int i = 0; i < S; ++i) v[i] = _mm256_add_epi32(v[i], _mm256_madd_epi16(c16[i / NR][i % NR], ones16));
     }
     // The S lane-wise sums -> one int32 per slot (hadd tree): the exact sum_{k in g} a * u.
     const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));

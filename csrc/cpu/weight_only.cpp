@@ -636,19 +636,25 @@ bool cpu_has_f16c() {
 
 // ------------------------------------------------------------------ driver
 
+// xf (fp32 [M, K], contiguous) with element k of every row moved to position pos(k).
+template <typename Pos>
+at::Tensor permute_k(const at::Tensor& xf, Pos pos) {
+  const int64_t M = xf.size(0), K = xf.size(1);
+  at::Tensor xp = at::empty({M, K}, xf.options());
+  const float* src = xf.data_ptr<float>();
+  float* dst = xp.data_ptr<float>();
+  at::parallel_for(0, M, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(K, 1)), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      for (int64_t k = 0; k < K; ++k) dst[m * K + pos(k)] = src[m * K + k];
+  });
+  return xp;
+}
+
 // x as fp32 [M, K] in the common K order (x is contiguous).
 at::Tensor x_in_k_order(const at::Tensor& x, const Weight& w) {
   at::Tensor xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
   if (!w.int4 || w.Kv == 0) return xf;
-  const int64_t M = x.size(0), K = w.K;
-  at::Tensor xp = at::empty({M, K}, xf.options());
-  const float* src = xf.data_ptr<float>();
-  float* dst = xp.data_ptr<float>();
-  at::parallel_for(0, M, std::max<int64_t>(1, (1 << 16) / K), [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m)
-      for (int64_t k = 0; k < K; ++k) dst[m * K + korder(w, k)] = src[m * K + k];
-  });
-  return xp;
+  return permute_k(xf, [&](int64_t k) { return korder(w, k); });
 }
 
 template <typename out_t>
@@ -689,12 +695,8 @@ at::Tensor weight_only_gemm(const at::Tensor& x_in, const Weight& w, const at::T
   char* Y = static_cast<char*>(y.data_ptr());
 #if QK_X86
   if (avx2 && M <= kMaxGemvM && lut_gemv_applies(w, rnd)) {  // int4, bf16 / fp16 x: table lookup
-    const at::Tensor xf = x_in.contiguous().to(at::kFloat);
-    at::Tensor xp = at::empty({M, K}, xf.options());
-    const float* src = xf.data_ptr<float>();
-    float* dst = xp.data_ptr<float>();
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t k = 0; k < K; ++k) dst[m * K + lut_korder(k)] = src[m * K + k];
+    const at::Tensor xp = permute_k(x_in.contiguous().to(at::kFloat), lut_korder);
+    const float* dst = xp.data_ptr<float>();
     at::Tensor acc = at::empty({M, N}, y.options().dtype(at::kFloat));
     float* A = acc.data_ptr<float>();
     const int64_t grain = std::max<int64_t>(16, (1 << 15) / K);
