@@ -68,12 +68,31 @@ def has_kernel(op_name: str, dispatch_key: str) -> bool:
         return False
 
 
+#: Every CPU ISA level the C++ kernels know, lowest first (values of ``QUANTKERNELS_CPU_ISA``).
+ISA_LEVELS = ("portable", "avx2", "avx_vnni", "avx512", "avx512_vnni", "avx512_bf16")
+
+
 def cpu_isa() -> Optional[str]:
-    """The instruction set the next C++ CPU kernel call uses (``"avx2"`` or ``"portable"``),
+    """The instruction-set level the next C++ CPU kernel call uses (one of :data:`ISA_LEVELS`),
     or None without the extension. Raises RuntimeError for a bad ``QUANTKERNELS_CPU_ISA``."""
     if not AVAILABLE or _module is None:
         return None
     return _module.cpu_isa()
+
+
+def cpu_isa_levels() -> tuple:
+    """The ISA levels this CPU and OS support (CPUID + XGETBV), lowest first; () without the extension."""
+    if not AVAILABLE or _module is None:
+        return ()
+    return tuple(_module.cpu_isa_levels())
+
+
+def cpu_kernel_variants() -> dict:
+    """``{op name: the C++ kernel variant it runs}`` at the active ISA level ({} without the
+    extension). Raises RuntimeError for a bad ``QUANTKERNELS_CPU_ISA``."""
+    if not AVAILABLE or _module is None:
+        return {}
+    return dict(_module.cpu_kernel_variants())
 
 
 def cpu_has_avx2() -> bool:

@@ -14,16 +14,14 @@ import quantkernels._ops  # noqa: F401  (op schemas first)
 from quantkernels import _native
 from quantkernels import reference as R
 
+from _isa import isa_params
+
 if not _native.load():
     pytest.skip(f"native extension quantkernels._C not available: {_native.REASON}", allow_module_level=True)
 
 OP = torch.ops.quantkernels.quantize_int8_rowwise
 
-ISAS = [
-    pytest.param("portable", id="portable"),
-    pytest.param("avx2", id="avx2",
-                 marks=pytest.mark.skipif(not _native.cpu_has_avx2(), reason="CPU has no AVX2+FMA")),
-]
+ISAS = isa_params()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 # K around the 8-lane AVX2 width and its tails; M odd and around the parallel grain.
@@ -211,10 +209,42 @@ def test_bad_isa_value(monkeypatch):
 
 
 def test_auto_isa(monkeypatch):
+    levels = _native.cpu_isa_levels()
+    assert levels[0] == "portable" and all(lv in _native.ISA_LEVELS for lv in levels)
+    assert ("avx2" in levels) == _native.cpu_has_avx2()
     monkeypatch.delenv("QUANTKERNELS_CPU_ISA", raising=False)
-    assert _native.cpu_isa() == ("avx2" if _native.cpu_has_avx2() else "portable")
+    assert _native.cpu_isa() == levels[-1]
     monkeypatch.setenv("QUANTKERNELS_CPU_ISA", "auto")
-    assert _native.cpu_isa() == ("avx2" if _native.cpu_has_avx2() else "portable")
+    assert _native.cpu_isa() == levels[-1]
+
+
+def test_isa_levels_match_proc_cpuinfo():
+    """The CPUID reading agrees with the kernel's view of this CPU (/proc/cpuinfo flags)."""
+    import pathlib
+    info = pathlib.Path("/proc/cpuinfo")
+    if not info.exists():
+        pytest.skip("no /proc/cpuinfo on this OS")
+    flags = set()
+    for line in info.read_text().splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    avx512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags
+    expect = {"avx2": {"avx2", "fma", "f16c"} <= flags}
+    expect["avx_vnni"] = expect["avx2"] and "avx_vnni" in flags
+    expect["avx512"] = expect["avx2"] and avx512
+    expect["avx512_vnni"] = expect["avx512"] and "avx512_vnni" in flags
+    expect["avx512_bf16"] = expect["avx512_vnni"] and "avx512_bf16" in flags
+    levels = set(_native.cpu_isa_levels())
+    for level, want in expect.items():
+        assert (level in levels) == want, (level, sorted(levels))
+
+
+@pytest.mark.parametrize("level", [lv for lv in _native.ISA_LEVELS if lv not in _native.cpu_isa_levels()])
+def test_unsupported_level_is_a_clear_error(monkeypatch, level):
+    monkeypatch.setenv("QUANTKERNELS_CPU_ISA", level)
+    with pytest.raises(RuntimeError, match=f"QUANTKERNELS_CPU_ISA={level} but this CPU"):
+        OP(torch.ones(2, 8))
 
 
 @pytest.mark.skipif(_native.cpu_has_avx2(), reason="needs a CPU without AVX2 to see the error")

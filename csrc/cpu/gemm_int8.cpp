@@ -40,7 +40,7 @@ namespace quantkernels {
 namespace cpu {
 namespace {
 
-bool gemm_use_avx2() { return active_isa() == Isa::Avx2; }
+bool gemm_use_avx2() { return isa_has_avx2(active_isa()); }
 std::string gemm_dtype_name(c10::ScalarType t) { return dtype_name(t); }
 
 constexpr int MR = 2;        // rows of a per micro-kernel
@@ -586,6 +586,18 @@ at::Tensor w8a8_gemm_cpu(const at::Tensor& a_in, const at::Tensor& b_in, const a
 }  // namespace
 }  // namespace cpu
 }  // namespace quantkernels
+
+namespace {
+// What each op runs per ISA level (quantkernels info).
+const bool int8_gemm_variant_registered = quantkernels::cpu::register_variant(
+    "int8_gemm", [](quantkernels::cpu::Isa isa) -> const char* {
+      return quantkernels::cpu::isa_has_avx2(isa) ? "avx2: 16-token panels, maddubs with the sign on one operand" : "portable: scalar C++ loops";
+    });
+const bool w8a8_gemm_variant_registered = quantkernels::cpu::register_variant(
+    "w8a8_gemm", [](quantkernels::cpu::Isa isa) -> const char* {
+      return quantkernels::cpu::isa_has_avx2(isa) ? "avx2: int8 GEMM (maddubs, sign trick) + fp32 epilogue" : "portable: scalar C++ loops";
+    });
+}  // namespace
 
 TORCH_LIBRARY_IMPL(quantkernels, CPU, m) {
   m.impl("int8_gemm", &quantkernels::cpu::int8_gemm_cpu);

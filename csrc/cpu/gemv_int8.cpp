@@ -184,7 +184,7 @@ void gemv_int8(const at::Tensor& a, const at::Tensor& b, int64_t M, int64_t N, i
                const Epilogue& ep) {
   TORCH_CHECK(M >= 1 && M <= kGemvInt8MaxM, "quantkernels: gemv_int8 called with M = ", M, " (expects 1..",
               kGemvInt8MaxM, ")");
-  const bool avx2 = active_isa() == Isa::Avx2;  // read once, on the calling thread
+  const bool avx2 = isa_has_avx2(active_isa());  // read once, on the calling thread
   const int8_t* src = a.data_ptr<int8_t>();
   // maddubs needs a without -128 (a is tiny: checking it costs nothing next to b).
   const bool ubs = avx2 && std::find(src, src + M * K, int8_t(-128)) == src + M * K;

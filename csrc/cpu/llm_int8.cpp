@@ -79,7 +79,7 @@ QK_TARGET_AVX2 void zero_masked_avx2(const float* src, const uint32_t* lanes, in
 
 void zero_masked(const float* src, const uint32_t* lanes, int64_t K, float* dst, Isa isa) {
 #if QK_X86
-  if (isa == Isa::Avx2) return zero_masked_avx2(src, lanes, K, dst);
+  if (isa_has_avx2(isa)) return zero_masked_avx2(src, lanes, K, dst);
 #endif
   (void)isa;
   for (int64_t k = 0; k < K; ++k) dst[k] = lanes[k] ? 0.0f : src[k];
@@ -97,7 +97,7 @@ void outlier_lanes(const T* x, int64_t M, int64_t K, float thr, Isa isa, uint32_
       for (int64_t m = 0; m < M; ++m) {
         const T* src = x + m * K + k0;
 #if QK_X86
-        if (isa == Isa::Avx2) {
+        if (isa_has_avx2(isa)) {
           const float* row;
           if constexpr (std::is_same<T, float>::value) {
             row = src;
@@ -354,6 +354,18 @@ at::Tensor llm_int8_linear_cpu(const at::Tensor& x_in, const at::Tensor& b_in, c
 }  // namespace
 }  // namespace cpu
 }  // namespace quantkernels
+
+namespace {
+// What each op runs per ISA level (quantkernels info).
+const bool quantize_int8_rowwise_outliers_variant_registered = quantkernels::cpu::register_variant(
+    "quantize_int8_rowwise_outliers", [](quantkernels::cpu::Isa isa) -> const char* {
+      return quantkernels::cpu::isa_has_avx2(isa) ? "avx2: masked absmax + rne" : "portable: scalar C++ loops";
+    });
+const bool llm_int8_linear_variant_registered = quantkernels::cpu::register_variant(
+    "llm_int8_linear", [](quantkernels::cpu::Isa isa) -> const char* {
+      return quantkernels::cpu::isa_has_avx2(isa) ? "avx2: int8 GEMM/GEMV + fp32 outlier correction" : "portable: scalar C++ loops";
+    });
+}  // namespace
 
 TORCH_LIBRARY_IMPL(quantkernels, CPU, m) {
   m.impl("quantize_int8_rowwise_outliers", &quantkernels::cpu::quantize_int8_rowwise_outliers_cpu);

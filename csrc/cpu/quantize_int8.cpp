@@ -121,7 +121,7 @@ QK_TARGET_AVX2 void quant_row_avx2(const float* x, int64_t K, float inv, int8_t*
 // Exposed in quantize_int8.h (shared with the LLM.int8() outlier quantizer).
 float row_absmax(const float* x, int64_t K, Isa isa) {
 #if QK_X86
-  return isa == Isa::Avx2 ? absmax_avx2(x, K) : absmax_portable(x, K);
+  return isa_has_avx2(isa) ? absmax_avx2(x, K) : absmax_portable(x, K);
 #else
   (void)isa;
   return absmax_portable(x, K);
@@ -138,7 +138,7 @@ float quantize_row(const float* x, int64_t K, float absmax, Isa isa, int8_t* q) 
     sc = absmax / kQMax;
   }
 #if QK_X86
-  if (isa == Isa::Avx2) {
+  if (isa_has_avx2(isa)) {
     quant_row_avx2(x, K, inv, q);
   } else {
     quant_row_portable(x, K, inv, q);
@@ -221,6 +221,14 @@ std::tuple<at::Tensor, at::Tensor> quantize_int8_rowwise_cpu(const at::Tensor& x
 }  // namespace
 }  // namespace cpu
 }  // namespace quantkernels
+
+namespace {
+// What each op runs per ISA level (quantkernels info).
+const bool quantize_int8_rowwise_variant_registered = quantkernels::cpu::register_variant(
+    "quantize_int8_rowwise", [](quantkernels::cpu::Isa isa) -> const char* {
+      return quantkernels::cpu::isa_has_avx2(isa) ? "avx2: absmax + rne, 8 lanes" : "portable: scalar C++ loops";
+    });
+}  // namespace
 
 TORCH_LIBRARY_IMPL(quantkernels, CPU, m) {
   m.impl("quantize_int8_rowwise", &quantkernels::cpu::quantize_int8_rowwise_cpu);

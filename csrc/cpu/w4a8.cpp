@@ -828,7 +828,7 @@ at::Tensor w4a8_gemm_cpu(const at::Tensor& a_in, const at::Tensor& b_in, const a
   p.y = y.data_ptr();
   p.out = dt;
 #if QK_X86
-  if (isa == Isa::Avx2 && K > 0) {
+  if (isa_has_avx2(isa) && K > 0) {
     if (gemv_applies(p)) run_gemv_avx2(p);          // decode: M <= 4, K % 64 == 0, G = 32 or G % 64 == 0
     else if (gemv_split_applies(p)) run_gemv_split_avx2(p);  // M = 5..8: the GEMV per 4 rows
     else if (panel_applies(p)) run_panel_avx2(p);   // M >= 5, G in 32 / 64 / 128 / 256
@@ -844,6 +844,14 @@ at::Tensor w4a8_gemm_cpu(const at::Tensor& a_in, const at::Tensor& b_in, const a
 }  // namespace
 }  // namespace cpu
 }  // namespace quantkernels
+
+namespace {
+// What each op runs per ISA level (quantkernels info).
+const bool w4a8_gemm_variant_registered = quantkernels::cpu::register_variant(
+    "w4a8_gemm", [](quantkernels::cpu::Isa isa) -> const char* {
+      return quantkernels::cpu::isa_has_avx2(isa) ? "avx2: maddubs nibble panels (M >= 5), hadd-tree GEMV (M <= 4, 5..8 chunked)" : "portable: scalar C++ loops";
+    });
+}  // namespace
 
 TORCH_LIBRARY_IMPL(quantkernels, CPU, m) {
   m.impl("w4a8_gemm", &quantkernels::cpu::w4a8_gemm_cpu);

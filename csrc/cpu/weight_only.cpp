@@ -836,7 +836,7 @@ at::Tensor check_bias(const char* op, const std::optional<at::Tensor>& bias, int
 bool use_avx2() {
   const Isa isa = active_isa();  // read once per call, on the calling thread
 #if QK_X86
-  return isa == Isa::Avx2 && cpu_has_f16c();
+  return isa_has_avx2(isa) && cpu_has_f16c();
 #else
   (void)isa;
   return false;
@@ -928,6 +928,18 @@ at::Tensor w4a16_gemm_cpu(const at::Tensor& x_in, const at::Tensor& b_in, const 
 }  // namespace
 }  // namespace cpu
 }  // namespace quantkernels
+
+namespace {
+// What each op runs per ISA level (quantkernels info).
+const bool w8a16_gemm_variant_registered = quantkernels::cpu::register_variant(
+    "w8a16_gemm", [](quantkernels::cpu::Isa isa) -> const char* {
+      return quantkernels::cpu::isa_has_avx2(isa) ? "avx2: fp32 FMA tiles / GEMV (f16c conversions)" : "portable: scalar C++ loops";
+    });
+const bool w4a16_gemm_variant_registered = quantkernels::cpu::register_variant(
+    "w4a16_gemm", [](quantkernels::cpu::Isa isa) -> const char* {
+      return quantkernels::cpu::isa_has_avx2(isa) ? "avx2: fp32 FMA tiles / GEMV, pshufb tables for bf16/fp16 x" : "portable: scalar C++ loops";
+    });
+}  // namespace
 
 TORCH_LIBRARY_IMPL(quantkernels, CPU, m) {
   m.impl("w8a16_gemm", &quantkernels::cpu::w8a16_gemm_cpu);
