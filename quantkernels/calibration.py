@@ -199,11 +199,22 @@ class _Stop(Exception):
     pass
 
 
+_CACHE_KWARGS = ("past_key_value", "past_key_values", "layer_past", "cache")
+
+
+def _is_kv_cache(value) -> bool:
+    """A transformers KV cache object (``Cache`` and its subclasses: DynamicCache, StaticCache, ...),
+    recognised by class, so transformers is never imported here."""
+    return any(c.__name__ == "Cache" and c.__module__.startswith("transformers") for c in type(value).__mro__)
+
+
 def _clean_kwargs(kwargs: dict) -> dict:
-    # A KV cache would grow each time a block is replayed: replay without one.
+    # A KV cache would grow each time a block is replayed: replay without one. transformers
+    # renamed the block argument over time (past_key_value(s), then `cache` in 5.24), so any
+    # argument holding a Cache object is dropped too, whatever its name.
     kw = dict(kwargs)
-    for key in ("past_key_value", "past_key_values", "layer_past"):
-        if key in kw:
+    for key, value in kwargs.items():
+        if key in _CACHE_KWARGS or _is_kv_cache(value):
             kw[key] = None
     if "use_cache" in kw:
         kw["use_cache"] = False
