@@ -1,5 +1,6 @@
-"""Microbenchmarks of the quantkernels ops against the baselines users would pick instead.
+"""Developer-only benchmark scripts (not installed) and the committed results in bench/results/.
 
-``python -m bench.gemm --help``: the GEMM sweep (every scheme x every available backend,
-plus F.linear, torch.ao quantize_dynamic, bitsandbytes and torch._int_mm baselines).
+The kernel microbenchmark harness ships with the package: ``quantkernels.bench`` (``quantkernels
+bench --help``, ``python -m quantkernels.bench.gemm --out bench/results``). Here: cpu_targets.py,
+cpu_accuracy.py, calibration_minilm.py, gemma_*.py, cpu_gemm_dev.py and the C++ micro-benchmarks.
 """

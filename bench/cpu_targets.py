@@ -1,8 +1,8 @@
-"""Issue 3's CPU performance targets, evaluated from one or more bench.gemm sweeps.
+"""Issue 3's CPU performance targets, evaluated from one or more quantkernels.bench.gemm sweeps.
 
     python -m bench.cpu_targets bench/results/gemm_cpu_2026-11-23.csv [more.csv ...]
 
-Each CSV must come with the markdown file bench.gemm wrote next to it (same name, .md): its
+Each CSV must come with the markdown file quantkernels.bench.gemm wrote next to it (same name, .md): its
 header holds the memory read bandwidth measured in that run, which the decode targets use.
 Every ratio compares two rows of the same sweep (same run, same machine state). Prints one
 markdown table: a row per (target, shape, M), a column per sweep (values that miss the bound in
@@ -28,7 +28,7 @@ def read_sweep(csv_path: Path):
     """(median ms keyed by (K, N, M, method), the run's read bandwidth in GB/s)."""
     md = csv_path.with_suffix(".md")
     if not md.is_file():
-        raise FileNotFoundError(f"csv_path {csv_path}: no {md.name} next to it (bench.gemm writes both)")
+        raise FileNotFoundError(f"csv_path {csv_path}: no {md.name} next to it (quantkernels.bench.gemm writes both)")
     m = re.search(r"memory read bandwidth: ([0-9.]+) GB/s", md.read_text())
     if not m:
         raise ValueError(f"{md}: no 'memory read bandwidth: <x> GB/s' line (was the sweep run with --bandwidth-gib 0?)")
@@ -105,7 +105,7 @@ def combined_table(runs) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("csv", nargs="+", type=Path, help="bench.gemm CSV files (each with its .md)")
+    p.add_argument("csv", nargs="+", type=Path, help="quantkernels.bench.gemm CSV files (each with its .md)")
     p.add_argument("--names", nargs="+", help="column names, one per CSV (default: the file names)")
     args = p.parse_args(argv)
     if args.names and len(args.names) != len(args.csv):
@@ -116,7 +116,7 @@ def main(argv=None):
         name = args.names[i] if args.names else path.stem
         runs.append((f"{name} ({bw:.1f} GB/s)", evaluate(ms, bw)))
     if not any(rows for _, rows in runs):
-        raise SystemExit("no rows for these targets in the given sweeps: run bench.gemm with --backends native")
+        raise SystemExit("no rows for these targets in the given sweeps: run quantkernels bench --backends native")
     text = combined_table(runs)
     print(text)
     return text

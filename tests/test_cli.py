@@ -1,6 +1,9 @@
 """The quantkernels command: info, quantize, eval, bench; user mistakes are one line, status 2."""
 
+import csv
+import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -100,14 +103,68 @@ def test_eval_text_is_packaged():
     assert len(text.split()) > 1500 and "Call me Ishmael" in text
 
 
-def test_bench_quick_writes_md_and_speedup_png(tmp_path):
-    rc, out, err = run_cli("bench", "--quick", "--schemes", "w8a8", "--backends", "native", "--bandwidth-gib", "0",
-                           "--out", str(tmp_path), cwd=str(REPO))
-    assert rc == 0, err[-2000:]
-    md = list(tmp_path.glob("*.md"))
-    assert md and "speedup" in md[0].read_text()
-    if pytest.importorskip("matplotlib"):
-        assert list(tmp_path.glob("*_speedup.png")), list(tmp_path.iterdir())
+# The smallest sweep the bench options allow: one shape, one M, one scheme, one timed sample.
+TINY_BENCH = ["--shapes", "64x64", "--m", "1", "--schemes", "w8a8", "--backends", "reference", "native",
+              "--runs", "1", "--min-run-time", "0", "--max-run-time", "0.05", "--bandwidth-gib", "0"]
+
+# `python -m quantkernels ARGS` (runpy, as -m does) in a process where the source tree's top-level
+# `bench` package cannot be imported, whatever sys.path holds: what a non-editable install sees.
+NO_SOURCE_BENCH = ("import runpy, sys; sys.modules['bench'] = None; sys.argv[0] = 'quantkernels'; "
+                   "runpy.run_module('quantkernels', run_name='__main__', alter_sys=True)")
+
+
+def test_bench_runs_outside_the_source_tree(tmp_path):
+    """quantkernels bench from a directory outside the checkout, no PYTHONPATH, no `bench` package:
+    the results land in ./bench_results of that directory (the default --out), where it says."""
+    work = tmp_path / "work"
+    work.mkdir()
+    assert REPO not in work.resolve().parents
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    p = subprocess.run([sys.executable, "-c", NO_SOURCE_BENCH, "bench", "--quick", *TINY_BENCH],
+                       capture_output=True, text=True, cwd=work, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    wrote = [line for line in p.stderr.splitlines() if line.startswith("wrote ")]
+    assert len(wrote) == 1, p.stderr[-3000:]
+    paths = [Path(s) for s in wrote[0][len("wrote "):].split(", ")]
+    out = work.resolve() / "bench_results"
+    assert all(path.parent == out and path.is_file() for path in paths), (paths, list(out.iterdir()))
+    md, table = ([path for path in paths if path.suffix == suffix] for suffix in (".md", ".csv"))
+    assert len(md) == 1 and len(table) == 1 and md[0].stem.endswith("_quick")
+    text = md[0].read_text()
+    assert "### K=64, N=64" in text and "| w8a8 (reference) |" in text and "speedup" in text
+    with open(table[0], newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["K"], r["N"], r["M"]) for r in rows} == {("64", "64", "1")}
+    assert {"w8a8 (reference)", "F.linear fp32"} <= {r["method"] for r in rows}
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert {path.name for path in paths if path.suffix == ".png"} == {md[0].stem + ".png",
+                                                                          md[0].stem + "_speedup.png"}
+    assert sorted(path.name for path in work.iterdir()) == ["bench_results"]  # nothing else written
+
+
+def test_bench_help_names_the_default_out(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "--help"])
+    assert exc.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert out.startswith("usage: quantkernels bench") and "--quick" in out
+    assert "default: ./bench_results, under the current directory" in out
+
+
+def test_bench_without_matplotlib_or_tqdm(tmp_path, monkeypatch, capsys):
+    """The [bench] extras missing: one line naming matplotlib and the extra; the markdown and CSV are written."""
+    from quantkernels.bench import gemm
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    monkeypatch.setattr(gemm, "tqdm", None)
+    assert cli.main(["bench", "--quick", *TINY_BENCH, "--out", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    why = [line for line in err.splitlines() if "not installed" in line]
+    assert len(why) == 1 and why[0].startswith("matplotlib is not installed") and \
+        "pip install 'quantkernels[bench]'" in why[0], err
+    assert sorted(f.suffix for f in tmp_path.iterdir()) == [".csv", ".md"]
 
 
 def test_console_script_declared():

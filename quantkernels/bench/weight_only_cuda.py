@@ -1,12 +1,13 @@
 """W4A16 / W8A16 CUDA kernels at issue 5's decode / small-batch shapes against bf16 F.linear.
 
-    python -m bench.weight_only_cuda --out bench/results/weight_only     # needs a GPU (make gpu-check)
+    python -m quantkernels.bench.weight_only_cuda --out bench/results/weight_only   # needs a GPU (make gpu-check)
 
-Runs bench.gemm (bf16 activations, native CUDA kernels only, M = 1, 16, 64; the LLM layer shapes
-4096x4096, 4096x11008, 11008x4096) into --out, then writes weight_only_targets.md there: per shape
-and M, the speedup of W4A16 (g128 asym) and W8A16 over bf16 F.linear next to issue 5's targets
-(W4A16: >= 3.3x at M = 1 and 16, >= 2x at M = 64; W8A16 has no stated target, shown for
-reference). M = 1 runs the GEMV kernel, M = 16 and 64 the tensor-core kernel (weight_only.cu).
+Runs quantkernels.bench.gemm (bf16 activations, native CUDA kernels only, M = 1, 16, 64; the LLM
+layer shapes 4096x4096, 4096x11008, 11008x4096) into --out (default ./bench_results/weight_only,
+under the current directory), then writes weight_only_targets.md there: per shape and M, the
+speedup of W4A16 (g128 asym) and W8A16 over bf16 F.linear next to issue 5's targets (W4A16:
+>= 3.3x at M = 1 and 16, >= 2x at M = 64; W8A16 has no stated target, shown for reference).
+M = 1 runs the GEMV kernel, M = 16 and 64 the tensor-core kernel (weight_only.cu).
 A second pass (into --out/tc_at_decode) times the M <= 8 cases again with
 QUANTKERNELS_CUDA_WO_GEMV_MAX_M=0, i.e. through the tensor-core kernel, and a second table
 compares the two kernels there: the data for choosing the GEMV / tensor-core threshold.
@@ -21,6 +22,8 @@ import os
 import sys
 from pathlib import Path
 from typing import Dict, List
+
+from . import DEFAULT_OUT
 
 SHAPES = ["4096x4096", "4096x11008", "11008x4096"]
 MS = [1, 16, 64]
@@ -77,9 +80,10 @@ def decode_table(gemv_rows: List[dict], tc_rows: List[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.weight_only_cuda", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m quantkernels.bench.weight_only_cuda", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "weight_only")
+    p.add_argument("--out", type=Path, default=Path(DEFAULT_OUT) / "weight_only",
+                   help=f"output directory (default: ./{DEFAULT_OUT}/weight_only, under the current directory)")
     p.add_argument("--shapes", nargs="+", default=SHAPES)
     p.add_argument("--m", type=int, nargs="+", default=MS)
     args = p.parse_args(argv)
@@ -87,7 +91,7 @@ def main(argv=None) -> int:
 
     res = gemm.main(["--device", "cuda", "--dtype", "bf16", "--schemes", "w4a16", "w8a16", "--backends", "native",
                      "--m", *map(str, args.m), "--shapes", *args.shapes, "--bandwidth-gib", "0.25",
-                     "--out", str(args.out)])
+                     "--out", str(args.out)], prog=p.prog)
     md = targets_table(res["rows"])
     small = [m for m in args.m if m <= 8]
     if small:
@@ -95,7 +99,7 @@ def main(argv=None) -> int:
         try:
             tc = gemm.main(["--device", "cuda", "--dtype", "bf16", "--schemes", "w4a16", "w8a16", "--backends",
                             "native", "--m", *map(str, small), "--shapes", *args.shapes, "--bandwidth-gib", "0",
-                            "--out", str(args.out / "tc_at_decode")])
+                            "--out", str(args.out / "tc_at_decode")], prog=p.prog)
         finally:
             del os.environ["QUANTKERNELS_CUDA_WO_GEMV_MAX_M"]
         md += "\n" + decode_table(res["rows"], tc["rows"])

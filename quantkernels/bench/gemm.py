@@ -1,9 +1,13 @@
 """GEMM microbenchmark: every quantized scheme on every available backend, against the baselines.
 
-    python -m bench.gemm                                # CPU fp32: LLM shapes x M = 1..2048
-    python -m bench.gemm --quick                        # smoke run: K = N = 256, M = 1, 16
-    python -m bench.gemm --shapes 4096x11008 --m 1 16 --runs 10
-    python -m bench.gemm --device cuda                  # bf16, triton.testing.do_bench
+    quantkernels bench                                  # CPU fp32: LLM shapes x M = 1..2048
+    quantkernels bench --quick                          # smoke run: K = N = 256, M = 1, 16
+    quantkernels bench --shapes 4096x11008 --m 1 16 --runs 10
+    quantkernels bench --device cuda                    # bf16, triton.testing.do_bench
+    python -m quantkernels.bench.gemm ...               # the same, without the console script
+
+Writes <out>/gemm_<device>_<date>[_quick].{md,csv} and, with matplotlib, a throughput PNG and a
+speedup-vs-M PNG (*_speedup.png); <out> is --out, by default ./bench_results (current directory).
 
 Weights are [N, K] (F.linear layout) and quantized once, outside the timing; the timed call
 includes the dynamic activation quantization where a scheme needs it. Decode (M <= 4) rotates
@@ -30,12 +34,17 @@ from typing import Callable, List, Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import quantkernels._ops  # noqa: F401  defines torch.ops.quantkernels (not the package: it may be in flux)
 from quantkernels import reference as R
 
+from . import DEFAULT_OUT
 from . import _harness as H
+
+try:
+    from tqdm import tqdm
+except ImportError:  # optional (quantkernels[bench]): no progress bar, the skips still print
+    tqdm = None
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -200,6 +209,25 @@ def load_kernels(device: torch.device) -> None:
             print(f"note: {name} not loaded ({type(e).__name__}: {e})", file=sys.stderr)
 
 
+class _NoBar:
+    """What sweep() uses of a tqdm bar, when tqdm is not installed."""
+
+    def __init__(self, **_):
+        pass
+
+    def set_description(self, _):
+        pass
+
+    def update(self, _=1):
+        pass
+
+    def write(self, text):
+        print(text, file=sys.stderr)
+
+    def close(self):
+        pass
+
+
 def make_activations(M: int, K: int, gen: torch.Generator) -> torch.Tensor:
     """randn with ~0.5% columns scaled by 60: the outlier features LLM.int8() is built for."""
     x = torch.randn(M, K, generator=gen)
@@ -214,7 +242,7 @@ def sweep(args, device: torch.device, dtype: torch.dtype, rotate_bytes: int) -> 
                if b in args.backends] + baseline_methods(device, dtype)
     gen = torch.Generator().manual_seed(args.seed)
     rows = []
-    bar = tqdm(total=len(shapes) * len(methods) * len(args.m), file=sys.stderr, unit="case")
+    bar = (tqdm or _NoBar)(total=len(shapes) * len(methods) * len(args.m), file=sys.stderr, unit="case")
     for K, N in shapes:
         w = (torch.randn(N, K, generator=gen) * 0.02).to(device)
         xs = {M: make_activations(M, K, gen).to(device) for M in args.m}
@@ -285,8 +313,8 @@ def markdown(rows: List[dict], header: List[str], args, unit: str, scale: float,
     return "\n".join(lines) + "\n"
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m bench.gemm", description=__doc__,
+def parse_args(argv=None, prog: str = "python -m quantkernels.bench.gemm"):
+    p = argparse.ArgumentParser(prog=prog, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--m", type=int, nargs="+", help=f"token counts M (default {FULL['m']})")
     p.add_argument("--shapes", nargs="+", help=f"KxN layer shapes, weight [N, K] (default {FULL['shapes']})")
@@ -303,7 +331,8 @@ def parse_args(argv=None):
                    help=f"also time the (slow) reference backend where M*N*K > {REF_MAX_MNK}")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results", help="output directory")
+    p.add_argument("--out", type=Path, default=Path(DEFAULT_OUT),
+                   help=f"output directory, created if missing (default: ./{DEFAULT_OUT}, under the current directory)")
     p.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK}, no weight rotation")
     args = p.parse_args(argv)
     for k, v in (QUICK if args.quick else FULL).items():
@@ -314,9 +343,13 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> dict:
-    """Runs the sweep, prints the tables, writes CSV/markdown/PNG; returns {"rows", "csv", "md", "png"}."""
-    args = parse_args(argv)
+def main(argv=None, prog: str = "python -m quantkernels.bench.gemm") -> dict:
+    """Runs the sweep, prints the tables, writes CSV/markdown/PNGs.
+
+    Returns {"rows", "csv", "md", "png", "speedup_png", "no_plot"}: the PNG paths are None when not
+    written, and "no_plot" then says why (e.g. matplotlib missing), else it is None.
+    """
+    args = parse_args(argv, prog)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -354,17 +387,27 @@ def main(argv=None) -> dict:
     md = markdown(rows, header, args, unit, scale, base)
     print(md)
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"gemm_{device.type}_{info['date'][:10]}{'_quick' if args.quick else ''}"
-    paths = {"rows": rows, "csv": stem.with_suffix(".csv"), "md": stem.with_suffix(".md"), "png": None}
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"gemm_{device.type}_{info['date'][:10]}{'_quick' if args.quick else ''}"
+    paths = {"rows": rows, "csv": stem.with_suffix(".csv"), "md": stem.with_suffix(".md"), "png": None,
+             "speedup_png": None, "no_plot": None}
     H.write_csv(paths["csv"], rows)
     paths["md"].write_text(md)
-    why = H.plot(stem.with_suffix(".png"), rows, unit, scale)
-    if why:
-        print(why, file=sys.stderr)
+    wrote = [paths["csv"], paths["md"]]
+    if H.pyplot() is None:  # optional (quantkernels[bench]): say so once, no traceback
+        paths["no_plot"] = H.NO_MATPLOTLIB
+        print(H.NO_MATPLOTLIB, file=sys.stderr)
     else:
-        paths["png"] = stem.with_suffix(".png")
-    print(f"wrote {paths['csv']}, {paths['md']}" + (f", {paths['png']}" if paths["png"] else ""), file=sys.stderr)
+        paths["png"], paths["speedup_png"] = stem.with_suffix(".png"), stem.with_name(stem.name + "_speedup.png")
+        for key, why in (("png", H.plot(paths["png"], rows, unit, scale)),
+                         ("speedup_png", H.speedup_plot(paths["speedup_png"], rows, base))):
+            if why:
+                print(why, file=sys.stderr)
+                paths[key], paths["no_plot"] = None, why
+            else:
+                wrote.append(paths[key])
+    print(f"wrote {', '.join(map(str, wrote))}", file=sys.stderr)
     return paths
 
 

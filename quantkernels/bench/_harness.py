@@ -97,25 +97,54 @@ def write_csv(path: Path, rows: List[dict]) -> None:
         writer.writerows(rows)
 
 
-def plot(path: Path, rows: List[dict], unit: str, scale: float) -> Optional[str]:
-    """One log-log panel per shape: throughput vs M, a line per method. Returns why not, if skipped."""
+#: what the runs say instead of a PNG when matplotlib (an optional dependency) is missing.
+NO_MATPLOTLIB = ("matplotlib is not installed: no PNG plots (pip install 'quantkernels[bench]', or "
+                 "pip install matplotlib); the markdown and CSV are written")
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the non-interactive Agg backend, or None when matplotlib is missing."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return "matplotlib is not installed (pip install matplotlib): no plot"
+        return None
+    return plt
+
+
+def _panels(path: Path, rows: List[dict], value: Callable[[dict], float], ylabel: str, height: float,
+            ref_line: Optional[float] = None) -> Optional[str]:
+    """One log-log panel per (K, N) shape, ``value(row)`` against M, a line per method."""
+    plt = pyplot()
+    if plt is None:
+        return NO_MATPLOTLIB
     shapes = list(dict.fromkeys((r["K"], r["N"]) for r in rows))
-    fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 5), squeeze=False)
+    fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), height), squeeze=False)
     for ax, (K, N) in zip(axes[0], shapes):
         for method in dict.fromkeys(r["method"] for r in rows):
-            pts = [(r["M"], r["gflops"] / scale) for r in rows if (r["K"], r["N"], r["method"]) == (K, N, method)]
+            pts = sorted((r["M"], value(r)) for r in rows if (r["K"], r["N"], r["method"]) == (K, N, method))
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=method)
-        ax.set(xscale="log", yscale="log", xlabel="M (tokens)", ylabel=unit, title=f"K={K}, N={N}")
+        if ref_line is not None:
+            ax.axhline(ref_line, color="k", lw=0.8)
+        ax.set(xscale="log", yscale="log", xlabel="M (tokens)", ylabel=ylabel, title=f"K={K}, N={N}")
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return None
+
+
+def plot(path: Path, rows: List[dict], unit: str, scale: float) -> Optional[str]:
+    """Throughput (``unit``: GFLOP/s / ``scale``) vs M. Returns why not, if skipped."""
+    return _panels(path, rows, lambda r: r["gflops"] / scale, unit, 5)
+
+
+def speedup_plot(path: Path, rows: List[dict], base: str) -> Optional[str]:
+    """Speedup over the float baseline ``base`` vs M, a line per scheme x backend. Returns why not, if skipped."""
+    rows = [r for r in rows if r.get("speedup") not in ("", None)]
+    if not rows:
+        return f"no speedup values (no {base} rows): no speedup plot"
+    return _panels(path, rows, lambda r: r["speedup"], f"speedup vs {base}", 4.5, ref_line=1.0)
