@@ -1,7 +1,7 @@
 """What the CPU baselines compute: SQNR of our schemes against torch.ao quantize_dynamic (fbgemm).
 
 The GEMM benchmark compares speed; this table says what each method computes, on the
-NUMERICS.md s.6 setup (N(0, 1) activations, N(0, 0.02^2) weights, M = 256, K = 4096, N = 1024,
+docs/numerics.md s.6 setup (N(0, 1) activations, N(0, 0.02^2) weights, M = 256, K = 4096, N = 1024,
 SQNR against the fp64 F.linear), with and without 3 planted outlier columns (x60).
 fbgemm's dynamic Linear quantizes activations per tensor to 7 bits (reduce_range=True), which is
 why its int8 kernel needs no sign handling (see csrc/cpu/gemm_int8.cpp) and why it is less exact.
@@ -69,7 +69,7 @@ def render(table) -> str:
         "# SQNR of the CPU methods (dB, higher is better)",
         "",
         f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}; torch {torch.__version__}",
-        "- setup: NUMERICS.md s.6 (N(0,1) activations, N(0, 0.02^2) weights, M=256, K=4096, N=1024), "
+        "- setup: docs/numerics.md s.6 (N(0,1) activations, N(0, 0.02^2) weights, M=256, K=4096, N=1024), "
         "against the fp64 F.linear; command: `python -m bench.cpu_accuracy`",
         "",
         "| method | " + " | ".join(name for name, _ in table) + " |",

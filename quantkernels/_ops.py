@@ -5,7 +5,7 @@ Every op lives in the ``quantkernels`` namespace (``torch.ops.quantkernels.<name
 The pure-PyTorch reference (``reference.py``) is registered for every device under
 ``CompositeExplicitAutograd``; native kernels register for the ``CPU`` / ``CUDA`` keys
 and override it. Shapes follow ``F.linear``: weights are ``[N, K]``, activations
-``[M, K]``. Numerics: ``NUMERICS.md`` (repeated in each docstring where it matters).
+``[M, K]``. Numerics: ``docs/numerics.md`` (repeated in each docstring where it matters).
 """
 
 from __future__ import annotations
@@ -161,7 +161,7 @@ _ops = torch.ops.quantkernels
 
 
 def quantize_int8_rowwise(x: Tensor) -> Tuple[Tensor, Tensor]:
-    """Symmetric absmax int8 quantization of each row (per-token / per-channel), NUMERICS.md s.1.
+    """Symmetric absmax int8 quantization of each row (per-token / per-channel), docs/numerics.md s.1.
 
     Args:
         x: float16/bfloat16/float32 ``[..., K]`` (any strides), K >= 1.
@@ -185,7 +185,7 @@ def quantize_int8_tensor(x: Tensor) -> Tuple[Tensor, Tensor]:
 
 
 def quantize_int8_rowwise_outliers(x: Tensor, threshold: float = 6.0) -> Tuple[Tensor, Tensor, Tensor]:
-    """The LLM.int8() activation quantizer (NUMERICS.md s.5), without host synchronisation.
+    """The LLM.int8() activation quantizer (docs/numerics.md s.5), without host synchronisation.
 
     Args:
         x: float16/bfloat16/float32 ``[M, K]``.
@@ -198,7 +198,7 @@ def quantize_int8_rowwise_outliers(x: Tensor, threshold: float = 6.0) -> Tuple[T
 
 
 def quantize_int8_asym(x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """Asymmetric (min-max, zero-point) int8 quantization of each row, NUMERICS.md s.2.
+    """Asymmetric (min-max, zero-point) int8 quantization of each row, docs/numerics.md s.2.
 
     Returns:
         ``q``: int8 ``[..., K]`` in [-128, 127]; ``scale``: float32 ``[...]``; ``zero``: int8 ``[...]``,
@@ -221,7 +221,7 @@ def dequantize_int8(q: Tensor, scale: Tensor, zero: Optional[Tensor] = None,
 
 
 def pack_int4(q: Tensor) -> Tensor:
-    """Packs int4 values two per byte along the last dim (the PLAIN format, NUMERICS.md s.3).
+    """Packs int4 values two per byte along the last dim (the PLAIN format, docs/numerics.md s.3).
 
     Args:
         q: int8 in [-8, 7] (signed) or uint8 in [0, 15] (unsigned), ``[..., K]`` with K even.
@@ -237,7 +237,7 @@ def unpack_int4(packed: Tensor, signed: bool = True) -> Tensor:
 
 
 def quantize_int4_sym(w: Tensor, group_size: int = 128) -> Tuple[Tensor, Tensor]:
-    """Symmetric group-wise int4 quantization of a weight, NUMERICS.md s.3.
+    """Symmetric group-wise int4 quantization of a weight, docs/numerics.md s.3.
 
     Args:
         w: float16/bfloat16/float32 ``[N, K]``, K even and a multiple of ``group_size``.
@@ -249,7 +249,7 @@ def quantize_int4_sym(w: Tensor, group_size: int = 128) -> Tuple[Tensor, Tensor]
 
 
 def quantize_uint4_asym(w: Tensor, group_size: int = 128) -> Tuple[Tensor, Tensor, Tensor]:
-    """Asymmetric group-wise uint4 quantization (GPTQ/AWQ style), NUMERICS.md s.2-3.
+    """Asymmetric group-wise uint4 quantization (GPTQ/AWQ style), docs/numerics.md s.2-3.
 
     Returns:
         ``packed``: uint8 ``[N, K/2]`` (PLAIN, unsigned nibbles); ``scale``: float32 ``[N, K/G]``;
@@ -324,7 +324,7 @@ def w4a16_gemm(x: Tensor, b_packed: Tensor, scale_b: Tensor, zero_b: Optional[Te
 
 def llm_int8_linear(x: Tensor, b: Tensor, scale_b: Tensor, bias: Optional[Tensor] = None,
                     threshold: float = 6.0) -> Tensor:
-    """LLM.int8() linear with outlier decomposition (NUMERICS.md s.5), no host synchronisation.
+    """LLM.int8() linear with outlier decomposition (docs/numerics.md s.5), no host synchronisation.
 
     Args:
         x: float16/bfloat16/float32 ``[M, K]``; b: int8 ``[N, K]``; scale_b: float32 ``[N]``;

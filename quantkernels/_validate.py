@@ -14,9 +14,8 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 #: Largest K for which an int8 x int8 dot product cannot overflow int32, for *any*
-#: int8 input: 128 * 128 * K < 2**31. (NUMERICS.md quotes 127 * 127 * K < 2**31,
-#: K < 133,144, for values in [-127, 127]; int8_gemm also accepts -128, so we use the
-#: bound that is safe for every int8 value.)
+#: int8 input: 128 * 128 * K < 2**31, K <= 131,071 (docs/numerics.md s.4; values in
+#: [-127, 127] alone would allow 133,143, but int8_gemm also accepts -128).
 MAX_K_INT8 = (2**31 - 1) // (128 * 128)
 
 #: Group sizes accepted for int4 group-wise quantization (besides G = K).

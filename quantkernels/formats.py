@@ -1,5 +1,5 @@
 """Named weight-storage formats. A module records which format its buffers hold, so a
-kernel never guesses a layout from a shape (NUMERICS.md section 3)."""
+kernel never guesses a layout from a shape (docs/numerics.md section 3)."""
 
 from __future__ import annotations
 

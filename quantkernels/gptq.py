@@ -1,7 +1,7 @@
 """GPTQ (Frantar et al., 2022) producing QuantLinear weights in our packed formats, and import /
 export of checkpoints in the common GPTQ layout (AutoGPTQ / GPTQModel / transformers).
 
-The quantized values are exactly those our kernels consume (NUMERICS.md s.1-3):
+The quantized values are exactly those our kernels consume (docs/numerics.md s.1-3):
   - ``w4a16``: unsigned int4 with a float32 scale and a uint8 zero point per group of G
     consecutive input channels (asymmetric min-max, s.2); ``sym=True`` stores the symmetric
     grid ``scale = absmax / 7`` as zero point 8 (q + 8 in [0, 15]), still UINT4_PLAIN;
@@ -92,7 +92,7 @@ def _grid_kind(scheme: str, sym: bool) -> str:
         return "sym4u" if sym else "asym4"
     if scheme == "w4a8":
         if not sym:
-            raise ValueError("quantkernels.gptq: w4a8 weights are symmetric int4 (NUMERICS.md s.3); sym=False "
+            raise ValueError("quantkernels.gptq: w4a8 weights are symmetric int4 (docs/numerics.md s.3); sym=False "
                              "is not representable")
         return "sym4"
     return "int8"

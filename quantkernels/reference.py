@@ -1,9 +1,9 @@
-"""Pure-PyTorch reference of every quantkernels op: the executable form of NUMERICS.md.
+"""Pure-PyTorch reference of every quantkernels op: the executable form of docs/numerics.md.
 
 Each function here is registered as the device-independent implementation
 (``CompositeExplicitAutograd``) of the op of the same name in ``_ops.py``; native
 kernels (C++ CPU, CUDA, Triton) override it per device and are tested bit-exact
-(integers) or within NUMERICS.md section 6 (floats) against these functions.
+(integers) or within docs/numerics.md section 6 (floats) against these functions.
 
 Written only with traceable aten ops and no host synchronisation, so that the
 reference also runs under ``torch.compile(fullgraph=True)`` and in CUDA graphs.

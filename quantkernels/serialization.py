@@ -11,7 +11,7 @@ dtype) before it changes the model, so a corrupt, truncated or mismatched checkp
 
 ``load_bnb_int8`` imports an 8-bit checkpoint written by bitsandbytes (``Linear8bitLt``: ``weight``
 int8 ``[N, K]`` row-wise absmax, ``SCB`` fp32 ``[N]`` = the row absmax) into ``llm_int8``
-QuantLinear layers: ``qweight = weight``, ``weight_scale = SCB / 127`` (NUMERICS.md section 1).
+QuantLinear layers: ``qweight = weight``, ``weight_scale = SCB / 127`` (docs/numerics.md section 1).
 """
 
 from __future__ import annotations

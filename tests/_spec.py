@@ -1,11 +1,11 @@
-"""An independent evaluation of NUMERICS.md, written from the spec text (not from reference.py).
+"""An independent evaluation of docs/numerics.md, written from the spec text (not from reference.py).
 
 Everything here is numpy: quantizers reproduce the contract's fp32 steps with numpy
 float32 arithmetic (IEEE, one rounding per operation, ``np.round`` is half-to-even) so
 that quantized integers can be compared *exactly*; integer GEMMs run in int64 (exact);
 GEMM epilogues are evaluated in float64 from the int64 accumulators.
 
-Float outputs are compared (NUMERICS.md s.6) against the float64 value of the formula,
+Float outputs are compared (docs/numerics.md s.6) against the float64 value of the formula,
 together with its *magnitude*: the same formula evaluated with every term replaced by its
 absolute value (|C| |sa| |sb| + |bias|, |X| @ |W|^T + |bias|, ...). An fp32 evaluation of
 a sum of products has an error bounded by (a small multiple of) eps32 times that magnitude,
@@ -65,7 +65,7 @@ def round_to(x: np.ndarray, dtype: torch.dtype) -> np.ndarray:
 
 
 def int8_absmax(x: np.ndarray, per_tensor: bool = False):
-    """NUMERICS.md s.1 in fp32: returns (q int64, scale float32) -- rows along the last axis.
+    """docs/numerics.md s.1 in fp32: returns (q int64, scale float32) -- rows along the last axis.
 
     absmax (fp32, exact), inv = 127 / absmax (one fp32 division), q = rne(x * inv) (one fp32
     product), clamp to [-127, 127]; scale = absmax / 127 (one fp32 division). absmax == 0:
@@ -243,7 +243,7 @@ def weight_only(x, w, bias=None):
 
 
 def llm_int8(x, wq, sw, bias=None, tau=6.0):
-    """NUMERICS.md s.5 in float64 (from the exact int64 GEMM of the spec-quantized X_in)."""
+    """docs/numerics.md s.5 in float64 (from the exact int64 GEMM of the spec-quantized X_in)."""
     x = np.asarray(x, np.float32)
     q, sx, mask = int8_outliers(x, tau)
     C = int_gemm(q, wq)
@@ -302,7 +302,7 @@ def assert_int_equal(got: torch.Tensor, expected: np.ndarray, what: str):
 
 
 def assert_float_output(got: torch.Tensor, exact: np.ndarray, mag: np.ndarray, dtype: torch.dtype, what: str):
-    """NUMERICS.md s.6 for a scaled output of dtype ``dtype`` (see the module docstring).
+    """docs/numerics.md s.6 for a scaled output of dtype ``dtype`` (see the module docstring).
 
     fp32: |got - exact| <= 1e-5 * magnitude elementwise and ||got - exact|| <= 1e-5 ||exact||.
     fp16/bf16: |got - round(exact)| <= atol + rtol |round(exact)| + 1e-5 * magnitude, with the

@@ -2,7 +2,7 @@
 
 Everything here needs a GPU (marked ``cuda``; run by ``make gpu-check``). Integer results
 (quantized values, int32 GEMMs, outlier masks) must equal the reference / the numpy spec
-exactly; float outputs follow NUMERICS.md s.6 (``_spec.assert_float_output``). Shapes are odd
+exactly; float outputs follow docs/numerics.md s.6 (``_spec.assert_float_output``). Shapes are odd
 on purpose: M in (1, 3, 17, 67, 130) crosses the three tile configs (M <= 16, <= 64, > 64) and
 their M tails, N and K are not tile multiples, and K % 16 != 0 / misaligned pointers take the
 SIMT fallback kernels. The weight-only ops have a GEMV (M <= 8, fp32, unaligned shapes) and a

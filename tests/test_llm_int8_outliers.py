@@ -26,14 +26,14 @@ def test_many_outlier_columns_follow_the_contract(fraction):
     x[:, cols] *= 20  # |x| >= 6 somewhere in each of these columns
     y = ql(x)
     ref = R.llm_int8_linear(x, ql.qweight, ql.weight_scale, ql.bias, 6.0)
-    # NUMERICS.md s.6: fp32 within 1e-5 of the result's magnitude (a native kernel sums the
+    # docs/numerics.md s.6: fp32 within 1e-5 of the result's magnitude (a native kernel sums the
     # outlier product over up to K columns in another order than the reference)
     mag = float(ref.abs().max())
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * mag)
     if fraction == 1.0:  # every column in float: exactly the weight-only (w8a16) product
         w8a16 = R.w8a16_gemm(x, ql.qweight, ql.weight_scale, ql.bias)
         torch.testing.assert_close(y, w8a16, rtol=1e-5, atol=1e-5 * mag)
-    # fp64 evaluation of NUMERICS.md section 5
+    # fp64 evaluation of docs/numerics.md section 5
     o = (x.abs() >= 6).any(0)
     xin = torch.where(o, 0.0, x).double()
     sx = xin.abs().amax(1) / 127

@@ -32,7 +32,7 @@ def make_linear(K=256, N=96, bias=True, dtype=torch.float32, seed=0):
 
 def expected(ql: qk.QuantLinear, x: torch.Tensor) -> torch.Tensor:
     """The module's output, composed by hand from the ops of the module's backend (the native
-    CPU kernels where registered: w8a16/w4a16 ones are within NUMERICS.md s.6 of the reference,
+    CPU kernels where registered: w8a16/w4a16 ones are within docs/numerics.md s.6 of the reference,
     not bit-identical, so the bit-exact check below compares with the same kernels)."""
     def op(name):
         return dispatch.resolve(ql.backend, name, x.device)
@@ -55,7 +55,7 @@ def expected(ql: qk.QuantLinear, x: torch.Tensor) -> torch.Tensor:
 
 
 # scheme -> SQNR floor (dB) of the module output vs F.linear on N(0,1) inputs, K=256
-# (NUMERICS.md s.6 measures 38.2 / 41.2 / 20.0 / 18.6 at K=4096; int8 schemes are
+# (docs/numerics.md s.6 measures 38.2 / 41.2 / 20.0 / 18.6 at K=4096; int8 schemes are
 # per-channel, int4 ones g128 here; floors sit ~2-3 dB below what this test measures).
 FLOORS = {"w8a8": 35.0, "llm_int8": 35.0, "w8a16": 38.0, "w4a16": 17.5, "w4a8": 16.5}
 

@@ -1,12 +1,12 @@
-"""The numerics contract (NUMERICS.md) for every ``torch.ops.quantkernels`` op.
+"""The numerics contract (docs/numerics.md) for every ``torch.ops.quantkernels`` op.
 
 Every op is called through the dispatcher (``torch.ops.quantkernels.<name>``), so the same
 tests cover the reference today and native kernels (CPU / CUDA) once they register. The
-expected values come from ``_spec.py``, an independent numpy evaluation of NUMERICS.md:
+expected values come from ``_spec.py``, an independent numpy evaluation of docs/numerics.md:
 integers (quantized values, zero points, packed bytes, int32 accumulators, outlier masks)
 must be exactly equal; scales within one fp32 ulp of the spec's single fp32 division
 (quantized values are then checked exactly given the op's own scale where the spec's
-formula divides by it); float outputs as in NUMERICS.md s.6 (see ``_spec.py``).
+formula divides by it); float outputs as in docs/numerics.md s.6 (see ``_spec.py``).
 """
 
 from __future__ import annotations
@@ -582,7 +582,7 @@ def test_gemm_empty_batch(device, op):
     assert y.dtype == (torch.int32 if op == "int8_gemm" else torch.float16)
 
 
-# --------------------------------------------------------------------------- SQNR (NUMERICS.md s.6)
+# --------------------------------------------------------------------------- SQNR (docs/numerics.md s.6)
 
 
 @pytest.fixture(scope="module")
@@ -628,7 +628,7 @@ def _llm_int8(x, w):
     return ops.llm_int8_linear(x, qw, sw, None, 6.0)
 
 
-#: (scheme, function, floor dB). NUMERICS.md s.6 values in the comments; floors ~1.5 dB below
+#: (scheme, function, floor dB). docs/numerics.md s.6 values in the comments; floors ~1.5 dB below
 #: what this seed measures (printed on failure), never so low they cannot fail.
 SQNR_CASES = [
     ("W8A8", _w8a8, 36.5),                                         # 38.2

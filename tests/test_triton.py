@@ -1,4 +1,4 @@
-"""The Triton ops (``quantkernels::<op>_triton``) against NUMERICS.md and the reference.
+"""The Triton ops (``quantkernels::<op>_triton``) against docs/numerics.md and the reference.
 
 Two ways to run the same checks:
 - ``triton_interp``: CPU tensors through the Triton interpreter, small odd shapes. Triton
@@ -12,7 +12,7 @@ Two ways to run the same checks:
   process instead, so the checks always run once.
 - ``cuda``: CUDA tensors at real sizes, fp16 and bf16 (skipped without a GPU).
 Integers must be exact; floats are compared with the float64 value of the formula
-(NUMERICS.md s.6): fp32 within 1e-5 of its magnitude (the formula with every term replaced
+(docs/numerics.md s.6): fp32 within 1e-5 of its magnitude (the formula with every term replaced
 by its absolute value), fp16/bf16 within ``assert_close``'s defaults of the exact result
 rounded to the dtype (plus that fp32 allowance for the epilogue before the cast).
 """
@@ -90,7 +90,7 @@ def ids(v):
 
 
 def assert_float(got: torch.Tensor, exact: torch.Tensor, mag: torch.Tensor, what: str = ""):
-    """NUMERICS.md s.6 against the float64 ``exact`` with magnitude ``mag`` (same shape)."""
+    """docs/numerics.md s.6 against the float64 ``exact`` with magnitude ``mag`` (same shape)."""
     assert got.shape == exact.shape, (got.shape, exact.shape)
     g, e, m = got.double().cpu(), exact.double().cpu(), mag.double().cpu()
     fp32_allow = 1e-5 * m

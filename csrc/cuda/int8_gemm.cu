@@ -23,7 +23,7 @@
 // registers: signed nibbles are sign-extended, unsigned ones get the group's zero point
 // subtracted (q - z in [-15, 15] fits int8), so one MMA gives sum a * (q - z) exactly. The int32
 // accumulators are flushed into fp32 ones (acc_f += float(acc) * scale_b[n, g]) at every group
-// end (G % 32 == 0, so a k32 step never straddles groups); fp32 across groups (NUMERICS.md s.4).
+// end (G % 32 == 0, so a k32 step never straddles groups); fp32 across groups (docs/numerics.md s.4).
 #include "qk_common.cuh"
 
 namespace quantkernels {

@@ -1,4 +1,4 @@
-// LLM.int8 outlier correction + epilogue (NUMERICS.md s.5), one launch, no host synchronisation:
+// LLM.int8 outlier correction + epilogue (docs/numerics.md s.5), one launch, no host synchronisation:
 //   out[m, n] = T(acc[m, n] + sum_{j in O} x[m, j] * (float(b[n, j]) * scale_b[n]) (+ bias[n]))
 // acc = (Xq @ Wq^T) * sx * sw from the int8 GEMM (fp32, no bias); O = {j : outliers[j] != 0}.
 //
@@ -7,7 +7,7 @@
 // those columns of its x rows (fp32) and b rows (int8) into shared memory, and accumulates.
 // A chunk without outliers costs one pass over kChunk mask bytes, so with no outliers the
 // kernel is just the epilogue. The sum runs in increasing j (the reference's matmul order is
-// unspecified; NUMERICS.md s.6 tolerances apply). CUDA-graph safe: fixed grid, no allocation.
+// unspecified; docs/numerics.md s.6 tolerances apply). CUDA-graph safe: fixed grid, no allocation.
 #include "qk_common.cuh"
 
 namespace quantkernels {

@@ -13,7 +13,7 @@
 //   bp uint8 [N, K/2]                                       PLAIN int4 weight: lo nibble = even k
 //   scale_a fp32 [M], scale_b fp32 [N] or [N, K/G], zero_b uint8 [N, K/G]
 //   bias fp32 [N] (the bindings widen fp16/bf16 bias to fp32: exact)
-// Numerics: NUMERICS.md; each launcher's comment says which section.
+// Numerics: docs/numerics.md; each launcher's comment says which section.
 #pragma once
 
 #include <cstdint>
@@ -28,7 +28,7 @@ enum class DType : int { F32 = 0, F16 = 1, BF16 = 2 };
 
 // ---------------------------------------------------------------- quantization (quantize_int8.cu)
 
-// NUMERICS.md s.1 per row of x [M, K]: q int8 [M, K], scale fp32 [M]. If `outliers` (uint8 [K],
+// docs/numerics.md s.1 per row of x [M, K]: q int8 [M, K], scale fp32 [M]. If `outliers` (uint8 [K],
 // 0/1) is given, columns with outliers[k] != 0 count as 0 (s.5: X_in). Bit-exact with
 // reference._absmax_quant, NaN/Inf rows included.
 cudaError_t quantize_rowwise(const void* x, DType xt, int64_t M, int64_t K, const uint8_t* outliers,
@@ -52,7 +52,7 @@ cudaError_t int8_gemm(const int8_t* a, const int8_t* b, int64_t M, int64_t N, in
 // The path int8_gemm takes for these arguments: 1 = tensor cores, 0 = SIMT fallback (tests, docs).
 int int8_gemm_uses_tensor_cores(const int8_t* a, const int8_t* b, int64_t K);
 
-// W4A8 (NUMERICS.md s.4): out[m, n] = scale_a[m] * sum_g scale_b[n, g] * C_g[m, n] (+ bias[n]),
+// W4A8 (docs/numerics.md s.4): out[m, n] = scale_a[m] * sum_g scale_b[n, g] * C_g[m, n] (+ bias[n]),
 // C_g = sum_{k in g} a[m, k] * (q[n, k] - zero[n, g]) exact in int32, fp32 across groups (in
 // group order). q is signed when zero_b is null, unsigned otherwise. G = K / num_groups.
 // Tensor cores (int4 unpacked to int8 in registers) when K % 32 == 0, G % 32 == 0 and pointers
@@ -63,7 +63,7 @@ cudaError_t w4a8_gemm(const int8_t* a, const uint8_t* bp, int64_t M, int64_t N, 
 
 // ---------------------------------------------------------------- LLM.int8 (llm_int8.cu)
 
-// The outlier correction and epilogue of LLM.int8 (NUMERICS.md s.5), one launch:
+// The outlier correction and epilogue of LLM.int8 (docs/numerics.md s.5), one launch:
 //   out[m, n] = cast(acc[m, n] + sum_{j: outliers[j]} x[m, j] * (float(b[n, j]) * scale_b[n]) (+ bias[n]))
 // acc fp32 [M, N] is the scaled int8 GEMM of the inliers (no bias); x [M, K] in xt; out [M, N]
 // in xt (may alias acc when xt is F32). The outlier set is read from the device mask: no sync.
@@ -73,7 +73,7 @@ cudaError_t llm_int8_correct(const float* acc, const void* x, DType xt, const in
 
 // ---------------------------------------------------------------- weight-only (weight_only.cu)
 
-// W8A16 / W4A16 (NUMERICS.md s.4): y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]) in fp32, cast to xt,
+// W8A16 / W4A16 (docs/numerics.md s.4): y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]) in fp32, cast to xt,
 // where w[n, k] = float(q[n, k] (- zero[n, g])) * scale[n, g], rounded to xt (the activation dtype).
 // int8: b int8 [N, K], scale [N] (num_groups = 1). int4: bp uint8 [N, K/2] PLAIN, scale [N, G'],
 // zero optional. Two kernels (weight_only.cu): a GEMV that streams each weight row once for up

@@ -1,4 +1,4 @@
-// Per-token symmetric int8 quantization (NUMERICS.md s.1) and the LLM.int8 outlier mask (s.5).
+// Per-token symmetric int8 quantization (docs/numerics.md s.1) and the LLM.int8 outlier mask (s.5).
 //
 // quantize_rowwise_kernel: one 256-thread block per row, two passes over the row (the second
 // hits L1/L2): absmax in fp32, then q. Bit-exact with reference._absmax_quant:

@@ -1,4 +1,4 @@
-// Weight-only W8A16 / W4A16 GEMMs (NUMERICS.md s.4):
+// Weight-only W8A16 / W4A16 GEMMs (docs/numerics.md s.4):
 //   y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]),  w[n, k] = T(float(q[n, k] - z[n, g]) * scale[n, g])
 // with T the activation dtype (the dequantized weight is rounded to it, as the reference's
 // `w.to(x.dtype)`), products and accumulation in fp32 (fp16 x fp16 / bf16 x bf16 products are

@@ -3,7 +3,7 @@ sm_80, IGMMA on sm_90) with a fused epilogue, serving three ops:
 
 - ``int8_gemm``: the exact int32 ``C = A @ B^T``;
 - ``w8a8_gemm``: ``Y = C * sa[m] * sb[n] + bias`` in fp32, cast to fp16/bf16/fp32;
-- ``llm_int8_linear``: the same, plus the outlier columns in floating point (NUMERICS.md s.5):
+- ``llm_int8_linear``: the same, plus the outlier columns in floating point (docs/numerics.md s.5):
   ``Y += (X[:, O] @ Wq[:, O]^T) * sb[n]``. O is a device-side column mask; a K tile with no
   outlier column skips the float product (a uniform branch per program), so there is no
   host synchronisation and the launch is CUDA-graph and ``torch.compile`` friendly. fp16/bf16

@@ -1,4 +1,4 @@
-"""Per-token int8 activation quantization (NUMERICS.md s.1) and its LLM.int8() variant with
+"""Per-token int8 activation quantization (docs/numerics.md s.1) and its LLM.int8() variant with
 outlier columns (s.5), bit-exact with ``reference.quantize_int8_rowwise[_outliers]``.
 
 One program per row. absmax in fp32 (exact in any order), ``inv = 127 / absmax`` and

@@ -1,4 +1,4 @@
-"""W4A8: int8 activations x group-wise int4 weights in the PLAIN format (NUMERICS.md s.3-4).
+"""W4A8: int8 activations x group-wise int4 weights in the PLAIN format (docs/numerics.md s.3-4).
 
 The packed weight is read as bytes at ``k // 2`` and each nibble is selected in registers by
 ``(byte >> 4 * (k & 1)) & 0xF`` (sign-extended for symmetric weights; unsigned with a zero

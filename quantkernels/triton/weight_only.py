@@ -1,4 +1,4 @@
-"""Weight-only GEMMs, W8A16 and W4A16 (NUMERICS.md s.4): ``Y = X @ dequant(W)^T + bias``.
+"""Weight-only GEMMs, W8A16 and W4A16 (docs/numerics.md s.4): ``Y = X @ dequant(W)^T + bias``.
 
 The weight tile is dequantized in registers exactly as the reference does it, ``q * scale``
 or ``(q - zero) * scale`` in fp32, rounded once to the activation dtype; products are then
