@@ -14,7 +14,7 @@ from . import _ops as ops  # defines every op's schema, fake and reference first
 from . import _native, dispatch, reference
 from .convert import QuantizationReport, memory_footprint, quantize_model
 from .formats import WeightFormat
-from .nn import SCHEMES, QuantLinear
+from .nn import SCHEMES, QuantEmbedding, QuantLinear
 from . import calibration
 from .gptq import gptq_quantize_model, load_gptq_checkpoint, save_gptq_checkpoint
 from .smoothquant import smoothquant_quantize_model
@@ -33,7 +33,7 @@ dispatch.refresh(None if _native.AVAILABLE else _native.REASON)
 BACKENDS = dispatch.BACKENDS
 
 __all__ = [
-    "QuantLinear", "quantize_model", "memory_footprint", "QuantizationReport", "WeightFormat",
+    "QuantLinear", "QuantEmbedding", "quantize_model", "memory_footprint", "QuantizationReport", "WeightFormat",
     "SCHEMES", "BACKENDS", "ops", "reference", "dispatch", "__version__",
     "calibration", "gptq_quantize_model", "smoothquant_quantize_model", "save_gptq_checkpoint",
     "load_gptq_checkpoint",

@@ -11,7 +11,7 @@ from typing import Dict, Iterable, List, Optional, Union
 from torch import nn
 
 from . import dispatch
-from .nn import QuantLinear, _check_scheme, _is_hf_conv1d, unsupported_reason
+from .nn import QuantEmbedding, QuantLinear, _check_scheme, _embedding_scale, _is_hf_conv1d, unsupported_reason
 
 Patterns = Optional[Union[str, Iterable[str]]]
 
@@ -26,6 +26,8 @@ class QuantizationReport:
     skipped: Dict[str, str] = field(default_factory=dict)
     #: layer name -> the include/exclude rule that left it alone
     excluded: Dict[str, str] = field(default_factory=dict)
+    #: embedding name -> the quantized linear layer (a tied lm_head) whose rows now serve it
+    tied_embeddings: Dict[str, str] = field(default_factory=dict)
     #: memory_footprint(model) before and after (None where not measured)
     bytes_before: Optional[int] = None
     bytes_after: Optional[int] = None
@@ -41,6 +43,8 @@ class QuantizationReport:
             for why, names in reasons.items():
                 shown = ", ".join(names[:4]) + (f" (+{len(names) - 4} more)" if len(names) > 4 else "")
                 lines.append(f"  kept ({what}: {why}): {shown}")
+        for emb, lin in self.tied_embeddings.items():
+            lines.append(f"  {emb}: served from the quantized rows of the tied {lin} (no float copy kept)")
         if self.bytes_before is not None and self.bytes_after is not None:
             mb = 2**20
             lines.append(f"  memory {self.bytes_before / mb:.1f} MiB -> {self.bytes_after / mb:.1f} MiB "
@@ -84,6 +88,12 @@ def quantize_model(model: nn.Module, scheme: str = "w8a8", *, include: Patterns 
             print ``report.summary()`` (replaced, kept and why, memory saved) to stderr.
     Layers whose shape the scheme cannot serve (e.g. K not a multiple of the group size) stay
     in float and are reported with a warning and in ``model.quantkernels_report``.
+
+    Tied ``lm_head``: ``lm_head`` is excluded by default; with ``exclude=()`` (or an ``include``
+    that matches it) it is quantized, and when its weight is tied to an input embedding (Gemma,
+    Llama-3.2, GPT-2...), that embedding is replaced by a ``QuantEmbedding`` that looks its rows
+    up in the same quantized weight, so no float copy of the matrix is kept
+    (``report.tied_embeddings``). An embedding whose forward cannot be reproduced raises.
     Returns the same (modified) model.
     """
     _check_scheme(scheme)
@@ -91,6 +101,9 @@ def quantize_model(model: nn.Module, scheme: str = "w8a8", *, include: Patterns 
     inc, exc = _patterns(include, "include"), _patterns(exclude, "exclude") or ()
     report = QuantizationReport(scheme)
     targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) or _is_hf_conv1d(m)]
+    # embeddings by weight, to find a linear layer tied to one (same Parameter object)
+    embeddings = {id(m.weight): (n, m) for n, m in model.named_modules()
+                  if isinstance(m, nn.Embedding) and not isinstance(m, QuantEmbedding)}
     if isinstance(model, QuantLinear):
         raise TypeError("quantkernels.quantize_model: model is already a QuantLinear")
     if progress:
@@ -119,10 +132,16 @@ def quantize_model(model: nn.Module, scheme: str = "w8a8", *, include: Patterns 
         if name == "":
             raise TypeError("quantkernels.quantize_model: model is itself a linear layer; "
                             "use QuantLinear.from_linear(model, ...) instead")
+        tied = embeddings.get(id(mod.weight)) if isinstance(mod, nn.Linear) else None
+        if tied is not None:
+            _embedding_scale(tied[1])  # raises before anything changes if it cannot be served
         new = QuantLinear.from_linear(mod, scheme, group_size=group_size, threshold=threshold, backend=backend)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        _replace(model, name, new)
         report.quantized.append(name)
+        if tied is not None:
+            emb_name, emb = tied
+            _replace(model, emb_name, QuantEmbedding(new, emb))
+            report.tied_embeddings[emb_name] = name
     if report.skipped:
         detail = "; ".join(f"{n} ({r})" for n, r in report.skipped.items())
         warnings.warn(f"quantkernels.quantize_model: kept {len(report.skipped)} layer(s) in float "
@@ -132,6 +151,11 @@ def quantize_model(model: nn.Module, scheme: str = "w8a8", *, include: Patterns 
         report.bytes_after = memory_footprint(model)
         print(report.summary(), file=sys.stderr)
     return model
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
 def memory_footprint(model: nn.Module) -> int:

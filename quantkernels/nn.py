@@ -188,3 +188,81 @@ class QuantLinear(nn.Module):
             parts.append("input_scale=True")
         parts += [f"format={self.weight_format.value}", f"backend={self.backend}"]
         return ", ".join(parts)
+
+
+def _embedding_scale(embedding: nn.Module) -> Optional[Tensor]:
+    """The factor a scaled word embedding multiplies its rows by (Gemma's ``embed_scale``), None
+    for a plain ``nn.Embedding``; raises for an embedding whose forward we cannot reproduce."""
+    if type(embedding).forward is nn.Embedding.forward:
+        return None
+    scale = getattr(embedding, "embed_scale", None)
+    if type(embedding).__name__.endswith("ScaledWordEmbedding") and isinstance(scale, Tensor) and scale.numel() == 1:
+        return scale
+    raise TypeError(f"quantkernels.QuantEmbedding: {type(embedding).__name__} has its own forward; only "
+                    f"torch.nn.Embedding and Hugging Face *ScaledWordEmbedding (rows times embed_scale) "
+                    f"can be served from quantized rows")
+
+
+class QuantEmbedding(nn.Module):
+    """The input embedding of a model whose ``lm_head`` is tied to it, served from the
+    ``QuantLinear`` that replaced the ``lm_head``: row ``i`` of the table is row ``i`` of the
+    quantized weight, dequantized on lookup (``q * scale``, or ``(q - zero) * scale`` per group,
+    docs/numerics.md s.1-3), cast to the embedding's dtype and, for a scaled word embedding
+    (Gemma), multiplied by its ``embed_scale`` in that dtype, as the float module does.
+
+    It holds no weight of its own (the float table is gone, which is the point: for Gemma-3-270M
+    it is 640 MiB of the 1,023): the quantized rows stay buffers of the QuantLinear, which is
+    kept as a plain attribute (not a submodule), so ``state_dict`` and ``.to()`` see them once.
+    Built by ``quantize_model`` when it quantizes a tied ``lm_head``; ``linear`` is
+    ``self.linear``.
+    """
+
+    def __init__(self, linear: QuantLinear, embedding: nn.Embedding):
+        super().__init__()
+        if not isinstance(linear, QuantLinear):
+            raise TypeError(f"quantkernels.QuantEmbedding: linear must be a QuantLinear, got {type(linear).__name__}")
+        if not isinstance(embedding, nn.Embedding):
+            raise TypeError(f"quantkernels.QuantEmbedding: embedding must be a torch.nn.Embedding, "
+                            f"got {type(embedding).__name__}")
+        if (embedding.num_embeddings, embedding.embedding_dim) != (linear.out_features, linear.in_features):
+            raise ValueError(f"quantkernels.QuantEmbedding: embedding [{embedding.num_embeddings}, "
+                             f"{embedding.embedding_dim}] does not match the tied linear layer's weight "
+                             f"[{linear.out_features}, {linear.in_features}]")
+        for attr in ("max_norm", "sparse"):
+            if getattr(embedding, attr, None):
+                raise ValueError(f"quantkernels.QuantEmbedding: embedding.{attr} = {getattr(embedding, attr)!r} "
+                                 f"is not supported (it would rewrite the shared quantized rows)")
+        scale = _embedding_scale(embedding)
+        self.num_embeddings, self.embedding_dim = embedding.num_embeddings, embedding.embedding_dim
+        self.padding_idx = embedding.padding_idx
+        self.dtype = embedding.weight.dtype
+        self.source_class = type(embedding).__name__
+        self.__dict__["linear"] = linear  # not a submodule: its buffers belong to the lm_head
+        self.register_buffer("embed_scale", None if scale is None else scale.detach().clone(), persistent=False)
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        if input_ids.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"quantkernels.QuantEmbedding: input_ids must be int32 or int64, got {input_ids.dtype}")
+        lin = self.linear
+        flat = input_ids.reshape(-1).to(lin.qweight.device)
+        # Checked on the CPU only: on a GPU it would cost a host sync (index_select asserts there).
+        if (flat.device.type == "cpu" and flat.numel() and not torch.compiler.is_compiling()
+                and (int(flat.min()) < 0 or int(flat.max()) >= self.num_embeddings)):
+            bad = flat[(flat < 0) | (flat >= self.num_embeddings)][0].item()
+            raise IndexError(f"quantkernels.QuantEmbedding: index {bad} is out of range for "
+                             f"{self.num_embeddings} embeddings")
+        q = lin.qweight.index_select(0, flat)
+        s = lin.weight_scale.index_select(0, flat)
+        if lin.scheme in INT4_SCHEMES:
+            z = None if lin.weight_zero is None else lin.weight_zero.index_select(0, flat)
+            rows = ops.dequantize_int4(q, s, z, torch.float32)
+        else:
+            rows = ops.dequantize_int8(q, s, None, torch.float32)
+        rows = rows.to(self.dtype)
+        if self.embed_scale is not None:
+            rows = rows * self.embed_scale.to(self.dtype)
+        return rows.reshape(*input_ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_embeddings}, {self.embedding_dim}, dtype={self.dtype}, from={self.source_class}, "
+                f"rows of the tied QuantLinear (scheme={self.linear.scheme})")
