@@ -480,7 +480,8 @@ def load_gptq_checkpoint(model: nn.Module, path: str, *, checkpoint_format: Opti
     """Loads a GPTQ checkpoint directory (``*.safetensors`` + ``quantize_config.json`` or a
     ``config.json`` with ``quantization_config``) into ``model``, in place: every linear layer
     ``name`` with ``name.qweight`` in the files becomes a ``w4a16`` QuantLinear; the other
-    tensors are loaded into the model (``strict``: every model key must be present)."""
+    tensors are loaded into the model (``strict``: every model key must be present). Returns the
+    model in eval mode (``model.eval()``), as transformers' ``from_pretrained`` does."""
     from safetensors.torch import load_file
 
     cfg = {}
@@ -508,7 +509,7 @@ def load_gptq_checkpoint(model: nn.Module, path: str, *, checkpoint_format: Opti
 @torch.no_grad()
 def load_gptq_state_dict(model: nn.Module, tensors: Dict[str, Tensor], *, checkpoint_format: str = "gptq",
                          backend: str = "auto", strict: bool = True) -> nn.Module:
-    """``load_gptq_checkpoint`` from tensors already in memory."""
+    """``load_gptq_checkpoint`` from tensors already in memory (returns the model in eval mode)."""
     tensors = dict(tensors)
     names = [k[: -len(".qweight")] for k in tensors if k.endswith(".qweight")]
     for n in names:
@@ -529,7 +530,7 @@ def load_gptq_state_dict(model: nn.Module, tensors: Dict[str, Tensor], *, checkp
     missing = [k for k in missing if k.rpartition(".")[0] not in qn]
     if strict and (missing or unexpected):
         raise ValueError(f"quantkernels.gptq: checkpoint mismatch: missing {missing[:8]}, unexpected {unexpected[:8]}")
-    return model
+    return model.eval()  # inference mode, as from_pretrained: no live dropout
 
 
 def rtn_error_ratio(weight: Tensor, x: Tensor, scheme: str = "w4a16", **kw) -> Tuple[float, float]:

@@ -7,7 +7,8 @@
 
 ``load_quantized`` validates everything (config, format version, every tensor's name, shape and
 dtype) before it changes the model, so a corrupt, truncated or mismatched checkpoint raises
-:class:`CheckpointError` with one clear line and leaves the model as it was.
+:class:`CheckpointError` with one clear line and leaves the model as it was. Every loader here
+returns the model in eval mode, as transformers' ``from_pretrained`` does.
 
 ``load_bnb_int8`` imports an 8-bit checkpoint written by bitsandbytes (``Linear8bitLt``: ``weight``
 int8 ``[N, K]`` row-wise absmax, ``SCB`` fp32 ``[N]`` = the row absmax) into ``llm_int8``
@@ -241,7 +242,11 @@ def load_quantized(model: nn.Module, path: PathLike, *, backend: str = "auto",
     modules holding the saved tensors as they are (no re-quantization), every other parameter and
     persistent buffer is taken from the file. ``device`` moves the loaded tensors (default: CPU).
     Raises :class:`CheckpointError` (a ValueError) before touching the model when anything does
-    not match."""
+    not match.
+
+    After a successful load the model is put in eval mode (``model.eval()``), as transformers'
+    ``from_pretrained`` returns it: a skeleton built with ``from_config`` is in training mode, and
+    its dropout would otherwise be live. Call ``model.train()`` afterwards to fine-tune."""
     from .dispatch import check_backend
 
     check_backend(backend)
@@ -341,7 +346,7 @@ def load_quantized(model: nn.Module, path: PathLike, *, backend: str = "auto",
     report = QuantizationReport(cfg.get("scheme") or "mixed", quantized=list(mods))
     report.excluded.update(cfg.get("kept_in_float", {}))
     model.quantkernels_report = report
-    return model
+    return model.eval()  # inference mode, as from_pretrained: no live dropout
 
 
 def _retie(model: nn.Module, tied: Mapping[str, str]) -> None:
@@ -423,7 +428,8 @@ def load_bnb_int8(model: nn.Module, source, *, threshold: Optional[float] = None
     ``config.json``), one ``.safetensors`` file, or a state dict. Every layer with ``<name>.SCB``
     becomes an ``llm_int8`` QuantLinear (threshold from ``config.json``'s ``llm_int8_threshold``
     unless given, else 6.0); all other tensors load as they are. The legacy ``<name>.weight_format``
-    entries must say row-major (0 or "row"). Validates everything before changing the model."""
+    entries must say row-major (0 or "row"). Validates everything before changing the model.
+    Returns the model in eval mode (``model.eval()``), as ``from_pretrained`` does."""
     tensors, cfg_thr, _ = _bnb_state_dict(source)
     thr = float(threshold if threshold is not None else (cfg_thr if cfg_thr is not None else 6.0))
     layers = sorted(k[: -len(".SCB")] for k in tensors if k.endswith(".SCB"))
@@ -472,4 +478,4 @@ def load_bnb_int8(model: nn.Module, source, *, threshold: Optional[float] = None
     from .convert import QuantizationReport
 
     model.quantkernels_report = QuantizationReport("llm_int8", quantized=layers)
-    return model
+    return model.eval()  # inference mode, as from_pretrained: no live dropout
