@@ -136,11 +136,12 @@ def quantize_model(model: nn.Module, scheme: str = "w8a8", *, include: Patterns 
         if tied is not None:
             _embedding_scale(tied[1])  # raises before anything changes if it cannot be served
         new = QuantLinear.from_linear(mod, scheme, group_size=group_size, threshold=threshold, backend=backend)
+        new.train(mod.training)
         _replace(model, name, new)
         report.quantized.append(name)
         if tied is not None:
             emb_name, emb = tied
-            _replace(model, emb_name, QuantEmbedding(new, emb))
+            _replace(model, emb_name, QuantEmbedding(new, emb).train(emb.training))
             report.tied_embeddings[emb_name] = name
     if report.skipped:
         detail = "; ".join(f"{n} ({r})" for n, r in report.skipped.items())

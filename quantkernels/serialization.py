@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from .formats import WeightFormat
-from .nn import SCHEMES, QuantLinear, _is_hf_conv1d, unsupported_reason
+from .nn import SCHEMES, QuantEmbedding, QuantLinear, _is_hf_conv1d, unsupported_reason
 
 FORMAT_NAME = "quantkernels"
 #: Bumped whenever the layout of the file or the meaning of a buffer changes.
@@ -103,6 +103,14 @@ def quantization_config(model: nn.Module) -> Dict[str, Any]:
     for n, m in model.named_modules():  # float linear layers the report does not know about
         if (isinstance(m, nn.Linear) or _is_hf_conv1d(m)) and n not in kept:
             kept[n] = "not quantized"
+    names = {id(m): n for n, m in model.named_modules()}
+    tied_embeddings = {}
+    for n, m in model.named_modules():
+        if isinstance(m, QuantEmbedding):
+            if id(m.linear) not in names:
+                raise ValueError(f"quantkernels.save_quantized: embedding {n!r} is served by a QuantLinear that "
+                                 f"is not part of this model")
+            tied_embeddings[n] = names[id(m.linear)]
     return {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "quantkernels_version": __version__,
         "scheme": _common(modules, "scheme"), "group_size": _common(modules, "group_size"),
@@ -113,6 +121,8 @@ def quantization_config(model: nn.Module) -> Dict[str, Any]:
             WeightFormat.UINT4_PLAIN.value: "uint8 [N, K/2], unsigned nibbles + uint8 zero points [N, K/G]"},
         "modules": modules,
         "kept_in_float": kept,
+        # embedding -> the quantized (tied lm_head) layer whose rows serve it; it has no tensor of its own
+        "tied_embeddings": tied_embeddings,
     }
 
 
@@ -209,6 +219,12 @@ def read_config(path: PathLike) -> Dict[str, Any]:
             raise _err(cfg_path, f"modules[{name!r}]: {why}")
     if not isinstance(cfg.get("tied", {}), dict):
         raise _err(cfg_path, "'tied' must be a mapping alias -> name")
+    te = cfg.get("tied_embeddings", {})
+    if not isinstance(te, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in te.items()):
+        raise _err(cfg_path, f"'tied_embeddings' must be a mapping embedding name -> layer name, got {te!r}")
+    for emb, lin in te.items():
+        if lin not in mods:
+            raise _err(cfg_path, f"tied_embeddings[{emb!r}] names layer {lin!r}, which 'modules' does not list")
     return cfg
 
 
@@ -282,9 +298,27 @@ def load_quantized(model: nn.Module, path: PathLike, *, backend: str = "auto",
         new_modules[name] = q
         for k, t in q.state_dict().items():
             expected[f"{name}.{k}" if name else k] = t
+    # Embeddings served from a quantized tied lm_head: their float weight is not in the file.
+    tied_embeddings: Dict[str, str] = cfg.get("tied_embeddings", {})
+    old_embeddings: Dict[str, nn.Module] = {}
+    for emb_name, lin_name in tied_embeddings.items():
+        try:
+            emb = model.get_submodule(emb_name)
+        except AttributeError:
+            raise _err(p, f"the checkpoint serves embedding {emb_name!r} from {lin_name!r}, but this model has "
+                          f"no module {emb_name!r}") from None
+        if not isinstance(emb, nn.Embedding):
+            raise _err(p, f"{emb_name!r} is a {type(emb).__name__} in this model, not a float embedding "
+                          f"(load into the float model skeleton)")
+        e = mods[lin_name]
+        if (emb.num_embeddings, emb.embedding_dim) != (e["out_features"], e["in_features"]):
+            raise _err(p, f"embedding {emb_name!r} is [{emb.num_embeddings}, {emb.embedding_dim}] but the tied "
+                          f"layer {lin_name!r} is [out={e['out_features']}, in={e['in_features']}]")
+        old_embeddings[emb_name] = emb
     qprefixes = tuple(n + "." for n in mods)
+    emb_weights = {n + ".weight" for n in tied_embeddings}
     for k, t in model.state_dict(keep_vars=True).items():
-        if not k.startswith(qprefixes):
+        if not k.startswith(qprefixes) and k not in emb_weights:
             expected[k] = t
 
     # 2. Every expected tensor is in the file (or tied), nothing else is, shapes and dtypes match.
@@ -333,6 +367,12 @@ def load_quantized(model: nn.Module, path: PathLike, *, backend: str = "auto",
             parent = model.get_submodule(parent_name) if parent_name else model
             previous[name] = getattr(parent, child)
             setattr(parent, child, q)
+        for emb_name, lin_name in tied_embeddings.items():
+            old = old_embeddings[emb_name]
+            parent_name, _, child = emb_name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            previous[emb_name] = old
+            setattr(parent, child, QuantEmbedding(new_modules[lin_name], old))
         rest = {k: tensors[k] for k in expected if not k.startswith(qprefixes)}
         model.load_state_dict(rest, strict=False, assign=True)
     except Exception:
@@ -345,6 +385,7 @@ def load_quantized(model: nn.Module, path: PathLike, *, backend: str = "auto",
 
     report = QuantizationReport(cfg.get("scheme") or "mixed", quantized=list(mods))
     report.excluded.update(cfg.get("kept_in_float", {}))
+    report.tied_embeddings.update(tied_embeddings)
     model.quantkernels_report = report
     return model.eval()  # inference mode, as from_pretrained: no live dropout
 

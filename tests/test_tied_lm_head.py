@@ -117,3 +117,56 @@ def test_deepcopy_keeps_the_rows_shared():
     model = qk.quantize_model(TinyLM(), "w8a8", exclude=())
     twin = copy.deepcopy(model)
     assert twin.embed.linear is twin.lm_head and twin.embed.linear is not model.lm_head
+
+
+def test_save_load_roundtrip_of_a_tied_model(tmp_path):
+    torch.manual_seed(0)
+    model = qk.quantize_model(TinyLM(), "w4a8", exclude=(), group_size=32).eval()
+    qk.save_quantized(model, tmp_path / "ckpt")
+    from quantkernels.serialization import read_config
+    assert read_config(tmp_path / "ckpt")["tied_embeddings"] == {"embed": "lm_head"}
+    with qk.init_empty_weights():
+        skeleton = TinyLM()
+    loaded = qk.load_quantized(skeleton, tmp_path / "ckpt")
+    assert isinstance(loaded.embed, qk.QuantEmbedding) and loaded.embed.linear is loaded.lm_head
+    assert loaded.quantkernels_report.tied_embeddings == {"embed": "lm_head"}
+    ids = torch.tensor([[1, 2, 95, 0]])
+    torch.testing.assert_close(loaded(ids), model(ids), rtol=0, atol=0)
+
+
+def test_gemma3_save_load_keeps_embed_scale(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.Gemma3TextConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=1, head_dim=32,
+                                        sliding_window=8, max_position_embeddings=64)
+    cfg.layer_types = ["full_attention"]
+    torch.manual_seed(0)
+    model = qk.quantize_model(transformers.Gemma3ForCausalLM(cfg).eval(), "w8a16", exclude=())
+    qk.save_quantized(model, tmp_path / "g")
+    with qk.init_empty_weights():
+        skeleton = transformers.Gemma3ForCausalLM(cfg)
+    loaded = qk.load_quantized(skeleton, tmp_path / "g")
+    ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(2))
+    assert isinstance(loaded.model.embed_tokens, qk.QuantEmbedding)
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_tied_checkpoint_into_a_model_without_the_embedding_is_a_clear_error(tmp_path):
+    qk.save_quantized(qk.quantize_model(TinyLM(), "w8a8", exclude=()), tmp_path / "c")
+
+    class NoEmbed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Linear(64, 64)
+            self.lm_head = nn.Linear(64, 96, bias=False)
+
+    skeleton = NoEmbed()
+    with pytest.raises(qk.CheckpointError, match="no module 'embed'"):
+        qk.load_quantized(skeleton, tmp_path / "c")
+    assert type(skeleton.lm_head) is nn.Linear  # unchanged
+
+
+def test_quantized_layers_follow_the_model_mode():
+    model = TinyLM().eval()
+    qk.quantize_model(model, "w8a8", exclude=())
+    assert not any(m.training for m in model.modules())
