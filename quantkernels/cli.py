@@ -2,7 +2,7 @@
 
     quantkernels info                                    backends on this machine, and why others are not
     quantkernels quantize MODEL OUT --scheme w8a8        model directory -> quantized checkpoint
-    quantkernels eval --model gemma3-270m --schemes fp32,w8a8,llm_int8,w8a16,w4a16,w4a8
+    quantkernels eval --model gemma3-270m --schemes fp32,bf16,w8a8,llm_int8,w8a16,w4a16,w4a8,w4a16+head
     quantkernels bench [--quick] [--out DIR] ...         kernel microbenchmarks: markdown, CSV, PNG in
                                                          DIR (default ./bench_results); bench --help
 
@@ -28,13 +28,19 @@ class UsageError(Exception):
 
 
 def _schemes(value: str, allow_fp32: bool = True) -> List[str]:
+    """Comma-separated schemes. With allow_fp32 (eval): also the float rows fp32 and bf16, and
+    <scheme>+head, which quantizes the lm_head too (tied embedding served from the same rows)."""
     from .nn import SCHEMES
 
-    known = (["fp32"] if allow_fp32 else []) + list(SCHEMES)
+    floats = ["fp32", "bf16"] if allow_fp32 else []
+    heads = [s + "+head" for s in SCHEMES] if allow_fp32 else []
+    known = floats + list(SCHEMES) + heads
     out = [s.strip() for s in value.split(",") if s.strip()]
     bad = [s for s in out if s not in known]
     if bad or not out:
-        raise UsageError(f"unknown scheme {bad[0]!r}; choose from {', '.join(known)}" if bad else "no scheme given")
+        extra = " (and <scheme>+head to quantize the lm_head too)" if allow_fp32 else ""
+        raise UsageError(f"unknown scheme {bad[0]!r}; choose from {', '.join(floats + list(SCHEMES))}{extra}"
+                         if bad else "no scheme given")
     return out
 
 
@@ -181,7 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="memory, prefill/decode speed, perplexity and generation per scheme")
     e.add_argument("--model", default="gemma3-270m", help="gemma3-270m, minilm, or a local model directory")
-    e.add_argument("--schemes", default="fp32," + ",".join(SCHEMES), help="comma-separated; fp32 = no quantization")
+    e.add_argument("--schemes", default="fp32," + ",".join(SCHEMES),
+                   help="comma-separated; fp32 / bf16 = the float model in that dtype; <scheme>+head also "
+                        "quantizes the lm_head (a tied embedding is then served from its quantized rows)")
+    e.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="dtype of the quantized models' float parts and activations (default fp32)")
     e.add_argument("--group-size", type=int, default=128)
     e.add_argument("--threshold", type=float, default=6.0)
     e.add_argument("--max-tokens", type=int, default=None, help="evaluate on the first N tokens of the text")

@@ -277,26 +277,35 @@ def eval_causal(path: Path, schemes: List[str], *, group_size: int = 128, thresh
                 max_tokens: Optional[int] = None, reference: bool = True, new_tokens: int = 24, runs: int = 3,
                 dtype: torch.dtype = torch.float32) -> Dict:
     """Every scheme's memory, prefill/decode tokens/s, perplexity (auto and reference backends)
-    and greedy generation; returns {"rows": [...], "tokens": n, "prompt": PROMPT, "fp32_text": ...}."""
+    and greedy generation; returns {"rows": [...], "tokens": n, "prompt": PROMPT, "fp32_text": ...}.
+
+    ``schemes`` holds ``"fp32"`` / ``"bf16"`` (the float model in that dtype), quantization schemes
+    (the float parts of the model and its activations in ``dtype``, ``lm_head`` kept in float) and
+    ``"<scheme>+head"`` (the ``lm_head`` quantized too; a tied input embedding is then served from
+    the same quantized rows, ``QuantEmbedding``)."""
     import quantkernels as qk
 
-    base, tok, _ = load_float_model(path, dtype)
+    base, tok, _ = load_float_model(path, torch.float32)
     if tok is None:
         raise ModelUnavailable(f"{path} has no tokenizer files: eval needs one")
     windows = token_windows(tok, eval_text(), max_tokens)
     prefill_ids = windows[0][:, :128]
     rows = []
     fp32_ids = None
-    for scheme in schemes:
+    for spec in schemes:
+        scheme, head = spec[:-len("+head")] if spec.endswith("+head") else spec, spec.endswith("+head")
         if scheme == "fp32":
             model = base
+        elif scheme == "bf16":
+            model = copy.deepcopy(base).to(torch.bfloat16)
         else:
-            model = copy.deepcopy(base)
-            qk.quantize_model(model, scheme, group_size=group_size, threshold=threshold, progress=True)
+            model = copy.deepcopy(base).to(dtype)
+            qk.quantize_model(model, scheme, group_size=group_size, threshold=threshold, progress=True,
+                              exclude=() if head else ("lm_head",))
         mem = qk.memory_footprint(model)
         ppl, n = perplexity(model, windows, desc=f"{scheme} perplexity")
         ppl_ref, same = ppl, True
-        if scheme != "fp32" and reference and uses_native_kernels(scheme, torch.device("cpu")):
+        if scheme not in ("fp32", "bf16") and reference and uses_native_kernels(scheme, torch.device("cpu")):
             set_backend(model, "reference")
             ppl_ref, _ = perplexity(model, windows, desc=f"{scheme} perplexity (reference)")
             set_backend(model, "auto")
@@ -308,11 +317,12 @@ def eval_causal(path: Path, schemes: List[str], *, group_size: int = 128, thresh
         match = None if fp32_ids is None else next((i for i, (a, b) in enumerate(zip(ids, fp32_ids)) if a != b),
                                                    min(len(ids), len(fp32_ids)))
         rep = getattr(model, "quantkernels_report", None)
-        rows.append(dict(scheme=scheme, group_size=group_size if scheme in ("w4a16", "w4a8") else None,
+        rows.append(dict(scheme=scheme, lm_head=head, dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
+                         group_size=group_size if scheme in ("w4a16", "w4a8") else None,
                          memory_mib=mem / 2**20, prefill_tok_s=prefill, decode_tok_s=decode, ppl=ppl,
                          ppl_reference=ppl_ref, reference_is_same_kernels=same, tokens=n, generation=text,
                          same_prefix_as_fp32=match, quantized=len(rep.quantized) if rep else 0))
-        print(f"{scheme}: ppl {ppl:.3f} (reference {ppl_ref:.3f}), {mem / 2**20:.0f} MiB, prefill {prefill:.0f} tok/s, "
+        print(f"{spec}: ppl {ppl:.3f} (reference {ppl_ref:.3f}), {mem / 2**20:.0f} MiB, prefill {prefill:.0f} tok/s, "
               f"decode {decode:.1f} tok/s: {text!r}", file=sys.stderr)
         if model is not base:
             del model
@@ -331,8 +341,12 @@ def format_causal(res: Dict, model_name: str) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         name = r["scheme"] + (f" g{r['group_size']}" if r["group_size"] else "")
+        if r.get("lm_head"):
+            name += " + lm_head"
+        if r["scheme"] not in ("fp32", "bf16") and r.get("dtype", "float32") != "float32":
+            name += f" ({r['dtype']} x)"
         vs = "" if fp is None or r is fp else f"{(r['ppl'] / fp['ppl'] - 1) * 100:+.1f}%"
-        if r["scheme"] == "fp32":
+        if r["scheme"] in ("fp32", "bf16"):
             ref, delta = "-", "-"
         elif r["reference_is_same_kernels"]:
             ref, delta = f"{r['ppl_reference']:.3f}", "0 (auto runs the reference kernels)"
@@ -351,11 +365,15 @@ def cmd_eval(a, schemes: List[str]) -> int:
     if is_causal_lm(path):
         res = eval_causal(path, schemes, group_size=a.group_size, threshold=a.threshold,
                           max_tokens=a.max_tokens, reference=not a.no_reference, new_tokens=a.new_tokens,
-                          runs=a.runs)
+                          runs=a.runs, dtype=DTYPES[getattr(a, "dtype", "fp32")])
         table = format_causal(res, name)
     else:
         from .demo import format_table, run
 
+        odd = [s for s in schemes if s == "bf16" or s.endswith("+head")]
+        if odd:
+            raise ValueError(f"quantkernels eval: {odd[0]!r} applies to causal LMs only; {name} is an encoder "
+                             f"(its table compares every scheme with fp32)")
         qs = [s for s in schemes if s != "fp32"]
         rows = run(qs, runs=a.runs, batch_size=a.batch, group_size=a.group_size)
         res = {"rows": rows}

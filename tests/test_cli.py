@@ -43,6 +43,7 @@ def test_info_says_why():
     (("quantize", "/tmp", "/tmp/x", "--scheme", "w3a8"), "unknown scheme 'w3a8'"),
     (("eval", "--model", "/no/such/model"), "no such directory"),
     (("eval", "--model", "minilm", "--schemes", "fp32,int3"), "unknown scheme 'int3'"),
+    (("eval", "--model", "minilm", "--schemes", "w8a8+head"), "'w8a8+head' applies to causal LMs only"),
 ])
 def test_user_mistakes_are_one_line(args, msg, capsys):
     assert cli.main(list(args)) == 2
@@ -184,18 +185,21 @@ def test_eval_causal_lm_table(tmp_path, capsys):
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "m")
     tok.save_pretrained(tmp_path / "m")
-    rc = cli.main(["eval", "--model", str(tmp_path / "m"), "--schemes", "fp32,w8a8,w8a16", "--max-tokens", "200",
-                   "--new-tokens", "4", "--runs", "1", "--out", str(tmp_path / "res")])
+    rc = cli.main(["eval", "--model", str(tmp_path / "m"), "--schemes", "fp32,bf16,w8a8,w8a16,w8a16+head",
+                   "--max-tokens", "200", "--new-tokens", "4", "--runs", "1", "--out", str(tmp_path / "res")])
     assert rc == 0
     out = capsys.readouterr().out
     rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| w") or
-            line.startswith("| fp32")}
-    assert set(rows) == {"fp32", "w8a8", "w8a16"}
+            line.startswith("| fp32") or line.startswith("| bf16")}
+    assert set(rows) == {"fp32", "bf16", "w8a8", "w8a16", "w8a16 + lm_head"}
     native = "w8a16_gemm" in qk.dispatch.native_kernels("CPU")
     assert ("auto runs the reference kernels" in rows["w8a16"]) != native   # said only without a C++ kernel
     res = json.loads((tmp_path / "res" / "eval_m.json").read_text())
-    by = {r["scheme"]: r for r in res["rows"]}
+    by = {r["scheme"]: r for r in res["rows"] if not r["lm_head"]}
     assert by["fp32"]["tokens"] == 199  # 200 tokens, no BOS in this tokenizer: 199 predicted
+    assert by["bf16"]["dtype"] == "bfloat16" and abs(by["bf16"]["ppl"] / by["fp32"]["ppl"] - 1) < 0.05
+    head = [r for r in res["rows"] if r["lm_head"]]
+    assert len(head) == 1 and head[0]["scheme"] == "w8a16" and head[0]["quantized"] == by["w8a16"]["quantized"] + 1
     for s in ("w8a8", "w8a16"):   # the auto backend agrees with the contract (reference) within 0.5%
         assert abs(by[s]["ppl"] / by[s]["ppl_reference"] - 1) < 0.005, by[s]
         assert abs(by[s]["ppl"] / by["fp32"]["ppl"] - 1) < 0.05, by[s]   # random weights: tiny quantization effect
