@@ -145,6 +145,11 @@ def is_causal_lm(path: Path) -> bool:
                for a in cfg.get("architectures") or [])
 
 
+#: Files that make a directory hold a tokenizer (fast, sentencepiece, WordPiece, BPE).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.txt",
+                   "vocab.json")
+
+
 def load_float_model(path: Path, dtype: torch.dtype = torch.float32):
     """(model, tokenizer, "causal" | "encoder") of a local Hugging Face directory, offline."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -153,10 +158,14 @@ def load_float_model(path: Path, dtype: torch.dtype = torch.float32):
     causal = is_causal_lm(path)
     cls = AutoModelForCausalLM if causal else AutoModel
     model = cls.from_pretrained(str(path), dtype=dtype).eval()
-    try:
-        tok = AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError):  # a directory without tokenizer files: fine for `quantize`
-        tok = None
+    tok = None
+    # A directory without tokenizer files is fine for `quantize`. Don't ask transformers to find
+    # out: 4.57 then tries to convert a slow tokenizer and fails with unrelated errors.
+    if any((path / f).is_file() for f in TOKENIZER_FILES):
+        try:
+            tok = AutoTokenizer.from_pretrained(str(path))
+        except (OSError, ValueError):
+            tok = None
     return model, tok, "causal" if causal else "encoder"
 
 
