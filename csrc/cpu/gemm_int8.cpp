@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "gemm_int8.h"
+#include "gemm_int8_vnni.h"
 #include "gemv_int8.h"
 
 #include "cpu_isa.h"
@@ -459,180 +460,21 @@ void gemm_driver_panel(const int8_t* Pk, const at::Tensor& b, int64_t M, int64_t
 #endif
 
 // ------------------------------------------------------------------------------ VNNI path
-// The AVX-512 VNNI (zmm) and AVX-VNNI (ymm, VEX) path: inner-product tiles over the PLAIN
-// layouts, nothing packed. For a tile of R weight rows x T activation rows, every 64-byte (zmm)
-// or 32-byte (ymm) step loads R weight vectors and T activation vectors straight from their rows
-// and issues R * T vpdpbusd into 16 (8) int32 lanes; each accumulator is reduced horizontally
-// once per K block (KV bytes), not per step.
-//   zmm: R = 4 weight rows x T = 6 tokens (24 accumulators + 4 weights + 1 activation of 32 zmm)
-//   ymm: R = 2 x T = 4 (8 accumulators of 16 ymm)
-// vpdpbusd multiplies u8 (first operand) by s8 (second) and adds 4 products into an int32 lane,
-// without saturation (mod 2^32). Formulation (b) of issue 14: the weight is offset in-register,
-// w ^ 0x80 = w + 128 read as u8 (one xor per weight load, shared by T tokens), the activations
-// stay s8, and the tile starts from -128 * rowsum(a[m]) (activation row sums: M * K once per
-// call). (a) (u8 activations) would need weight row sums: a pass over N * K bytes per call or an
-// extra vpdpbusd per weight load; (b) costs one xor per weight load and nothing per call.
-// Exactness, for every int8 a and b including -128: lane sums are taken mod 2^32, and the result
-// is sum a * (w + 128) - 128 * sum a = sum a * w (mod 2^32). Intermediate sums may leave int32
-// (|a * (w + 128)| <= 128 * 255 per product), but the true result |sum a * w| <= 128 * 128 * K
-// < 2^31 for K <= 131071, so the wrapped result IS the result. Scalar code here adds in uint32
-// (defined wrap-around). K tails: masked loads zero both operands past K; (0 ^ 0x80) * 0 = 0.
-// Blocking: KV = 4096 bytes of K per tile (a 4-row weight strip, 16 KB, stays in L1 while the
-// tokens of the task stream from L2), tasks of NV = 64 weight rows x MV = 96 tokens
-// (N outer, M inner), split over threads by at::parallel_for.
+// AVX-512 VNNI (zmm) and AVX-VNNI (ymm, VEX): the inner-product tiles of gemm_int8_vnni.h over the
+// PLAIN layouts, nothing packed: 4 weight rows x 6 tokens per tile (ymm: 2 x 4), 64 (32) bytes of K per step
+// straight from the rows, weight offset in-register (w ^ 0x80 = w + 128 as u8) with s8
+// activations, one horizontal reduction per tile and K block. Formulation (b) of issue 14: the
+// int32 sums start from -128 * rowsum(a[m]) (M * K once per call); (a) (u8 activations) would
+// need the weight row sums, a pass over N * K bytes per call or a second vpdpbusd per weight
+// load. Exact for every int8 input: see gemm_int8_vnni.h.
+// Blocking: KV = 2048 bytes of K per tile call (the 4-row weight strip, 8 KB, stays in L1 while
+// the task's tokens stream from L2; 2048 beat 1024 and 4096 in bench/vnni_int8_micro.cpp), tasks
+// of NV = 64 weight rows x MV = 96 tokens (N outer, M inner) split over threads by
+// at::parallel_for.
 
-constexpr int RV = 4, TV = 6;       // zmm tile: weight rows x tokens
-constexpr int RY = 2, TY = 4;       // ymm tile
-constexpr int64_t KV = 4096;        // K block of the VNNI path (bytes; multiple of 64)
-constexpr int64_t NV = 64;          // weight rows per task (multiple of RV and RY)
-constexpr int64_t MV = 96;          // tokens per task (multiple of TV and TY)
-
-#if QK_X86
-// [s(v0), s(v1), s(v2), s(v3)], s = sum of the 16 lanes (mod 2^32).
-QK_TARGET_AVX512VNNI inline __m128i hsum4_512(__m512i v0, __m512i v1, __m512i v2, __m512i v3) {
-  const __m512i t0 = _mm512_add_epi32(_mm512_unpacklo_epi32(v0, v1), _mm512_unpackhi_epi32(v0, v1));
-  const __m512i t1 = _mm512_add_epi32(_mm512_unpacklo_epi32(v2, v3), _mm512_unpackhi_epi32(v2, v3));
-  const __m512i u = _mm512_add_epi32(_mm512_unpacklo_epi64(t0, t1), _mm512_unpackhi_epi64(t0, t1));
-  const __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(u), _mm512_extracti64x4_epi64(u, 1));
-  return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
-}
-
-// C[t * ldc + r] += sum_{k < kc} A[t * lda + k] * (W[r * ldw + k] + 128) (mod 2^32), r < R, t < T.
-template <int R, int T>
-QK_TARGET_AVX512VNNI void vnni512_tile(const int8_t* W, int64_t ldw, const int8_t* A, int64_t lda, int64_t kc,
-                                       int32_t* C, int64_t ldc) {
-  __m512i acc[R][T];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
-    for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_si512();
-  const __m512i x80 = _mm512_set1_epi8(int8_t(0x80));
-  int64_t k = 0;
-  for (; k + 64 <= kc; k += 64) {
-    __m512i w[R];
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) w[r] = _mm512_xor_si512(_mm512_loadu_si512(W + r * ldw + k), x80);
-#pragma GCC unroll 8
-    for (int t = 0; t < T; ++t) {
-      const __m512i a = _mm512_loadu_si512(A + t * lda + k);
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], w[r], a);
-    }
-  }
-  if (k < kc) {  // K tail: both operands zero past kc
-    const __mmask64 m = _cvtu64_mask64((~uint64_t(0)) >> (64 - (kc - k)));
-    __m512i w[R];
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) w[r] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, W + r * ldw + k), x80);
-#pragma GCC unroll 8
-    for (int t = 0; t < T; ++t) {
-      const __m512i a = _mm512_maskz_loadu_epi8(m, A + t * lda + k);
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], w[r], a);
-    }
-  }
-  const __m512i z = _mm512_setzero_si512();
-#pragma GCC unroll 8
-  for (int t = 0; t < T; ++t) {
-    const __m128i s = hsum4_512(acc[0][t], R > 1 ? acc[R > 1 ? 1 : 0][t] : z, R > 2 ? acc[R > 2 ? 2 : 0][t] : z,
-                                R > 3 ? acc[R > 3 ? 3 : 0][t] : z);
-    int32_t* c = C + t * ldc;
-    if (R == 4) {
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(c),
-                       _mm_add_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)), s));
-    } else {
-      alignas(16) int32_t v[4];
-      _mm_store_si128(reinterpret_cast<__m128i*>(v), s);
-      for (int r = 0; r < R; ++r) c[r] = int32_t(uint32_t(c[r]) + uint32_t(v[r]));
-    }
-  }
-}
-
-QK_TARGET_AVXVNNI inline __m128i hsum4_256(__m256i v0, __m256i v1, __m256i v2, __m256i v3) {
-  const __m256i t0 = _mm256_add_epi32(_mm256_unpacklo_epi32(v0, v1), _mm256_unpackhi_epi32(v0, v1));
-  const __m256i t1 = _mm256_add_epi32(_mm256_unpacklo_epi32(v2, v3), _mm256_unpackhi_epi32(v2, v3));
-  const __m256i u = _mm256_add_epi32(_mm256_unpacklo_epi64(t0, t1), _mm256_unpackhi_epi64(t0, t1));
-  return _mm_add_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1));
-}
-
-// The same tile on ymm with the VEX (AVX-VNNI) vpdpbusd; no opmasks, so the K tail (< 32 bytes)
-// is copied into zero-padded stack buffers.
-template <int R, int T>
-QK_TARGET_AVXVNNI void vnni256_tile(const int8_t* W, int64_t ldw, const int8_t* A, int64_t lda, int64_t kc,
-                                    int32_t* C, int64_t ldc) {
-  __m256i acc[R][T];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
-    for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_si256();
-  const __m256i x80 = _mm256_set1_epi8(int8_t(0x80));
-  int64_t k = 0;
-  for (; k + 32 <= kc; k += 32) {
-    __m256i w[R];
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r)
-      w[r] = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(W + r * ldw + k)), x80);
-#pragma GCC unroll 8
-    for (int t = 0; t < T; ++t) {
-      const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(A + t * lda + k));
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) acc[r][t] = _mm256_dpbusd_avx_epi32(acc[r][t], w[r], a);
-    }
-  }
-  if (k < kc) {
-    alignas(32) int8_t wb[R][32] = {}, ab[T][32] = {};
-    const int64_t n = kc - k;
-    for (int r = 0; r < R; ++r) std::memcpy(wb[r], W + r * ldw + k, size_t(n));
-    for (int t = 0; t < T; ++t) std::memcpy(ab[t], A + t * lda + k, size_t(n));
-    __m256i w[R];
-    for (int r = 0; r < R; ++r) w[r] = _mm256_xor_si256(_mm256_load_si256(reinterpret_cast<const __m256i*>(wb[r])), x80);
-    for (int t = 0; t < T; ++t) {
-      const __m256i a = _mm256_load_si256(reinterpret_cast<const __m256i*>(ab[t]));
-      for (int r = 0; r < R; ++r) acc[r][t] = _mm256_dpbusd_avx_epi32(acc[r][t], w[r], a);
-    }
-  }
-  const __m256i z = _mm256_setzero_si256();
-#pragma GCC unroll 8
-  for (int t = 0; t < T; ++t) {
-    const __m128i s = hsum4_256(acc[0][t], R > 1 ? acc[R > 1 ? 1 : 0][t] : z, R > 2 ? acc[R > 2 ? 2 : 0][t] : z,
-                                R > 3 ? acc[R > 3 ? 3 : 0][t] : z);
-    alignas(16) int32_t v[4];
-    _mm_store_si128(reinterpret_cast<__m128i*>(v), s);
-    int32_t* c = C + t * ldc;
-    for (int r = 0; r < R; ++r) c[r] = int32_t(uint32_t(c[r]) + uint32_t(v[r]));
-  }
-}
-
-using VnniTileFn = void (*)(const int8_t*, int64_t, const int8_t*, int64_t, int64_t, int32_t*, int64_t);
-
-// fn[r - 1][t - 1] for every tail shape r <= R, t <= T.
-struct VnniTable {
-  int R = 0, T = 0;
-  VnniTileFn fn[RV][TV] = {};
-};
-
-template <int r, int t>
-void vnni_fill(VnniTable& tb, bool zmm) {
-  if constexpr (r >= 1 && t >= 1) {
-    if (zmm) {
-      tb.fn[r - 1][t - 1] = &vnni512_tile<r, t>;
-    } else if constexpr (r <= RY && t <= TY) {
-      tb.fn[r - 1][t - 1] = &vnni256_tile<r, t>;
-    }
-    vnni_fill<r, t - 1>(tb, zmm);
-  } else if constexpr (r >= 1) {
-    vnni_fill<r - 1, TV>(tb, zmm);
-  }
-}
-
-VnniTable make_vnni_table(bool zmm) {
-  VnniTable tb;
-  tb.R = zmm ? RV : RY;
-  tb.T = zmm ? TV : TY;
-  vnni_fill<RV, TV>(tb, zmm);
-  return tb;
-}
-#endif
+constexpr int64_t KV = 2048;        // K block of the VNNI path (bytes; multiple of 64)
+constexpr int64_t NV = 64;          // weight rows per task (multiple of vnni::kMaxR)
+constexpr int64_t MV = 96;          // tokens per task (multiple of vnni::kMaxT)
 
 }  // namespace
 
@@ -654,7 +496,11 @@ namespace {
 #if QK_X86
 void gemm_driver_vnni(const at::Tensor& a, const at::Tensor& b, int64_t M, int64_t N, int64_t K, int32_t* c_out,
                       const Epilogue& ep, bool zmm) {
-  const VnniTable tb = make_vnni_table(zmm);
+  // tbp (first token group of each weight strip) also prefetches the NEXT strip (4 rows further,
+  // same offset): without it, M = 16 at 4096 x 4096 (weights from L3) ran at half the MAC rate of
+  // the same shape with the weights in L2 (one thread, 124 vs 230 G multiply-adds/s).
+  const vnni::TileTable tb = vnni::make_table<false>(zmm), tbp = vnni::make_table<true>(zmm);
+  const int TR = tb.R, TT = tb.T;
   const int8_t* A = a.data_ptr<int8_t>();
   const int8_t* B = b.data_ptr<int8_t>();
   std::vector<int32_t> asum(static_cast<size_t>(M));
@@ -681,12 +527,12 @@ void gemm_driver_vnni(const at::Tensor& a, const at::Tensor& b, int64_t M, int64
       for (int64_t i = 0; i < mb; ++i) std::fill(C + i * ldc, C + i * ldc + nb, -128 * asum[size_t(m0 + i)]);
       for (int64_t k0 = 0; k0 < K; k0 += KV) {
         const int64_t kc = std::min(KV, K - k0);
-        for (int64_t j = 0; j < nb; j += tb.R) {
-          const int r = int(std::min<int64_t>(tb.R, nb - j));
+        for (int64_t j = 0; j < nb; j += TR) {
+          const int r = int(std::min<int64_t>(TR, nb - j));
           const int8_t* Wt = B + (n0 + j) * K + k0;
-          for (int64_t i = 0; i < mb; i += tb.T) {
-            const int tt = int(std::min<int64_t>(tb.T, mb - i));
-            tb.fn[r - 1][tt - 1](Wt, K, A + (m0 + i) * K + k0, K, kc, C + i * ldc + j, ldc);
+          for (int64_t i = 0; i < mb; i += TT) {
+            const int tt = int(std::min<int64_t>(TT, mb - i));
+            (i == 0 ? tbp : tb).fn[r - 1][tt - 1](Wt, K, A + (m0 + i) * K + k0, K, kc, C + i * ldc + j, ldc, TR * K);
           }
         }
       }

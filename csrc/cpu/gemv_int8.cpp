@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "cpu_isa.h"
+#include "gemm_int8_vnni.h"
 
 namespace quantkernels {
 namespace cpu {
@@ -177,142 +178,19 @@ void rows_avx2(const int16_t* A, int64_t lda, int64_t M, const int8_t* B, int64_
   }
 }
 
-// VNNI tiles (AVX-512 VNNI zmm, AVX-VNNI ymm): NR b rows x MM rows of a over all of K, 64 (32)
-// bytes of each b row per step, b offset in-register (b ^ 0x80 = b + 128 as u8, a stays s8) and
-// vpdpbusd; the sums start from -128 * rowsum(a[m]) (asum). Exact for every int8 input: see
-// gemm_int8.cpp's VNNI note (the sums wrap mod 2^32 and the true result fits int32).
-// One load + one xor per 64 bytes of b, shared by the MM rows of a; prefetch as in the AVX2 tile.
-QK_TARGET_AVX512VNNI inline __m128i hsum4_512(__m512i v0, __m512i v1, __m512i v2, __m512i v3) {
-  const __m512i t0 = _mm512_add_epi32(_mm512_unpacklo_epi32(v0, v1), _mm512_unpackhi_epi32(v0, v1));
-  const __m512i t1 = _mm512_add_epi32(_mm512_unpacklo_epi32(v2, v3), _mm512_unpackhi_epi32(v2, v3));
-  const __m512i u = _mm512_add_epi32(_mm512_unpacklo_epi64(t0, t1), _mm512_unpackhi_epi64(t0, t1));
-  const __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(u), _mm512_extracti64x4_epi64(u, 1));
-  return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
-}
-
-template <int MM, int NR>
-QK_TARGET_AVX512VNNI void tile_vnni512(const int8_t* A, const int32_t* asum, const int8_t* B, int64_t K, int64_t n,
-                                       int32_t* c, int64_t ldc, int64_t j0) {
-  const int8_t* b[NR];
-  for (int r = 0; r < NR; ++r) b[r] = B + (n + r) * K;
-  const int64_t ahead = NR * K;  // the next tile, same offset
-  const __m512i x80 = _mm512_set1_epi8(int8_t(0x80));
-  __m512i acc[MM][NR];
-#pragma GCC unroll 8
-  for (int m = 0; m < MM; ++m)
-#pragma GCC unroll 8
-    for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_si512();
-  int64_t k = 0;
-  for (; k + kLine <= K; k += kLine) {
-#pragma GCC unroll 8
-    for (int r = 0; r < NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(b[r] + k + ahead), _MM_HINT_T0);
-    __m512i av[MM];
-#pragma GCC unroll 8
-    for (int m = 0; m < MM; ++m) av[m] = _mm512_loadu_si512(A + m * K + k);
-#pragma GCC unroll 8
-    for (int r = 0; r < NR; ++r) {
-      const __m512i bv = _mm512_xor_si512(_mm512_loadu_si512(b[r] + k), x80);
-#pragma GCC unroll 8
-      for (int m = 0; m < MM; ++m) acc[m][r] = _mm512_dpbusd_epi32(acc[m][r], bv, av[m]);
-    }
-  }
-  if (k < K) {  // K tail: both operands zero past K ((0 ^ 0x80) * 0 = 0)
-    const __mmask64 mk = _cvtu64_mask64((~uint64_t(0)) >> (64 - (K - k)));
-    __m512i av[MM];
-    for (int m = 0; m < MM; ++m) av[m] = _mm512_maskz_loadu_epi8(mk, A + m * K + k);
-    for (int r = 0; r < NR; ++r) {
-      const __m512i bv = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mk, b[r] + k), x80);
-      for (int m = 0; m < MM; ++m) acc[m][r] = _mm512_dpbusd_epi32(acc[m][r], bv, av[m]);
-    }
-  }
-  const __m512i z = _mm512_setzero_si512();
-#pragma GCC unroll 8
-  for (int m = 0; m < MM; ++m) {
-    const uint32_t base = uint32_t(-128 * asum[m]);
-#pragma GCC unroll 8
-    for (int r0 = 0; r0 < NR; r0 += 4) {
-      const __m128i s = hsum4_512(acc[m][r0], r0 + 1 < NR ? acc[m][r0 + 1 < NR ? r0 + 1 : r0] : z,
-                                  r0 + 2 < NR ? acc[m][r0 + 2 < NR ? r0 + 2 : r0] : z,
-                                  r0 + 3 < NR ? acc[m][r0 + 3 < NR ? r0 + 3 : r0] : z);
-      alignas(16) int32_t v[4];
-      _mm_store_si128(reinterpret_cast<__m128i*>(v), s);
-      for (int r = r0; r < NR && r < r0 + 4; ++r) c[m * ldc + j0 + r] = int32_t(base + uint32_t(v[r - r0]));
-    }
-  }
-}
-
-QK_TARGET_AVXVNNI inline __m128i hsum4_256(__m256i v0, __m256i v1, __m256i v2, __m256i v3) {
-  const __m256i t0 = _mm256_add_epi32(_mm256_unpacklo_epi32(v0, v1), _mm256_unpackhi_epi32(v0, v1));
-  const __m256i t1 = _mm256_add_epi32(_mm256_unpacklo_epi32(v2, v3), _mm256_unpackhi_epi32(v2, v3));
-  const __m256i u = _mm256_add_epi32(_mm256_unpacklo_epi64(t0, t1), _mm256_unpackhi_epi64(t0, t1));
-  return _mm_add_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1));
-}
-
-template <int MM, int NR>
-QK_TARGET_AVXVNNI void tile_vnni256(const int8_t* A, const int32_t* asum, const int8_t* B, int64_t K, int64_t n,
-                                    int32_t* c, int64_t ldc, int64_t j0) {
-  const int8_t* b[NR];
-  for (int r = 0; r < NR; ++r) b[r] = B + (n + r) * K;
-  const int64_t ahead = NR * K;
-  const __m256i x80 = _mm256_set1_epi8(int8_t(0x80));
-  __m256i acc[MM][NR];
-  for (int m = 0; m < MM; ++m)
-    for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_setzero_si256();
-  int64_t k = 0;
-  for (; k + kLine <= K; k += kLine) {
-    for (int r = 0; r < NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(b[r] + k + ahead), _MM_HINT_T0);
-#pragma GCC unroll 2
-    for (int64_t kk = k; kk < k + kLine; kk += 32) {
-      __m256i av[MM];
-      for (int m = 0; m < MM; ++m) av[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(A + m * K + kk));
-      for (int r = 0; r < NR; ++r) {
-        const __m256i bv = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b[r] + kk)), x80);
-        for (int m = 0; m < MM; ++m) acc[m][r] = _mm256_dpbusd_avx_epi32(acc[m][r], bv, av[m]);
-      }
-    }
-  }
-  const __m256i z = _mm256_setzero_si256();
-  for (int m = 0; m < MM; ++m) {
-    const int8_t* a = A + m * K;
-    const uint32_t base = uint32_t(-128 * asum[m]);
-    for (int r0 = 0; r0 < NR; r0 += 4) {
-      const __m128i s = hsum4_256(acc[m][r0], r0 + 1 < NR ? acc[m][r0 + 1 < NR ? r0 + 1 : r0] : z,
-                                  r0 + 2 < NR ? acc[m][r0 + 2 < NR ? r0 + 2 : r0] : z,
-                                  r0 + 3 < NR ? acc[m][r0 + 3 < NR ? r0 + 3 : r0] : z);
-      alignas(16) int32_t v[4];
-      _mm_store_si128(reinterpret_cast<__m128i*>(v), s);
-      for (int r = r0; r < NR && r < r0 + 4; ++r) {
-        uint32_t sum = base + uint32_t(v[r - r0]);
-        // K tail (< 64 bytes), with the same +128 offset as the vector part.
-        for (int64_t t = k; t < K; ++t) sum += uint32_t(int32_t(a[t]) * (int32_t(b[r][t]) + 128));
-        c[m * ldc + j0 + r] = int32_t(sum);
-      }
-    }
-  }
-}
-
-template <int MM, bool zmm>
-void rows_vnni_mm(const int8_t* A, const int32_t* asum, const int8_t* B, int64_t K, int64_t n0, int64_t n1,
-                  int32_t* c, int64_t ldc) {
-  constexpr int NR = zmm ? (MM <= 2 ? 8 : 4) : (MM <= 2 ? 4 : 2);
-  int64_t n = n0;
-  if constexpr (zmm) {
-    for (; n + NR <= n1; n += NR) tile_vnni512<MM, NR>(A, asum, B, K, n, c, ldc, n - n0);
-    for (; n < n1; ++n) tile_vnni512<MM, 1>(A, asum, B, K, n, c, ldc, n - n0);
-  } else {
-    for (; n + NR <= n1; n += NR) tile_vnni256<MM, NR>(A, asum, B, K, n, c, ldc, n - n0);
-    for (; n < n1; ++n) tile_vnni256<MM, 1>(A, asum, B, K, n, c, ldc, n - n0);
-  }
-}
-
-template <bool zmm>
-void rows_vnni(const int8_t* A, const int32_t* asum, int64_t M, const int8_t* B, int64_t K, int64_t n0, int64_t n1,
-               int32_t* c, int64_t ldc) {
-  switch (M) {
-    case 1: rows_vnni_mm<1, zmm>(A, asum, B, K, n0, n1, c, ldc); break;
-    case 2: rows_vnni_mm<2, zmm>(A, asum, B, K, n0, n1, c, ldc); break;
-    case 3: rows_vnni_mm<3, zmm>(A, asum, B, K, n0, n1, c, ldc); break;
-    default: rows_vnni_mm<4, zmm>(A, asum, B, K, n0, n1, c, ldc); break;
+// VNNI (AVX-512 VNNI zmm, AVX-VNNI ymm): the inner-product tile of gemm_int8_vnni.h, 4 (2) b rows x
+// all M rows of a over all of K, 64 (32) bytes of each b row per step, b offset in-register
+// (b ^ 0x80 = b + 128 as u8, a stays s8), sums started from -128 * rowsum(a[m]): exact for every
+// int8 input (see there). One load + one xor per 64 bytes of b, shared by the M rows of a; the
+// tile prefetches the next tile's lines (4 rows further, same offset) as the AVX2 tile does.
+void rows_vnni(const vnni::TileTable& tb, const int8_t* A, const int32_t* asum, int64_t M, const int8_t* B, int64_t K,
+               int64_t n0, int64_t n1, int32_t* c, int64_t ldc) {
+  const int NR = tb.R;  // zmm: 4 b rows x M (<= 16 accumulators); ymm: 2 rows (<= 8 of 16 ymm)
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = n0; n < n1; ++n) c[m * ldc + (n - n0)] = -128 * asum[m];
+  for (int64_t n = n0; n < n1; n += NR) {
+    const int r = int(std::min<int64_t>(NR, n1 - n));
+    tb.fn[r - 1][M - 1](B + n * K, K, A, K, K, c + (n - n0), ldc, NR * K);
   }
 }
 #endif
@@ -329,6 +207,9 @@ void gemv_int8(const at::Tensor& a, const at::Tensor& b, int64_t M, int64_t N, i
   const int8_t* src = a.data_ptr<int8_t>();
   int32_t asum[kGemvInt8MaxM] = {};
   if (vnni256) int8_row_sums(src, M, K, asum);
+#if QK_X86
+  const vnni::TileTable tb = vnni::make_table<true>(vnni512);
+#endif
   // maddubs needs a without -128 (a is tiny: checking it costs nothing next to b).
   const bool ubs = avx2 && !vnni256 && std::find(src, src + M * K, int8_t(-128)) == src + M * K;
   const int64_t lda = (K + 15) / 16 * 16;
@@ -354,10 +235,8 @@ void gemv_int8(const at::Tensor& a, const at::Tensor& b, int64_t M, int64_t N, i
       int32_t* c = fused ? cbuf.data() : c_out + j0;
       const int64_t ldc = fused ? kBlock : N;
 #if QK_X86
-      if (vnni512) {
-        rows_vnni<true>(src, asum, M, B, K, j0, j1, c, ldc);
-      } else if (vnni256) {
-        rows_vnni<false>(src, asum, M, B, K, j0, j1, c, ldc);
+      if (vnni256) {
+        rows_vnni(tb, src, asum, M, B, K, j0, j1, c, ldc);
       } else if (ubs) {
         rows_ubs(src, K, M, B, K, j0, j1, c, ldc);
       } else if (avx2) {
