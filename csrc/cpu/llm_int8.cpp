@@ -16,6 +16,10 @@
 // then cast to x's dtype, all in the GEMM's fused per-block epilogue (gemm_int8.h block_fn), while
 // the block's weight rows are still in cache. The dequantized weight is never materialised; the
 // only extra memory is X[:, O] ([M, |O|] fp32) and a [block rows, |O|] fp32 scratch per block.
+// ISA (cpu_isa.h): avx512 and above find the outliers, zero them and quantize with zmm (16 lanes,
+// masked tails) and run corr's inner loop on zmm; the inlier GEMM is gemm_driver's (VNNI
+// vpdpbusd on avx_vnni / avx512_vnni, see gemm_int8.cpp). Every level gives bit-identical q /
+// scale / outliers and (mul and add rounded separately everywhere) the same outputs.
 // Differences from the reference only in the fp32 summation order of corr (theirs: a dense masked
 // matmul over all of K), and where scale_b holds Inf/NaN (the reference's 0 * Inf in the masked
 // columns turns whole output columns into NaN; here only the outlier columns contribute).
@@ -75,10 +79,51 @@ QK_TARGET_AVX2 void zero_masked_avx2(const float* src, const uint32_t* lanes, in
   }
   for (; k < K; ++k) dst[k] = lanes[k] ? 0.0f : src[k];
 }
+
+// AVX-512: 16 lanes, K tails with opmasks.
+QK_TARGET_AVX512 void or_mask_avx512(const float* row, int64_t n, float thr, uint32_t* lanes) {
+  const __m512 vthr = _mm512_set1_ps(thr);
+  const __m512i ones = _mm512_set1_epi32(-1);
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16) {
+    const __mmask16 ge = _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_loadu_ps(row + k)), vthr, _CMP_GE_OQ);  // NaN: false
+    _mm512_mask_storeu_epi32(lanes + k, ge, ones);
+  }
+  if (k < n) {
+    const __mmask16 m = __mmask16((1u << (n - k)) - 1);
+    const __mmask16 ge = _mm512_mask_cmp_ps_mask(m, _mm512_abs_ps(_mm512_maskz_loadu_ps(m, row + k)), vthr, _CMP_GE_OQ);
+    _mm512_mask_storeu_epi32(lanes + k, ge, ones);
+  }
+}
+
+QK_TARGET_AVX512 void zero_masked_avx512(const float* src, const uint32_t* lanes, int64_t K, float* dst) {
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    const __mmask16 keep = _mm512_testn_epi32_mask(_mm512_loadu_si512(lanes + k), _mm512_loadu_si512(lanes + k));
+    _mm512_storeu_ps(dst + k, _mm512_maskz_loadu_ps(keep, src + k));
+  }
+  for (; k < K; ++k) dst[k] = lanes[k] ? 0.0f : src[k];
+}
+
+// pp[j] += xv * w[j] for j < n (the outlier correction's inner loop), 16 lanes; mul and add
+// rounded separately, as the baseline (SSE2) loop does.
+QK_TARGET_AVX512 __attribute__((optimize("fp-contract=off"))) void axpy_avx512(float* pp, float xv, const float* w,
+                                                                                int64_t n) {
+  const __m512 x = _mm512_set1_ps(xv);
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16)
+    _mm512_storeu_ps(pp + j, _mm512_add_ps(_mm512_loadu_ps(pp + j), _mm512_mul_ps(x, _mm512_loadu_ps(w + j))));
+  if (j < n) {
+    const __mmask16 m = __mmask16((1u << (n - j)) - 1);
+    _mm512_mask_storeu_ps(pp + j, m,
+                          _mm512_add_ps(_mm512_maskz_loadu_ps(m, pp + j), _mm512_mul_ps(x, _mm512_maskz_loadu_ps(m, w + j))));
+  }
+}
 #endif
 
 void zero_masked(const float* src, const uint32_t* lanes, int64_t K, float* dst, Isa isa) {
 #if QK_X86
+  if (isa_has_avx512(isa)) return zero_masked_avx512(src, lanes, K, dst);
   if (isa_has_avx2(isa)) return zero_masked_avx2(src, lanes, K, dst);
 #endif
   (void)isa;
@@ -102,10 +147,14 @@ void outlier_lanes(const T* x, int64_t M, int64_t K, float thr, Isa isa, uint32_
           if constexpr (std::is_same<T, float>::value) {
             row = src;
           } else {
-            widen_row(src, n, buf.data());
+            widen_row_isa(src, n, buf.data(), isa);
             row = buf.data();
           }
-          or_mask_avx2(row, n, thr, lanes + k0);
+          if (isa_has_avx512(isa)) {
+            or_mask_avx512(row, n, thr, lanes + k0);
+          } else {
+            or_mask_avx2(row, n, thr, lanes + k0);
+          }
           continue;
         }
 #endif
@@ -135,7 +184,7 @@ void quantize_outliers(const T* x, int64_t M, int64_t K, double threshold, Isa i
       if constexpr (std::is_same<T, float>::value) {
         row = x + r * K;
       } else {
-        widen_row(x + r * K, K, wide.data());
+        widen_row_isa(x + r * K, K, wide.data(), isa);
         row = wide.data();
       }
       if (any) {  // x_in: outlier columns set to 0, so they count neither in absmax nor in q
@@ -214,6 +263,7 @@ struct OutlierCtx {
   int64_t nO;
   const float* xo;        // [M, nO] = x[:, O] in fp32
   void* y;                // [M, N]
+  bool zmm;               // AVX-512: the correction's inner loop on zmm (axpy_avx512)
 };
 
 // corr[i][j] = sum_o xo[i][o] * wt[o][j] for the block: the j loop is contiguous (wt is the
@@ -251,6 +301,12 @@ void block_outliers(const void* ctxv, const int32_t* C, int64_t ldc, int64_t m0,
         const float xv = xr[o];
         const float* w = wt.data() + o * nb;
         float* pp = part.data();
+#if QK_X86
+        if (x.zmm) {
+          axpy_avx512(pp, xv, w, nb);
+          continue;
+        }
+#endif
         for (int64_t j = 0; j < nb; ++j) pp[j] += xv * w[j];
       }
       for (int64_t j = 0; j < nb; ++j) corr[size_t(j)] += part[size_t(j)];
@@ -340,7 +396,8 @@ at::Tensor llm_int8_linear_cpu(const at::Tensor& x_in, const at::Tensor& b_in, c
     default: gather_x_cols(x.data_ptr<at::BFloat16>(), M, K, cols, xo.data()); break;
   }
   y = at::empty({M, N}, x.options());
-  OutlierCtx ctx{b.data_ptr<int8_t>(), K, N, ep.sa, ep.sb, ep.bias, cols.data(), nO, xo.data(), y.data_ptr()};
+  OutlierCtx ctx{b.data_ptr<int8_t>(), K,     N,           ep.sa,       ep.sb, ep.bias, cols.data(),
+                 nO,                  xo.data(), y.data_ptr(), isa_has_avx512(isa)};
   switch (dt) {
     case at::kFloat: ep.block_fn = &block_outliers<float>; break;
     case at::kHalf: ep.block_fn = &block_outliers<at::Half>; break;
@@ -359,11 +416,16 @@ namespace {
 // What each op runs per ISA level (quantkernels info).
 const bool quantize_int8_rowwise_outliers_variant_registered = quantkernels::cpu::register_variant(
     "quantize_int8_rowwise_outliers", [](quantkernels::cpu::Isa isa) -> const char* {
+      if (quantkernels::cpu::isa_has_avx512(isa)) return "avx512: zmm outlier mask (16 lanes), masked absmax + rne";
       return quantkernels::cpu::isa_has_avx2(isa) ? "avx2: masked absmax + rne" : "portable: scalar C++ loops";
     });
 const bool llm_int8_linear_variant_registered = quantkernels::cpu::register_variant(
     "llm_int8_linear", [](quantkernels::cpu::Isa isa) -> const char* {
-      return quantkernels::cpu::isa_has_avx2(isa) ? "avx2: int8 GEMM/GEMV + fp32 outlier correction" : "portable: scalar C++ loops";
+      using namespace quantkernels::cpu;
+      if (isa_has_vnni512(isa)) return "avx512_vnni: zmm quantizer + int8 GEMM/GEMV (zmm vpdpbusd) + zmm fp32 outlier correction";
+      if (isa_has_avx512(isa)) return "avx512: zmm quantizer + int8 GEMM/GEMV (avx2 maddubs) + zmm fp32 outlier correction";
+      if (isa_has_vnni256(isa)) return "avx_vnni: avx2 quantizer + int8 GEMM/GEMV (ymm vpdpbusd) + fp32 outlier correction";
+      return isa_has_avx2(isa) ? "avx2: int8 GEMM/GEMV + fp32 outlier correction" : "portable: scalar C++ loops";
     });
 }  // namespace
 
