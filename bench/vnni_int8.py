@@ -12,7 +12,9 @@ Methods per (K x N, M), all with fp32 activations x [M, K] unless noted, medians
   bf16        F.linear(x.bfloat16(), W.bfloat16())
 Decode (M = 1): w8a8 rotates over distinct weight matrices of >= 96 MiB in all (they come from
 DRAM); weight bytes / time against the read bandwidth of torch.ones(2**28).sum() (same run).
-Only torch and quantkernels' ops are used.
+Only torch and quantkernels' ops are used. --clock cpu times process CPU time (summed over
+threads): on a shared machine with more runnable threads than cores, wall time mostly measures
+the scheduler (a 2-thread call waits for its slower thread's next time slice).
 """
 import argparse
 import datetime
@@ -56,17 +58,20 @@ def with_isa(isa, fn):
     return run
 
 
+CLOCK = time.perf_counter
+
+
 def bench(methods, reps, warmup=2):
-    """methods: {name: fn}; interleaved reps; returns {name: median ms}."""
+    """methods: {name: fn}; interleaved reps; returns {name: median ms} on CLOCK."""
     times = {k: [] for k in methods}
     for _ in range(warmup):
         for fn in methods.values():
             fn()
     for _ in range(reps):
         for k, fn in methods.items():
-            t0 = time.perf_counter()
+            t0 = CLOCK()
             fn()
-            times[k].append((time.perf_counter() - t0) * 1e3)
+            times[k].append((CLOCK() - t0) * 1e3)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -75,9 +80,9 @@ def read_bandwidth(reps=7):
     x.sum()
     ts = []
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         x.sum()
-        ts.append(time.perf_counter() - t0)
+        ts.append(CLOCK() - t0)
     return x.numel() * 4 / statistics.median(ts) / 1e9
 
 
@@ -88,14 +93,19 @@ def main():
     p.add_argument("--shapes", default="4096x4096,4096x11008")
     p.add_argument("--ms", default="1,16,128,512")
     p.add_argument("--no-avx2", action="store_true", help="skip the QUANTKERNELS_CPU_ISA=avx2 column")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="wall: perf_counter; cpu: process CPU time summed over threads (for a shared, "
+                        "oversubscribed machine where wall time mostly measures the scheduler)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    global CLOCK
+    CLOCK = time.perf_counter if args.clock == "wall" else time.process_time
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rows = []
     lines = [f"# int8 CPU kernels vs fbgemm / bf16 (issue 14)", "",
              f"{datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC, CPU: {cpu_model()}, torch {torch.__version__}, "
-             f"threads {args.threads}, medians of {args.reps} interleaved reps, "
+             f"threads {args.threads}, clock {args.clock}, medians of {args.reps} interleaved reps, "
              f"active ISA: {quantkernels._native.cpu_isa()}", ""]
     bw = read_bandwidth()
     lines += [f"memory read bandwidth (torch.ones(2**28).sum()): {bw:.1f} GB/s", ""]

@@ -4,8 +4,17 @@
 //   w8a8_gemm:  Y[m, n] = C[m, n] * scale_a[m] * scale_b[n] + bias[n]   fp32 epilogue, then cast
 //
 // a is int8 [M, K] (activations), b is int8 [N, K] (weights, F.linear layout, plain row-major).
-//
-// Two integer paths, both exact for every int8 input:
+// M <= 4 goes to gemv_int8.cpp. Per ISA level (cpu_isa.h; QUANTKERNELS_CPU_ISA, read per call):
+// - avx512_vnni / avx512_bf16: the VNNI path (below, gemm_driver_vnni; tile in gemm_int8_vnni.h):
+//   zmm vpdpbusd, 4 weight rows x 6 tokens straight from the plain rows, weight offset +128
+//   in-register, sums started from -128 * rowsum(a). Exact for every int8 input, -128 included.
+//   Why: vpdpbusd does 64 multiply-adds in one instruction where AVX2 needs maddubs + madd + add
+//   (+ sign / abs), and fbgemm (torch.ao quantize_dynamic) uses VNNI: issue 14.
+// - avx_vnni: the same path on ymm with the VEX vpdpbusd (2 x 4 tiles, 16 ymm registers).
+// - avx2 / avx512 (no VNNI): the AVX2 panel path (gemm_driver_panel), or the widened path when
+//   a holds -128 (both as before issue 14).
+// - portable: the widened path with plain C++ micro-kernels.
+// The AVX2 paths:
 // - AVX2 "panel" path (below, gemm_driver_panel): weight rows broadcast, activations packed per
 //   call into 16-token panels, u8 x s8 _mm256_maddubs_epi16 with the sign moved onto a
 //   (sign(a, w) * |w|), exact because the packer checks that a holds no -128 (every quantizer's
@@ -15,10 +24,9 @@
 //   C++ micro-kernels) and, on AVX2, when a holds -128 (only the raw int8_gemm op can see that).
 //   Micro-kernel MR = 2 rows of a x NR = 4 rows of b, K in steps of 16, one horizontal reduction
 //   per K block; cache blocks KC = 4096, MC = 128, NC = 96.
-// K <= 131071 keeps every int32 partial sum in range (128 * 128 * K < 2^31).
+// K <= 131071 keeps every int32 result in range (128 * 128 * K < 2^31).
 //
-// ISA: the AVX2 micro-kernel is compiled per function with target("avx2,fma") and chosen at run
-// time (QUANTKERNELS_CPU_ISA=portable forces the plain C++ path, read on every call).
+// ISA code is compiled per function with the QK_TARGET_* attributes (no -march=native).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -684,11 +692,20 @@ namespace {
 // What each op runs per ISA level (quantkernels info).
 const bool int8_gemm_variant_registered = quantkernels::cpu::register_variant(
     "int8_gemm", [](quantkernels::cpu::Isa isa) -> const char* {
-      return quantkernels::cpu::isa_has_avx2(isa) ? "avx2: 16-token panels, maddubs with the sign on one operand" : "portable: scalar C++ loops";
+      using namespace quantkernels::cpu;
+      if (isa_has_vnni512(isa))
+        return "avx512_vnni: zmm vpdpbusd, 4 x 6 inner-product tiles on the plain layout, weight +128 in-register "
+               "(M <= 4: zmm vpdpbusd GEMV)";
+      if (isa_has_vnni256(isa))
+        return "avx_vnni: ymm VEX vpdpbusd, 2 x 4 inner-product tiles, weight +128 in-register (M <= 4: ymm GEMV)";
+      return isa_has_avx2(isa) ? "avx2: 16-token panels, maddubs with the sign on one operand" : "portable: scalar C++ loops";
     });
 const bool w8a8_gemm_variant_registered = quantkernels::cpu::register_variant(
     "w8a8_gemm", [](quantkernels::cpu::Isa isa) -> const char* {
-      return quantkernels::cpu::isa_has_avx2(isa) ? "avx2: int8 GEMM (maddubs, sign trick) + fp32 epilogue" : "portable: scalar C++ loops";
+      using namespace quantkernels::cpu;
+      if (isa_has_vnni512(isa)) return "avx512_vnni: int8 GEMM/GEMV (zmm vpdpbusd) + fp32 epilogue";
+      if (isa_has_vnni256(isa)) return "avx_vnni: int8 GEMM/GEMV (ymm VEX vpdpbusd) + fp32 epilogue";
+      return isa_has_avx2(isa) ? "avx2: int8 GEMM (maddubs, sign trick) + fp32 epilogue" : "portable: scalar C++ loops";
     });
 }  // namespace
 

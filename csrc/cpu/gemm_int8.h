@@ -1,5 +1,5 @@
-// The int8 x int8 -> int32 GEMM core of gemm_int8.cpp (exact, AVX2 + portable, blocked,
-// at::parallel_for), exposed for other CPU kernels (LLM.int8()) that need its result with
+// The int8 x int8 -> int32 GEMM core of gemm_int8.cpp (exact; VNNI zmm / ymm, AVX2, portable;
+// blocked, at::parallel_for), exposed for other CPU kernels (LLM.int8()) that need its result with
 // their own fused epilogue.
 #pragma once
 

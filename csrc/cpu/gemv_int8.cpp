@@ -17,6 +17,8 @@
 // on this one: one prefetcht0 per 64-byte line, the next tile's pages are in flight early.
 // Threads split N (at::parallel_for, so torch.set_num_threads is respected).
 //
+// avx512_vnni / avx512_bf16 and avx_vnni run the VNNI tile of gemm_int8_vnni.h instead (zmm /
+// ymm vpdpbusd, exact for every int8 input, see rows_vnni below): one load + xor per 64 bytes of b.
 // QUANTKERNELS_CPU_ISA=portable selects plain C++ loops (same integer results).
 #include "gemv_int8.h"
 
