@@ -3,8 +3,9 @@
 Compared with the pure-PyTorch reference functions (imported directly: once the native
 library is loaded, the op itself is the C++ kernel). int32 results are exact; the fp32
 epilogue is within 1e-5 of the fp64 formula (NUMERICS.md s.6); fp16/bf16 outputs match the
-reference within assert_close defaults. Every case runs on both ISA paths
-(QUANTKERNELS_CPU_ISA=portable and the default, AVX2 where the CPU has it) and at 1 and 2 threads.
+reference within assert_close defaults. Every case runs on every ISA level
+(QUANTKERNELS_CPU_ISA=portable .. avx512_bf16, tests/_isa.py; levels the CPU lacks are skipped)
+and at 1 and 2 threads. Tails of the VNNI tiles: tests/test_cpu_int8_vnni.py.
 
 The native code comes from quantkernels._C when it is built; otherwise this module JIT-builds
 csrc/cpu/gemm_int8.cpp with torch.utils.cpp_extension (needs a C++ compiler and ninja).
@@ -18,6 +19,8 @@ import torch
 
 import quantkernels  # schemas, reference, and quantkernels._C (the C++ kernels)
 from quantkernels import reference as R
+
+from _isa import isa_params
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 OPS = torch.ops.quantkernels
@@ -33,12 +36,12 @@ def test_native_kernels_are_registered_for_cpu():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"quantkernels::{op}", "CPU"), op
 
 
-@pytest.fixture(params=["avx2", "portable"])
+@pytest.fixture(params=isa_params())
 def isa(request, monkeypatch):
-    if request.param == "portable":
-        monkeypatch.setenv("QUANTKERNELS_CPU_ISA", "portable")
-    else:
-        monkeypatch.delenv("QUANTKERNELS_CPU_ISA", raising=False)  # auto: AVX2 where CPUID has it
+    # Every level (portable, avx2, avx_vnni, avx512, avx512_vnni, avx512_bf16); the ones this CPU
+    # lacks are skipped with a message (tests/_isa.py).
+    monkeypatch.setenv("QUANTKERNELS_CPU_ISA", request.param)
+    assert quantkernels._native.cpu_isa() == request.param
     return request.param
 
 

@@ -1,7 +1,7 @@
 """The C++ CPU kernels of quantkernels._C against the pure-PyTorch reference (bit-exact).
 
-Every test runs on each CPU instruction-set path the machine has (``portable`` always,
-``avx2`` where CPUID reports AVX2+FMA), selected per call through QUANTKERNELS_CPU_ISA.
+Every test runs on every CPU instruction-set level (tests/_isa.py: portable .. avx512_bf16, the
+ones this CPU lacks skipped), selected per call through QUANTKERNELS_CPU_ISA.
 """
 
 import itertools
@@ -24,8 +24,9 @@ OP = torch.ops.quantkernels.quantize_int8_rowwise
 ISAS = isa_params()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-# K around the 8-lane AVX2 width and its tails; M odd and around the parallel grain.
-KS = (1, 3, 7, 8, 9, 31, 33, 4095, 4096)
+# K around the 8-lane AVX2 and 16-lane AVX-512 widths and their tails; M odd and around the
+# parallel grain.
+KS = (1, 3, 7, 8, 9, 15, 17, 31, 33, 65, 4095, 4096)
 MS = (0, 1, 3, 17, 67)
 SHAPES = list(itertools.product(MS, KS))
 

@@ -1,5 +1,5 @@
-// The int8 x int8 -> int32 GEMM core of gemm_int8.cpp (exact, AVX2 + portable, blocked,
-// at::parallel_for), exposed for other CPU kernels (LLM.int8()) that need its result with
+// The int8 x int8 -> int32 GEMM core of gemm_int8.cpp (exact; VNNI zmm / ymm, AVX2, portable;
+// blocked, at::parallel_for), exposed for other CPU kernels (LLM.int8()) that need its result with
 // their own fused epilogue.
 #pragma once
 
@@ -36,6 +36,10 @@ struct Epilogue {
 // M <= 4 goes to gemv_int8 (gemv_int8.h: one pass over b); larger M to the blocked GEMM.
 // If ep.fn is null the int32 result goes to c_out [M, N]; otherwise each finished block goes
 // through ep.fn. Reads QUANTKERNELS_CPU_ISA (cpu_isa.h) on the calling thread.
+// out[m] = sum_k a[m, k] over contiguous int8 a [M, K] (exact int32; at::parallel_for). The VNNI
+// paths start every int32 sum from -128 * out[m] (their weights are offset by +128 in-register).
+void int8_row_sums(const int8_t* a, int64_t M, int64_t K, int32_t* out);
+
 void gemm_driver(const at::Tensor& a, const at::Tensor& b, int64_t M, int64_t N, int64_t K, int32_t* c_out,
                  const Epilogue& ep);
 

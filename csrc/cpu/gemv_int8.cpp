@@ -17,6 +17,8 @@
 // on this one: one prefetcht0 per 64-byte line, the next tile's pages are in flight early.
 // Threads split N (at::parallel_for, so torch.set_num_threads is respected).
 //
+// avx512_vnni / avx512_bf16 and avx_vnni run the VNNI tile of gemm_int8_vnni.h instead (zmm /
+// ymm vpdpbusd, exact for every int8 input, see rows_vnni below): one load + xor per 64 bytes of b.
 // QUANTKERNELS_CPU_ISA=portable selects plain C++ loops (same integer results).
 #include "gemv_int8.h"
 
@@ -27,6 +29,7 @@
 #include <vector>
 
 #include "cpu_isa.h"
+#include "gemm_int8_vnni.h"
 
 namespace quantkernels {
 namespace cpu {
@@ -176,6 +179,22 @@ void rows_avx2(const int16_t* A, int64_t lda, int64_t M, const int8_t* B, int64_
     default: rows_avx2_mm<4>(A, lda, B, K, n0, n1, c, ldc); break;
   }
 }
+
+// VNNI (AVX-512 VNNI zmm, AVX-VNNI ymm): the inner-product tile of gemm_int8_vnni.h, 4 (2) b rows x
+// all M rows of a over all of K, 64 (32) bytes of each b row per step, b offset in-register
+// (b ^ 0x80 = b + 128 as u8, a stays s8), sums started from -128 * rowsum(a[m]): exact for every
+// int8 input (see there). One load + one xor per 64 bytes of b, shared by the M rows of a; the
+// tile prefetches the next tile's lines (4 rows further, same offset) as the AVX2 tile does.
+void rows_vnni(const vnni::TileTable& tb, const int8_t* A, const int32_t* asum, int64_t M, const int8_t* B, int64_t K,
+               int64_t n0, int64_t n1, int32_t* c, int64_t ldc) {
+  const int NR = tb.R;  // zmm: 4 b rows x M (<= 16 accumulators); ymm: 2 rows (<= 8 of 16 ymm)
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = n0; n < n1; ++n) c[m * ldc + (n - n0)] = -128 * asum[m];
+  for (int64_t n = n0; n < n1; n += NR) {
+    const int r = int(std::min<int64_t>(NR, n1 - n));
+    tb.fn[r - 1][M - 1](B + n * K, K, A, K, K, c + (n - n0), ldc, NR * K);
+  }
+}
 #endif
 
 }  // namespace
@@ -184,13 +203,21 @@ void gemv_int8(const at::Tensor& a, const at::Tensor& b, int64_t M, int64_t N, i
                const Epilogue& ep) {
   TORCH_CHECK(M >= 1 && M <= kGemvInt8MaxM, "quantkernels: gemv_int8 called with M = ", M, " (expects 1..",
               kGemvInt8MaxM, ")");
-  const bool avx2 = isa_has_avx2(active_isa());  // read once, on the calling thread
+  const Isa isa = active_isa();  // read once, on the calling thread
+  const bool avx2 = isa_has_avx2(isa);
+  const bool vnni512 = isa_has_vnni512(isa), vnni256 = isa_has_vnni256(isa);
   const int8_t* src = a.data_ptr<int8_t>();
+  int32_t asum[kGemvInt8MaxM] = {};
+  if (vnni256) int8_row_sums(src, M, K, asum);
+#if QK_X86
+  const vnni::TileTable tb = vnni::make_table<true>(vnni512);
+#endif
   // maddubs needs a without -128 (a is tiny: checking it costs nothing next to b).
-  const bool ubs = avx2 && std::find(src, src + M * K, int8_t(-128)) == src + M * K;
+  const bool ubs = avx2 && !vnni256 && std::find(src, src + M * K, int8_t(-128)) == src + M * K;
   const int64_t lda = (K + 15) / 16 * 16;
-  std::vector<int16_t> a16(ubs ? size_t(0) : size_t(M * lda), 0);
-  if (!ubs)
+  const bool widen = !ubs && !vnni256;
+  std::vector<int16_t> a16(widen ? size_t(M * lda) : size_t(0), 0);
+  if (widen)
     for (int64_t m = 0; m < M; ++m)
       for (int64_t k = 0; k < K; ++k) a16[m * lda + k] = src[m * K + k];
   const int16_t* A = a16.data();
@@ -210,7 +237,9 @@ void gemv_int8(const at::Tensor& a, const at::Tensor& b, int64_t M, int64_t N, i
       int32_t* c = fused ? cbuf.data() : c_out + j0;
       const int64_t ldc = fused ? kBlock : N;
 #if QK_X86
-      if (ubs) {
+      if (vnni256) {
+        rows_vnni(tb, src, asum, M, B, K, j0, j1, c, ldc);
+      } else if (ubs) {
         rows_ubs(src, K, M, B, K, j0, j1, c, ldc);
       } else if (avx2) {
         rows_avx2(A, lda, M, B, K, j0, j1, c, ldc);
@@ -227,6 +256,7 @@ void gemv_int8(const at::Tensor& a, const at::Tensor& b, int64_t M, int64_t N, i
     }
   });
   (void)avx2;
+  (void)vnni512;
 }
 
 }  // namespace cpu

@@ -12,7 +12,7 @@
 namespace quantkernels {
 namespace cpu {
 
-constexpr int64_t kGemvInt8MaxM = 4;
+constexpr int64_t kGemvInt8MaxM = 4;  // = vnni::kMaxT (gemm_int8_vnni.h): the GEMV tile takes all rows of a
 
 // C = a @ b^T over contiguous int8 a [M, K] (M <= kGemvInt8MaxM) and b [N, K], K <= 131071
 // (checked by the caller). Each byte of b is read once for all M rows. If ep.fn and

@@ -16,6 +16,11 @@
 // then cast to x's dtype, all in the GEMM's fused per-block epilogue (gemm_int8.h block_fn), while
 // the block's weight rows are still in cache. The dequantized weight is never materialised; the
 // only extra memory is X[:, O] ([M, |O|] fp32) and a [block rows, |O|] fp32 scratch per block.
+// ISA (cpu_isa.h): avx512 and above find the outliers, zero them and quantize with zmm (16 lanes,
+// masked tails) and run the fused block epilogue (corr and the output) on zmm
+// (block_outliers_avx512); the inlier GEMM is gemm_driver's (VNNI
+// vpdpbusd on avx_vnni / avx512_vnni, see gemm_int8.cpp). Every level gives bit-identical q /
+// scale / outliers and (mul and add rounded separately everywhere) the same outputs.
 // Differences from the reference only in the fp32 summation order of corr (theirs: a dense masked
 // matmul over all of K), and where scale_b holds Inf/NaN (the reference's 0 * Inf in the masked
 // columns turns whole output columns into NaN; here only the outlier columns contribute).
@@ -75,10 +80,37 @@ QK_TARGET_AVX2 void zero_masked_avx2(const float* src, const uint32_t* lanes, in
   }
   for (; k < K; ++k) dst[k] = lanes[k] ? 0.0f : src[k];
 }
+
+// AVX-512: 16 lanes, K tails with opmasks.
+QK_TARGET_AVX512 void or_mask_avx512(const float* row, int64_t n, float thr, uint32_t* lanes) {
+  const __m512 vthr = _mm512_set1_ps(thr);
+  const __m512i ones = _mm512_set1_epi32(-1);
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16) {
+    const __mmask16 ge = _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_loadu_ps(row + k)), vthr, _CMP_GE_OQ);  // NaN: false
+    _mm512_mask_storeu_epi32(lanes + k, ge, ones);
+  }
+  if (k < n) {
+    const __mmask16 m = __mmask16((1u << (n - k)) - 1);
+    const __mmask16 ge = _mm512_mask_cmp_ps_mask(m, _mm512_abs_ps(_mm512_maskz_loadu_ps(m, row + k)), vthr, _CMP_GE_OQ);
+    _mm512_mask_storeu_epi32(lanes + k, ge, ones);
+  }
+}
+
+QK_TARGET_AVX512 void zero_masked_avx512(const float* src, const uint32_t* lanes, int64_t K, float* dst) {
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    const __mmask16 keep = _mm512_testn_epi32_mask(_mm512_loadu_si512(lanes + k), _mm512_loadu_si512(lanes + k));
+    _mm512_storeu_ps(dst + k, _mm512_maskz_loadu_ps(keep, src + k));
+  }
+  for (; k < K; ++k) dst[k] = lanes[k] ? 0.0f : src[k];
+}
+
 #endif
 
 void zero_masked(const float* src, const uint32_t* lanes, int64_t K, float* dst, Isa isa) {
 #if QK_X86
+  if (isa_has_avx512(isa)) return zero_masked_avx512(src, lanes, K, dst);
   if (isa_has_avx2(isa)) return zero_masked_avx2(src, lanes, K, dst);
 #endif
   (void)isa;
@@ -102,10 +134,14 @@ void outlier_lanes(const T* x, int64_t M, int64_t K, float thr, Isa isa, uint32_
           if constexpr (std::is_same<T, float>::value) {
             row = src;
           } else {
-            widen_row(src, n, buf.data());
+            widen_row_isa(src, n, buf.data(), isa);
             row = buf.data();
           }
-          or_mask_avx2(row, n, thr, lanes + k0);
+          if (isa_has_avx512(isa)) {
+            or_mask_avx512(row, n, thr, lanes + k0);
+          } else {
+            or_mask_avx2(row, n, thr, lanes + k0);
+          }
           continue;
         }
 #endif
@@ -135,7 +171,7 @@ void quantize_outliers(const T* x, int64_t M, int64_t K, double threshold, Isa i
       if constexpr (std::is_same<T, float>::value) {
         row = x + r * K;
       } else {
-        widen_row(x + r * K, K, wide.data());
+        widen_row_isa(x + r * K, K, wide.data(), isa);
         row = wide.data();
       }
       if (any) {  // x_in: outlier columns set to 0, so they count neither in absmax nor in q
@@ -267,6 +303,89 @@ void block_outliers(const void* ctxv, const int32_t* C, int64_t ldc, int64_t m0,
   }
 }
 
+#if QK_X86
+// block_outliers on zmm: the same arithmetic in the same order (part = sum over a chunk of
+// xv * w, mul and add rounded separately; corr += part; then ((c * s) * sw + corr) + bias), but
+// part / corr of 16 columns live in registers instead of a memory array (the memory form was ~20%
+// of llm_int8's time at M = 128, 20 outliers of 4096: a store-to-load chain per outlier).
+// mul / add with an explicit rounding mode: GCC never contracts these into an FMA.
+#define QK_MUL(a, b) _mm512_mul_round_ps(a, b, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define QK_ADD(a, b) _mm512_add_round_ps(a, b, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+
+// 16 output columns (j .. j + 15, lanes past nb masked) of row i.
+template <typename out_t>
+QK_TARGET_AVX512 inline void store16(out_t* y, int64_t nb, int64_t j, __mmask16 m, __m512 v) {
+  if constexpr (std::is_same<out_t, float>::value) {
+    _mm512_mask_storeu_ps(y + j, m, v);
+  } else {
+    alignas(64) float tmp[16];
+    _mm512_store_ps(tmp, v);
+    const int64_t n = std::min<int64_t>(16, nb - j);
+    for (int64_t u = 0; u < n; ++u) y[j + u] = static_cast<out_t>(tmp[u]);
+  }
+}
+
+template <typename out_t>
+QK_TARGET_AVX512 void block_outliers_avx512(const void* ctxv, const int32_t* C, int64_t ldc, int64_t m0, int64_t mb,
+                                            int64_t n0, int64_t nb) {
+  const OutlierCtx& x = *static_cast<const OutlierCtx*>(ctxv);
+  const int64_t nO = x.nO;
+  thread_local std::vector<float> wt_buf;
+  wt_buf.resize(static_cast<size_t>(nO * nb));
+  float* const wt = wt_buf.data();
+  for (int64_t j = 0; j < nb; ++j) {
+    const int8_t* row = x.b + (n0 + j) * x.K;
+    const float s = x.sw[n0 + j];
+    for (int64_t o = 0; o < nO; ++o) wt[o * nb + j] = static_cast<float>(row[x.cols[o]]) * s;
+  }
+  out_t* Y = static_cast<out_t*>(x.y);
+  auto mask = [nb](int64_t j) -> __mmask16 {
+    return j >= nb ? __mmask16(0) : nb - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (nb - j)) - 1);
+  };
+  for (int64_t i = 0; i < mb; ++i) {
+    const __m512 s = _mm512_set1_ps(x.sx[m0 + i]);
+    const float* xr = x.xo + (m0 + i) * nO;
+    const int32_t* c = C + i * ldc;
+    out_t* y = Y + (m0 + i) * x.N + n0;
+    // 64 columns at a time: four independent add chains over the outliers (one chain of 16
+    // columns alone waits on the add latency every outlier).
+    for (int64_t j = 0; j < nb; j += 64) {
+      const __mmask16 k0 = mask(j), k1 = mask(j + 16), k2 = mask(j + 32), k3 = mask(j + 48);
+      __m512 c0 = _mm512_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
+      for (int64_t o0 = 0; o0 < nO; o0 += kOChunk) {
+        const int64_t o1 = std::min(nO, o0 + kOChunk);
+        __m512 p0 = _mm512_setzero_ps(), p1 = p0, p2 = p0, p3 = p0;
+        for (int64_t o = o0; o < o1; ++o) {
+          const __m512 xv = _mm512_set1_ps(xr[o]);
+          const float* w = wt + o * nb + j;
+          p0 = QK_ADD(p0, QK_MUL(xv, _mm512_maskz_loadu_ps(k0, w)));
+          p1 = QK_ADD(p1, QK_MUL(xv, _mm512_maskz_loadu_ps(k1, w + 16)));
+          p2 = QK_ADD(p2, QK_MUL(xv, _mm512_maskz_loadu_ps(k2, w + 32)));
+          p3 = QK_ADD(p3, QK_MUL(xv, _mm512_maskz_loadu_ps(k3, w + 48)));
+        }
+        c0 = QK_ADD(c0, p0);
+        c1 = QK_ADD(c1, p1);
+        c2 = QK_ADD(c2, p2);
+        c3 = QK_ADD(c3, p3);
+      }
+      const __m512 cs[4] = {c0, c1, c2, c3};
+      const __mmask16 ks[4] = {k0, k1, k2, k3};
+      for (int q = 0; q < 4 && j + 16 * q < nb; ++q) {
+        const int64_t jj = j + 16 * q;
+        const __mmask16 m = ks[q];
+        __m512 v = QK_MUL(_mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(m, c + jj)), s);
+        v = QK_MUL(v, _mm512_maskz_loadu_ps(m, x.sw + n0 + jj));
+        v = QK_ADD(v, cs[q]);
+        if (x.bias != nullptr) v = QK_ADD(v, _mm512_maskz_loadu_ps(m, x.bias + n0 + jj));
+        store16(y, nb, jj, m, v);
+      }
+    }
+  }
+}
+#undef QK_MUL
+#undef QK_ADD
+#endif
+
 template <typename T>
 void gather_x_cols(const T* x, int64_t M, int64_t K, const std::vector<int64_t>& cols, float* out) {
   const int64_t n = int64_t(cols.size());
@@ -346,6 +465,15 @@ at::Tensor llm_int8_linear_cpu(const at::Tensor& x_in, const at::Tensor& b_in, c
     case at::kHalf: ep.block_fn = &block_outliers<at::Half>; break;
     default: ep.block_fn = &block_outliers<at::BFloat16>; break;
   }
+#if QK_X86
+  if (isa_has_avx512(isa)) {
+    switch (dt) {
+      case at::kFloat: ep.block_fn = &block_outliers_avx512<float>; break;
+      case at::kHalf: ep.block_fn = &block_outliers_avx512<at::Half>; break;
+      default: ep.block_fn = &block_outliers_avx512<at::BFloat16>; break;
+    }
+  }
+#endif
   ep.ctx = &ctx;
   gemm_driver(q, b, M, N, K, nullptr, ep);
   return y;
@@ -359,11 +487,16 @@ namespace {
 // What each op runs per ISA level (quantkernels info).
 const bool quantize_int8_rowwise_outliers_variant_registered = quantkernels::cpu::register_variant(
     "quantize_int8_rowwise_outliers", [](quantkernels::cpu::Isa isa) -> const char* {
+      if (quantkernels::cpu::isa_has_avx512(isa)) return "avx512: zmm outlier mask (16 lanes), masked absmax + rne";
       return quantkernels::cpu::isa_has_avx2(isa) ? "avx2: masked absmax + rne" : "portable: scalar C++ loops";
     });
 const bool llm_int8_linear_variant_registered = quantkernels::cpu::register_variant(
     "llm_int8_linear", [](quantkernels::cpu::Isa isa) -> const char* {
-      return quantkernels::cpu::isa_has_avx2(isa) ? "avx2: int8 GEMM/GEMV + fp32 outlier correction" : "portable: scalar C++ loops";
+      using namespace quantkernels::cpu;
+      if (isa_has_vnni512(isa)) return "avx512_vnni: zmm quantizer + int8 GEMM/GEMV (zmm vpdpbusd) + zmm fp32 outlier correction";
+      if (isa_has_avx512(isa)) return "avx512: zmm quantizer + int8 GEMM/GEMV (avx2 maddubs) + zmm fp32 outlier correction";
+      if (isa_has_vnni256(isa)) return "avx_vnni: avx2 quantizer + int8 GEMM/GEMV (ymm vpdpbusd) + fp32 outlier correction";
+      return isa_has_avx2(isa) ? "avx2: int8 GEMM/GEMV + fp32 outlier correction" : "portable: scalar C++ loops";
     });
 }  // namespace
 

@@ -10,6 +10,10 @@
 //                                                              (reference: nan_to_num after clamp)
 // Consequences: a row with NaN gets q = 0 and scale NaN; a row with +-Inf (no NaN) gets
 // q = 0 everywhere (finite * 0 = 0, Inf * 0 = NaN -> 0) and scale Inf.
+//
+// ISA (cpu_isa.h): avx512 and above run 16-lane zmm loops with masked K tails (and widen fp16 /
+// bf16 rows with zmm); avx2 / avx_vnni the 8-lane AVX2 loops; portable plain C++. Every path
+// gives the same bits (the rules above are exact per element; the absmax is a max).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -112,7 +116,98 @@ QK_TARGET_AVX2 void quant_row_avx2(const float* x, int64_t K, float inv, int8_t*
     q[k] = quant_one(x[k], inv);
   }
 }
+
+// ------------------------------------------------------------------ AVX-512 (F/BW/VL/DQ)
+// 16 lanes, the K tail with opmasks (masked-off lanes load as +0, which changes neither the
+// absmax nor the NaN flag), the int8 results stored by vpmovsdb with a mask. Same rules as
+// above: NaN tracked on the side, p = x * inv, NaN -> 0, rne (vrndscaleps), clamp to +-127.
+
+QK_TARGET_AVX512 float absmax_avx512(const float* x, int64_t K) {
+  __m512 vmax = _mm512_setzero_ps();
+  __mmask16 nan = 0;
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    const __m512 a = _mm512_abs_ps(_mm512_loadu_ps(x + k));
+    nan |= _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
+    vmax = _mm512_max_ps(vmax, a);
+  }
+  if (k < K) {
+    const __mmask16 m = __mmask16((1u << (K - k)) - 1);
+    const __m512 a = _mm512_abs_ps(_mm512_maskz_loadu_ps(m, x + k));
+    nan |= _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
+    vmax = _mm512_max_ps(vmax, a);
+  }
+  if (nan) return std::numeric_limits<float>::quiet_NaN();
+  return _mm512_reduce_max_ps(vmax);
+}
+
+QK_TARGET_AVX512 inline __m512i quant16_avx512(__m512 x, __m512 vinv) {
+  __m512 p = _mm512_mul_ps(x, vinv);
+  p = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(p, p, _CMP_ORD_Q), p);  // NaN -> 0
+  __m512 r = _mm512_roundscale_ps(p, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  r = _mm512_min_ps(_mm512_max_ps(r, _mm512_set1_ps(-kQMax)), _mm512_set1_ps(kQMax));  // +-Inf -> +-127
+  return _mm512_cvtps_epi32(r);  // exact: r is an integer in [-127, 127]
+}
+
+QK_TARGET_AVX512 void quant_row_avx512(const float* x, int64_t K, float inv, int8_t* q) {
+  const __m512 vinv = _mm512_set1_ps(inv);
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), _mm512_cvtsepi32_epi8(quant16_avx512(_mm512_loadu_ps(x + k), vinv)));
+  }
+  if (k < K) {
+    const __mmask16 m = __mmask16((1u << (K - k)) - 1);
+    _mm512_mask_cvtsepi32_storeu_epi8(q + k, m, quant16_avx512(_mm512_maskz_loadu_ps(m, x + k), vinv));
+  }
+}
+
+// fp16 / bf16 -> fp32, exact (vcvtph2ps; bf16 is the high half of an fp32).
+QK_TARGET_AVX512 void widen_half_avx512(const at::Half* src, int64_t K, float* dst) {
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16)
+    _mm512_storeu_ps(dst + k, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + k))));
+  if (k < K) {
+    const __mmask16 m = __mmask16((1u << (K - k)) - 1);
+    _mm512_mask_storeu_ps(dst + k, m, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, s + k)));
+  }
+}
+
+QK_TARGET_AVX512 void widen_bf16_avx512(const at::BFloat16* src, int64_t K, float* dst) {
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    const __m512i v = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + k))), 16);
+    _mm512_storeu_ps(dst + k, _mm512_castsi512_ps(v));
+  }
+  if (k < K) {
+    const __mmask16 m = __mmask16((1u << (K - k)) - 1);
+    const __m512i v = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, s + k)), 16);
+    _mm512_mask_storeu_ps(dst + k, m, _mm512_castsi512_ps(v));
+  }
+}
 #endif
+
+}  // namespace
+
+// Exposed in quantize_int8.h: fp16 / bf16 rows widened with zmm where the level has AVX-512.
+void widen_row_isa(const at::Half* src, int64_t K, float* dst, Isa isa) {
+#if QK_X86
+  if (isa_has_avx512(isa)) return widen_half_avx512(src, K, dst);
+#endif
+  (void)isa;
+  widen_row(src, K, dst);
+}
+
+void widen_row_isa(const at::BFloat16* src, int64_t K, float* dst, Isa isa) {
+#if QK_X86
+  if (isa_has_avx512(isa)) return widen_bf16_avx512(src, K, dst);
+#endif
+  (void)isa;
+  widen_row(src, K, dst);
+}
+
+namespace {
 
 // ------------------------------------------------------------------ driver
 
@@ -121,6 +216,7 @@ QK_TARGET_AVX2 void quant_row_avx2(const float* x, int64_t K, float inv, int8_t*
 // Exposed in quantize_int8.h (shared with the LLM.int8() outlier quantizer).
 float row_absmax(const float* x, int64_t K, Isa isa) {
 #if QK_X86
+  if (isa_has_avx512(isa)) return absmax_avx512(x, K);
   return isa_has_avx2(isa) ? absmax_avx2(x, K) : absmax_portable(x, K);
 #else
   (void)isa;
@@ -138,7 +234,9 @@ float quantize_row(const float* x, int64_t K, float absmax, Isa isa, int8_t* q) 
     sc = absmax / kQMax;
   }
 #if QK_X86
-  if (isa_has_avx2(isa)) {
+  if (isa_has_avx512(isa)) {
+    quant_row_avx512(x, K, inv, q);
+  } else if (isa_has_avx2(isa)) {
     quant_row_avx2(x, K, inv, q);
   } else {
     quant_row_portable(x, K, inv, q);
@@ -162,7 +260,7 @@ void quantize_rows(const T* x, int64_t M, int64_t K, Isa isa, int8_t* q, float* 
       if constexpr (std::is_same<T, float>::value) {
         row = x + r * K;
       } else {
-        widen_row(x + r * K, K, buf.data());
+        widen_row_isa(x + r * K, K, buf.data(), isa);
         row = buf.data();
       }
       scale[r] = quantize_row(row, K, row_absmax(row, K, isa), isa, q + r * K);
@@ -226,6 +324,7 @@ namespace {
 // What each op runs per ISA level (quantkernels info).
 const bool quantize_int8_rowwise_variant_registered = quantkernels::cpu::register_variant(
     "quantize_int8_rowwise", [](quantkernels::cpu::Isa isa) -> const char* {
+      if (quantkernels::cpu::isa_has_avx512(isa)) return "avx512: zmm absmax + rne, 16 lanes, masked K tail, zmm fp16/bf16 widening";
       return quantkernels::cpu::isa_has_avx2(isa) ? "avx2: absmax + rne, 8 lanes" : "portable: scalar C++ loops";
     });
 }  // namespace

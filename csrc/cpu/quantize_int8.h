@@ -5,6 +5,9 @@
 
 #include <cstdint>
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #include "cpu_isa.h"
 
 namespace quantkernels {
@@ -25,6 +28,11 @@ inline void widen_row(const T* src, int64_t K, float* dst) {
     dst[k] = static_cast<float>(src[k]);
   }
 }
+
+inline void widen_row_isa(const float* src, int64_t K, float* dst, Isa) { widen_row(src, K, dst); }
+// The same with zmm where isa has AVX-512 (quantize_int8.cpp).
+void widen_row_isa(const c10::Half* src, int64_t K, float* dst, Isa isa);
+void widen_row_isa(const c10::BFloat16* src, int64_t K, float* dst, Isa isa);
 
 }  // namespace cpu
 }  // namespace quantkernels
