@@ -754,6 +754,13 @@ QK_TARGET_AVX2_NOFMA void gemv_finish(const Problem& p, const GemvPrep& g, int64
 #define QK_TARGET_VNNI256 __attribute__((target("avx2,f16c,avxvnni")))
 #define QK_NO_CONTRACT(x) __asm__("" : "+x"(x))
 
+// acc + vpdpbusd(u8, s8). GCC 12 compiles _mm512_dpbusd_epi32 on accumulator arrays into a
+// register copy per instruction plus spills (its tied operand); the asm keeps acc in place.
+QK_TARGET_VNNI512 inline __m512i dpbusd512(__m512i acc, __m512i u8, __m512i s8) {
+  __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u8), "v"(s8));
+  return acc;
+}
+
 // ---- avx_vnni panel groups: panel_groups with int32 vpdpbusd sums (no int16 flush).
 #define QK_W4_ROW_VNNI(r)                                                         \
   {                                                                               \
@@ -811,7 +818,7 @@ QK_TARGET_VNNI512 void panel_groups_vnni512(const uint8_t* U, int64_t ldu, const
         int32_t w4;
         std::memcpy(&w4, U + r * ldu + q * 4, 4);
         const __m512i wb = _mm512_set1_epi32(w4);
-        for (int i = 0; i < MP; ++i) c[i][r] = _mm512_dpbusd_epi32(c[i][r], wb, a[i]);
+        for (int i = 0; i < MP; ++i) c[i][r] = dpbusd512(c[i][r], wb, a[i]);
       }
     }
     for (int i = 0; i < MP; ++i) {
@@ -970,8 +977,8 @@ QK_TARGET_VNNI512 __attribute__((always_inline)) inline void gemv512_step(const 
     const __m512i lo = _mm512_and_si512(v, m15);
     const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m15);
     for (int m = 0; m < MM; ++m) {
-      acc[m][r] = _mm512_dpbusd_epi32(acc[m][r], lo, alo[m]);
-      acc[m][r] = _mm512_dpbusd_epi32(acc[m][r], hi, ahi[m]);
+      acc[m][r] = dpbusd512(acc[m][r], lo, alo[m]);
+      acc[m][r] = dpbusd512(acc[m][r], hi, ahi[m]);
     }
   }
 }
