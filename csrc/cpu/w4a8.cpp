@@ -835,6 +835,38 @@ QK_TARGET_VNNI512 void panel_groups_vnni512(const uint8_t* U, int64_t ldu, const
   }
 }
 
+// panel_unpack with 64 packed bytes (128 k) per zmm step (about half its instructions; at M = 16
+// the unpack is a large part of the work): rows n0 .. n0 + nr - 1 (>= N: zero), k in [k0, k0 + kn).
+QK_TARGET_VNNI512 void panel_unpack512(const Problem& p, int64_t n0, int nr, int64_t k0, int64_t kn, uint8_t* U,
+                                       int64_t ldu) {
+  const __m512i m15 = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8(p.zb ? 0 : static_cast<char>(0x88));
+  const __m128i m15x = _mm_set1_epi8(0x0F), flipx = _mm_set1_epi8(p.zb ? 0 : static_cast<char>(0x88));
+  // unpacklo/hi_epi8 give lanes [k 0-15 | 32-47 | 64-79 | 96-111] and [16-31 | 48-63 | 80-95 | 112-127].
+  const __m512i i0 = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), i1 = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
+  for (int r = 0; r < nr; ++r) {
+    uint8_t* dst = U + r * ldu;
+    if (n0 + r >= p.N) {
+      std::memset(dst, 0, size_t(kn));
+      continue;
+    }
+    const uint8_t* src = p.bp + (n0 + r) * (p.K / 2) + k0 / 2;
+    int64_t i = 0;
+    for (; i + 64 <= kn / 2; i += 64) {
+      const __m512i v = _mm512_xor_si512(_mm512_loadu_si512(src + i), flip);
+      const __m512i lo = _mm512_and_si512(v, m15), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m15);
+      const __m512i a = _mm512_unpacklo_epi8(lo, hi), b = _mm512_unpackhi_epi8(lo, hi);
+      _mm512_storeu_si512(dst + 2 * i, _mm512_permutex2var_epi64(a, i0, b));
+      _mm512_storeu_si512(dst + 2 * i + 64, _mm512_permutex2var_epi64(a, i1, b));
+    }
+    for (; i < kn / 2; i += 16) {  // kn is a multiple of 32
+      const __m128i v = _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)), flipx);
+      const __m128i lo = _mm_and_si128(v, m15x), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m15x);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 2 * i), _mm_unpacklo_epi8(lo, hi));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 2 * i + 16), _mm_unpackhi_epi8(lo, hi));
+    }
+  }
+}
+
 // y[m0 + u, n0 + r] = f[r][u] * sa[m0 + u] (+ bias[n0 + r]) for a whole fp32 (16 tokens) x (8 rows)
 // tile: the products and sums of the scalar epilogue (same roundings), stored through two 8 x 8
 // transposes (the scalar stores cost ~15% of the M = 512 time).
@@ -897,7 +929,7 @@ void run_panel_vnni512(const Problem& p) {
         const int64_t kn = std::min(kKB, K - k0);  // a multiple of G
         for (int64_t j = 0; j < ns; ++j) {
           const int64_t nj = n0 + j * R;
-          for (int h = 0; h < R; h += kPR) panel_unpack(p, nj + h, k0, kn, U.data() + h * kKB, kKB);
+          panel_unpack512(p, nj, R, k0, kn, U.data(), kKB);
           if (j + 1 < ns)  // the next strip's packed rows into L2 (as run_panel_avx2)
             for (int r = 0; r < R && nj + R + r < N; ++r) {
               const uint8_t* row = p.bp + (nj + R + r) * (K / 2) + k0 / 2;
