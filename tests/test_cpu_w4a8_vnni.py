@@ -69,10 +69,12 @@ def test_gemv_tails(M, nkg, kind, isa, threads, monkeypatch):
 
 
 # Panel path: panel counts 1, 2, 3 (a 2-panel tile + a 1-panel tile), 9 (2 M blocks of 128
-# tokens, the second with 1 ragged panel); N tails of the 8-row (avx512_vnni) and 4-row strips;
+# tokens, the second with 1 ragged panel); N tails of the 8-row (avx512_vnni) and 4-row strips
+# (N % 8 = 1, 5, 6, 7; M % 16 = 15);
 # K > 2048 (two K blocks) with G = 32 / 64 / 128 / 256; M = 5..8 where the GEMV does not apply.
 PANEL_MNKG = [(5, 9, 96, 32), (7, 12, 160, 32), (16, 8, 256, 64), (17, 3, 512, 128), (33, 70, 2048 + 256, 256),
-              (48, 13, 2048 + 128, 64), (130, 17, 1024, 128), (144, 1, 256, 32), (40, 16, 96, 32)]
+              (48, 13, 2048 + 128, 64), (130, 17, 1024, 128), (144, 1, 256, 32), (40, 16, 96, 32),
+              (31, 15, 256, 32), (47, 23, 2048 + 64, 64)]
 PANEL_CASES = list(itertools.product(PANEL_MNKG, ["sym", "asym"]))
 
 
