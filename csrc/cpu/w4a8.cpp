@@ -6,6 +6,16 @@
 // a is int8 [M, K] (any value, -128 included), b_packed uint8 [N, K/2] with byte = lo | hi << 4
 // (lo = element 2i, hi = 2i + 1): signed nibbles (z = 0) without zero_b, unsigned [0, 15] with it.
 //
+// What each ISA level runs (cpu_isa.h; features tested with isa_has_*, never level order):
+//   portable             plain C++ loops (run_portable)
+//   avx2, avx512         the AVX2 paths below: maddubs panels (M >= 5), hadd-tree GEMV (M <= 4,
+//                        M = 5..8 per 4 rows), tiles for the remaining shapes
+//   avx_vnni             ymm vpdpbusd in the AVX2 panel layout and GEMV (no int16 step / flush)
+//   avx512_vnni, _bf16   zmm vpdpbusd: panels of 32 tokens x 8 weight rows, a 128-k GEMV step
+//                        (+ a half-width step for K % 128 == 64); see "VNNI" further down
+// Every level uses the AVX2 tiles for G = K at M >= 5 and for K % 64 != 0 at M <= 4 (rare
+// per-channel shapes). The VNNI paths keep the AVX2 integer sums and fp32 order: same bits.
+//
 // Integer core (AVX2). Every nibble is made unsigned, u = q + 8 for signed weights (nibble ^ 8)
 // and u = q for unsigned ones, so that _mm256_maddubs_epi16(u8 weights, s8 activations) is
 // exact: a pair sum is at most 2 * 15 * 128 = 3840, far from int16 saturation, and up to 8 such
@@ -761,14 +771,20 @@ QK_TARGET_VNNI512 inline __m512i dpbusd512(__m512i acc, __m512i u8, __m512i s8) 
   return acc;
 }
 
+// The same for the VEX (AVX-VNNI) ymm form: ymm0-15 only ("x").
+QK_TARGET_VNNI256 inline __m256i dpbusd256(__m256i acc, __m256i u8, __m256i s8) {
+  __asm__("%{vex%} vpdpbusd %2, %1, %0" : "+x"(acc) : "x"(u8), "x"(s8));
+  return acc;
+}
+
 // ---- avx_vnni panel groups: panel_groups with int32 vpdpbusd sums (no int16 flush).
 #define QK_W4_ROW_VNNI(r)                                                         \
   {                                                                               \
     int32_t w4;                                                                   \
     std::memcpy(&w4, U + (r) * ldu + q * 4, 4);                                   \
     const __m256i wb = _mm256_set1_epi32(w4);                                     \
-    c[2 * (r)] = _mm256_dpbusd_avx_epi32(c[2 * (r)], wb, a0);                     \
-    c[2 * (r) + 1] = _mm256_dpbusd_avx_epi32(c[2 * (r) + 1], wb, a1);             \
+    c[2 * (r)] = dpbusd256(c[2 * (r)], wb, a0);                                   \
+    c[2 * (r) + 1] = dpbusd256(c[2 * (r) + 1], wb, a1);                           \
   }
 template <bool kAsym>
 QK_TARGET_VNNI256 void panel_groups_vnni256(const uint8_t* U, int64_t ldu, const int8_t* P, int64_t nq, int64_t ngr,
@@ -1087,8 +1103,8 @@ QK_TARGET_VNNI256 __attribute__((always_inline)) inline void gemv256_step(const 
     const __m256i lo = _mm256_and_si256(v, m15);
     const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m15);
     for (int m = 0; m < MM; ++m) {
-      acc[m][r] = _mm256_dpbusd_avx_epi32(acc[m][r], lo, alo[m]);
-      acc[m][r] = _mm256_dpbusd_avx_epi32(acc[m][r], hi, ahi[m]);
+      acc[m][r] = dpbusd256(acc[m][r], lo, alo[m]);
+      acc[m][r] = dpbusd256(acc[m][r], hi, ahi[m]);
     }
   }
 }
