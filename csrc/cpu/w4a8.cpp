@@ -760,6 +760,10 @@ QK_TARGET_AVX2_NOFMA void gemv_finish(const Problem& p, const GemvPrep& g, int64
 // The epilogues' multiply and add are kept apart (avx512f implies FMA to GCC; an empty asm
 // between them stops the contraction), as in the reference.
 
+// GCC 12's avx512fintrin.h (_mm512_undefined_epi32: __m512i __Y = __Y) warns maybe-uninitialized
+// in every inlined unpack / cast of this section (fixed in GCC 13); the values are defined.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #define QK_TARGET_VNNI512 __attribute__((target("avx2,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
 #define QK_TARGET_VNNI256 __attribute__((target("avx2,f16c,avxvnni")))
 #define QK_NO_CONTRACT(x) __asm__("" : "+x"(x))
@@ -1209,6 +1213,8 @@ void run_gemv_split(const Problem& p) {
 Gv gemv_variant(Isa isa) {
   return isa_has_vnni512(isa) ? Gv::Vnni512 : isa_has_vnni256(isa) ? Gv::Vnni256 : Gv::Avx2;
 }
+
+#pragma GCC diagnostic pop
 
 #endif  // QK_X86
 
