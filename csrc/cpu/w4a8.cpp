@@ -1035,57 +1035,67 @@ QK_TARGET_VNNI512 __attribute__((always_inline)) inline void gemv512_step(const 
   }
 }
 
-template <int MM, int NR>
-QK_TARGET_VNNI512 __attribute__((always_inline)) inline __m512i gemv512_lanes(const __m512i (&acc)[MM][NR]) {
+// The 4-slot lane sums of half h (rows h * NR .. h * NR + NR - 1 of the tile): slot i = m * NR + r.
+template <int MM, int NR, int NRT>
+QK_TARGET_VNNI512 __attribute__((always_inline)) inline __m512i gemv512_lanes(const __m512i (&acc)[MM][NRT], int h) {
   constexpr int S = MM * NR;
   __m512i v[4];
-  for (int i = 0; i < 4; ++i) v[i] = i < S ? acc[i / NR][i % NR] : _mm512_setzero_si512();
+  for (int i = 0; i < 4; ++i) v[i] = i < S ? acc[i / NR][h * NR + i % NR] : _mm512_setzero_si512();
   return lanes4(v[0], v[1], v[2], v[3]);
 }
 
-template <int MM, int NR, bool kAsym>
+// H halves of NR rows each (H = 2: 4 / 2 rows for M = 2 / 3..4: the activation loads and unpacks
+// shared by twice the rows); each half has its own cbuf
+// ([ng][4] at cbuf + h * 4 * ng) and its own gemv_finish, so the float work is gemv_tile's.
+template <int MM, int NR, bool kAsym, int H>
 QK_TARGET_VNNI512 void gemv512_tile(const Problem& p, const GemvPrep& g, int64_t n0, int32_t* cbuf) {
+  constexpr int NRT = NR * H;
   const int64_t K = p.K, ng = p.ng, G = p.G, ldb = K / 2, full = K / 128;
   const bool tail = K % 128 != 0;  // K % 64 == 0 (gemv_applies)
-  const uint8_t* b[NR];
-  for (int r = 0; r < NR; ++r) b[r] = p.bp + (n0 + r) * ldb;
+  const uint8_t* b[NRT];
+  for (int r = 0; r < NRT; ++r) b[r] = p.bp + (n0 + r) * ldb;
   const int8_t* ap = g.ap.data();
-  gemv_prefetch_scales<NR, kAsym>(p, n0);
-  __m512i acc[MM][NR];
+  gemv_prefetch_scales<NRT, kAsym>(p, n0);
+  __m512i acc[MM][NRT];
   auto zero = [&]() QK_TARGET_VNNI512 {
     for (int m = 0; m < MM; ++m)
-      for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_si512();
+      for (int r = 0; r < NRT; ++r) acc[m][r] = _mm512_setzero_si512();
   };
   if (G == 32 || G == 64) {  // 4 (G = 32) or 2 (G = 64) groups per chunk; the tail chunk holds half
     for (int64_t ch = 0; ch <= full; ++ch) {
       if (ch == full && !tail) break;
       zero();
-      if (ch < full) gemv512_step<MM, NR, kAsym, false>(b, ap, K, ldb, ch * 128, acc);
-      else gemv512_step<MM, NR, kAsym, true>(b, ap, K, ldb, ch * 128, acc);
-      const __m512i u = gemv512_lanes<MM, NR>(acc);
-      if (G == 32) {
-        if (ch < full) _mm512_storeu_si512(cbuf + ch * 16, u);
-        else _mm256_storeu_si256(reinterpret_cast<__m256i*>(cbuf + ch * 16), _mm512_castsi512_si256(u));
-      } else {
-        const __m512i w = _mm512_add_epi32(u, _mm512_shuffle_i32x4(u, u, _MM_SHUFFLE(2, 3, 0, 1)));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(cbuf + ch * 8), _mm512_castsi512_si128(w));
-        if (ch < full) _mm_storeu_si128(reinterpret_cast<__m128i*>(cbuf + ch * 8 + 4), _mm512_extracti32x4_epi32(w, 2));
+      if (ch < full) gemv512_step<MM, NRT, kAsym, false>(b, ap, K, ldb, ch * 128, acc);
+      else gemv512_step<MM, NRT, kAsym, true>(b, ap, K, ldb, ch * 128, acc);
+      for (int h = 0; h < H; ++h) {
+        int32_t* cb = cbuf + h * 4 * ng;
+        const __m512i u = gemv512_lanes<MM, NR, NRT>(acc, h);
+        if (G == 32) {
+          if (ch < full) _mm512_storeu_si512(cb + ch * 16, u);
+          else _mm256_storeu_si256(reinterpret_cast<__m256i*>(cb + ch * 16), _mm512_castsi512_si256(u));
+        } else {
+          const __m512i w = _mm512_add_epi32(u, _mm512_shuffle_i32x4(u, u, _MM_SHUFFLE(2, 3, 0, 1)));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(cb + ch * 8), _mm512_castsi512_si128(w));
+          if (ch < full) _mm_storeu_si128(reinterpret_cast<__m128i*>(cb + ch * 8 + 4), _mm512_extracti32x4_epi32(w, 2));
+        }
       }
     }
   } else {  // G a multiple of 128, or G = K (per-channel, possibly with the tail chunk)
     for (int64_t gi = 0; gi < ng; ++gi) {
       zero();
       for (int64_t k = gi * G; k < (gi + 1) * G; k += 128) {
-        if (k + 128 <= K) gemv512_step<MM, NR, kAsym, false>(b, ap, K, ldb, k, acc);
-        else gemv512_step<MM, NR, kAsym, true>(b, ap, K, ldb, k, acc);
+        if (k + 128 <= K) gemv512_step<MM, NRT, kAsym, false>(b, ap, K, ldb, k, acc);
+        else gemv512_step<MM, NRT, kAsym, true>(b, ap, K, ldb, k, acc);
       }
-      const __m512i u = gemv512_lanes<MM, NR>(acc);
-      const __m256i x = _mm256_add_epi32(_mm512_castsi512_si256(u), _mm512_extracti64x4_epi64(u, 1));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(cbuf + gi * 4),
-                       _mm_add_epi32(_mm256_castsi256_si128(x), _mm256_extracti128_si256(x, 1)));
+      for (int h = 0; h < H; ++h) {
+        const __m512i u = gemv512_lanes<MM, NR, NRT>(acc, h);
+        const __m256i x = _mm256_add_epi32(_mm512_castsi512_si256(u), _mm512_extracti64x4_epi64(u, 1));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(cbuf + h * 4 * ng + gi * 4),
+                         _mm_add_epi32(_mm256_castsi256_si128(x), _mm256_extracti128_si256(x, 1)));
+      }
     }
   }
-  gemv_finish<MM, NR, kAsym>(p, g, n0, cbuf);
+  for (int h = 0; h < H; ++h) gemv_finish<MM, NR, kAsym>(p, g, n0 + h * NR, cbuf + h * 4 * ng);
 }
 
 // ---- avx_vnni decode GEMV: gemv_tile's 64-k steps with int32 vpdpbusd sums (ymm lanes: 32 k each).
@@ -1147,7 +1157,7 @@ enum class Gv { Avx2, Vnni256, Vnni512 };
 
 template <Gv V, int MM, int NR, bool kAsym>
 inline void gemv_tile_any(const Problem& p, const GemvPrep& g, int64_t n0, int32_t* cbuf) {
-  if constexpr (V == Gv::Vnni512) gemv512_tile<MM, NR, kAsym>(p, g, n0, cbuf);
+  if constexpr (V == Gv::Vnni512) gemv512_tile<MM, NR, kAsym, 1>(p, g, n0, cbuf);
   else if constexpr (V == Gv::Vnni256) gemv256_tile<MM, NR, kAsym>(p, g, n0, cbuf);
   else gemv_tile<MM, NR, kAsym>(p, g, n0, cbuf);
 }
@@ -1156,9 +1166,13 @@ template <Gv V, int MM, bool kAsym>
 void gemv_rows(const Problem& p, const GemvPrep& g, int64_t n0, int64_t n1) {
   constexpr int NR = MM == 1 ? 4 : (MM == 2 ? 2 : 1);
   // per tile: the S exact group sums of every group, [ng][4] int32 (16-byte aligned rows)
-  std::vector<__m128i> cbuf_store(size_t(p.ng));
+  std::vector<__m128i> cbuf_store(size_t(2 * p.ng));  // 2 halves (gemv512_tile<..., 2>)
   int32_t* cbuf = reinterpret_cast<int32_t*>(cbuf_store.data());
   int64_t n = n0;
+  // zmm, M >= 2: tiles of two halves first (in-process A/B, 4096^2 g128 hot, 1 thread: M = 2 / 4 / 8
+  // 0.35 -> 0.25 / 0.54 -> 0.48 / 1.09 -> 0.96 ms; M = 1 0.18 -> 0.21 ms hot, equal from DRAM: not used).
+  if constexpr (V == Gv::Vnni512 && MM >= 2)
+    for (; n + 2 * NR <= n1; n += 2 * NR) gemv512_tile<MM, NR, kAsym, 2>(p, g, n, cbuf);
   for (; n + NR <= n1; n += NR) gemv_tile_any<V, MM, NR, kAsym>(p, g, n, cbuf);
   for (; n < n1; ++n) gemv_tile_any<V, MM, 1, kAsym>(p, g, n, cbuf);
 }
