@@ -12,9 +12,12 @@
 //                        M = 5..8 per 4 rows), tiles for the remaining shapes
 //   avx_vnni             ymm vpdpbusd in the AVX2 panel layout and GEMV (no int16 step / flush)
 //   avx512_vnni, _bf16   zmm vpdpbusd: panels of 32 tokens x 8 weight rows, a 128-k GEMV step
-//                        (+ a half-width step for K % 128 == 64); see "VNNI" further down
+//                        (+ a half-width step for K % 128 == 64), GEMV chunks up to M = 12;
+//                        see "VNNI" further down
 // Every level uses the AVX2 tiles for G = K at M >= 5 and for K % 64 != 0 at M <= 4 (rare
-// per-channel shapes). The VNNI paths keep the AVX2 integer sums and fp32 order: same bits.
+// per-channel shapes). The VNNI paths keep the AVX2 integer sums and fp32 order: same bits as
+// avx2 for the same path (M = 9..12 at avx512_vnni runs GEMV chunks where avx2 runs panels: the
+// GEMV's 4 partial sums over the groups, a few ulps apart).
 //
 // Integer core (AVX2). Every nibble is made unsigned, u = q + 8 for signed weights (nibble ^ 8)
 // and u = q for unsigned ones, so that _mm256_maddubs_epi16(u8 weights, s8 activations) is
@@ -751,7 +754,7 @@ QK_TARGET_AVX2_NOFMA void gemv_finish(const Problem& p, const GemvPrep& g, int64
 // every product and sum is exact, so there is no int16 step and no flush; the int32 sums of a
 // group are bounded by G * 15 * 128 < 2^31 (kMaxGroup). The offset removal (c - z' * asum), the
 // layouts and the fp32 order are those of the AVX2 paths above, so every level gives the same
-// integers and, for the panel and GEMV paths, the same float results bit for bit.
+// integers and, path for path, the same float results bit for bit.
 //   avx512_vnni (zmm):  panel path: 2 panels (32 tokens) x 8 weight rows per micro-tile, 16 zmm
 //                       accumulators, per k-quad 2 panel loads + 8 dword broadcasts for 16 vpdpbusd;
 //                       GEMV: 64 packed bytes (128 k) per row and step, a permuted per 128-chunk
@@ -1204,11 +1207,13 @@ void run_gemv(const Problem& p) {
 
 // 4 < M <= 8 (small batches): the GEMV on row chunks of 4 (it reads the weights once per chunk)
 // beats the panel path, whose 16-token panels cost the same from M = 5 to 16.
-constexpr int64_t kGemvSplitM = 8;
-bool gemv_split_applies(const Problem& p) {
+// zmm: up to M = 12 (in-process A/B, 1 thread, g128: M = 9 / 12 1.59 -> 1.26 / 1.68 -> 1.45 ms at
+// 4096^2, 4.63 -> 3.57 / 4.71 -> 4.19 ms at 4096 x 11008; M = 16 is 25% slower than the panels).
+constexpr int64_t kGemvSplitM = 8, kGemvSplitM512 = 12;
+bool gemv_split_applies(const Problem& p, Gv gv) {
   Problem q = p;
   q.M = 4;
-  return p.M > 4 && p.M <= kGemvSplitM && gemv_applies(q);
+  return p.M > 4 && p.M <= (gv == Gv::Vnni512 ? kGemvSplitM512 : kGemvSplitM) && gemv_applies(q);
 }
 template <Gv V>
 void run_gemv_split(const Problem& p) {
@@ -1297,7 +1302,7 @@ at::Tensor w4a8_gemm_cpu(const at::Tensor& a_in, const at::Tensor& b_in, const a
       if (gv == Gv::Vnni512) run_gemv<Gv::Vnni512>(p);
       else if (gv == Gv::Vnni256) run_gemv<Gv::Vnni256>(p);
       else run_gemv<Gv::Avx2>(p);
-    } else if (gemv_split_applies(p)) {  // M = 5..8: the GEMV per 4 rows
+    } else if (gemv_split_applies(p, gv)) {  // M = 5..8 (zmm: 5..12): the GEMV per 4 rows
       if (gv == Gv::Vnni512) run_gemv_split<Gv::Vnni512>(p);
       else if (gv == Gv::Vnni256) run_gemv_split<Gv::Vnni256>(p);
       else run_gemv_split<Gv::Avx2>(p);
@@ -1327,7 +1332,7 @@ const bool w4a8_gemm_variant_registered = quantkernels::cpu::register_variant(
       using namespace quantkernels::cpu;
       if (isa_has_vnni512(isa))
         return "avx512_vnni: zmm vpdpbusd nibble panels 32 tokens x 8 rows (M >= 5), 128-k vpdpbusd GEMV (M <= 4, "
-               "5..8 chunked); avx2 tiles for G = K at M >= 5 or K % 64 != 0";
+               "5..12 chunked); avx2 tiles for G = K at M >= 5 or K % 64 != 0";
       if (isa_has_vnni256(isa))
         return "avx_vnni: ymm vpdpbusd nibble panels (M >= 5), 64-k vpdpbusd GEMV (M <= 4, 5..8 chunked); avx2 tiles "
                "for G = K at M >= 5 or K % 64 != 0";
