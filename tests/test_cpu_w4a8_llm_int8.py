@@ -4,7 +4,7 @@ once quantkernels._C is loaded, torch.ops.quantkernels.<op> is the C++ kernel) a
 
 Integers (q, outliers) exactly; fp32 outputs within 1e-5 of the fp64 formula relative to the size
 of its terms (NUMERICS.md s.6); fp16/bf16 outputs vs the reference with assert_close defaults.
-Every case runs on both ISA paths (portable and AVX2 where the CPU has it) and at 1 and 2 threads.
+Every case runs on every ISA level (tests/_isa.py; levels the CPU lacks are skipped) and at 1 and 2 threads.
 """
 import itertools
 
@@ -14,16 +14,14 @@ import torch
 import quantkernels._ops  # noqa: F401  (op schemas first)
 from quantkernels import _native
 from quantkernels import reference as R
+from _isa import isa_params
 
 if not _native.load():
     pytest.skip(f"native extension quantkernels._C not available: {_native.REASON}", allow_module_level=True)
 
 OPS = torch.ops.quantkernels
-ISAS = [
-    pytest.param("portable", id="portable"),
-    pytest.param("avx2", id="avx2",
-                 marks=pytest.mark.skipif(not _native.cpu_has_avx2(), reason="CPU has no AVX2+FMA")),
-]
+# Every ISA level (tests/_isa.py): those this CPU lacks are skipped, with a message.
+ISAS = isa_params()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DT_ID = {None: "default", torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 

@@ -6,6 +6,19 @@
 // a is int8 [M, K] (any value, -128 included), b_packed uint8 [N, K/2] with byte = lo | hi << 4
 // (lo = element 2i, hi = 2i + 1): signed nibbles (z = 0) without zero_b, unsigned [0, 15] with it.
 //
+// What each ISA level runs (cpu_isa.h; features tested with isa_has_*, never level order):
+//   portable             plain C++ loops (run_portable)
+//   avx2, avx512         the AVX2 paths below: maddubs panels (M >= 5), hadd-tree GEMV (M <= 4,
+//                        M = 5..8 per 4 rows), tiles for the remaining shapes
+//   avx_vnni             ymm vpdpbusd in the AVX2 panel layout and GEMV (no int16 step / flush)
+//   avx512_vnni, _bf16   zmm vpdpbusd: panels of 32 tokens x 8 weight rows, a 128-k GEMV step
+//                        (+ a half-width step for K % 128 == 64), GEMV chunks up to M = 12;
+//                        see "VNNI" further down
+// Every level uses the AVX2 tiles for G = K at M >= 5 and for K % 64 != 0 at M <= 4 (rare
+// per-channel shapes). The VNNI paths keep the AVX2 integer sums and fp32 order: same bits as
+// avx2 for the same path (M = 9..12 at avx512_vnni runs GEMV chunks where avx2 runs panels: the
+// GEMV's 4 partial sums over the groups, a few ulps apart).
+//
 // Integer core (AVX2). Every nibble is made unsigned, u = q + 8 for signed weights (nibble ^ 8)
 // and u = q for unsigned ones, so that _mm256_maddubs_epi16(u8 weights, s8 activations) is
 // exact: a pair sum is at most 2 * 15 * 128 = 3840, far from int16 saturation, and up to 8 such
@@ -470,7 +483,11 @@ QK_TARGET_AVX2_NOFMA void panel_unpack(const Problem& p, int64_t n0, int64_t k0,
   }
 }
 
-void run_panel_avx2(const Problem& p) {
+using PanelGroupsFn = void (*)(const uint8_t*, int64_t, const int8_t*, int64_t, int64_t, const int32_t*, const float*,
+                               const int32_t*, float*);
+
+// groups: panel_groups (AVX2) or panel_groups_vnni256 (AVX-VNNI), asym or not: same layouts.
+void run_panel_avx2(const Problem& p, PanelGroupsFn groups) {
   const int64_t M = p.M, N = p.N, K = p.K, ng = p.ng, G = p.G, nq = K / 4;
   const int64_t panels = (M + kPT - 1) / kPT;
   // 64-byte aligned (torch's CPU allocator): each k-quad of a panel is one cache line.
@@ -478,7 +495,6 @@ void run_panel_avx2(const Problem& p) {
   std::vector<int32_t> asum(size_t(panels * ng * kPT));
   int8_t* const Pd = Pt.data_ptr<int8_t>();
   panel_pack(p, Pd, asum.data());
-  const auto groups = p.zb ? &panel_groups<true> : &panel_groups<false>;
   const int64_t n_blocks = (N + kNT - 1) / kNT, m_blocks = (M + kMT - 1) / kMT;
   at::parallel_for(0, n_blocks * m_blocks, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> facc(size_t(kMT * kNT));  // [panel][strip][4][16] of the task
@@ -558,7 +574,8 @@ struct GemvPrep {
   std::vector<int32_t> asum;  // [M, ng] sums of a over each group
 };
 
-QK_TARGET_AVX2_NOFMA void gemv_prepare(const Problem& p, GemvPrep& g) {
+// a permuted per chunk of `chunk` k (the last one may be shorter): its even k, then its odd k.
+QK_TARGET_AVX2_NOFMA void gemv_prepare(const Problem& p, GemvPrep& g, int64_t chunk = kGemvChunk) {
   const int64_t M = p.M, K = p.K, ng = p.ng, G = p.G;
   g.ap.resize(size_t(M * K));
   g.asum.assign(size_t(M * ng), 0);
@@ -566,11 +583,13 @@ QK_TARGET_AVX2_NOFMA void gemv_prepare(const Problem& p, GemvPrep& g) {
   for (int64_t m = 0; m < M; ++m) {
     const int8_t* src = p.a + m * K;
     int8_t* dst = g.ap.data() + m * K;
-    for (int64_t c = 0; c < K; c += kGemvChunk)
-      for (int64_t i = 0; i < kGemvChunk / 2; ++i) {
+    for (int64_t c = 0; c < K; c += chunk) {
+      const int64_t half = std::min(chunk, K - c) / 2;
+      for (int64_t i = 0; i < half; ++i) {
         dst[c + i] = src[c + 2 * i];
-        dst[c + kGemvChunk / 2 + i] = src[c + 2 * i + 1];
+        dst[c + half + i] = src[c + 2 * i + 1];
       }
+    }
     for (int64_t gi = 0; gi < ng; ++gi) {
       __m256i s = _mm256_setzero_si256();
       for (int64_t k = gi * G; k < (gi + 1) * G; k += 32) {
@@ -617,6 +636,21 @@ QK_TARGET_AVX2_NOFMA __attribute__((always_inline)) inline void gemv_step(const 
 }
 
 template <int MM, int NR, bool kAsym>
+QK_TARGET_AVX2_NOFMA void gemv_finish(const Problem& p, const GemvPrep& g, int64_t n0, const int32_t* cbuf);
+
+// The next tile's scales and zero points (read by gemv_finish): lines of their own, not covered
+// by the weight prefetches; without this each tile's epilogue waited on DRAM.
+template <int NR, bool kAsym>
+QK_TARGET_AVX2_NOFMA inline void gemv_prefetch_scales(const Problem& p, int64_t n0) {
+  for (int r = 0; r < NR; ++r) {
+    const int64_t n = n0 + NR + r;
+    if (n >= p.N) break;
+    prefetch_lines(p.sb + n * p.ng, p.sb + (n + 1) * p.ng);
+    if (kAsym) prefetch_lines(p.zb + n * p.ng, p.zb + (n + 1) * p.ng);
+  }
+}
+
+template <int MM, int NR, bool kAsym>
 QK_TARGET_AVX2_NOFMA void gemv_tile(const Problem& p, const GemvPrep& g, int64_t n0, int32_t* cbuf) {
   const int64_t K = p.K, ng = p.ng, G = p.G, ldb = K / 2;
   const __m256i ones16 = _mm256_set1_epi16(1);
@@ -624,16 +658,8 @@ QK_TARGET_AVX2_NOFMA void gemv_tile(const Problem& p, const GemvPrep& g, int64_t
   for (int r = 0; r < NR; ++r) b[r] = p.bp + (n0 + r) * ldb;
   constexpr int S = MM * NR;  // output slots (m, r) -> i = m * NR + r; S <= 4
   static_assert(S <= 4, "one 4-wide epilogue vector per tile");
-  const int32_t* asum = g.asum.data();
   const int8_t* ap = g.ap.data();
-  // The next tile's scales and zero points (read by the final pass below): lines of their own,
-  // not covered by the weight prefetches; without this each tile's epilogue waited on DRAM.
-  for (int r = 0; r < NR; ++r) {
-    const int64_t n = n0 + NR + r;
-    if (n >= p.N) break;
-    prefetch_lines(p.sb + n * ng, p.sb + (n + 1) * ng);
-    if (kAsym) prefetch_lines(p.zb + n * ng, p.zb + (n + 1) * ng);
-  }
+  gemv_prefetch_scales<NR, kAsym>(p, n0);
   const int64_t flush = 4 * kGemvChunk;  // 8 maddubs results (lo + hi per 64-chunk) per int16 sum
   // G = 32: a 64-chunk holds two groups, one per 128-bit lane (lane 0: k 0..31 of the chunk, lane 1:
   // k 32..63, for the weight bytes and the permuted a alike); maddubs, madd and hadd stay in their
@@ -665,6 +691,16 @@ QK_TARGET_AVX2_NOFMA void gemv_tile(const Problem& p, const GemvPrep& g, int64_t
     __m128i c = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
     _mm_store_si128(reinterpret_cast<__m128i*>(cbuf + gi * 4), c);
   }
+  gemv_finish<MM, NR, kAsym>(p, g, n0, cbuf);
+}
+
+// The end of a decode GEMV tile, given cbuf [ng][4]: the S exact sums c[g] = sum_{k in g} a * u
+// of each output slot i = m * NR + r (also used by the VNNI GEMVs, so every level rounds alike).
+template <int MM, int NR, bool kAsym>
+QK_TARGET_AVX2_NOFMA void gemv_finish(const Problem& p, const GemvPrep& g, int64_t n0, const int32_t* cbuf) {
+  const int64_t ng = p.ng;
+  constexpr int S = MM * NR;
+  const int32_t* asum = g.asum.data();
   // Per slot, over the groups (4 at a time, cbuf transposed in registers):
   //   sum_g sb[n, g] * (c[g] - z'[n, g] * sum_{k in g} a[m, k])   (z' = zero, or 8 for signed nibbles)
   // The int32 difference is exact; cvt, * sb, + in fp32 (4 partial sums per slot, then added).
@@ -712,24 +748,445 @@ QK_TARGET_AVX2_NOFMA void gemv_tile(const Problem& p, const GemvPrep& g, int64_t
   }
 }
 
-template <int MM, bool kAsym>
+// ------------------------------------------------------------------------------ VNNI (AVX-VNNI, AVX512-VNNI)
+// vpdpbusd(acc, u8 x, s8 y) adds the 4 products x[4i..4i+3] * y[4i..4i+3] to the int32 acc[i]
+// without saturation: with the unsigned nibble u (0..15) as x and the activation (-128..127) as y
+// every product and sum is exact, so there is no int16 step and no flush; the int32 sums of a
+// group are bounded by G * 15 * 128 < 2^31 (kMaxGroup). The offset removal (c - z' * asum), the
+// layouts and the fp32 order are those of the AVX2 paths above, so every level gives the same
+// integers and, path for path, the same float results bit for bit.
+//   avx512_vnni (zmm):  panel path: 2 panels (32 tokens) x 8 weight rows per micro-tile, 16 zmm
+//                       accumulators, per k-quad 2 panel loads + 8 dword broadcasts for 16 vpdpbusd;
+//                       GEMV: 64 packed bytes (128 k) per row and step, a permuted per 128-chunk
+//                       (64 even k, 64 odd k; a K tail of 64 as one half-width chunk, masked loads).
+//   avx_vnni (ymm VEX): the AVX2 panel path and GEMV with vpdpbusd in place of maddubs + int16 sums.
+// The epilogues' multiply and add are kept apart (avx512f implies FMA to GCC; an empty asm
+// between them stops the contraction), as in the reference.
+
+// GCC 12's avx512fintrin.h (_mm512_undefined_epi32: __m512i __Y = __Y) warns maybe-uninitialized
+// in every inlined unpack / cast of this section (fixed in GCC 13); the values are defined.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#define QK_TARGET_VNNI512 __attribute__((target("avx2,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
+#define QK_TARGET_VNNI256 __attribute__((target("avx2,f16c,avxvnni")))
+#define QK_NO_CONTRACT(x) __asm__("" : "+x"(x))
+
+// acc + vpdpbusd(u8, s8). GCC 12 compiles _mm512_dpbusd_epi32 on accumulator arrays into a
+// register copy per instruction plus spills (its tied operand); the asm keeps acc in place.
+QK_TARGET_VNNI512 inline __m512i dpbusd512(__m512i acc, __m512i u8, __m512i s8) {
+  __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u8), "v"(s8));
+  return acc;
+}
+
+// The same for the VEX (AVX-VNNI) ymm form: ymm0-15 only ("x").
+QK_TARGET_VNNI256 inline __m256i dpbusd256(__m256i acc, __m256i u8, __m256i s8) {
+  __asm__("%{vex%} vpdpbusd %2, %1, %0" : "+x"(acc) : "x"(u8), "x"(s8));
+  return acc;
+}
+
+// ---- avx_vnni panel groups: panel_groups with int32 vpdpbusd sums (no int16 flush).
+#define QK_W4_ROW_VNNI(r)                                                         \
+  {                                                                               \
+    int32_t w4;                                                                   \
+    std::memcpy(&w4, U + (r) * ldu + q * 4, 4);                                   \
+    const __m256i wb = _mm256_set1_epi32(w4);                                     \
+    c[2 * (r)] = dpbusd256(c[2 * (r)], wb, a0);                                   \
+    c[2 * (r) + 1] = dpbusd256(c[2 * (r) + 1], wb, a1);                           \
+  }
+template <bool kAsym>
+QK_TARGET_VNNI256 void panel_groups_vnni256(const uint8_t* U, int64_t ldu, const int8_t* P, int64_t nq, int64_t ngr,
+                                            const int32_t* asum, const float* s4, const int32_t* z4, float* facc) {
+  for (int64_t gr = 0; gr < ngr; ++gr, U += nq * 4, P += nq * 64, asum += kPT, s4 += kPR, z4 += kPR) {
+    __m256i c[8];
+    for (int i = 0; i < 8; ++i) c[i] = _mm256_setzero_si256();
+    for (int64_t q = 0; q < nq; ++q) {
+      const __m256i a0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(P + q * 64));
+      const __m256i a1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(P + q * 64 + 32));
+      QK_W4_ROW_VNNI(0)
+      QK_W4_ROW_VNNI(1)
+      QK_W4_ROW_VNNI(2)
+      QK_W4_ROW_VNNI(3)
+    }
+    for (int r = 0; r < kPR; ++r)
+      for (int v = 0; v < 2; ++v) {
+        const __m256i as = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(asum + v * 8));
+        const __m256i za = kAsym ? _mm256_mullo_epi32(_mm256_set1_epi32(z4[r]), as) : _mm256_slli_epi32(as, 3);
+        __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(c[r * 2 + v], za)), _mm256_set1_ps(s4[r]));
+        QK_NO_CONTRACT(f);
+        float* o = facc + r * kPT + v * 8;
+        _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), f));
+      }
+  }
+}
+#undef QK_W4_ROW_VNNI
+
+// ---- avx512_vnni panel path.
+constexpr int kPR512 = 8;  // weight rows per strip (two panel_unpack calls)
+
+// Per group of a (MP panels) x (kPR512 rows) tile: facc[i][r][t] += sb_r * (c - z'_r * asum[i][t]).
+// P, asum and facc of panel i are at i * pstride, i * astride and i * fstride.
+template <bool kAsym, int MP>
+QK_TARGET_VNNI512 void panel_groups_vnni512(const uint8_t* U, int64_t ldu, const int8_t* P, int64_t pstride,
+                                            int64_t nq, int64_t ngr, const int32_t* asum, int64_t astride,
+                                            const float* s8, const int32_t* z8, float* facc, int64_t fstride) {
+  constexpr int R = kPR512;
+  for (int64_t gr = 0; gr < ngr; ++gr, U += nq * 4, P += nq * 64, asum += kPT, s8 += R, z8 += R) {
+    __m512i c[MP][R];
+    for (int i = 0; i < MP; ++i)
+      for (int r = 0; r < R; ++r) c[i][r] = _mm512_setzero_si512();
+    for (int64_t q = 0; q < nq; ++q) {
+      __m512i a[MP];
+      for (int i = 0; i < MP; ++i) a[i] = _mm512_loadu_si512(P + i * pstride + q * 64);
+      for (int r = 0; r < R; ++r) {
+        int32_t w4;
+        std::memcpy(&w4, U + r * ldu + q * 4, 4);
+        const __m512i wb = _mm512_set1_epi32(w4);
+        for (int i = 0; i < MP; ++i) c[i][r] = dpbusd512(c[i][r], wb, a[i]);
+      }
+    }
+    for (int i = 0; i < MP; ++i) {
+      const __m512i as = _mm512_loadu_si512(asum + i * astride);
+      const __m512i as8 = _mm512_slli_epi32(as, 3);
+      for (int r = 0; r < R; ++r) {
+        const __m512i za = kAsym ? _mm512_mullo_epi32(_mm512_set1_epi32(z8[r]), as) : as8;
+        __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(c[i][r], za)), _mm512_set1_ps(s8[r]));
+        QK_NO_CONTRACT(f);
+        float* o = facc + i * fstride + r * kPT;
+        _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), f));
+      }
+    }
+  }
+}
+
+// panel_unpack with 64 packed bytes (128 k) per zmm step (about half its instructions; at M = 16
+// the unpack is a large part of the work): rows n0 .. n0 + nr - 1 (>= N: zero), k in [k0, k0 + kn).
+QK_TARGET_VNNI512 void panel_unpack512(const Problem& p, int64_t n0, int nr, int64_t k0, int64_t kn, uint8_t* U,
+                                       int64_t ldu) {
+  const __m512i m15 = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8(p.zb ? 0 : static_cast<char>(0x88));
+  const __m128i m15x = _mm_set1_epi8(0x0F), flipx = _mm_set1_epi8(p.zb ? 0 : static_cast<char>(0x88));
+  // unpacklo/hi_epi8 give lanes [k 0-15 | 32-47 | 64-79 | 96-111] and [16-31 | 48-63 | 80-95 | 112-127].
+  const __m512i i0 = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), i1 = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
+  for (int r = 0; r < nr; ++r) {
+    uint8_t* dst = U + r * ldu;
+    if (n0 + r >= p.N) {
+      std::memset(dst, 0, size_t(kn));
+      continue;
+    }
+    const uint8_t* src = p.bp + (n0 + r) * (p.K / 2) + k0 / 2;
+    int64_t i = 0;
+    for (; i + 64 <= kn / 2; i += 64) {
+      const __m512i v = _mm512_xor_si512(_mm512_loadu_si512(src + i), flip);
+      const __m512i lo = _mm512_and_si512(v, m15), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m15);
+      const __m512i a = _mm512_unpacklo_epi8(lo, hi), b = _mm512_unpackhi_epi8(lo, hi);
+      _mm512_storeu_si512(dst + 2 * i, _mm512_permutex2var_epi64(a, i0, b));
+      _mm512_storeu_si512(dst + 2 * i + 64, _mm512_permutex2var_epi64(a, i1, b));
+    }
+    for (; i < kn / 2; i += 16) {  // kn is a multiple of 32
+      const __m128i v = _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)), flipx);
+      const __m128i lo = _mm_and_si128(v, m15x), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m15x);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 2 * i), _mm_unpacklo_epi8(lo, hi));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 2 * i + 16), _mm_unpackhi_epi8(lo, hi));
+    }
+  }
+}
+
+// y[m0 + u, n0 + r] = f[r][u] * sa[m0 + u] (+ bias[n0 + r]) for a whole fp32 (16 tokens) x (8 rows)
+// tile: the products and sums of the scalar epilogue (same roundings), stored through two 8 x 8
+// transposes (the scalar stores cost ~15% of the M = 512 time).
+QK_TARGET_VNNI512 void panel_store_f32(const Problem& p, const float* f, int64_t m0, int64_t n0) {
+  const __m512 sa = _mm512_loadu_ps(p.sa + m0);
+  __m256 lo[8], hi[8];
+  for (int r = 0; r < 8; ++r) {
+    __m512 v = _mm512_mul_ps(_mm512_loadu_ps(f + r * kPT), sa);
+    QK_NO_CONTRACT(v);
+    if (p.bias) v = _mm512_add_ps(v, _mm512_set1_ps(p.bias[n0 + r]));
+    lo[r] = _mm512_castps512_ps256(v);
+    hi[r] = _mm512_extractf32x8_ps(v, 1);
+  }
+  float* y = static_cast<float*>(p.y) + m0 * p.N + n0;
+  for (int h = 0; h < 2; ++h) {
+    const __m256* x = h ? hi : lo;
+    __m256 t[8], s[8];
+    for (int i = 0; i < 4; ++i) {
+      t[2 * i] = _mm256_unpacklo_ps(x[2 * i], x[2 * i + 1]);
+      t[2 * i + 1] = _mm256_unpackhi_ps(x[2 * i], x[2 * i + 1]);
+    }
+    for (int i = 0; i < 2; ++i) {  // rows 4i .. 4i + 3
+      s[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+      s[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+      s[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+      s[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+    }
+    for (int u = 0; u < 4; ++u) {
+      _mm256_storeu_ps(y + (8 * h + u) * p.N, _mm256_permute2f128_ps(s[u], s[4 + u], 0x20));
+      _mm256_storeu_ps(y + (8 * h + u + 4) * p.N, _mm256_permute2f128_ps(s[u], s[4 + u], 0x31));
+    }
+  }
+}
+
+// As run_panel_avx2 (same packing, unpack, K blocks and tasks), with 8-row strips and 2-panel tiles.
+void run_panel_vnni512(const Problem& p) {
+  constexpr int R = kPR512;
+  const int64_t M = p.M, N = p.N, K = p.K, ng = p.ng, G = p.G, nq = K / 4;
+  const int64_t panels = (M + kPT - 1) / kPT;
+  const at::Tensor Pt = at::empty({panels * nq * kPT * 4}, at::kChar);
+  std::vector<int32_t> asum(size_t(panels * ng * kPT));
+  int8_t* const Pd = Pt.data_ptr<int8_t>();
+  panel_pack(p, Pd, asum.data());
+  const auto grp2 = p.zb ? &panel_groups_vnni512<true, 2> : &panel_groups_vnni512<false, 2>;
+  const auto grp1 = p.zb ? &panel_groups_vnni512<true, 1> : &panel_groups_vnni512<false, 1>;
+  const int64_t n_blocks = (N + kNT - 1) / kNT, m_blocks = (M + kMT - 1) / kMT;
+  at::parallel_for(0, n_blocks * m_blocks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> facc(size_t(kMT * kNT));  // [panel][strip][8][16] of the task
+    std::vector<uint8_t> U(size_t(R * kKB));
+    std::vector<float> s8(size_t(kKB / 32 * R));    // [group of the K block][8]
+    std::vector<int32_t> z8(size_t(kKB / 32 * R));
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t nbk = t / m_blocks, mbk = t % m_blocks;  // N outer: weight rows reused across tasks
+      const int64_t n0 = nbk * kNT, nb = std::min(kNT, N - n0);
+      const int64_t m0 = mbk * kMT, mb = std::min(kMT, M - m0);
+      const int64_t np = (mb + kPT - 1) / kPT, ns = (nb + R - 1) / R;
+      const int64_t fstride = ns * R * kPT;  // facc floats per panel
+      std::fill(facc.begin(), facc.end(), 0.0f);
+      for (int64_t k0 = 0; k0 < K; k0 += kKB) {
+        const int64_t kn = std::min(kKB, K - k0);  // a multiple of G
+        for (int64_t j = 0; j < ns; ++j) {
+          const int64_t nj = n0 + j * R;
+          panel_unpack512(p, nj, R, k0, kn, U.data(), kKB);
+          if (j + 1 < ns)  // the next strip's packed rows into L2 (as run_panel_avx2)
+            for (int r = 0; r < R && nj + R + r < N; ++r) {
+              const uint8_t* row = p.bp + (nj + R + r) * (K / 2) + k0 / 2;
+              for (int64_t o = 0; o < kn / 2; o += 64) _mm_prefetch(reinterpret_cast<const char*>(row + o), _MM_HINT_T1);
+            }
+          const int64_t g0 = k0 / G, g1 = (k0 + kn) / G;
+          for (int64_t g = g0; g < g1; ++g)
+            for (int r = 0; r < R; ++r) {
+              const bool in = nj + r < N;
+              s8[(g - g0) * R + r] = in ? p.sb[(nj + r) * ng + g] : 0.0f;
+              z8[(g - g0) * R + r] = !in ? 0 : p.zb ? p.zb[(nj + r) * ng + g] : 8;
+            }
+          for (int64_t i = 0; i < np;) {
+            const int64_t pi = m0 / kPT + i;
+            const auto fn = i + 2 <= np ? grp2 : grp1;
+            fn(U.data(), kKB, Pd + (pi * nq + k0 / 4) * kPT * 4, nq * kPT * 4, G / 4, g1 - g0,
+               asum.data() + (pi * ng + g0) * kPT, ng * kPT, s8.data(), z8.data(),
+               facc.data() + i * fstride + j * R * kPT, fstride);
+            i += i + 2 <= np ? 2 : 1;
+          }
+        }
+      }
+      for (int64_t i = 0; i < np; ++i)
+        for (int64_t j = 0; j < ns; ++j) {
+          const float* f = facc.data() + i * fstride + j * R * kPT;
+          if (p.out == at::kFloat && m0 + (i + 1) * kPT <= M && n0 + (j + 1) * R <= N) {
+            panel_store_f32(p, f, m0 + i * kPT, n0 + j * R);
+            continue;
+          }
+          for (int r = 0; r < R; ++r) {
+            const int64_t n = n0 + j * R + r;
+            if (n >= N) break;
+            for (int u = 0; u < kPT; ++u) {
+              const int64_t m = m0 + i * kPT + u;
+              if (m >= M) break;
+              float v = f[r * kPT + u] * p.sa[m];
+              if (p.bias) v = v + p.bias[n];
+              store_out(p, m, n, v);
+            }
+          }
+        }
+    }
+  });
+}
+
+// ---- avx512_vnni decode GEMV: gemv_tile with 128-k steps and int32 vpdpbusd sums.
+// Reduction of the S <= 4 slot accumulators: per 128-bit lane j, [sum of slot 0's lane j, ...,
+// slot 3's]; lane j covers k in [32j, 32j + 32) of the chunk, so G = 32 keeps the 4 lanes as 4
+// groups, G = 64 adds lane pairs, G >= 128 all 4 lanes (after summing the group's chunks).
+QK_TARGET_VNNI512 inline __m512i lanes4(__m512i v0, __m512i v1, __m512i v2, __m512i v3) {
+  const __m512i t0 = _mm512_add_epi32(_mm512_unpacklo_epi32(v0, v1), _mm512_unpackhi_epi32(v0, v1));
+  const __m512i t1 = _mm512_add_epi32(_mm512_unpacklo_epi32(v2, v3), _mm512_unpackhi_epi32(v2, v3));
+  return _mm512_add_epi32(_mm512_unpacklo_epi64(t0, t1), _mm512_unpackhi_epi64(t0, t1));
+}
+
+// One 128-k chunk at k (kTail: the last 64 k of a K % 128 == 64 row, as zmm with zero upper half).
+template <int MM, int NR, bool kAsym, bool kTail>
+QK_TARGET_VNNI512 __attribute__((always_inline)) inline void gemv512_step(const uint8_t* const* b, const int8_t* ap,
+                                                                          int64_t K, int64_t ldb, int64_t k,
+                                                                          __m512i (&acc)[MM][NR]) {
+  const __m512i m15 = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8(static_cast<char>(0x88));
+  constexpr __mmask64 half = 0xFFFFFFFFull;
+  for (int r = 0; r < NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(b[r] + k / 2 + NR * ldb), _MM_HINT_T0);
+  __m512i alo[MM], ahi[MM];
+  for (int m = 0; m < MM; ++m) {
+    if (kTail) {
+      alo[m] = _mm512_maskz_loadu_epi8(half, ap + m * K + k);
+      ahi[m] = _mm512_maskz_loadu_epi8(half, ap + m * K + k + 32);
+    } else {
+      alo[m] = _mm512_loadu_si512(ap + m * K + k);
+      ahi[m] = _mm512_loadu_si512(ap + m * K + k + 64);
+    }
+  }
+  for (int r = 0; r < NR; ++r) {
+    __m512i v = kTail ? _mm512_maskz_loadu_epi8(half, b[r] + k / 2) : _mm512_loadu_si512(b[r] + k / 2);
+    if (!kAsym) v = _mm512_xor_si512(v, flip);  // signed nibbles: u = q + 8 (tail: times a = 0)
+    const __m512i lo = _mm512_and_si512(v, m15);
+    const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m15);
+    for (int m = 0; m < MM; ++m) {
+      acc[m][r] = dpbusd512(acc[m][r], lo, alo[m]);
+      acc[m][r] = dpbusd512(acc[m][r], hi, ahi[m]);
+    }
+  }
+}
+
+// The 4-slot lane sums of half h (rows h * NR .. h * NR + NR - 1 of the tile): slot i = m * NR + r.
+template <int MM, int NR, int NRT>
+QK_TARGET_VNNI512 __attribute__((always_inline)) inline __m512i gemv512_lanes(const __m512i (&acc)[MM][NRT], int h) {
+  constexpr int S = MM * NR;
+  __m512i v[4];
+  for (int i = 0; i < 4; ++i) v[i] = i < S ? acc[i / NR][h * NR + i % NR] : _mm512_setzero_si512();
+  return lanes4(v[0], v[1], v[2], v[3]);
+}
+
+// H halves of NR rows each (H = 2: 4 / 2 rows for M = 2 / 3..4: the activation loads and unpacks
+// shared by twice the rows); each half has its own cbuf
+// ([ng][4] at cbuf + h * 4 * ng) and its own gemv_finish, so the float work is gemv_tile's.
+template <int MM, int NR, bool kAsym, int H>
+QK_TARGET_VNNI512 void gemv512_tile(const Problem& p, const GemvPrep& g, int64_t n0, int32_t* cbuf) {
+  constexpr int NRT = NR * H;
+  const int64_t K = p.K, ng = p.ng, G = p.G, ldb = K / 2, full = K / 128;
+  const bool tail = K % 128 != 0;  // K % 64 == 0 (gemv_applies)
+  const uint8_t* b[NRT];
+  for (int r = 0; r < NRT; ++r) b[r] = p.bp + (n0 + r) * ldb;
+  const int8_t* ap = g.ap.data();
+  gemv_prefetch_scales<NRT, kAsym>(p, n0);
+  __m512i acc[MM][NRT];
+  auto zero = [&]() QK_TARGET_VNNI512 {
+    for (int m = 0; m < MM; ++m)
+      for (int r = 0; r < NRT; ++r) acc[m][r] = _mm512_setzero_si512();
+  };
+  if (G == 32 || G == 64) {  // 4 (G = 32) or 2 (G = 64) groups per chunk; the tail chunk holds half
+    for (int64_t ch = 0; ch <= full; ++ch) {
+      if (ch == full && !tail) break;
+      zero();
+      if (ch < full) gemv512_step<MM, NRT, kAsym, false>(b, ap, K, ldb, ch * 128, acc);
+      else gemv512_step<MM, NRT, kAsym, true>(b, ap, K, ldb, ch * 128, acc);
+      for (int h = 0; h < H; ++h) {
+        int32_t* cb = cbuf + h * 4 * ng;
+        const __m512i u = gemv512_lanes<MM, NR, NRT>(acc, h);
+        if (G == 32) {
+          if (ch < full) _mm512_storeu_si512(cb + ch * 16, u);
+          else _mm256_storeu_si256(reinterpret_cast<__m256i*>(cb + ch * 16), _mm512_castsi512_si256(u));
+        } else {
+          const __m512i w = _mm512_add_epi32(u, _mm512_shuffle_i32x4(u, u, _MM_SHUFFLE(2, 3, 0, 1)));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(cb + ch * 8), _mm512_castsi512_si128(w));
+          if (ch < full) _mm_storeu_si128(reinterpret_cast<__m128i*>(cb + ch * 8 + 4), _mm512_extracti32x4_epi32(w, 2));
+        }
+      }
+    }
+  } else {  // G a multiple of 128, or G = K (per-channel, possibly with the tail chunk)
+    for (int64_t gi = 0; gi < ng; ++gi) {
+      zero();
+      for (int64_t k = gi * G; k < (gi + 1) * G; k += 128) {
+        if (k + 128 <= K) gemv512_step<MM, NRT, kAsym, false>(b, ap, K, ldb, k, acc);
+        else gemv512_step<MM, NRT, kAsym, true>(b, ap, K, ldb, k, acc);
+      }
+      for (int h = 0; h < H; ++h) {
+        const __m512i u = gemv512_lanes<MM, NR, NRT>(acc, h);
+        const __m256i x = _mm256_add_epi32(_mm512_castsi512_si256(u), _mm512_extracti64x4_epi64(u, 1));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(cbuf + h * 4 * ng + gi * 4),
+                         _mm_add_epi32(_mm256_castsi256_si128(x), _mm256_extracti128_si256(x, 1)));
+      }
+    }
+  }
+  for (int h = 0; h < H; ++h) gemv_finish<MM, NR, kAsym>(p, g, n0 + h * NR, cbuf + h * 4 * ng);
+}
+
+// ---- avx_vnni decode GEMV: gemv_tile's 64-k steps with int32 vpdpbusd sums (ymm lanes: 32 k each).
+template <int MM, int NR, bool kAsym>
+QK_TARGET_VNNI256 __attribute__((always_inline)) inline void gemv256_step(const uint8_t* const* b, const int8_t* ap,
+                                                                          int64_t K, int64_t ldb, int64_t k,
+                                                                          __m256i (&acc)[MM][NR]) {
+  const __m256i m15 = _mm256_set1_epi8(0x0F), flip = _mm256_set1_epi8(static_cast<char>(0x88));
+  if ((k & 127) == 0)
+    for (int r = 0; r < NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(b[r] + k / 2 + NR * ldb), _MM_HINT_T0);
+  __m256i alo[MM], ahi[MM];
+  for (int m = 0; m < MM; ++m) {
+    alo[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ap + m * K + k));
+    ahi[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ap + m * K + k + 32));
+  }
+  for (int r = 0; r < NR; ++r) {
+    __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b[r] + k / 2));
+    if (!kAsym) v = _mm256_xor_si256(v, flip);
+    const __m256i lo = _mm256_and_si256(v, m15);
+    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m15);
+    for (int m = 0; m < MM; ++m) {
+      acc[m][r] = dpbusd256(acc[m][r], lo, alo[m]);
+      acc[m][r] = dpbusd256(acc[m][r], hi, ahi[m]);
+    }
+  }
+}
+
+template <int MM, int NR, bool kAsym>
+QK_TARGET_VNNI256 void gemv256_tile(const Problem& p, const GemvPrep& g, int64_t n0, int32_t* cbuf) {
+  const int64_t K = p.K, ng = p.ng, G = p.G, ldb = K / 2;
+  constexpr int S = MM * NR;
+  const uint8_t* b[NR];
+  for (int r = 0; r < NR; ++r) b[r] = p.bp + (n0 + r) * ldb;
+  const int8_t* ap = g.ap.data();
+  gemv_prefetch_scales<NR, kAsym>(p, n0);
+  const int64_t unit = G == 32 ? kGemvChunk : G;  // k per reduction: a chunk (2 groups) or a group
+  for (int64_t u0 = 0; u0 < K; u0 += unit) {
+    __m256i acc[MM][NR];
+    for (int m = 0; m < MM; ++m)
+      for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_setzero_si256();
+    for (int64_t k = u0; k < u0 + unit; k += kGemvChunk) gemv256_step<MM, NR, kAsym>(b, ap, K, ldb, k, acc);
+    __m256i v[4];
+    for (int i = 0; i < 4; ++i) v[i] = i < S ? acc[i / NR][i % NR] : _mm256_setzero_si256();
+    const __m256i t0 = _mm256_add_epi32(_mm256_unpacklo_epi32(v[0], v[1]), _mm256_unpackhi_epi32(v[0], v[1]));
+    const __m256i t1 = _mm256_add_epi32(_mm256_unpacklo_epi32(v[2], v[3]), _mm256_unpackhi_epi32(v[2], v[3]));
+    const __m256i h = _mm256_add_epi32(_mm256_unpacklo_epi64(t0, t1), _mm256_unpackhi_epi64(t0, t1));
+    if (G == 32) {  // lane 0: group 2 * chunk, lane 1: the next
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(cbuf + (u0 / 32) * 4), h);
+    } else {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(cbuf + (u0 / G) * 4),
+                       _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));
+    }
+  }
+  (void)ng;
+  gemv_finish<MM, NR, kAsym>(p, g, n0, cbuf);
+}
+
+enum class Gv { Avx2, Vnni256, Vnni512 };
+
+template <Gv V, int MM, int NR, bool kAsym>
+inline void gemv_tile_any(const Problem& p, const GemvPrep& g, int64_t n0, int32_t* cbuf) {
+  if constexpr (V == Gv::Vnni512) gemv512_tile<MM, NR, kAsym, 1>(p, g, n0, cbuf);
+  else if constexpr (V == Gv::Vnni256) gemv256_tile<MM, NR, kAsym>(p, g, n0, cbuf);
+  else gemv_tile<MM, NR, kAsym>(p, g, n0, cbuf);
+}
+
+template <Gv V, int MM, bool kAsym>
 void gemv_rows(const Problem& p, const GemvPrep& g, int64_t n0, int64_t n1) {
   constexpr int NR = MM == 1 ? 4 : (MM == 2 ? 2 : 1);
   // per tile: the S exact group sums of every group, [ng][4] int32 (16-byte aligned rows)
-  std::vector<__m128i> cbuf_store(size_t(p.ng));
+  std::vector<__m128i> cbuf_store(size_t(2 * p.ng));  // 2 halves (gemv512_tile<..., 2>)
   int32_t* cbuf = reinterpret_cast<int32_t*>(cbuf_store.data());
   int64_t n = n0;
-  for (; n + NR <= n1; n += NR) gemv_tile<MM, NR, kAsym>(p, g, n, cbuf);
-  for (; n < n1; ++n) gemv_tile<MM, 1, kAsym>(p, g, n, cbuf);
+  // zmm, M >= 2: tiles of two halves first (in-process A/B, 4096^2 g128 hot, 1 thread: M = 2 / 4 / 8
+  // 0.35 -> 0.25 / 0.54 -> 0.48 / 1.09 -> 0.96 ms; M = 1 0.18 -> 0.21 ms hot, equal from DRAM: not used).
+  if constexpr (V == Gv::Vnni512 && MM >= 2)
+    for (; n + 2 * NR <= n1; n += 2 * NR) gemv512_tile<MM, NR, kAsym, 2>(p, g, n, cbuf);
+  for (; n + NR <= n1; n += NR) gemv_tile_any<V, MM, NR, kAsym>(p, g, n, cbuf);
+  for (; n < n1; ++n) gemv_tile_any<V, MM, 1, kAsym>(p, g, n, cbuf);
 }
 
-template <bool kAsym>
+template <Gv V, bool kAsym>
 void gemv_rows_any(const Problem& p, const GemvPrep& g, int64_t n0, int64_t n1) {
   switch (p.M) {
-    case 1: gemv_rows<1, kAsym>(p, g, n0, n1); break;
-    case 2: gemv_rows<2, kAsym>(p, g, n0, n1); break;
-    case 3: gemv_rows<3, kAsym>(p, g, n0, n1); break;
-    default: gemv_rows<4, kAsym>(p, g, n0, n1); break;
+    case 1: gemv_rows<V, 1, kAsym>(p, g, n0, n1); break;
+    case 2: gemv_rows<V, 2, kAsym>(p, g, n0, n1); break;
+    case 3: gemv_rows<V, 3, kAsym>(p, g, n0, n1); break;
+    default: gemv_rows<V, 4, kAsym>(p, g, n0, n1); break;
   }
 }
 
@@ -737,25 +1194,29 @@ bool gemv_applies(const Problem& p) {
   return p.M <= 4 && p.K % kGemvChunk == 0 && (p.G % kGemvChunk == 0 || p.G == 32);
 }
 
-void run_gemv_avx2(const Problem& p) {
+template <Gv V>
+void run_gemv(const Problem& p) {
   GemvPrep g;
-  gemv_prepare(p, g);
+  gemv_prepare(p, g, V == Gv::Vnni512 ? 128 : kGemvChunk);
   const int64_t grain = std::max<int64_t>(16, (int64_t(1) << 16) / p.K);  // small layers: one thread
   at::parallel_for(0, p.N, grain, [&](int64_t n0, int64_t n1) {
-    if (p.zb) gemv_rows_any<true>(p, g, n0, n1);
-    else gemv_rows_any<false>(p, g, n0, n1);
+    if (p.zb) gemv_rows_any<V, true>(p, g, n0, n1);
+    else gemv_rows_any<V, false>(p, g, n0, n1);
   });
 }
 
 // 4 < M <= 8 (small batches): the GEMV on row chunks of 4 (it reads the weights once per chunk)
 // beats the panel path, whose 16-token panels cost the same from M = 5 to 16.
-constexpr int64_t kGemvSplitM = 8;
-bool gemv_split_applies(const Problem& p) {
+// zmm: up to M = 12 (in-process A/B, 1 thread, g128: M = 9 / 12 1.59 -> 1.26 / 1.68 -> 1.45 ms at
+// 4096^2, 4.63 -> 3.57 / 4.71 -> 4.19 ms at 4096 x 11008; M = 16 is 25% slower than the panels).
+constexpr int64_t kGemvSplitM = 8, kGemvSplitM512 = 12;
+bool gemv_split_applies(const Problem& p, Gv gv) {
   Problem q = p;
   q.M = 4;
-  return p.M > 4 && p.M <= kGemvSplitM && gemv_applies(q);
+  return p.M > 4 && p.M <= (gv == Gv::Vnni512 ? kGemvSplitM512 : kGemvSplitM) && gemv_applies(q);
 }
-void run_gemv_split_avx2(const Problem& p) {
+template <Gv V>
+void run_gemv_split(const Problem& p) {
   const size_t row_bytes = size_t(p.N) * c10::elementSize(p.out);
   for (int64_t m0 = 0; m0 < p.M; m0 += 4) {
     Problem q = p;
@@ -763,9 +1224,16 @@ void run_gemv_split_avx2(const Problem& p) {
     q.a = p.a + m0 * p.K;
     q.sa = p.sa + m0;
     q.y = static_cast<char*>(p.y) + size_t(m0) * row_bytes;
-    run_gemv_avx2(q);
+    run_gemv<V>(q);
   }
 }
+
+// Which GEMV a level runs (features, not level order: see cpu_isa.h).
+Gv gemv_variant(Isa isa) {
+  return isa_has_vnni512(isa) ? Gv::Vnni512 : isa_has_vnni256(isa) ? Gv::Vnni256 : Gv::Avx2;
+}
+
+#pragma GCC diagnostic pop
 
 #endif  // QK_X86
 
@@ -829,10 +1297,22 @@ at::Tensor w4a8_gemm_cpu(const at::Tensor& a_in, const at::Tensor& b_in, const a
   p.out = dt;
 #if QK_X86
   if (isa_has_avx2(isa) && K > 0) {
-    if (gemv_applies(p)) run_gemv_avx2(p);          // decode: M <= 4, K % 64 == 0, G = 32 or G % 64 == 0
-    else if (gemv_split_applies(p)) run_gemv_split_avx2(p);  // M = 5..8: the GEMV per 4 rows
-    else if (panel_applies(p)) run_panel_avx2(p);   // M >= 5, G in 32 / 64 / 128 / 256
-    else run_avx2(p);
+    const Gv gv = gemv_variant(isa);
+    if (gemv_applies(p)) {  // decode: M <= 4, K % 64 == 0, G = 32 or G % 64 == 0
+      if (gv == Gv::Vnni512) run_gemv<Gv::Vnni512>(p);
+      else if (gv == Gv::Vnni256) run_gemv<Gv::Vnni256>(p);
+      else run_gemv<Gv::Avx2>(p);
+    } else if (gemv_split_applies(p, gv)) {  // M = 5..8 (zmm: 5..12): the GEMV per 4 rows
+      if (gv == Gv::Vnni512) run_gemv_split<Gv::Vnni512>(p);
+      else if (gv == Gv::Vnni256) run_gemv_split<Gv::Vnni256>(p);
+      else run_gemv_split<Gv::Avx2>(p);
+    } else if (panel_applies(p)) {  // M >= 5, G in 32 / 64 / 128 / 256
+      if (gv == Gv::Vnni512) run_panel_vnni512(p);
+      else if (gv == Gv::Vnni256) run_panel_avx2(p, p.zb ? &panel_groups_vnni256<true> : &panel_groups_vnni256<false>);
+      else run_panel_avx2(p, p.zb ? &panel_groups<true> : &panel_groups<false>);
+    } else {
+      run_avx2(p);  // the AVX2 tiles at every level (G = K with K % 64 != 0, or M >= 5 per-channel)
+    }
     return y;
   }
 #endif
@@ -849,7 +1329,15 @@ namespace {
 // What each op runs per ISA level (quantkernels info).
 const bool w4a8_gemm_variant_registered = quantkernels::cpu::register_variant(
     "w4a8_gemm", [](quantkernels::cpu::Isa isa) -> const char* {
-      return quantkernels::cpu::isa_has_avx2(isa) ? "avx2: maddubs nibble panels (M >= 5), hadd-tree GEMV (M <= 4, 5..8 chunked)" : "portable: scalar C++ loops";
+      using namespace quantkernels::cpu;
+      if (isa_has_vnni512(isa))
+        return "avx512_vnni: zmm vpdpbusd nibble panels 32 tokens x 8 rows (M >= 5), 128-k vpdpbusd GEMV (M <= 4, "
+               "5..12 chunked); avx2 tiles for G = K at M >= 5 or K % 64 != 0";
+      if (isa_has_vnni256(isa))
+        return "avx_vnni: ymm vpdpbusd nibble panels (M >= 5), 64-k vpdpbusd GEMV (M <= 4, 5..8 chunked); avx2 tiles "
+               "for G = K at M >= 5 or K % 64 != 0";
+      return isa_has_avx2(isa) ? "avx2: maddubs nibble panels (M >= 5), hadd-tree GEMV (M <= 4, 5..8 chunked)"
+                               : "portable: scalar C++ loops";
     });
 }  // namespace
 
