@@ -1033,8 +1033,10 @@ at::Tensor x_units512(const at::Tensor& x, const Weight& w, bool bd, int64_t ldx
     for (int64_t p = 0; p < K; ++p) idx[p] = k_of_pos512(w, p);
     xk = xk.index_select(1, at::tensor(idx, at::kLong));
   }
-  xk = at::constant_pad_nd(xk, {0, (bd ? 2 * ldx : ldx) - K}).contiguous();
-  return xk.view(at::kInt);
+  // fresh row-major storage (a size-1 dim of x can carry any stride, which .view(kInt) rejects)
+  at::Tensor out = at::zeros({xk.size(0), bd ? 2 * ldx : ldx}, xk.options());
+  out.narrow(1, 0, K).copy_(xk);
+  return out.view(at::kInt);
 }
 
 at::Tensor weight_only_gemm512(const at::Tensor& x_in, const Weight& w, const at::Tensor& bias, bool bd) {
