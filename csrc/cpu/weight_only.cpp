@@ -47,6 +47,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cfloat>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -87,6 +89,7 @@ struct Weight {
   const uint8_t* zero = nullptr;      // [N, ng] or nullptr
   int64_t N = 0, K = 0, ng = 1, G = 0;
   int64_t Kv = 0;                     // K covered by full vector chunks (int8: 8, int4: 16)
+  int gshift = 0;                     // int4 with ng > 1: G = 1 << gshift (G = 32..256)
 };
 
 // The exact spec weight W[n, k] in natural K order, rounded to x's dtype (scalar).
@@ -730,6 +733,9 @@ QK_T512 inline __m512 table512(float s, int32_t z) {
   return round512<R>(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(iota, _mm512_set1_epi32(z))), _mm512_set1_ps(s)));
 }
 
+// Group of K position p (< the natural-order tail, so also of its natural k): no division.
+inline int64_t group512(const Weight& w, int64_t p) { return w.ng == 1 ? 0 : p >> w.gshift; }
+
 inline int32_t zero_of(const Weight& w, int64_t n, int64_t g) { return w.has_zero ? w.zero[n * w.ng + g] : 8; }
 
 // Row n, K positions [p0, p1) (p0 a multiple of 64) in the AVX-512 K order -> fp32 spec weights.
@@ -749,7 +755,7 @@ QK_T512 void decode512_f32(const Weight& w, int64_t n, int64_t p0, int64_t p1, f
     int64_t gcur = -1;
     __m512 T = _mm512_setzero_ps();
     for (; p + 32 <= pe; p += 32) {
-      const int64_t g = p / w.G;
+      const int64_t g = group512(w, p);
       if (g != gcur) {
         T = table512<R>(w.scale[n * w.ng + g], zero_of(w, n, g));
         gcur = g;
@@ -765,11 +771,20 @@ QK_T512 void decode512_f32(const Weight& w, int64_t n, int64_t p0, int64_t p1, f
 
 // Row n, K positions [p0, p1) (p0 a multiple of 64) -> bf16 patterns of the spec weights; an odd
 // count is padded with one zero (the pair unit of vdpbf16ps).
-QK_T512 void decode512_bf16(const Weight& w, int64_t n, int64_t p0, int64_t p1, uint16_t* out) {
+QK_TBF16 void decode512_bf16(const Weight& w, int64_t n, int64_t p0, int64_t p1, uint16_t* out) {
   int64_t p = p0;
   if (!w.int4) {
     const int8_t* q = w.q8 + n * w.K;
     const __m512 sv = _mm512_set1_ps(w.scale[n]);
+    if (w.scale[n] == 0.0f || std::fabs(w.scale[n]) >= FLT_MIN) {
+      // q * s is then never denormal, and vcvtne2ps2bf16 (RNE; only its denormals-are-zero differs
+      // from the reference's rounding) gives the exact bf16 weight, NaN and Inf included.
+      for (; p + 32 <= p1; p += 32) {
+        const __m512 a = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + p)))), sv);
+        const __m512 b = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + p + 16)))), sv);
+        _mm512_storeu_si512(out + p - p0, (__m512i)_mm512_cvtne2ps_pbh(b, a));
+      }
+    }
     for (; p + 16 <= p1; p += 16)
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + p - p0),
                           bf16_words(round512<Rnd::BF16>(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
@@ -785,7 +800,7 @@ QK_T512 void decode512_bf16(const Weight& w, int64_t n, int64_t p0, int64_t p1, 
     int64_t ga = -1, gb = -1;
     __m512i T = _mm512_setzero_si512();
     for (; p + 64 <= pe; p += 64) {
-      const int64_t g0 = p / w.G, g1 = (p + 32) / w.G;
+      const int64_t g0 = group512(w, p), g1 = group512(w, p + 32);
       if (g0 != ga || g1 != gb) {
         const __m256i t0 = bf16_words(table512<Rnd::BF16>(w.scale[n * w.ng + g0], zero_of(w, n, g0)));
         const __m256i t1 = g1 == g0 ? t0 : bf16_words(table512<Rnd::BF16>(w.scale[n * w.ng + g1], zero_of(w, n, g1)));
@@ -802,7 +817,7 @@ QK_T512 void decode512_bf16(const Weight& w, int64_t n, int64_t p0, int64_t p1, 
       _mm512_storeu_si512(out + p - p0 + 32, _mm512_shuffle_i64x2(lo, hi, 0xEE));
     }
     if (p + 32 <= pe) {  // one 32-chunk left: the fp32 table path
-      const int64_t g = p / w.G;
+      const int64_t g = group512(w, p);
       const __m512 T32 = table512<Rnd::BF16>(w.scale[n * w.ng + g], zero_of(w, n, g));
       const __m512i b = _mm512_xor_si512(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + p / 2))),
                                          _mm512_set1_epi32(w.has_zero ? 0 : 0x88));
@@ -835,13 +850,14 @@ QK_T512 void decode_units(const Weight& w, Rnd r, int64_t n, int64_t u0, int64_t
 }
 
 // Prefetch the weight bytes of rows [n, n + nr) that hold K units [u0, u0 + uc) (next tile).
+template <int HINT = _MM_HINT_T0>
 inline void prefetch_units(const Weight& w, bool bd, int64_t n, int64_t nr, int64_t u0, int64_t uc) {
   const int64_t k0 = bd ? 2 * u0 : u0, k1 = std::min(w.K, bd ? 2 * (u0 + uc) : u0 + uc);
   for (int64_t i = n; i < std::min(n + nr, w.N); ++i) {
     const char* base = w.int4 ? reinterpret_cast<const char*>(w.q4 + i * (w.K / 2)) + k0 / 2
                               : reinterpret_cast<const char*>(w.q8 + i * w.K) + k0;
     const int64_t bytes = w.int4 ? (k1 - k0 + 1) / 2 : k1 - k0;
-    for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(base + b, _MM_HINT_T0);
+    for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(base + b, static_cast<_mm_hint>(HINT));
   }
 }
 
@@ -902,17 +918,20 @@ QK_T512 void gemv512_f32(const Weight& w, Rnd rnd, const uint32_t* xu, int64_t l
       for (int r = 0; r < NR; ++r) acc[a][m][r] = _mm512_setzero_ps();
   const float* X = reinterpret_cast<const float*>(xu);
   const float* Bf = reinterpret_cast<const float*>(buf);
-  for (int64_t u0 = 0; u0 < U; u0 += kKCU512) {
-    const int64_t uc = std::min(kKCU512, U - u0), ucp = (uc + 31) / 32 * 32;
-    prefetch_units(w, false, n0 + NR, NR, u0, uc);
-    for (int r = 0; r < NR; ++r) decode_units<false>(w, rnd, n0 + r, u0, uc, ucp, buf + r * kKCU512);
-    for (int64_t u = 0; u < ucp; u += 32) {
+  // whole rows (contiguous in memory: sequential reads), the next tile's rows prefetched meanwhile
+  for (int r = 0; r < NR; ++r) {
+    prefetch_units(w, false, n0 + NR + r, 1, 0, U);
+    decode_units<false>(w, rnd, n0 + r, 0, U, ldx, buf + r * ldx);
+  }
+  {
+    const int64_t u0 = 0;
+    for (int64_t u = 0; u < ldx; u += 32) {
 #pragma GCC unroll 2
       for (int h = 0; h < 2; ++h) {
         __m512 xv[MM];
         for (int m = 0; m < MM; ++m) xv[m] = _mm512_loadu_ps(X + m * ldx + u0 + u + 16 * h);
         for (int r = 0; r < NR; ++r) {
-          const __m512 wv = _mm512_loadu_ps(Bf + r * kKCU512 + u + 16 * h);
+          const __m512 wv = _mm512_loadu_ps(Bf + r * ldx + u + 16 * h);
           for (int m = 0; m < MM; ++m) {
             __m512& a = acc[TWO ? h : 0][m][r];
             a = _mm512_fmadd_ps(xv[m], wv, a);
@@ -932,17 +951,20 @@ QK_TBF16 void gemv512_bf16(const Weight& w, Rnd rnd, const uint32_t* xu, int64_t
   for (int a = 0; a < 2; ++a)
     for (int m = 0; m < MM; ++m)
       for (int r = 0; r < NR; ++r) acc[a][m][r] = _mm512_setzero_ps();
-  for (int64_t u0 = 0; u0 < U; u0 += kKCU512) {
-    const int64_t uc = std::min(kKCU512, U - u0), ucp = (uc + 31) / 32 * 32;
-    prefetch_units(w, true, n0 + NR, NR, u0, uc);
-    for (int r = 0; r < NR; ++r) decode_units<true>(w, rnd, n0 + r, u0, uc, ucp, buf + r * kKCU512);
-    for (int64_t u = 0; u < ucp; u += 32) {
+  // whole rows (contiguous in memory: sequential reads), the next tile's rows prefetched meanwhile
+  for (int r = 0; r < NR; ++r) {
+    prefetch_units(w, true, n0 + NR + r, 1, 0, U);
+    decode_units<true>(w, rnd, n0 + r, 0, U, ldx, buf + r * ldx);
+  }
+  {
+    const int64_t u0 = 0;
+    for (int64_t u = 0; u < ldx; u += 32) {
 #pragma GCC unroll 2
       for (int h = 0; h < 2; ++h) {
         __m512i xv[MM];
         for (int m = 0; m < MM; ++m) xv[m] = _mm512_loadu_si512(xu + m * ldx + u0 + u + 16 * h);
         for (int r = 0; r < NR; ++r) {
-          const __m512i wv = _mm512_loadu_si512(buf + r * kKCU512 + u + 16 * h);
+          const __m512i wv = _mm512_loadu_si512(buf + r * ldx + u + 16 * h);
           for (int m = 0; m < MM; ++m) {
             __m512& a = acc[TWO ? h : 0][m][r];
             a = _mm512_dpbf16_ps(a, (__m512bh)xv[m], (__m512bh)wv);
@@ -996,29 +1018,35 @@ void tiled512(const Weight& w, Rnd rnd, const uint32_t* xpack, int64_t M, int64_
               const float* B, char* Y, int64_t esize) {
   const MicroFn m1 = BD ? &micro_bf16<1, kNR512> : &micro_f32<1, kNR512>;
   const MicroFn m2 = BD ? &micro_bf16<2, kNR512> : &micro_f32<2, kNR512>;
-  const int64_t N = w.N, n_chunks = (N + kNC512 - 1) / kNC512;
+  // Rows per chunk: their decoded units (all of K) stay in L2 (bf16 pairs 48 x 8 KB, fp32 24 x 16 KB at K = 4096).
+  const int64_t NC = BD ? kNC512 : kNC512 / 2;
+  const int64_t N = w.N, n_chunks = (N + NC - 1) / NC;
   at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<uint32_t> wbuf(kNC512 * kKCU512);
-    std::vector<float> cbuf(kNC512 * Mp), obuf(Mp * kNC512);
+    std::vector<uint32_t> wbuf(NC * U);
+    std::vector<float> cbuf(NC * Mp), obuf(Mp * NC);
     for (int64_t c = c0; c < c1; ++c) {
-      const int64_t n0 = c * kNC512, nc = std::min(kNC512, N - n0);
+      const int64_t n0 = c * NC, nc = std::min(NC, N - n0);
       const int64_t ntiles = (nc + kNR512 - 1) / kNR512;
+      // The chunk's rows are one contiguous stretch of the weight: decode them whole (sequential
+      // reads), prefetching the next chunk's rows into L2 meanwhile.
+      for (int64_t i = 0; i < ntiles * kNR512; ++i) {
+        if (c + 1 < c1) prefetch_units<_MM_HINT_T1>(w, BD, n0 + NC + i, 1, 0, U);
+        decode_units<BD>(w, rnd, i < nc ? n0 + i : w.N, 0, U, U, wbuf.data() + i * U);
+      }
       for (int64_t u0 = 0; u0 < U; u0 += kKCU512) {
         const int64_t uc = std::min(kKCU512, U - u0);
-        for (int64_t i = 0; i < ntiles * kNR512; ++i)
-          decode_units<BD>(w, rnd, i < nc ? n0 + i : w.N, u0, uc, uc, wbuf.data() + i * kKCU512);
         for (int64_t m0 = 0; m0 < Mp;) {
           const bool two = m0 + 32 <= Mp;
           const uint32_t* xa = xpack + (m0 / 16) * U * 16 + u0 * 16;
           for (int64_t t = 0; t < ntiles; ++t)
-            (two ? m2 : m1)(xa, xa + U * 16, wbuf.data() + t * kNR512 * kKCU512, kKCU512, uc,
+            (two ? m2 : m1)(xa, xa + U * 16, wbuf.data() + t * kNR512 * U + u0, U, uc,
                             cbuf.data() + t * kNR512 * Mp + m0, Mp, u0 == 0);
           m0 += two ? 32 : 16;
         }
       }
       for (int64_t m = 0; m < M; ++m)
-        for (int64_t j = 0; j < nc; ++j) obuf[m * kNC512 + j] = cbuf[j * Mp + m];
-      store_any(st, obuf.data(), kNC512, M, nc, B ? B + n0 : nullptr, Y + n0 * esize, N);
+        for (int64_t j = 0; j < nc; ++j) obuf[m * NC + j] = cbuf[j * Mp + m];
+      store_any(st, obuf.data(), NC, M, nc, B ? B + n0 : nullptr, Y + n0 * esize, N);
     }
   });
 }
@@ -1058,7 +1086,7 @@ at::Tensor weight_only_gemm512(const at::Tensor& x_in, const Weight& w, const at
     float* A = acc.data_ptr<float>();
     const int64_t grain = std::max<int64_t>(16, (1 << 15) / K);  // small layers stay on one thread
     at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-      std::vector<uint32_t> buf(4 * kKCU512);
+      std::vector<uint32_t> buf(4 * ldx);
       if (bd) gemv512_rows<true>(w, rnd, XU, ldx, U, M, n0, n1, A, buf.data());
       else gemv512_rows<false>(w, rnd, XU, ldx, U, M, n0, n1, A, buf.data());
     });
@@ -1334,6 +1362,7 @@ at::Tensor w4a16_gemm_cpu(const at::Tensor& x_in, const at::Tensor& b_in, const 
   w.ng = ng;
   w.G = G;
   w.Kv = K / 16 * 16;  // G is a multiple of 16 unless G = K (one group)
+  w.gshift = ng > 1 ? __builtin_ctzll(static_cast<unsigned long long>(G)) : 0;
   return weight_only_gemm(x_in, w, bias, path);
 }
 
