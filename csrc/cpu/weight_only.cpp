@@ -864,7 +864,7 @@ inline void prefetch_units(const Weight& w, bool bd, int64_t n, int64_t nr, int6
 // Micro tiles of the tiled path: C[r][lane] (+)= sum_u x[u][lane] . w[r][u] for 16 * MZ lanes (rows
 // of x) and NR weight rows; x is packed [U][16] per 16 rows of x (xa: lanes 0..15, xb: 16..31).
 template <int MZ, int NR>
-QK_T512 void micro_f32(const uint32_t* xa, const uint32_t* xb, const uint32_t* wt, int64_t ldw, int64_t uc, float* c,
+QK_T512 void micro_f32(const uint32_t* xa, const uint32_t* xb, const uint32_t* wt, int64_t uc, float* c,
                        int64_t ldc, bool first) {
   __m512 acc[NR][MZ];
   for (int r = 0; r < NR; ++r)
@@ -877,7 +877,7 @@ QK_T512 void micro_f32(const uint32_t* xa, const uint32_t* xb, const uint32_t* w
     const __m512 x1 = MZ > 1 ? _mm512_loadu_ps(X1 + u * 16) : x0;
 #pragma GCC unroll 12
     for (int r = 0; r < NR; ++r) {
-      const __m512 wv = _mm512_set1_ps(W[r * ldw + u]);
+      const __m512 wv = _mm512_set1_ps(W[r * kKCU512 + u]);  // one base register for all rows
       acc[r][0] = _mm512_fmadd_ps(x0, wv, acc[r][0]);
       if constexpr (MZ > 1) acc[r][1] = _mm512_fmadd_ps(x1, wv, acc[r][1]);
     }
@@ -887,7 +887,7 @@ QK_T512 void micro_f32(const uint32_t* xa, const uint32_t* xb, const uint32_t* w
 }
 
 template <int MZ, int NR>
-QK_TBF16 void micro_bf16(const uint32_t* xa, const uint32_t* xb, const uint32_t* wt, int64_t ldw, int64_t uc, float* c,
+QK_TBF16 void micro_bf16(const uint32_t* xa, const uint32_t* xb, const uint32_t* wt, int64_t uc, float* c,
                          int64_t ldc, bool first) {
   __m512 acc[NR][MZ];
   for (int r = 0; r < NR; ++r)
@@ -897,7 +897,7 @@ QK_TBF16 void micro_bf16(const uint32_t* xa, const uint32_t* xb, const uint32_t*
     const __m512i x1 = MZ > 1 ? _mm512_loadu_si512(xb + u * 16) : x0;
 #pragma GCC unroll 12
     for (int r = 0; r < NR; ++r) {
-      const __m512i wv = _mm512_set1_epi32(static_cast<int>(wt[r * ldw + u]));
+      const __m512i wv = _mm512_set1_epi32(static_cast<int>(wt[r * kKCU512 + u]));
       acc[r][0] = _mm512_dpbf16_ps(acc[r][0], (__m512bh)x0, (__m512bh)wv);
       if constexpr (MZ > 1) acc[r][1] = _mm512_dpbf16_ps(acc[r][1], (__m512bh)x1, (__m512bh)wv);
     }
@@ -1008,7 +1008,7 @@ void gemv512_rows(const Weight& w, Rnd rnd, const uint32_t* xu, int64_t ldx, int
   }
 }
 
-using MicroFn = void (*)(const uint32_t*, const uint32_t*, const uint32_t*, int64_t, int64_t, float*, int64_t, bool);
+using MicroFn = void (*)(const uint32_t*, const uint32_t*, const uint32_t*, int64_t, float*, int64_t, bool);
 
 // Tiled path: threads split N into chunks of kNC512 rows; per chunk and K block of kKCU512 units the
 // rows are decoded once into wbuf, then every 32 (16) rows of x run 12-row micro tiles over it.
@@ -1022,16 +1022,21 @@ void tiled512(const Weight& w, Rnd rnd, const uint32_t* xpack, int64_t M, int64_
   const int64_t NC = BD ? kNC512 : kNC512 / 2;
   const int64_t N = w.N, n_chunks = (N + NC - 1) / NC;
   at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<uint32_t> wbuf(NC * U);
+    const int64_t nblk = (U + kKCU512 - 1) / kKCU512;
+    std::vector<uint32_t> wbuf(nblk * NC * kKCU512);  // [K block][row][kKCU512 units]
     std::vector<float> cbuf(NC * Mp), obuf(Mp * NC);
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t n0 = c * NC, nc = std::min(NC, N - n0);
       const int64_t ntiles = (nc + kNR512 - 1) / kNR512;
-      // The chunk's rows are one contiguous stretch of the weight: decode them whole (sequential
-      // reads), prefetching the next chunk's rows into L2 meanwhile.
+      // The chunk's rows are one contiguous stretch of the weight: decode them row after row
+      // (sequential reads), prefetching the next chunk's rows into L2 meanwhile. Each row is stored
+      // in blocks of kKCU512 units, so that the micro tiles address all rows from one register.
       for (int64_t i = 0; i < ntiles * kNR512; ++i) {
         if (c + 1 < c1) prefetch_units<_MM_HINT_T1>(w, BD, n0 + NC + i, 1, 0, U);
-        decode_units<BD>(w, rnd, i < nc ? n0 + i : w.N, 0, U, U, wbuf.data() + i * U);
+        for (int64_t b = 0; b < nblk; ++b) {
+          const int64_t u0 = b * kKCU512, uc = std::min(kKCU512, U - u0);
+          decode_units<BD>(w, rnd, i < nc ? n0 + i : w.N, u0, uc, uc, wbuf.data() + (b * NC + i) * kKCU512);
+        }
       }
       for (int64_t u0 = 0; u0 < U; u0 += kKCU512) {
         const int64_t uc = std::min(kKCU512, U - u0);
@@ -1039,7 +1044,7 @@ void tiled512(const Weight& w, Rnd rnd, const uint32_t* xpack, int64_t M, int64_
           const bool two = m0 + 32 <= Mp;
           const uint32_t* xa = xpack + (m0 / 16) * U * 16 + u0 * 16;
           for (int64_t t = 0; t < ntiles; ++t)
-            (two ? m2 : m1)(xa, xa + U * 16, wbuf.data() + t * kNR512 * U + u0, U, uc,
+            (two ? m2 : m1)(xa, xa + U * 16, wbuf.data() + ((u0 / kKCU512) * NC + t * kNR512) * kKCU512, uc,
                             cbuf.data() + t * kNR512 * Mp + m0, Mp, u0 == 0);
           m0 += two ? 32 : 16;
         }
