@@ -39,7 +39,39 @@
 // of 16 (only possible with G = K) stays in natural order and is done in scalar code.
 //
 // ISA: QUANTKERNELS_CPU_ISA (cpu_isa.h), read once per call; the AVX2 code also needs F16C
-// (every AVX2 CPU has it; checked anyway, else the portable path runs).
+// (every AVX2 CPU has it; checked anyway, else the portable path runs). What each level runs:
+//   portable            plain C++ (above)
+//   avx2, avx_vnni      the AVX2 paths above (no VNNI use: these ops have no integer products)
+//   avx512, avx512_vnni zmm fp32 FMA for every x dtype (bf16 / fp16 x: weights rounded to x's dtype)
+//   avx512_bf16         bf16 x: vdpbf16ps; fp32 / fp16 x: the zmm fp32 FMA paths
+//
+// AVX-512 paths (isa_has_avx512; below). They work on 4-byte K "units": one fp32 value, or for
+// vdpbf16ps a pair of bf16 values (K positions 2u, 2u + 1; an odd K pads one zero pair). x is
+// converted once per call into units in the weights' K order (int4: per 32-element chunk the 16
+// even elements then the 16 odd ones, what 16 bytes give as low / high nibbles; a K tail that is not
+// a multiple of 32, only with G = K, natural; int8: natural). Weights are decoded per row into units,
+// exactly the spec weights rounded to x's dtype: int8 by cvt / mul / rounding (bf16: integer round
+// half to even, or vcvtne2ps2bf16 when the row scale is normal or zero so that no product is
+// denormal); int4 through per-group tables of the 16 possible weights (vpermps on fp32 tables;
+// vpermw on a 32-word bf16 table, 64 weights per 32 bytes, for the bf16-pair units).
+// - M <= 8: GEMV. Threads split N; per tile of NR rows (4 for M <= 2, else 2) the whole rows are
+//   decoded into an L1/L2 buffer (the rows are contiguous: one sequential read, software-prefetched
+//   4 KB ahead) and dotted with all M rows of x in zmm (vfmadd / vdpbf16ps, two accumulator sets
+//   for M <= 4), one horizontal sum per output.
+// - M >= 9: tiled. Threads split N into chunks of 48 rows (bf16 pairs; fp32: 24), decoded whole
+//   into a per-thread buffer in K blocks of 256 units (next chunk prefetched to L2). x is packed per
+//   16 rows as [units][16 rows] (M padded to 16 with zeros); micro tiles of 32 (or 16) rows of x x 12
+//   weight rows keep 24 zmm accumulators, one x load per 16 rows and one weight broadcast per row
+//   and unit. C is kept transposed ([n][m], the lanes) per chunk, then + bias, cast, stored.
+// vdpbf16ps vs the contract (bf16 x): bf16 x bf16 products are exact in fp32, so the products are
+// the reference's; the instruction adds the two products of a pair to the fp32 accumulator with
+// RNE (in one or two roundings: a summation order the reference does not fix either), treats
+// denormal inputs as zero and flushes denormal results. The differences are a reordered fp32 sum
+// (well inside bf16 output's assert_close tolerance) and terms below 2^-126 in magnitude (a
+// denormal x or weight, or a product underflowing), i.e. absolute errors < 1e-37 per term. The
+// bit-exact test (x rows with two ones: y = W[n, a] + W[n, b]) stays bit-exact: products by 1 and
+// 0 are exact, adding zeros is exact, and the one non-trivial fp32 addition rounds as in the
+// reference (as long as the weights are normal, which they are for normal scales).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -50,6 +82,7 @@
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -736,6 +769,12 @@ QK_T512 inline __m512 table512(float s, int32_t z) {
 // Group of K position p (< the natural-order tail, so also of its natural k): no division.
 inline int64_t group512(const Weight& w, int64_t p) { return w.ng == 1 ? 0 : p >> w.gshift; }
 
+// Software prefetch distance of the decoders, in weight bytes ahead of the byte being decoded (rows
+// are contiguous, so this runs into the next rows): a steady stream of one prefetch per line. M = 1,
+// 6 x (4096 x 11008) int4, 1 thread, 3 runs each: no prefetch 5.7-8.7 ms/layer; 4 KB 3.9-5.7;
+// 16 KB 4.5-5.3; 64 KB 4.4-5.3 (a shared, loaded machine).
+inline int64_t pf_dist() { return 4096; }
+
 inline int32_t zero_of(const Weight& w, int64_t n, int64_t g) { return w.has_zero ? w.zero[n * w.ng + g] : 8; }
 
 // Row n, K positions [p0, p1) (p0 a multiple of 64) in the AVX-512 K order -> fp32 spec weights.
@@ -745,16 +784,21 @@ QK_T512 void decode512_f32(const Weight& w, int64_t n, int64_t p0, int64_t p1, f
   if (!w.int4) {
     const int8_t* q = w.q8 + n * w.K;
     const __m512 sv = _mm512_set1_ps(w.scale[n]);
-    for (; p + 16 <= p1; p += 16)
+    const int64_t pf = pf_dist();
+    for (; p + 16 <= p1; p += 16) {
+      if (pf && (p & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(q + p + pf), _MM_HINT_T0);
       _mm512_storeu_ps(out + p - p0, round512<R>(_mm512_mul_ps(
           _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + p)))), sv)));
+    }
   } else {
     const uint8_t* q = w.q4 + n * (w.K / 2);
     const __m512i flip = _mm512_set1_epi32(w.has_zero ? 0 : 0x88);  // signed nibbles: u ^ 8, zero' = 8
     const int64_t pe = std::min(p1, kv512(w));
     int64_t gcur = -1;
     __m512 T = _mm512_setzero_ps();
+    const int64_t pf = pf_dist();
     for (; p + 32 <= pe; p += 32) {
+      if (pf && (p & 127) == 0) _mm_prefetch(reinterpret_cast<const char*>(q + p / 2 + pf), _MM_HINT_T0);
       const int64_t g = group512(w, p);
       if (g != gcur) {
         T = table512<R>(w.scale[n * w.ng + g], zero_of(w, n, g));
@@ -779,7 +823,9 @@ QK_TBF16 void decode512_bf16(const Weight& w, int64_t n, int64_t p0, int64_t p1,
     if (w.scale[n] == 0.0f || std::fabs(w.scale[n]) >= FLT_MIN) {
       // q * s is then never denormal, and vcvtne2ps2bf16 (RNE; only its denormals-are-zero differs
       // from the reference's rounding) gives the exact bf16 weight, NaN and Inf included.
+      const int64_t pf = pf_dist();
       for (; p + 32 <= p1; p += 32) {
+        if (pf && (p & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(q + p + pf), _MM_HINT_T0);
         const __m512 a = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + p)))), sv);
         const __m512 b = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + p + 16)))), sv);
         _mm512_storeu_si512(out + p - p0, (__m512i)_mm512_cvtne2ps_pbh(b, a));
@@ -799,7 +845,9 @@ QK_TBF16 void decode512_bf16(const Weight& w, int64_t n, int64_t p0, int64_t p1,
     const __m512i upper = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(16), 1);
     int64_t ga = -1, gb = -1;
     __m512i T = _mm512_setzero_si512();
+    const int64_t pf = pf_dist();
     for (; p + 64 <= pe; p += 64) {
+      if (pf && (p & 127) == 0) _mm_prefetch(reinterpret_cast<const char*>(q + p / 2 + pf), _MM_HINT_T0);
       const int64_t g0 = group512(w, p), g1 = group512(w, p + 32);
       if (g0 != ga || g1 != gb) {
         const __m256i t0 = bf16_words(table512<Rnd::BF16>(w.scale[n * w.ng + g0], zero_of(w, n, g0)));
@@ -918,9 +966,8 @@ QK_T512 void gemv512_f32(const Weight& w, Rnd rnd, const uint32_t* xu, int64_t l
       for (int r = 0; r < NR; ++r) acc[a][m][r] = _mm512_setzero_ps();
   const float* X = reinterpret_cast<const float*>(xu);
   const float* Bf = reinterpret_cast<const float*>(buf);
-  // whole rows (contiguous in memory: sequential reads), the next tile's rows prefetched meanwhile
+  // whole rows (contiguous in memory: sequential reads, prefetched pf_dist() bytes ahead)
   for (int r = 0; r < NR; ++r) {
-    prefetch_units(w, false, n0 + NR + r, 1, 0, U);
     decode_units<false>(w, rnd, n0 + r, 0, U, ldx, buf + r * ldx);
   }
   {
@@ -951,9 +998,8 @@ QK_TBF16 void gemv512_bf16(const Weight& w, Rnd rnd, const uint32_t* xu, int64_t
   for (int a = 0; a < 2; ++a)
     for (int m = 0; m < MM; ++m)
       for (int r = 0; r < NR; ++r) acc[a][m][r] = _mm512_setzero_ps();
-  // whole rows (contiguous in memory: sequential reads), the next tile's rows prefetched meanwhile
+  // whole rows (contiguous in memory: sequential reads, prefetched pf_dist() bytes ahead)
   for (int r = 0; r < NR; ++r) {
-    prefetch_units(w, true, n0 + NR + r, 1, 0, U);
     decode_units<true>(w, rnd, n0 + r, 0, U, ldx, buf + r * ldx);
   }
   {
@@ -1379,11 +1425,20 @@ namespace {
 // What each op runs per ISA level (quantkernels info).
 const bool w8a16_gemm_variant_registered = quantkernels::cpu::register_variant(
     "w8a16_gemm", [](quantkernels::cpu::Isa isa) -> const char* {
-      return quantkernels::cpu::isa_has_avx2(isa) ? "avx2: fp32 FMA tiles / GEMV (f16c conversions)" : "portable: scalar C++ loops";
+      using namespace quantkernels::cpu;
+      if (isa_has_bf16dot(isa))
+        return "avx512_bf16: bf16 x vdpbf16ps 32x12 tiles (M >= 9) / GEMV, fp32 + fp16 x zmm FMA tiles / GEMV";
+      if (isa_has_avx512(isa)) return "avx512: zmm fp32 FMA 32x12 tiles (M >= 9) / GEMV, all x dtypes";
+      return isa_has_avx2(isa) ? "avx2: fp32 FMA tiles / GEMV (f16c conversions)" : "portable: scalar C++ loops";
     });
 const bool w4a16_gemm_variant_registered = quantkernels::cpu::register_variant(
     "w4a16_gemm", [](quantkernels::cpu::Isa isa) -> const char* {
-      return quantkernels::cpu::isa_has_avx2(isa) ? "avx2: fp32 FMA tiles / GEMV, pshufb tables for bf16/fp16 x" : "portable: scalar C++ loops";
+      using namespace quantkernels::cpu;
+      if (isa_has_bf16dot(isa))
+        return "avx512_bf16: bf16 x vdpbf16ps 32x12 tiles (M >= 9) / GEMV (vpermw tables), fp32 + fp16 x zmm FMA "
+               "tiles / GEMV (vpermps tables)";
+      if (isa_has_avx512(isa)) return "avx512: zmm fp32 FMA 32x12 tiles (M >= 9) / GEMV, vpermps tables, all x dtypes";
+      return isa_has_avx2(isa) ? "avx2: fp32 FMA tiles / GEMV, pshufb tables for bf16/fp16 x" : "portable: scalar C++ loops";
     });
 }  // namespace
 
