@@ -212,6 +212,22 @@ def test_w4a16_tails(i, KG, dtype, zero, isa, set_threads):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
+def test_tiled_large_chunks(dtype, isa, set_threads):
+    # M > 32 and N >= 12 chunks x 192 rows on 1 thread: the AVX-512 tiled path's 4x chunks (with a
+    # ragged last chunk and micro tile), K with an odd pair and a 32-chunk tail.
+    set_threads(1)
+    g = torch.Generator().manual_seed(11)
+    M, N, K = 33, 12 * 192 + 17, 98
+    x = _x(M, K, dtype, g)
+    b = torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=g)
+    s = torch.rand(N, generator=g) * 0.01 + 1e-3
+    bias = _bias(N, "fp32", g)
+    _check(OPS.w8a16_gemm(x, b, s, bias), x, (b.float() * s[:, None]).to(dtype), bias, R.w8a16_gemm(x, b, s, bias))
+    p, s4, z = _int4_weight(N, K, K, True, g)
+    _check(OPS.w4a16_gemm(x, p, s4, z), x, R.dequantize_int4(p, s4, z).to(dtype), None, R.w4a16_gemm(x, p, s4, z))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
 @pytest.mark.parametrize("M", (1, 17))
 def test_nonfinite_x_propagates(M, dtype, isa):
     """Inf / NaN in x give NaN / Inf where the reference does (the zero padding of the tiles adds
