@@ -1055,6 +1055,45 @@ void gemv512_rows(const Weight& w, Rnd rnd, const uint32_t* xu, int64_t ldx, int
   }
 }
 
+// y[m][j] = c[j * ldc + m] (+ bias[j]) for m, j < 16, cast to y's dtype (round half to even, as
+// .to(dtype)): a 16 x 16 register transpose of the tiled path's transposed C.
+template <Rnd R>
+QK_T512 void store16x16(const float* c, int64_t ldc, const float* bias, char* y, int64_t ldy) {
+  __m512 r[16], t[16];
+  for (int j = 0; j < 16; ++j) r[j] = _mm512_loadu_ps(c + j * ldc);
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // r[4i + k], lane L: column 4L + k of rows 4i .. 4i + 3
+    r[4 * i + 0] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  const __m512 bv = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
+  for (int k = 0; k < 4; ++k) {
+    const __m512 v0 = _mm512_shuffle_f32x4(r[k], r[4 + k], 0x88), w0 = _mm512_shuffle_f32x4(r[k], r[4 + k], 0xDD);
+    const __m512 v1 = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0x88), w1 = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0xDD);
+    const __m512 col[4] = {_mm512_shuffle_f32x4(v0, v1, 0x88), _mm512_shuffle_f32x4(w0, w1, 0x88),
+                           _mm512_shuffle_f32x4(v0, v1, 0xDD), _mm512_shuffle_f32x4(w0, w1, 0xDD)};
+    for (int L = 0; L < 4; ++L) {  // output row m = 4L + k
+      __m512 v = col[L];
+      if (bias) v = _mm512_add_ps(v, bv);
+      const int64_t m = 4 * L + k;
+      if constexpr (R == Rnd::F32) {
+        _mm512_storeu_ps(reinterpret_cast<float*>(y) + m * ldy, v);
+      } else if constexpr (R == Rnd::BF16) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(reinterpret_cast<uint16_t*>(y) + m * ldy),
+                            bf16_words(round512<Rnd::BF16>(v)));
+      } else {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(reinterpret_cast<uint16_t*>(y) + m * ldy),
+                            _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      }
+    }
+  }
+}
+
 using MicroFn = void (*)(const uint32_t*, const uint32_t*, const uint32_t*, int64_t, float*, int64_t, bool);
 
 // Tiled path: threads split N into chunks of kNC512 rows; per chunk and K block of kKCU512 units the
@@ -1103,9 +1142,21 @@ void tiled512(const Weight& w, Rnd rnd, const uint32_t* xpack, int64_t M, int64_
           m0 += two ? 32 : 16;
         }
       }
+      // full 16 x 16 blocks with register transposes, the ragged rest through obuf (scalar)
+      const int64_t M16 = M / 16 * 16, nc16 = nc / 16 * 16;
+      for (int64_t m0 = 0; m0 < M16; m0 += 16)
+        for (int64_t j0 = 0; j0 < nc16; j0 += 16) {
+          const float* cb = cbuf.data() + j0 * Mp + m0;
+          const float* bb = B ? B + n0 + j0 : nullptr;
+          char* yb = Y + (m0 * N + n0 + j0) * esize;
+          if (st == at::kFloat) store16x16<Rnd::F32>(cb, Mp, bb, yb, N);
+          else if (st == at::kBFloat16) store16x16<Rnd::BF16>(cb, Mp, bb, yb, N);
+          else store16x16<Rnd::F16>(cb, Mp, bb, yb, N);
+        }
       for (int64_t m = 0; m < M; ++m)
-        for (int64_t j = 0; j < nc; ++j) obuf[m * NC + j] = cbuf[j * Mp + m];
-      store_any(st, obuf.data(), NC, M, nc, B ? B + n0 : nullptr, Y + n0 * esize, N);
+        for (int64_t j = m < M16 ? nc16 : 0; j < nc; ++j) obuf[m * NC + j] = cbuf[j * Mp + m];
+      if (nc16 < nc) store_any(st, obuf.data() + nc16, NC, M16, nc - nc16, B ? B + n0 + nc16 : nullptr, Y + (n0 + nc16) * esize, N);
+      if (M16 < M) store_any(st, obuf.data() + M16 * NC, NC, M - M16, nc, B ? B + n0 : nullptr, Y + (M16 * N + n0) * esize, N);
     }
   });
 }
