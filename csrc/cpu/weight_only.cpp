@@ -59,11 +59,13 @@
 //   decoded into an L1/L2 buffer (the rows are contiguous: one sequential read, software-prefetched
 //   4 KB ahead) and dotted with all M rows of x in zmm (vfmadd / vdpbf16ps, two accumulator sets
 //   for M <= 4), one horizontal sum per output.
-// - M >= 9: tiled. Threads split N into chunks of 48 rows (bf16 pairs; fp32: 24), decoded whole
-//   into a per-thread buffer in K blocks of 256 units (next chunk prefetched to L2). x is packed per
+// - M >= 9: tiled. Threads split N into chunks of 48 rows (bf16 pairs; fp32: 24; up to 4x that for
+//   M > 32), decoded whole into a per-thread buffer in K blocks of 256 units (next chunk prefetched
+//   to L2). x is packed per
 //   16 rows as [units][16 rows] (M padded to 16 with zeros); micro tiles of 32 (or 16) rows of x x 12
 //   weight rows keep 24 zmm accumulators, one x load per 16 rows and one weight broadcast per row
-//   and unit. C is kept transposed ([n][m], the lanes) per chunk, then + bias, cast, stored.
+//   and unit. C is kept transposed ([n][m], the lanes) per chunk, then stored through 16 x 16 zmm
+//   transposes with + bias and the RNE cast (ragged edges scalar).
 // vdpbf16ps vs the contract (bf16 x): bf16 x bf16 products are exact in fp32, so the products are
 // the reference's; the instruction adds the two products of a pair to the fp32 accumulator with
 // RNE (in one or two roundings: a summation order the reference does not fix either), treats
