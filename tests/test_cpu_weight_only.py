@@ -5,8 +5,9 @@ reference functions are imported directly. NUMERICS.md s.6: fp32 output within r
 the fp64 evaluation of the formula (the kernel factors the scale out of the K-sum for fp32 x,
 so it is not bit-identical); fp16/bf16 output within assert_close defaults of the reference,
 whose weight is rounded to x's dtype element by element -- test_weight_rounded_per_element
-checks that rounding bit-exactly. Every case runs on both ISA paths; the sweeps alternate 1 and 2
-threads between cases, the multi-thread tests run both.
+checks that rounding bit-exactly. Every case runs on every ISA level (tests/_isa.py: portable, avx2,
+avx_vnni, avx512, avx512_vnni, avx512_bf16; the ones this CPU lacks are skipped); the sweeps alternate
+1 and 2 threads between cases, the multi-thread tests run both.
 """
 import itertools
 
@@ -16,6 +17,8 @@ import torch
 import quantkernels._ops  # noqa: F401  (schemas + reference registration)
 from quantkernels import _native
 from quantkernels import reference as R
+
+from _isa import isa_params
 
 if not _native.load():
     pytest.skip(f"native extension quantkernels._C not available: {_native.REASON}", allow_module_level=True)
@@ -31,10 +34,8 @@ def test_native_kernels_are_registered_for_cpu():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"quantkernels::{op}", "CPU"), op
 
 
-@pytest.fixture(params=["avx2", "portable"])
+@pytest.fixture(params=isa_params())
 def isa(request, monkeypatch):
-    if request.param == "avx2" and not _native.cpu_has_avx2():
-        pytest.skip("CPU has no AVX2+FMA")
     monkeypatch.setenv("QUANTKERNELS_CPU_ISA", request.param)
     assert _native.cpu_isa() == request.param
     return request.param
@@ -156,8 +157,95 @@ def test_w4a16_full_nibble_range(M, isa):
         _check(out, x, R.dequantize_int4(p, s, zz), None, R.w4a16_gemm(x, p, s, zz, None))
 
 
+# --------------------------------------------------------------------------- tails of the AVX-512 tiles
+# The AVX-512 paths (avx512 .. avx512_bf16): the GEMV for M <= 8; tiled for M >= 9 with x in blocks
+# of 16 rows (32 per micro tile), 12-row micro tiles in chunks of 48 weight rows, K blocks of 256
+# units (fp32: 256 K, bf16 pairs: 512 K; an odd K pads one pair), int4 in 64- and 32-element chunks
+# with a natural-order tail (G = K). (M, N) are cycled over the K / G cases, as are the x layouts:
+# contiguous, transposed, and a 2-D slice of a 3-D tensor (row stride 2 K).
+TAIL_MN = [(9, 13), (16, 48), (17, 49), (31, 61), (33, 97), (47, 12), (1, 13), (6, 50), (8, 9), (64, 100)]
+TAIL_W8_K = [8, 31, 255, 512, 513, 1030]
+TAIL_W4_KG = [(96, 32), (160, 32), (544, 32), (576, 64), (640, 128), (768, 256), (1024, 1024), (1000, 1000), (72, 72)]
+X_KINDS = ("contig", "transposed", "slice3d")
+
+
+def _x_kind(M, K, dtype, g, kind):
+    if kind == "contig":
+        return _x(M, K, dtype, g)
+    if kind == "transposed":
+        return _x(M, K, dtype, g, noncontig=True)
+    x3 = torch.stack([_x(M, K, dtype, g), _x(M, K, dtype, g)], dim=1)  # [M, 2, K]
+    return x3[:, 1]
+
+
+W8_TAIL = [(i, k, d) for i, (k, d) in enumerate(itertools.product(TAIL_W8_K, DTYPES))]
+
+
+@pytest.mark.parametrize("i,K,dtype", W8_TAIL, ids=[f"K{k}-{DT_ID[d]}-{i}" for i, k, d in W8_TAIL])
+def test_w8a16_tails(i, K, dtype, isa, set_threads):
+    M, N = TAIL_MN[i % len(TAIL_MN)]
+    set_threads(1 + i % 2)
+    g = torch.Generator().manual_seed(i * 7 + K)
+    x = _x_kind(M, K, dtype, g, X_KINDS[i % 3])
+    b = torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=g)
+    s = torch.rand(N, generator=g) * 0.01 + 1e-3
+    bias = _bias(N, ("none", "fp32", "bf16")[i % 3], g)
+    out = OPS.w8a16_gemm(x, b, s, bias)
+    _check(out, x, (b.float() * s[:, None]).to(dtype), bias, R.w8a16_gemm(x, b, s, bias))
+
+
+W4_TAIL = [(i, kg, d, z) for i, (kg, d, z) in enumerate(itertools.product(TAIL_W4_KG, DTYPES, (False, True)))]
+
+
+@pytest.mark.parametrize("i,KG,dtype,zero", W4_TAIL,
+                         ids=[f"K{k}-G{gs}-{DT_ID[d]}-{'asym' if z else 'sym'}-{i}" for i, (k, gs), d, z in W4_TAIL])
+def test_w4a16_tails(i, KG, dtype, zero, isa, set_threads):
+    K, G = KG
+    M, N = TAIL_MN[(i * 3 + zero) % len(TAIL_MN)]
+    set_threads(1 + i % 2)
+    g = torch.Generator().manual_seed(i * 11 + K + G)
+    x = _x_kind(M, K, dtype, g, X_KINDS[i % 3])
+    p, s, z = _int4_weight(N, K, G, zero, g)
+    bias = _bias(N, ("none", "fp32", "bf16")[(i // 3) % 3], g)
+    out = OPS.w4a16_gemm(x, p, s, z, bias)
+    _check(out, x, R.dequantize_int4(p, s, z).to(dtype), bias, R.w4a16_gemm(x, p, s, z, bias))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
+def test_tiled_large_chunks(dtype, isa, set_threads):
+    # M > 32 and N >= 12 chunks x 192 rows on 1 thread: the AVX-512 tiled path's 4x chunks (with a
+    # ragged last chunk and micro tile), K with an odd pair and a 32-chunk tail.
+    set_threads(1)
+    g = torch.Generator().manual_seed(11)
+    M, N, K = 33, 12 * 192 + 17, 98
+    x = _x(M, K, dtype, g)
+    b = torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=g)
+    s = torch.rand(N, generator=g) * 0.01 + 1e-3
+    bias = _bias(N, "fp32", g)
+    _check(OPS.w8a16_gemm(x, b, s, bias), x, (b.float() * s[:, None]).to(dtype), bias, R.w8a16_gemm(x, b, s, bias))
+    p, s4, z = _int4_weight(N, K, K, True, g)
+    _check(OPS.w4a16_gemm(x, p, s4, z), x, R.dequantize_int4(p, s4, z).to(dtype), None, R.w4a16_gemm(x, p, s4, z))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
+@pytest.mark.parametrize("M", (1, 17))
+def test_nonfinite_x_propagates(M, dtype, isa):
+    """Inf / NaN in x give NaN / Inf where the reference does (the zero padding of the tiles adds
+    nothing: a padded x element is 0 and so is its weight)."""
+    g = torch.Generator().manual_seed(3)
+    N, K = 13, 96
+    x = _x(M, K, dtype, g)
+    x[0, 5] = float("inf")
+    x[-1, 40] = float("nan")
+    b = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g)
+    s = torch.rand(N, generator=g) * 0.01 + 1e-3
+    torch.testing.assert_close(OPS.w8a16_gemm(x, b, s), R.w8a16_gemm(x, b, s), equal_nan=True)
+    p, s4, z = _int4_weight(N, K, 32, True, g)
+    torch.testing.assert_close(OPS.w4a16_gemm(x, p, s4, z), R.w4a16_gemm(x, p, s4, z), equal_nan=True)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=DT_ID.get)
-@pytest.mark.parametrize("M", (1, 4, 5, 8))
+@pytest.mark.parametrize("M", (1, 4, 5, 8, 9, 17, 67))
 def test_weight_rounded_per_element(M, dtype, isa):
     """x rows with two ones: y = W[n, a] + W[n, b], exact in fp32, so the output equals the
     reference bit for bit only if each weight was rounded to x's dtype before the sum (rounding

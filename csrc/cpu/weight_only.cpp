@@ -39,7 +39,42 @@
 // of 16 (only possible with G = K) stays in natural order and is done in scalar code.
 //
 // ISA: QUANTKERNELS_CPU_ISA (cpu_isa.h), read once per call; the AVX2 code also needs F16C
-// (every AVX2 CPU has it; checked anyway, else the portable path runs).
+// (every AVX2 CPU has it; checked anyway, else the portable path runs). What each level runs:
+//   portable            plain C++ (above)
+//   avx2, avx_vnni      the AVX2 paths above (no VNNI use: these ops have no integer products)
+//   avx512, avx512_vnni zmm fp32 FMA for every x dtype (bf16 / fp16 x: weights rounded to x's dtype),
+//                       except fp32 x with M <= 4: the AVX2 GEMV (faster, see weight_only_gemm)
+//   avx512_bf16         bf16 x: vdpbf16ps; fp32 / fp16 x: as avx512
+//
+// AVX-512 paths (isa_has_avx512; below). They work on 4-byte K "units": one fp32 value, or for
+// vdpbf16ps a pair of bf16 values (K positions 2u, 2u + 1; an odd K pads one zero pair). x is
+// converted once per call into units in the weights' K order (int4: per 32-element chunk the 16
+// even elements then the 16 odd ones, what 16 bytes give as low / high nibbles; a K tail that is not
+// a multiple of 32, only with G = K, natural; int8: natural). Weights are decoded per row into units,
+// exactly the spec weights rounded to x's dtype: int8 by cvt / mul / rounding (bf16: integer round
+// half to even, or vcvtne2ps2bf16 when the row scale is normal or zero so that no product is
+// denormal); int4 through per-group tables of the 16 possible weights (vpermps on fp32 tables;
+// vpermw on a 32-word bf16 table, 64 weights per 32 bytes, for the bf16-pair units).
+// - M <= 8: GEMV. Threads split N; per tile of NR rows (4 for M <= 2, else 2) the whole rows are
+//   decoded into an L1/L2 buffer (the rows are contiguous: one sequential read, software-prefetched
+//   4 KB ahead) and dotted with all M rows of x in zmm (vfmadd / vdpbf16ps, two accumulator sets
+//   for M <= 4), one horizontal sum per output.
+// - M >= 9: tiled. Threads split N into chunks of 48 rows (bf16 pairs; fp32: 24; up to 4x that for
+//   M > 32), decoded whole into a per-thread buffer in K blocks of 256 units (next chunk prefetched
+//   to L2). x is packed per
+//   16 rows as [units][16 rows] (M padded to 16 with zeros); micro tiles of 32 (or 16) rows of x x 12
+//   weight rows keep 24 zmm accumulators, one x load per 16 rows and one weight broadcast per row
+//   and unit. C is kept transposed ([n][m], the lanes) per chunk, then stored through 16 x 16 zmm
+//   transposes with + bias and the RNE cast (ragged edges scalar).
+// vdpbf16ps vs the contract (bf16 x): bf16 x bf16 products are exact in fp32, so the products are
+// the reference's; the instruction adds the two products of a pair to the fp32 accumulator with
+// RNE (in one or two roundings: a summation order the reference does not fix either), treats
+// denormal inputs as zero and flushes denormal results. The differences are a reordered fp32 sum
+// (well inside bf16 output's assert_close tolerance) and terms below 2^-126 in magnitude (a
+// denormal x or weight, or a product underflowing), i.e. absolute errors < 1e-37 per term. The
+// bit-exact test (x rows with two ones: y = W[n, a] + W[n, b]) stays bit-exact: products by 1 and
+// 0 are exact, adding zeros is exact, and the one non-trivial fp32 addition rounds as in the
+// reference (as long as the weights are normal, which they are for normal scales).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -47,7 +82,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cfloat>
+#include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -87,6 +125,7 @@ struct Weight {
   const uint8_t* zero = nullptr;      // [N, ng] or nullptr
   int64_t N = 0, K = 0, ng = 1, G = 0;
   int64_t Kv = 0;                     // K covered by full vector chunks (int8: 8, int4: 16)
+  int gshift = 0;                     // int4 with ng > 1: G = 1 << gshift (G = 32..256)
 };
 
 // The exact spec weight W[n, k] in natural K order, rounded to x's dtype (scalar).
@@ -674,7 +713,521 @@ void store_any(at::ScalarType st, const float* acc, int64_t lda, int64_t rows, i
   else store_out(acc, lda, rows, cols, bias, static_cast<c10::BFloat16*>(y), ldy);
 }
 
-at::Tensor weight_only_gemm(const at::Tensor& x_in, const Weight& w, const at::Tensor& bias, bool avx2) {
+
+// ------------------------------------------------------------------ AVX-512 F/BW/VL/DQ (+ AVX512-BF16)
+//
+// Everything here works on 4-byte "units" of K: an fp32 value (fp32 FMA paths), or a pair of bf16
+// values (vdpbf16ps path, two consecutive K positions). x is packed once per call into units in
+// the weights' K order; weights are decoded into units, a K block at a time, into a per-thread
+// buffer (L1 / L2), exactly rounded per the contract, then consumed by zmm FMA / vdpbf16ps.
+#if QK_X86
+#define QK_T512 QK_TARGET_AVX512
+#define QK_TBF16 QK_TARGET_AVX512BF16
+
+constexpr int64_t kNR512 = 12;    // weight rows per micro tile (tiled path)
+constexpr int64_t kNC512 = 48;    // weight rows decoded per chunk (4 micro tiles)
+constexpr int64_t kKCU512 = 256;  // K units per decoded block
+
+// int4 K order of the AVX-512 paths: inside every full 32-element chunk the 16 even elements, then
+// the 16 odd ones (the low / high nibbles of 16 bytes); a tail that is not a multiple of 32 (only
+// possible with G = K) stays natural. int8: natural.
+inline int64_t kv512(const Weight& w) { return w.int4 ? w.K / 32 * 32 : w.K; }
+inline int64_t k_of_pos512(const Weight& w, int64_t p) {
+  if (!w.int4 || p >= kv512(w)) return p;
+  const int64_t c = p & ~int64_t(31), j = p & 31;
+  return c + (j < 16 ? 2 * j : 2 * (j - 16) + 1);
+}
+
+template <Rnd R>
+QK_T512 inline __m512 round512(__m512 v) {
+  if constexpr (R == Rnd::BF16) {
+    // round half to even to the top 16 bits; a NaN becomes a quiet NaN with the same top bits
+    // (the bias trick could turn it into Inf or flip its sign).
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i t = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+    t = _mm512_and_si512(t, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)));
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    t = _mm512_mask_mov_epi32(t, nan, _mm512_or_si512(u, _mm512_set1_epi32(0x00400000)));
+    return _mm512_castsi512_ps(t);
+  } else if constexpr (R == Rnd::F16) {
+    return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  } else {
+    return v;
+  }
+}
+
+// 16 values already rounded to bf16 (round512<BF16>) -> their 16-bit patterns.
+QK_T512 inline __m256i bf16_words(__m512 v) {
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16));
+}
+
+// The 16 spec weights rnd((v - z) * s), v = 0..15, as fp32 (reference: (q - z) exact, one fp32 product).
+template <Rnd R>
+QK_T512 inline __m512 table512(float s, int32_t z) {
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  return round512<R>(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(iota, _mm512_set1_epi32(z))), _mm512_set1_ps(s)));
+}
+
+// Group of K position p (< the natural-order tail, so also of its natural k): no division.
+inline int64_t group512(const Weight& w, int64_t p) { return w.ng == 1 ? 0 : p >> w.gshift; }
+
+// Software prefetch distance of the decoders, in weight bytes ahead of the byte being decoded (rows
+// are contiguous, so this runs into the next rows): a steady stream of one prefetch per line. M = 1,
+// 6 x (4096 x 11008) int4, 1 thread, 3 runs each: no prefetch 5.7-8.7 ms/layer; 4 KB 3.9-5.7;
+// 16 KB 4.5-5.3; 64 KB 4.4-5.3 (a shared, loaded machine).
+inline int64_t pf_dist() { return 4096; }
+
+inline int32_t zero_of(const Weight& w, int64_t n, int64_t g) { return w.has_zero ? w.zero[n * w.ng + g] : 8; }
+
+// Row n, K positions [p0, p1) (p0 a multiple of 64) in the AVX-512 K order -> fp32 spec weights.
+template <Rnd R>
+QK_T512 void decode512_f32(const Weight& w, int64_t n, int64_t p0, int64_t p1, float* out) {
+  int64_t p = p0;
+  if (!w.int4) {
+    const int8_t* q = w.q8 + n * w.K;
+    const __m512 sv = _mm512_set1_ps(w.scale[n]);
+    const int64_t pf = pf_dist();
+    for (; p + 16 <= p1; p += 16) {
+      if (pf && (p & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(q + p + pf), _MM_HINT_T0);
+      _mm512_storeu_ps(out + p - p0, round512<R>(_mm512_mul_ps(
+          _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + p)))), sv)));
+    }
+  } else {
+    const uint8_t* q = w.q4 + n * (w.K / 2);
+    const __m512i flip = _mm512_set1_epi32(w.has_zero ? 0 : 0x88);  // signed nibbles: u ^ 8, zero' = 8
+    const int64_t pe = std::min(p1, kv512(w));
+    int64_t gcur = -1;
+    __m512 T = _mm512_setzero_ps();
+    const int64_t pf = pf_dist();
+    for (; p + 32 <= pe; p += 32) {
+      if (pf && (p & 127) == 0) _mm_prefetch(reinterpret_cast<const char*>(q + p / 2 + pf), _MM_HINT_T0);
+      const int64_t g = group512(w, p);
+      if (g != gcur) {
+        T = table512<R>(w.scale[n * w.ng + g], zero_of(w, n, g));
+        gcur = g;
+      }
+      const __m512i b = _mm512_xor_si512(
+          _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + p / 2))), flip);
+      _mm512_storeu_ps(out + p - p0, _mm512_permutexvar_ps(b, T));  // vpermps: index bits 3:0
+      _mm512_storeu_ps(out + p - p0 + 16, _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), T));
+    }
+  }
+  for (; p < p1; ++p) out[p - p0] = weight_at(w, n, p, R);  // natural-order tail
+}
+
+// Row n, K positions [p0, p1) (p0 a multiple of 64) -> bf16 patterns of the spec weights; an odd
+// count is padded with one zero (the pair unit of vdpbf16ps).
+QK_TBF16 void decode512_bf16(const Weight& w, int64_t n, int64_t p0, int64_t p1, uint16_t* out) {
+  int64_t p = p0;
+  if (!w.int4) {
+    const int8_t* q = w.q8 + n * w.K;
+    const __m512 sv = _mm512_set1_ps(w.scale[n]);
+    if (w.scale[n] == 0.0f || std::fabs(w.scale[n]) >= FLT_MIN) {
+      // q * s is then never denormal, and vcvtne2ps2bf16 (RNE; only its denormals-are-zero differs
+      // from the reference's rounding) gives the exact bf16 weight, NaN and Inf included.
+      const int64_t pf = pf_dist();
+      for (; p + 32 <= p1; p += 32) {
+        if (pf && (p & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(q + p + pf), _MM_HINT_T0);
+        const __m512 a = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + p)))), sv);
+        const __m512 b = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + p + 16)))), sv);
+        _mm512_storeu_si512(out + p - p0, (__m512i)_mm512_cvtne2ps_pbh(b, a));
+      }
+    }
+    for (; p + 16 <= p1; p += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + p - p0),
+                          bf16_words(round512<Rnd::BF16>(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                              _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + p)))), sv))));
+  } else {
+    const uint8_t* q = w.q4 + n * (w.K / 2);
+    const int64_t pe = std::min(p1, kv512(w));
+    // 64 elements (32 bytes) per step: vpmovzxbw, then vpermw through a 32-word table holding the
+    // 16 weights of the group of bytes 0..15 and the 16 of the group of bytes 16..31.
+    const __m512i flip = _mm512_set1_epi16(w.has_zero ? 0 : 0x88);
+    const __m512i m15 = _mm512_set1_epi16(15);
+    const __m512i upper = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(16), 1);
+    int64_t ga = -1, gb = -1;
+    __m512i T = _mm512_setzero_si512();
+    const int64_t pf = pf_dist();
+    for (; p + 64 <= pe; p += 64) {
+      if (pf && (p & 127) == 0) _mm_prefetch(reinterpret_cast<const char*>(q + p / 2 + pf), _MM_HINT_T0);
+      const int64_t g0 = group512(w, p), g1 = group512(w, p + 32);
+      if (g0 != ga || g1 != gb) {
+        const __m256i t0 = bf16_words(table512<Rnd::BF16>(w.scale[n * w.ng + g0], zero_of(w, n, g0)));
+        const __m256i t1 = g1 == g0 ? t0 : bf16_words(table512<Rnd::BF16>(w.scale[n * w.ng + g1], zero_of(w, n, g1)));
+        T = _mm512_inserti64x4(_mm512_castsi256_si512(t0), t1, 1);
+        ga = g0;
+        gb = g1;
+      }
+      const __m512i b = _mm512_xor_si512(
+          _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + p / 2))), flip);
+      const __m512i lo = _mm512_permutexvar_epi16(_mm512_or_si512(_mm512_and_si512(b, m15), upper), T);
+      const __m512i hi = _mm512_permutexvar_epi16(_mm512_or_si512(_mm512_srli_epi16(b, 4), upper), T);
+      // lo = [even of bytes 0..15 | even of 16..31], hi likewise odd -> [even, odd] per 32-chunk
+      _mm512_storeu_si512(out + p - p0, _mm512_shuffle_i64x2(lo, hi, 0x44));
+      _mm512_storeu_si512(out + p - p0 + 32, _mm512_shuffle_i64x2(lo, hi, 0xEE));
+    }
+    if (p + 32 <= pe) {  // one 32-chunk left: the fp32 table path
+      const int64_t g = group512(w, p);
+      const __m512 T32 = table512<Rnd::BF16>(w.scale[n * w.ng + g], zero_of(w, n, g));
+      const __m512i b = _mm512_xor_si512(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + p / 2))),
+                                         _mm512_set1_epi32(w.has_zero ? 0 : 0x88));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + p - p0), bf16_words(_mm512_permutexvar_ps(b, T32)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + p - p0 + 16),
+                          bf16_words(_mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), T32)));
+      p += 32;
+    }
+  }
+  for (; p < p1; ++p) out[p - p0] = c10::BFloat16(weight_at(w, n, p, Rnd::BF16)).x;
+  if ((p1 - p0) & 1) out[p1 - p0] = 0;
+}
+
+// Units [u0, u0 + uc) of row n (or zeros for a padding row) into dst, zero-padded to ucp units.
+template <bool BD>
+QK_T512 void decode_units(const Weight& w, Rnd r, int64_t n, int64_t u0, int64_t uc, int64_t ucp, uint32_t* dst) {
+  if (n >= w.N) {
+    std::memset(dst, 0, ucp * 4);
+    return;
+  }
+  if constexpr (BD) {
+    decode512_bf16(w, n, 2 * u0, std::min(2 * (u0 + uc), w.K), reinterpret_cast<uint16_t*>(dst));
+  } else {
+    float* f = reinterpret_cast<float*>(dst);
+    if (r == Rnd::F32) decode512_f32<Rnd::F32>(w, n, u0, u0 + uc, f);
+    else if (r == Rnd::BF16) decode512_f32<Rnd::BF16>(w, n, u0, u0 + uc, f);
+    else decode512_f32<Rnd::F16>(w, n, u0, u0 + uc, f);
+  }
+  if (ucp > uc) std::memset(dst + uc, 0, (ucp - uc) * 4);
+}
+
+// Prefetch the weight bytes of rows [n, n + nr) that hold K units [u0, u0 + uc) (next tile).
+template <int HINT = _MM_HINT_T0>
+inline void prefetch_units(const Weight& w, bool bd, int64_t n, int64_t nr, int64_t u0, int64_t uc) {
+  const int64_t k0 = bd ? 2 * u0 : u0, k1 = std::min(w.K, bd ? 2 * (u0 + uc) : u0 + uc);
+  for (int64_t i = n; i < std::min(n + nr, w.N); ++i) {
+    const char* base = w.int4 ? reinterpret_cast<const char*>(w.q4 + i * (w.K / 2)) + k0 / 2
+                              : reinterpret_cast<const char*>(w.q8 + i * w.K) + k0;
+    const int64_t bytes = w.int4 ? (k1 - k0 + 1) / 2 : k1 - k0;
+    for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(base + b, static_cast<_mm_hint>(HINT));
+  }
+}
+
+// Micro tiles of the tiled path: C[r][lane] (+)= sum_u x[u][lane] . w[r][u] for 16 * MZ lanes (rows
+// of x) and NR weight rows; x is packed [U][16] per 16 rows of x (xa: lanes 0..15, xb: 16..31).
+template <int MZ, int NR>
+QK_T512 void micro_f32(const uint32_t* xa, const uint32_t* xb, const uint32_t* wt, int64_t uc, float* c,
+                       int64_t ldc, bool first) {
+  __m512 acc[NR][MZ];
+  for (int r = 0; r < NR; ++r)
+    for (int z = 0; z < MZ; ++z) acc[r][z] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(c + r * ldc + 16 * z);
+  const float* X0 = reinterpret_cast<const float*>(xa);
+  const float* X1 = reinterpret_cast<const float*>(xb);
+  const float* W = reinterpret_cast<const float*>(wt);
+  for (int64_t u = 0; u < uc; ++u) {
+    const __m512 x0 = _mm512_loadu_ps(X0 + u * 16);
+    const __m512 x1 = MZ > 1 ? _mm512_loadu_ps(X1 + u * 16) : x0;
+#pragma GCC unroll 12
+    for (int r = 0; r < NR; ++r) {
+      const __m512 wv = _mm512_set1_ps(W[r * kKCU512 + u]);  // one base register for all rows
+      acc[r][0] = _mm512_fmadd_ps(x0, wv, acc[r][0]);
+      if constexpr (MZ > 1) acc[r][1] = _mm512_fmadd_ps(x1, wv, acc[r][1]);
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int z = 0; z < MZ; ++z) _mm512_storeu_ps(c + r * ldc + 16 * z, acc[r][z]);
+}
+
+template <int MZ, int NR>
+QK_TBF16 void micro_bf16(const uint32_t* xa, const uint32_t* xb, const uint32_t* wt, int64_t uc, float* c,
+                         int64_t ldc, bool first) {
+  __m512 acc[NR][MZ];
+  for (int r = 0; r < NR; ++r)
+    for (int z = 0; z < MZ; ++z) acc[r][z] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(c + r * ldc + 16 * z);
+  for (int64_t u = 0; u < uc; ++u) {
+    const __m512i x0 = _mm512_loadu_si512(xa + u * 16);
+    const __m512i x1 = MZ > 1 ? _mm512_loadu_si512(xb + u * 16) : x0;
+#pragma GCC unroll 12
+    for (int r = 0; r < NR; ++r) {
+      const __m512i wv = _mm512_set1_epi32(static_cast<int>(wt[r * kKCU512 + u]));
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], (__m512bh)x0, (__m512bh)wv);
+      if constexpr (MZ > 1) acc[r][1] = _mm512_dpbf16_ps(acc[r][1], (__m512bh)x1, (__m512bh)wv);
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int z = 0; z < MZ; ++z) _mm512_storeu_ps(c + r * ldc + 16 * z, acc[r][z]);
+}
+
+// GEMV tile: MM rows of x (units [MM][ldx], zero-padded to a multiple of 16) x NR weight rows from
+// n0, all of K; each K block of NR rows is decoded into buf (L1) and dotted with x in zmm. TWO: two
+// accumulator sets (alternate 16-unit steps) for more chains in flight when MM * NR is small.
+template <int MM, int NR, bool TWO>
+QK_T512 void gemv512_f32(const Weight& w, Rnd rnd, const uint32_t* xu, int64_t ldx, int64_t U, int64_t n0, float* y,
+                         uint32_t* buf) {
+  __m512 acc[2][MM][NR];
+  for (int a = 0; a < 2; ++a)
+    for (int m = 0; m < MM; ++m)
+      for (int r = 0; r < NR; ++r) acc[a][m][r] = _mm512_setzero_ps();
+  const float* X = reinterpret_cast<const float*>(xu);
+  const float* Bf = reinterpret_cast<const float*>(buf);
+  // whole rows (contiguous in memory: sequential reads, prefetched pf_dist() bytes ahead)
+  for (int r = 0; r < NR; ++r) {
+    decode_units<false>(w, rnd, n0 + r, 0, U, ldx, buf + r * ldx);
+  }
+  {
+    const int64_t u0 = 0;
+    for (int64_t u = 0; u < ldx; u += 32) {
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h) {
+        __m512 xv[MM];
+        for (int m = 0; m < MM; ++m) xv[m] = _mm512_loadu_ps(X + m * ldx + u0 + u + 16 * h);
+        for (int r = 0; r < NR; ++r) {
+          const __m512 wv = _mm512_loadu_ps(Bf + r * ldx + u + 16 * h);
+          for (int m = 0; m < MM; ++m) {
+            __m512& a = acc[TWO ? h : 0][m][r];
+            a = _mm512_fmadd_ps(xv[m], wv, a);
+          }
+        }
+      }
+    }
+  }
+  for (int m = 0; m < MM; ++m)
+    for (int r = 0; r < NR; ++r) y[m * w.N + n0 + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][m][r], acc[1][m][r]));
+}
+
+template <int MM, int NR, bool TWO>
+QK_TBF16 void gemv512_bf16(const Weight& w, Rnd rnd, const uint32_t* xu, int64_t ldx, int64_t U, int64_t n0, float* y,
+                           uint32_t* buf) {
+  __m512 acc[2][MM][NR];
+  for (int a = 0; a < 2; ++a)
+    for (int m = 0; m < MM; ++m)
+      for (int r = 0; r < NR; ++r) acc[a][m][r] = _mm512_setzero_ps();
+  // whole rows (contiguous in memory: sequential reads, prefetched pf_dist() bytes ahead)
+  for (int r = 0; r < NR; ++r) {
+    decode_units<true>(w, rnd, n0 + r, 0, U, ldx, buf + r * ldx);
+  }
+  {
+    const int64_t u0 = 0;
+    for (int64_t u = 0; u < ldx; u += 32) {
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h) {
+        __m512i xv[MM];
+        for (int m = 0; m < MM; ++m) xv[m] = _mm512_loadu_si512(xu + m * ldx + u0 + u + 16 * h);
+        for (int r = 0; r < NR; ++r) {
+          const __m512i wv = _mm512_loadu_si512(buf + r * ldx + u + 16 * h);
+          for (int m = 0; m < MM; ++m) {
+            __m512& a = acc[TWO ? h : 0][m][r];
+            a = _mm512_dpbf16_ps(a, (__m512bh)xv[m], (__m512bh)wv);
+          }
+        }
+      }
+    }
+  }
+  for (int m = 0; m < MM; ++m)
+    for (int r = 0; r < NR; ++r) y[m * w.N + n0 + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][m][r], acc[1][m][r]));
+}
+
+template <bool BD, int MM>
+void gemv512_rows_mm(const Weight& w, Rnd rnd, const uint32_t* xu, int64_t ldx, int64_t U, int64_t n0, int64_t n1,
+                     float* y, uint32_t* buf) {
+  constexpr int NR = MM <= 2 ? 4 : 2;
+  constexpr bool TWO = MM <= 4;
+  int64_t n = n0;
+  for (; n + NR <= n1; n += NR) {
+    if constexpr (BD) gemv512_bf16<MM, NR, TWO>(w, rnd, xu, ldx, U, n, y, buf);
+    else gemv512_f32<MM, NR, TWO>(w, rnd, xu, ldx, U, n, y, buf);
+  }
+  for (; n < n1; ++n) {
+    if constexpr (BD) gemv512_bf16<MM, 1, true>(w, rnd, xu, ldx, U, n, y, buf);
+    else gemv512_f32<MM, 1, true>(w, rnd, xu, ldx, U, n, y, buf);
+  }
+}
+
+template <bool BD>
+void gemv512_rows(const Weight& w, Rnd rnd, const uint32_t* xu, int64_t ldx, int64_t U, int64_t M, int64_t n0,
+                  int64_t n1, float* y, uint32_t* buf) {
+  switch (M) {
+    case 1: gemv512_rows_mm<BD, 1>(w, rnd, xu, ldx, U, n0, n1, y, buf); break;
+    case 2: gemv512_rows_mm<BD, 2>(w, rnd, xu, ldx, U, n0, n1, y, buf); break;
+    case 3: gemv512_rows_mm<BD, 3>(w, rnd, xu, ldx, U, n0, n1, y, buf); break;
+    case 4: gemv512_rows_mm<BD, 4>(w, rnd, xu, ldx, U, n0, n1, y, buf); break;
+    case 5: gemv512_rows_mm<BD, 5>(w, rnd, xu, ldx, U, n0, n1, y, buf); break;
+    case 6: gemv512_rows_mm<BD, 6>(w, rnd, xu, ldx, U, n0, n1, y, buf); break;
+    case 7: gemv512_rows_mm<BD, 7>(w, rnd, xu, ldx, U, n0, n1, y, buf); break;
+    default: gemv512_rows_mm<BD, 8>(w, rnd, xu, ldx, U, n0, n1, y, buf); break;
+  }
+}
+
+// y[m][j] = c[j * ldc + m] (+ bias[j]) for m, j < 16, cast to y's dtype (round half to even, as
+// .to(dtype)): a 16 x 16 register transpose of the tiled path's transposed C.
+template <Rnd R>
+QK_T512 void store16x16(const float* c, int64_t ldc, const float* bias, char* y, int64_t ldy) {
+  __m512 r[16], t[16];
+  for (int j = 0; j < 16; ++j) r[j] = _mm512_loadu_ps(c + j * ldc);
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // r[4i + k], lane L: column 4L + k of rows 4i .. 4i + 3
+    r[4 * i + 0] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  const __m512 bv = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
+  for (int k = 0; k < 4; ++k) {
+    const __m512 v0 = _mm512_shuffle_f32x4(r[k], r[4 + k], 0x88), w0 = _mm512_shuffle_f32x4(r[k], r[4 + k], 0xDD);
+    const __m512 v1 = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0x88), w1 = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0xDD);
+    const __m512 col[4] = {_mm512_shuffle_f32x4(v0, v1, 0x88), _mm512_shuffle_f32x4(w0, w1, 0x88),
+                           _mm512_shuffle_f32x4(v0, v1, 0xDD), _mm512_shuffle_f32x4(w0, w1, 0xDD)};
+    for (int L = 0; L < 4; ++L) {  // output row m = 4L + k
+      __m512 v = col[L];
+      if (bias) v = _mm512_add_ps(v, bv);
+      const int64_t m = 4 * L + k;
+      if constexpr (R == Rnd::F32) {
+        _mm512_storeu_ps(reinterpret_cast<float*>(y) + m * ldy, v);
+      } else if constexpr (R == Rnd::BF16) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(reinterpret_cast<uint16_t*>(y) + m * ldy),
+                            bf16_words(round512<Rnd::BF16>(v)));
+      } else {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(reinterpret_cast<uint16_t*>(y) + m * ldy),
+                            _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      }
+    }
+  }
+}
+
+using MicroFn = void (*)(const uint32_t*, const uint32_t*, const uint32_t*, int64_t, float*, int64_t, bool);
+
+// Tiled path: threads split N into chunks of kNC512 rows; per chunk and K block of kKCU512 units the
+// rows are decoded once into wbuf, then every 32 (16) rows of x run 12-row micro tiles over it.
+// C is kept transposed (cbuf[n][m], the micro tiles' lane order) and stored with bias + cast at the end.
+template <bool BD>
+void tiled512(const Weight& w, Rnd rnd, const uint32_t* xpack, int64_t M, int64_t Mp, int64_t U, at::ScalarType st,
+              const float* B, char* Y, int64_t esize) {
+  const MicroFn m1 = BD ? &micro_bf16<1, kNR512> : &micro_f32<1, kNR512>;
+  const MicroFn m2 = BD ? &micro_bf16<2, kNR512> : &micro_f32<2, kNR512>;
+  // Rows per chunk (times mult below): their decoded units, all of K (bf16 pairs 48 x 8 KB, fp32 24 x 16 KB at
+// K = 4096), are read one K block (256 units) at a time while every 32 rows of x pass over it.
+  // For M > 32, up to 4x larger chunks: the packed x (M x K units) streams from L3 once per chunk.
+  // 1 thread, w8a16 bf16 x, 4096 x 11008, one process: M = 512 249 / 204 / 187 ms at 1x / 2x / 4x,
+  // M = 128 62.5 / 58.8 / 58.7 ms. Halved while that leaves fewer than 12 chunks per thread (balance).
+  const int64_t NC0 = BD ? kNC512 : kNC512 / 2;
+  int64_t mult = M > 32 ? 4 : 1;
+  while (mult > 1 && (w.N + NC0 * mult - 1) / (NC0 * mult) < 12 * at::get_num_threads()) mult /= 2;
+  const int64_t NC = NC0 * mult;
+  const int64_t N = w.N, n_chunks = (N + NC - 1) / NC;
+  at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
+    const int64_t nblk = (U + kKCU512 - 1) / kKCU512;
+    std::vector<uint32_t> wbuf(nblk * NC * kKCU512);  // [K block][row][kKCU512 units]
+    std::vector<float> cbuf(NC * Mp), obuf(Mp * NC);
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t n0 = c * NC, nc = std::min(NC, N - n0);
+      const int64_t ntiles = (nc + kNR512 - 1) / kNR512;
+      // The chunk's rows are one contiguous stretch of the weight: decode them row after row
+      // (sequential reads), prefetching the next chunk's rows into L2 meanwhile. Each row is stored
+      // in blocks of kKCU512 units, so that the micro tiles address all rows from one register.
+      for (int64_t i = 0; i < ntiles * kNR512; ++i) {
+        if (c + 1 < c1) prefetch_units<_MM_HINT_T1>(w, BD, n0 + NC + i, 1, 0, U);
+        for (int64_t b = 0; b < nblk; ++b) {
+          const int64_t u0 = b * kKCU512, uc = std::min(kKCU512, U - u0);
+          decode_units<BD>(w, rnd, i < nc ? n0 + i : w.N, u0, uc, uc, wbuf.data() + (b * NC + i) * kKCU512);
+        }
+      }
+      for (int64_t u0 = 0; u0 < U; u0 += kKCU512) {
+        const int64_t uc = std::min(kKCU512, U - u0);
+        for (int64_t m0 = 0; m0 < Mp;) {
+          const bool two = m0 + 32 <= Mp;
+          const uint32_t* xa = xpack + (m0 / 16) * U * 16 + u0 * 16;
+          for (int64_t t = 0; t < ntiles; ++t)
+            (two ? m2 : m1)(xa, xa + U * 16, wbuf.data() + ((u0 / kKCU512) * NC + t * kNR512) * kKCU512, uc,
+                            cbuf.data() + t * kNR512 * Mp + m0, Mp, u0 == 0);
+          m0 += two ? 32 : 16;
+        }
+      }
+      // full 16 x 16 blocks with register transposes, the ragged rest through obuf (scalar)
+      const int64_t M16 = M / 16 * 16, nc16 = nc / 16 * 16;
+      for (int64_t m0 = 0; m0 < M16; m0 += 16)
+        for (int64_t j0 = 0; j0 < nc16; j0 += 16) {
+          const float* cb = cbuf.data() + j0 * Mp + m0;
+          const float* bb = B ? B + n0 + j0 : nullptr;
+          char* yb = Y + (m0 * N + n0 + j0) * esize;
+          if (st == at::kFloat) store16x16<Rnd::F32>(cb, Mp, bb, yb, N);
+          else if (st == at::kBFloat16) store16x16<Rnd::BF16>(cb, Mp, bb, yb, N);
+          else store16x16<Rnd::F16>(cb, Mp, bb, yb, N);
+        }
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t j = m < M16 ? nc16 : 0; j < nc; ++j) obuf[m * NC + j] = cbuf[j * Mp + m];
+      if (nc16 < nc) store_any(st, obuf.data() + nc16, NC, M16, nc - nc16, B ? B + n0 + nc16 : nullptr, Y + (n0 + nc16) * esize, N);
+      if (M16 < M) store_any(st, obuf.data() + M16 * NC, NC, M - M16, nc, B ? B + n0 : nullptr, Y + (M16 * N + n0) * esize, N);
+    }
+  });
+}
+
+// x (contiguous [M, K]) -> 4-byte units [M, ldx] in the AVX-512 K order: fp32 values, or (bd, x is
+// bf16) pairs of bf16; zero-padded to ldx units.
+at::Tensor x_units512(const at::Tensor& x, const Weight& w, bool bd, int64_t ldx) {
+  const int64_t K = w.K;
+  at::Tensor xk = bd ? x : x.to(at::kFloat);
+  if (w.int4 && kv512(w) > 0) {
+    std::vector<int64_t> idx(K);
+    for (int64_t p = 0; p < K; ++p) idx[p] = k_of_pos512(w, p);
+    xk = xk.index_select(1, at::tensor(idx, at::kLong));
+  }
+  // fresh row-major storage (a size-1 dim of x can carry any stride, which .view(kInt) rejects)
+  at::Tensor out = at::zeros({xk.size(0), bd ? 2 * ldx : ldx}, xk.options());
+  out.narrow(1, 0, K).copy_(xk);
+  return out.view(at::kInt);
+}
+
+at::Tensor weight_only_gemm512(const at::Tensor& x_in, const Weight& w, const at::Tensor& bias, bool bd) {
+  const int64_t M = x_in.size(0), N = w.N, K = w.K;
+  const at::ScalarType st = x_in.scalar_type();
+  at::Tensor y = at::empty({M, N}, x_in.options());
+  if (M == 0 || N == 0) return y;
+  const Rnd rnd = st == at::kFloat ? Rnd::F32 : (st == at::kBFloat16 ? Rnd::BF16 : Rnd::F16);
+  const float* B = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  const int64_t esize = y.element_size();
+  char* Y = static_cast<char*>(y.data_ptr());
+  const at::Tensor x = x_in.contiguous();
+  const int64_t U = bd ? (K + 1) / 2 : K;
+  if (M <= kGemvSplitM) {
+    const int64_t ldx = (U + 31) / 32 * 32;
+    const at::Tensor xu = x_units512(x, w, bd, ldx);
+    const uint32_t* XU = reinterpret_cast<const uint32_t*>(xu.data_ptr<int32_t>());
+    at::Tensor acc = st == at::kFloat ? y : at::empty({M, N}, y.options().dtype(at::kFloat));
+    float* A = acc.data_ptr<float>();
+    const int64_t grain = std::max<int64_t>(16, (1 << 15) / K);  // small layers stay on one thread
+    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+      std::vector<uint32_t> buf(4 * ldx);
+      if (bd) gemv512_rows<true>(w, rnd, XU, ldx, U, M, n0, n1, A, buf.data());
+      else gemv512_rows<false>(w, rnd, XU, ldx, U, M, n0, n1, A, buf.data());
+    });
+    if (st != at::kFloat || B) store_any(st, A, N, M, N, B, Y, N);
+    return y;
+  }
+  const int64_t Mp = (M + 15) / 16 * 16;
+  const at::Tensor xu = x_units512(x, w, bd, U);
+  const at::Tensor xpack = at::constant_pad_nd(xu, {0, 0, 0, Mp - M}).reshape({Mp / 16, 16, U}).transpose(1, 2).contiguous();
+  const uint32_t* XP = reinterpret_cast<const uint32_t*>(xpack.data_ptr<int32_t>());
+  if (bd) tiled512<true>(w, rnd, XP, M, Mp, U, st, B, Y, esize);
+  else tiled512<false>(w, rnd, XP, M, Mp, U, st, B, Y, esize);
+  return y;
+}
+#endif
+
+// Paths by ISA: what the active level lets the kernels use.
+enum class Path { Portable, Avx2, Avx512, Avx512Bf16 };
+
+at::Tensor weight_only_gemm(const at::Tensor& x_in, const Weight& w, const at::Tensor& bias, Path path) {
+#if QK_X86
+  // fp32 x, M <= 4: the AVX2 GEMV (scale factored out of the K-sum) beats the zmm decode-to-buffer
+  // GEMV, whose fp32 rows overflow L1: 1 thread, M = 1, 6 x (4096 x 11008) rotating (DRAM), int8
+  // 3.7 vs 7.9 ms, int4 3.8 vs 7.0 ms; 4096 x 4096 in cache 0.74 vs 1.86, 0.79 vs 1.64 ms.
+  const bool avx2_gemv_fp32 = x_in.scalar_type() == at::kFloat && x_in.size(0) <= kMaxGemvM;
+  if ((path == Path::Avx512 || path == Path::Avx512Bf16) && !avx2_gemv_fp32)
+    return weight_only_gemm512(x_in, w, bias, path == Path::Avx512Bf16 && x_in.scalar_type() == at::kBFloat16);
+#endif
+  const bool avx2 = path != Path::Portable;
   const int64_t M = x_in.size(0), N = w.N, K = w.K;
   const at::ScalarType st = x_in.scalar_type();
   at::Tensor y = at::empty({M, N}, x_in.options());
@@ -685,7 +1238,7 @@ at::Tensor weight_only_gemm(const at::Tensor& x_in, const Weight& w, const at::T
     // fp32 w4a16 M = 5 / 8 ~5.3 / 5.9 ms tiled vs ~2.1 ms per chunk; w8a16 ~4.8 / 5.3 vs ~1.6.
     for (int64_t m0 = 0; m0 < M; m0 += kMaxGemvM) {
       const int64_t mc = std::min(kMaxGemvM, M - m0);
-      y.narrow(0, m0, mc).copy_(weight_only_gemm(x_in.narrow(0, m0, mc), w, bias, avx2));
+      y.narrow(0, m0, mc).copy_(weight_only_gemm(x_in.narrow(0, m0, mc), w, bias, path));
     }
     return y;
   }
@@ -833,13 +1386,16 @@ at::Tensor check_bias(const char* op, const std::optional<at::Tensor>& bias, int
   return b.to(at::kFloat).contiguous();
 }
 
-bool use_avx2() {
+Path use_path() {
   const Isa isa = active_isa();  // read once per call, on the calling thread
 #if QK_X86
-  return isa_has_avx2(isa) && cpu_has_f16c();
+  if (!isa_has_avx2(isa) || !cpu_has_f16c()) return Path::Portable;
+  if (isa_has_bf16dot(isa)) return Path::Avx512Bf16;
+  if (isa_has_avx512(isa)) return Path::Avx512;
+  return Path::Avx2;
 #else
   (void)isa;
-  return false;
+  return Path::Portable;
 #endif
 }
 
@@ -861,7 +1417,7 @@ at::Tensor w8a16_gemm_cpu(const at::Tensor& x_in, const at::Tensor& b_in, const 
   check_device(op, "b", b_in, "x", x_in);
   check_device(op, "scale_b", scale_in, "x", x_in);
   const at::Tensor bias = check_bias(op, bias_in, N, x_in);
-  const bool avx2 = use_avx2();
+  const Path path = use_path();
 
   const at::Tensor b = b_in.contiguous(), scale = scale_in.contiguous();
   Weight w;
@@ -871,7 +1427,7 @@ at::Tensor w8a16_gemm_cpu(const at::Tensor& x_in, const at::Tensor& b_in, const 
   w.K = K;
   w.G = K;
   w.Kv = K / 8 * 8;
-  return weight_only_gemm(x_in, w, bias, avx2);
+  return weight_only_gemm(x_in, w, bias, path);
 }
 
 at::Tensor w4a16_gemm_cpu(const at::Tensor& x_in, const at::Tensor& b_in, const at::Tensor& scale_in,
@@ -907,7 +1463,7 @@ at::Tensor w4a16_gemm_cpu(const at::Tensor& x_in, const at::Tensor& b_in, const 
   check_x(op, x_in, K);
   check_device(op, "b_packed", b_in, "x", x_in);
   const at::Tensor bias = check_bias(op, bias_in, N, x_in);
-  const bool avx2 = use_avx2();
+  const Path path = use_path();
 
   const at::Tensor b = b_in.contiguous(), scale = scale_in.contiguous();
   const at::Tensor zero = zero_in.has_value() ? zero_in->contiguous() : at::Tensor();
@@ -922,7 +1478,8 @@ at::Tensor w4a16_gemm_cpu(const at::Tensor& x_in, const at::Tensor& b_in, const 
   w.ng = ng;
   w.G = G;
   w.Kv = K / 16 * 16;  // G is a multiple of 16 unless G = K (one group)
-  return weight_only_gemm(x_in, w, bias, avx2);
+  w.gshift = ng > 1 ? __builtin_ctzll(static_cast<unsigned long long>(G)) : 0;
+  return weight_only_gemm(x_in, w, bias, path);
 }
 
 }  // namespace
@@ -933,11 +1490,23 @@ namespace {
 // What each op runs per ISA level (quantkernels info).
 const bool w8a16_gemm_variant_registered = quantkernels::cpu::register_variant(
     "w8a16_gemm", [](quantkernels::cpu::Isa isa) -> const char* {
-      return quantkernels::cpu::isa_has_avx2(isa) ? "avx2: fp32 FMA tiles / GEMV (f16c conversions)" : "portable: scalar C++ loops";
+      using namespace quantkernels::cpu;
+      if (isa_has_bf16dot(isa))
+        return "avx512_bf16: bf16 x vdpbf16ps 32x12 tiles (M >= 9) / GEMV, fp32 + fp16 x zmm FMA tiles / GEMV "
+               "(fp32 x M <= 4: avx2 GEMV)";
+      if (isa_has_avx512(isa))
+        return "avx512: zmm fp32 FMA 32x12 tiles (M >= 9) / GEMV, all x dtypes (fp32 x M <= 4: avx2 GEMV)";
+      return isa_has_avx2(isa) ? "avx2: fp32 FMA tiles / GEMV (f16c conversions)" : "portable: scalar C++ loops";
     });
 const bool w4a16_gemm_variant_registered = quantkernels::cpu::register_variant(
     "w4a16_gemm", [](quantkernels::cpu::Isa isa) -> const char* {
-      return quantkernels::cpu::isa_has_avx2(isa) ? "avx2: fp32 FMA tiles / GEMV, pshufb tables for bf16/fp16 x" : "portable: scalar C++ loops";
+      using namespace quantkernels::cpu;
+      if (isa_has_bf16dot(isa))
+        return "avx512_bf16: bf16 x vdpbf16ps 32x12 tiles (M >= 9) / GEMV (vpermw tables), fp32 + fp16 x zmm FMA "
+               "tiles / GEMV (vpermps tables; fp32 x M <= 4: avx2 GEMV)";
+      if (isa_has_avx512(isa))
+        return "avx512: zmm fp32 FMA 32x12 tiles (M >= 9) / GEMV, vpermps tables, all x dtypes (fp32 x M <= 4: avx2 GEMV)";
+      return isa_has_avx2(isa) ? "avx2: fp32 FMA tiles / GEMV, pshufb tables for bf16/fp16 x" : "portable: scalar C++ loops";
     });
 }  // namespace
 
