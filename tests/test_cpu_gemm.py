@@ -2,7 +2,7 @@
 
 Compared with the pure-PyTorch reference functions (imported directly: once the native
 library is loaded, the op itself is the C++ kernel). int32 results are exact; the fp32
-epilogue is within 1e-5 of the fp64 formula (NUMERICS.md s.6); fp16/bf16 outputs match the
+epilogue is within 1e-5 of the fp64 formula (docs/numerics.md s.6); fp16/bf16 outputs match the
 reference within assert_close defaults. Every case runs on every ISA level
 (QUANTKERNELS_CPU_ISA=portable .. avx512_bf16, tests/_isa.py; levels the CPU lacks are skipped)
 and at 1 and 2 threads. Tails of the VNNI tiles: tests/test_cpu_int8_vnni.py.
@@ -290,7 +290,7 @@ def test_w8a8_gemm_handles_minus_128(isa):
 
 
 def test_end_to_end_sqnr():
-    # Quality against the unquantized F.linear (NUMERICS.md s.6 table: W8A8 38.2 dB).
+    # Quality against the unquantized F.linear (docs/numerics.md s.6 table: W8A8 38.2 dB).
     g = torch.Generator().manual_seed(0)
     x = torch.randn(256, 4096, generator=g)
     w = torch.randn(1024, 4096, generator=g) * 0.02

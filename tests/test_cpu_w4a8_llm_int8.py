@@ -3,7 +3,7 @@ llm_int8_linear (csrc/cpu/llm_int8.cpp) against the pure-PyTorch reference (impo
 once quantkernels._C is loaded, torch.ops.quantkernels.<op> is the C++ kernel) and fp64 formulas.
 
 Integers (q, outliers) exactly; fp32 outputs within 1e-5 of the fp64 formula relative to the size
-of its terms (NUMERICS.md s.6); fp16/bf16 outputs vs the reference with assert_close defaults.
+of its terms (docs/numerics.md s.6); fp16/bf16 outputs vs the reference with assert_close defaults.
 Every case runs on every ISA level (tests/_isa.py; levels the CPU lacks are skipped) and at 1 and 2 threads.
 """
 import itertools
@@ -222,7 +222,7 @@ def test_w4a8_gemm_non_contiguous(isa, threads):
 
 
 def test_w4a8_matches_reference_and_sqnr():
-    # The table of NUMERICS.md s.6: W4A8 g128 18.6 dB against the unquantized F.linear.
+    # The table of docs/numerics.md s.6: W4A8 g128 18.6 dB against the unquantized F.linear.
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 4096, generator=g)
     w = torch.randn(256, 4096, generator=g) * 0.02
@@ -320,7 +320,7 @@ def _llm_inputs(M, N, K, dtype, seed, bias_dtype=None):
 
 
 def _llm_fp64(x, wq, sw, bias, thr):
-    # NUMERICS.md s.5 in fp64 given the (bit-exact, tested above) quantizer output.
+    # docs/numerics.md s.5 in fp64 given the (bit-exact, tested above) quantizer output.
     q, sx, o = R.quantize_int8_rowwise_outliers(x, thr)
     main = (q.double() @ wq.double().t()) * sx.double()[:, None] * sw.double()[None, :]
     xo = torch.where(o, x.double(), torch.zeros((), dtype=torch.float64))
@@ -387,7 +387,7 @@ def test_llm_int8_linear_non_contiguous(isa, threads):
 
 
 def test_llm_int8_sqnr():
-    # NUMERICS.md s.6: W8A8 with 3 planted x60 outlier columns 19.8 dB, LLM.int8 40.1 dB.
+    # docs/numerics.md s.6: W8A8 with 3 planted x60 outlier columns 19.8 dB, LLM.int8 40.1 dB.
     g = torch.Generator().manual_seed(0)
     x = torch.randn(256, 4096, generator=g)
     x[:, [7, 1000, 3333]] *= 60

@@ -1,7 +1,7 @@
 """C++ CPU kernels of quantkernels::w8a16_gemm and quantkernels::w4a16_gemm (csrc/cpu/weight_only.cpp).
 
 The op (torch.ops.quantkernels.*) is the C++ kernel once quantkernels._C is loaded; the
-reference functions are imported directly. NUMERICS.md s.6: fp32 output within rel 1e-5 of
+reference functions are imported directly. docs/numerics.md s.6: fp32 output within rel 1e-5 of
 the fp64 evaluation of the formula (the kernel factors the scale out of the K-sum for fp32 x,
 so it is not bit-identical); fp16/bf16 output within assert_close defaults of the reference,
 whose weight is rounded to x's dtype element by element -- test_weight_rounded_per_element

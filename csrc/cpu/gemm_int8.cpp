@@ -271,7 +271,7 @@ void gemm_driver_widened(const at::Tensor& a, const at::Tensor& b, int64_t M, in
 // quantizes activations to 7 bits (reduce_range=True: u8 in [0, 127]), so maddubs cannot saturate
 // without any sign handling and it spends 3 vector ops per 32 multiply-adds (maddubs, madd, add)
 // against our 4 (+ abs per broadcast); Zen3 has no VNNI. Measured alone (bench/panel_micro.cpp): the same loop
-// without sign and abs (wrong results) runs at ~70-90 G/s, without the abs only at ~55-76 G/s. NUMERICS s.1 fixes
+// without sign and abs (wrong results) runs at ~70-90 G/s, without the abs only at ~55-76 G/s. docs/numerics.md s.1 fixes
 // 8-bit activations in [-127, 127], which this path computes exactly.
 // Blocking: KQ = 512 quads (2048 bytes of K: a 4-row weight strip is 8 KB in L1, a 16-token panel
 // 32 KB from L2), MT = 128 tokens (8 panels = 256 KB in L2 per K block), NT = 64 weight rows per

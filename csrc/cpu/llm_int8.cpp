@@ -1,4 +1,4 @@
-// LLM.int8() on CPU (NUMERICS.md section 5):
+// LLM.int8() on CPU (docs/numerics.md section 5):
 //   quantkernels::quantize_int8_rowwise_outliers   the activation quantizer with outlier columns
 //   quantkernels::llm_int8_linear                   int8 GEMM of the inliers + fp32 outlier correction
 //

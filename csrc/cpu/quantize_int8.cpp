@@ -1,5 +1,5 @@
 // quantkernels::quantize_int8_rowwise on CPU: symmetric absmax int8, one scale per row
-// (NUMERICS.md section 1), bit-exact with reference.py quantize_int8_rowwise.
+// (docs/numerics.md section 1), bit-exact with reference.py quantize_int8_rowwise.
 //
 // Per row r of x viewed as [M, K], all in fp32 (fp16/bf16 inputs are widened first, exactly):
 //   absmax = max_k |x[k]|, and NaN if any x[k] is NaN           (torch.amax propagates NaN)

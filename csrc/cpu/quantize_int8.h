@@ -1,4 +1,4 @@
-// The per-row symmetric int8 quantizer of quantize_int8.cpp (NUMERICS.md section 1), exposed
+// The per-row symmetric int8 quantizer of quantize_int8.cpp (docs/numerics.md section 1), exposed
 // so that other CPU kernels (the LLM.int8() outlier quantizer) reuse the exact same rounding,
 // NaN/Inf and all-zero-row rules instead of duplicating them.
 #pragma once

@@ -1,6 +1,6 @@
 // quantkernels::w4a8_gemm on CPU: int8 activations x group-wise int4 weights (PLAIN format).
 //
-//   Y[m, n] = sa[m] * sum_g sb[n, g] * c[m, n, g] (+ bias[n]),    NUMERICS.md section 4
+//   Y[m, n] = sa[m] * sum_g sb[n, g] * c[m, n, g] (+ bias[n]),    docs/numerics.md section 4
 //   c[m, n, g] = sum_{k in g} a[m, k] * (q[n, k] - z[n, g])       exact int32 per group
 //
 // a is int8 [M, K] (any value, -128 included), b_packed uint8 [N, K/2] with byte = lo | hi << 4
@@ -34,7 +34,7 @@
 // over g in order; then times sa[m], then + bias[n]; then the cast. Separate roundings: the AVX2
 // code is compiled with target("avx2") but not "fma", so mul + add are never contracted.
 // (torch's sum over groups is not sequential, so fp32 outputs match the reference within a
-// few ulps, not bit for bit; the tests compare with the fp64 formula, NUMERICS.md s.6.)
+// few ulps, not bit for bit; the tests compare with the fp64 formula, docs/numerics.md s.6.)
 //
 // Decode (M <= 4, K a multiple of 64, G = 32 or a multiple of 64): a separate GEMV (gemv_tile below), one pass over
 // the weights with the next tile prefetched; the per-group float work is deferred out of the K

@@ -21,7 +21,7 @@
 //   For fp32 x the per-group scale is factored out of the K-sum (sum_k x*(q - z)*s =
 //   s * (sum_k x*q' - z' * sum_k x) with q' the unsigned nibble, z' = 8 for signed nibbles
 //   after flipping bit 3), which saves the per-element subtract and multiply. Not bit-identical
-//   with the reference, but within NUMERICS.md s.6 (fp32 rel 1e-5): the in-register sums are
+//   with the reference, but within docs/numerics.md s.6 (fp32 rel 1e-5): the in-register sums are
 //   flushed every <= 128 elements and the correction z' * sum_k x is evaluated in fp64.
 //   For bf16/fp16 x the weight is rounded per element to x's dtype, as the spec says
 //   (bf16: integer round-half-even on the bits; fp16: vcvtps2ph/vcvtph2ps, F16C).
