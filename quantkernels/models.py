@@ -314,7 +314,9 @@ def eval_causal(path: Path, schemes: List[str], *, group_size: int = 128, thresh
         mem = qk.memory_footprint(model)
         ppl, n = perplexity(model, windows, desc=f"{scheme} perplexity")
         ppl_ref, same = ppl, True
-        if scheme not in ("fp32", "bf16") and reference and uses_native_kernels(scheme, torch.device("cpu")):
+        if scheme not in ("fp32", "bf16") and not reference:
+            ppl_ref, same = None, False  # not measured (--no-reference)
+        elif scheme not in ("fp32", "bf16") and uses_native_kernels(scheme, torch.device("cpu")):
             set_backend(model, "reference")
             ppl_ref, _ = perplexity(model, windows, desc=f"{scheme} perplexity (reference)")
             set_backend(model, "auto")
@@ -331,7 +333,7 @@ def eval_causal(path: Path, schemes: List[str], *, group_size: int = 128, thresh
                          memory_mib=mem / 2**20, prefill_tok_s=prefill, decode_tok_s=decode, ppl=ppl,
                          ppl_reference=ppl_ref, reference_is_same_kernels=same, tokens=n, generation=text,
                          same_prefix_as_fp32=match, quantized=len(rep.quantized) if rep else 0))
-        print(f"{spec}: ppl {ppl:.3f} (reference {ppl_ref:.3f}), {mem / 2**20:.0f} MiB, prefill {prefill:.0f} tok/s, "
+        print(f"{spec}: ppl {ppl:.3f} (reference {'not run' if ppl_ref is None else f'{ppl_ref:.3f}'}), {mem / 2**20:.0f} MiB, prefill {prefill:.0f} tok/s, "
               f"decode {decode:.1f} tok/s: {text!r}", file=sys.stderr)
         if model is not base:
             del model
@@ -357,6 +359,8 @@ def format_causal(res: Dict, model_name: str) -> str:
         vs = "" if fp is None or r is fp else f"{(r['ppl'] / fp['ppl'] - 1) * 100:+.1f}%"
         if r["scheme"] in ("fp32", "bf16"):
             ref, delta = "-", "-"
+        elif r["ppl_reference"] is None:
+            ref, delta = "not run (--no-reference)", "-"
         elif r["reference_is_same_kernels"]:
             ref, delta = f"{r['ppl_reference']:.3f}", "0 (auto runs the reference kernels)"
         else:
