@@ -14,3 +14,22 @@ def isa_params(levels=_native.ISA_LEVELS):
                                                   reason=f"this CPU/OS lacks ISA level {level} "
                                                          f"(it has: {', '.join(sorted(have)) or 'none'})"))
             for level in levels]
+
+
+@pytest.fixture(params=isa_params())
+def isa(request, monkeypatch):
+    """Runs the test at every ISA level (QUANTKERNELS_CPU_ISA set for it); import it into a test module."""
+    monkeypatch.setenv("QUANTKERNELS_CPU_ISA", request.param)
+    assert _native.cpu_isa() == request.param
+    return request.param
+
+
+@pytest.fixture(params=[1, 2], ids=lambda t: f"threads{t}")
+def threads(request):
+    """Runs the test at 1 and 2 torch threads, then restores the count."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(old)

@@ -20,7 +20,7 @@ import torch
 import quantkernels  # schemas, reference, and quantkernels._C (the C++ kernels)
 from quantkernels import reference as R
 
-from _isa import isa_params
+from _isa import isa, threads  # noqa: F401  (fixtures)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 OPS = torch.ops.quantkernels
@@ -34,23 +34,6 @@ def test_native_kernels_are_registered_for_cpu():
     # Otherwise every test below would silently compare the reference with itself.
     for op in ("int8_gemm", "w8a8_gemm"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"quantkernels::{op}", "CPU"), op
-
-
-@pytest.fixture(params=isa_params())
-def isa(request, monkeypatch):
-    # Every level (portable, avx2, avx_vnni, avx512, avx512_vnni, avx512_bf16); the ones this CPU
-    # lacks are skipped with a message (tests/_isa.py).
-    monkeypatch.setenv("QUANTKERNELS_CPU_ISA", request.param)
-    assert quantkernels._native.cpu_isa() == request.param
-    return request.param
-
-
-@pytest.fixture(params=[1, 2], ids=lambda t: f"threads{t}")
-def threads(request):
-    old = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(old)
 
 
 def _rand_int8(*shape, lo=-128, gen=None):

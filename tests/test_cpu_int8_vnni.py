@@ -15,27 +15,12 @@ import torch
 import quantkernels
 from quantkernels import reference as R
 
-from _isa import isa_params
+from _isa import isa, threads  # noqa: F401  (fixtures)
 
 OPS = torch.ops.quantkernels
 
 if not quantkernels._native.AVAILABLE:
     pytest.skip(f"quantkernels._C is not built: {quantkernels._native.REASON}", allow_module_level=True)
-
-
-@pytest.fixture(params=isa_params())
-def isa(request, monkeypatch):
-    monkeypatch.setenv("QUANTKERNELS_CPU_ISA", request.param)
-    assert quantkernels._native.cpu_isa() == request.param
-    return request.param
-
-
-@pytest.fixture(params=[1, 2], ids=lambda t: f"threads{t}")
-def threads(request):
-    old = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(old)
 
 
 def _rand(shape, g):

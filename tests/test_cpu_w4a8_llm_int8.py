@@ -14,31 +14,15 @@ import torch
 import quantkernels._ops  # noqa: F401  (op schemas first)
 from quantkernels import _native
 from quantkernels import reference as R
-from _isa import isa_params
+from _isa import isa, threads  # noqa: F401  (fixtures)
 
 if not _native.load():
     pytest.skip(f"native extension quantkernels._C not available: {_native.REASON}", allow_module_level=True)
 
 OPS = torch.ops.quantkernels
 # Every ISA level (tests/_isa.py): those this CPU lacks are skipped, with a message.
-ISAS = isa_params()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DT_ID = {None: "default", torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
-@pytest.fixture(params=ISAS)
-def isa(request, monkeypatch):
-    monkeypatch.setenv("QUANTKERNELS_CPU_ISA", request.param)
-    assert _native.cpu_isa() == request.param
-    return request.param
-
-
-@pytest.fixture(params=[1, 2], ids=lambda t: f"threads{t}")
-def threads(request):
-    old = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(old)
 
 
 def test_kernels_are_registered_for_cpu():

@@ -16,7 +16,7 @@ import torch
 import quantkernels._ops  # noqa: F401
 from quantkernels import _native
 from quantkernels import reference as R
-from _isa import isa_params
+from _isa import isa, threads  # noqa: F401  (fixtures)
 
 if not _native.load():
     pytest.skip(f"native extension quantkernels._C not available: {_native.REASON}", allow_module_level=True)
@@ -24,21 +24,6 @@ if not _native.load():
 from test_cpu_w4a8_llm_int8 import _assert_fp32_close, _w4a8_fp64, _w4a8_inputs  # noqa: E402
 
 OPS = torch.ops.quantkernels
-
-
-@pytest.fixture(params=isa_params())
-def isa(request, monkeypatch):
-    monkeypatch.setenv("QUANTKERNELS_CPU_ISA", request.param)
-    assert _native.cpu_isa() == request.param
-    return request.param
-
-
-@pytest.fixture(params=[1, 2], ids=lambda t: f"threads{t}")
-def threads(request):
-    old = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(old)
 
 
 def _same_as_avx2(monkeypatch, isa, out, args):

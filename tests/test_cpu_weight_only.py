@@ -18,7 +18,7 @@ import quantkernels._ops  # noqa: F401  (schemas + reference registration)
 from quantkernels import _native
 from quantkernels import reference as R
 
-from _isa import isa_params
+from _isa import isa, threads  # noqa: F401  (fixtures)
 
 if not _native.load():
     pytest.skip(f"native extension quantkernels._C not available: {_native.REASON}", allow_module_level=True)
@@ -32,21 +32,6 @@ def test_native_kernels_are_registered_for_cpu():
     # Otherwise every test below would silently compare the reference with itself.
     for op in ("w8a16_gemm", "w4a16_gemm"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"quantkernels::{op}", "CPU"), op
-
-
-@pytest.fixture(params=isa_params())
-def isa(request, monkeypatch):
-    monkeypatch.setenv("QUANTKERNELS_CPU_ISA", request.param)
-    assert _native.cpu_isa() == request.param
-    return request.param
-
-
-@pytest.fixture(params=[1, 2], ids=lambda t: f"threads{t}")
-def threads(request):
-    old = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(old)
 
 
 @pytest.fixture

@@ -14,14 +14,13 @@ import quantkernels._ops  # noqa: F401  (op schemas first)
 from quantkernels import _native
 from quantkernels import reference as R
 
-from _isa import isa_params
+from _isa import isa  # noqa: F401  (fixtures)
 
 if not _native.load():
     pytest.skip(f"native extension quantkernels._C not available: {_native.REASON}", allow_module_level=True)
 
 OP = torch.ops.quantkernels.quantize_int8_rowwise
 
-ISAS = isa_params()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 # K around the 8-lane AVX2 and 16-lane AVX-512 widths and their tails; M odd and around the
@@ -29,13 +28,6 @@ DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16
 KS = (1, 3, 7, 8, 9, 15, 17, 31, 33, 65, 4095, 4096)
 MS = (0, 1, 3, 17, 67)
 SHAPES = list(itertools.product(MS, KS))
-
-
-@pytest.fixture(params=ISAS)
-def isa(request, monkeypatch):
-    monkeypatch.setenv("QUANTKERNELS_CPU_ISA", request.param)
-    assert _native.cpu_isa() == request.param
-    return request.param
 
 
 @pytest.fixture
