@@ -1057,6 +1057,164 @@ void gemv512_rows(const Weight& w, Rnd rnd, const uint32_t* xu, int64_t ldx, int
   }
 }
 
+// ---- bf16 x, M <= 4: GEMV decoding in registers (no L1 buffer). Every step reads 32 weight bytes of
+// each of NR rows (int4: 64 weights, int8: 32) and turns them into 32-word bf16 vectors that go
+// straight into vdpbf16ps against x (packed once per call in the matching order, see x_units_reg).
+// int4 (K % 64 == 0, G = 32 or G % 64 == 0): the 32 bytes are zero-extended to words; their low
+// nibbles are the even elements 0, 2, .., 62 of the 64-block, their high nibbles the odd ones; each
+// indexes (vpermw) a 32-word table holding rnd_bf16((v - z) * s) for v = 0..15 of the block's group
+// in both halves (G = 32: the first group's 16 words, then the second's, the index gets + 16 in the
+// upper half). Signed nibbles: the table is indexed by the stored nibble (entries (v ^ 8) - 8).
+// Tables are built once per (row, group) in registers: 16 fp32 (v - z) * s, vcvtne2ps2bf16.
+// int8 (any K; the last step masked): vpmovsxbd, cvtdq2ps, * row scale, vcvtne2ps2bf16.
+// vcvtne(2)ps2bf16 is RNE, as the contract's rounding, except that it treats denormal inputs as
+// zero: used only when the scale is 0 or normal (then no (v - z) * s is denormal); a denormal scale
+// takes round512 (integer RNE on the bits).
+inline bool reg_gemv_applies(const Weight& w) {
+  if (!w.int4) return true;
+  return w.K % 64 == 0 && (w.ng == 1 ? true : (w.G == 32 || w.G % 64 == 0));
+}
+
+// Position (natural k) of x element j of the packed order: int4 per 64-block [even | odd]; int8 natural.
+inline int64_t k_of_pos_reg(const Weight& w, int64_t p) {
+  if (!w.int4) return p;
+  const int64_t c = p & ~int64_t(63), j = p & 63;
+  return c + (j < 32 ? 2 * j : 2 * (j - 32) + 1);
+}
+
+QK_TBF16 inline __m512i bf16_table2(const float* s0, const float* s1, int32_t z0, int32_t z1, bool sym) {
+  const __m512i iota = sym ? _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1)
+                           : _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const float a = *s0, b = *s1;
+  const __m512 va = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(iota, _mm512_set1_epi32(z0))), _mm512_set1_ps(a));
+  const __m512 vb = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(iota, _mm512_set1_epi32(z1))), _mm512_set1_ps(b));
+  const bool okA = a == 0.0f || !(std::fabs(a) < FLT_MIN), okB = b == 0.0f || !(std::fabs(b) < FLT_MIN);
+  if (__builtin_expect(okA && okB, 1)) return (__m512i)_mm512_cvtne2ps_pbh(vb, va);
+  return _mm512_inserti64x4(_mm512_castsi256_si512(bf16_words(round512<Rnd::BF16>(va))),
+                            bf16_words(round512<Rnd::BF16>(vb)), 1);
+}
+
+template <int MM, int NR, bool G32>
+QK_TBF16 void gemv_reg_w4(const Weight& w, const uint32_t* xu, int64_t ldx, int64_t n0, float* y) {
+  constexpr bool TWO = MM <= 2;
+  __m512 acc[MM][NR][2];
+  for (int m = 0; m < MM; ++m)
+    for (int r = 0; r < NR; ++r) acc[m][r][0] = acc[m][r][1] = _mm512_setzero_ps();
+  const int64_t rb = w.K / 2;  // bytes per row
+  const uint8_t* q = w.q4 + n0 * rb;
+  const float* S = w.scale + n0 * w.ng;
+  const bool sym = !w.has_zero;
+  const int64_t pf = NR * rb;  // the next tile, same offset
+  const __m512i m15 = _mm512_set1_epi16(15);
+  const __m512i upper = G32 ? _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(16), 1) : _mm512_setzero_si512();
+  const int64_t span = G32 ? 32 : (w.ng == 1 ? rb : w.G / 2);  // bytes per table
+  for (int64_t b0 = 0; b0 < rb; b0 += span) {
+    __m512i T[NR];
+    const int64_t g = G32 ? b0 / 16 : (w.ng == 1 ? 0 : b0 / span);
+    for (int r = 0; r < NR; ++r) {
+      const int64_t n = n0 + r;
+      if (G32) T[r] = bf16_table2(S + r * w.ng + g, S + r * w.ng + g + 1, sym ? 0 : w.zero[n * w.ng + g],
+                                  sym ? 0 : w.zero[n * w.ng + g + 1], sym);
+      else {
+        const int32_t z = sym ? 0 : w.zero[n * w.ng + g];
+        T[r] = bf16_table2(S + r * w.ng + g, S + r * w.ng + g, z, z, sym);
+      }
+    }
+    for (int64_t b = b0; b < b0 + span; b += 32) {
+      __m512i xl[MM], xh[MM];
+      for (int m = 0; m < MM; ++m) {
+        xl[m] = _mm512_loadu_si512(xu + m * ldx + b);       // unit = 2 words; 32 bytes = 64 words = 32 units
+        xh[m] = _mm512_loadu_si512(xu + m * ldx + b + 16);
+      }
+      if ((b & 63) == 0)
+        for (int r = 0; r < NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(q + r * rb + b + pf), _MM_HINT_T0);
+      for (int r = 0; r < NR; ++r) {
+        const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + r * rb + b)));
+        const __m512i lo = G32 ? _mm512_ternarylogic_epi32(v, m15, upper, 0xEA) : v;  // (v & 15) | upper; vpermw uses bits 4:0
+        const __m512i hi = G32 ? _mm512_or_si512(_mm512_srli_epi16(v, 4), upper) : _mm512_srli_epi16(v, 4);
+        const __m512i wl = _mm512_permutexvar_epi16(lo, T[r]);
+        const __m512i wh = _mm512_permutexvar_epi16(hi, T[r]);
+        for (int m = 0; m < MM; ++m) {
+          acc[m][r][0] = _mm512_dpbf16_ps(acc[m][r][0], (__m512bh)xl[m], (__m512bh)wl);
+          __m512& a1 = acc[m][r][TWO ? 1 : 0];
+          a1 = _mm512_dpbf16_ps(a1, (__m512bh)xh[m], (__m512bh)wh);
+        }
+      }
+    }
+  }
+  for (int m = 0; m < MM; ++m)
+    for (int r = 0; r < NR; ++r)
+      y[m * w.N + n0 + r] = _mm512_reduce_add_ps(TWO ? _mm512_add_ps(acc[m][r][0], acc[m][r][1]) : acc[m][r][0]);
+}
+
+template <int MM, int NR>
+QK_TBF16 void gemv_reg_w8(const Weight& w, const uint32_t* xu, int64_t ldx, int64_t n0, float* y) {
+  constexpr bool TWO = MM <= 2;
+  __m512 acc[MM][NR][2];
+  for (int m = 0; m < MM; ++m)
+    for (int r = 0; r < NR; ++r) acc[m][r][0] = acc[m][r][1] = _mm512_setzero_ps();
+  const int64_t K = w.K;
+  const int8_t* q = w.q8 + n0 * K;
+  const int64_t pf = NR * K;
+  bool fast = true;
+  __m512 sv[NR];
+  for (int r = 0; r < NR; ++r) {
+    const float s = w.scale[n0 + r];
+    fast = fast && (s == 0.0f || !(std::fabs(s) < FLT_MIN));
+    sv[r] = _mm512_set1_ps(s);
+  }
+  for (int64_t k = 0; k < K; k += 32) {
+    const int64_t left = K - k;
+    const __mmask16 ma = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
+    const __mmask16 mb = left >= 32 ? 0xFFFF : (left <= 16 ? 0 : static_cast<__mmask16>((1u << (left - 16)) - 1));
+    const int par = TWO ? static_cast<int>((k >> 5) & 1) : 0;
+    if ((k & 63) == 0)
+      for (int r = 0; r < NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(q + r * K + k + pf), _MM_HINT_T0);
+    __m512i xv[MM];
+    for (int m = 0; m < MM; ++m) xv[m] = _mm512_loadu_si512(xu + m * ldx + k / 2);
+    for (int r = 0; r < NR; ++r) {
+      const int8_t* p = q + r * K + k;
+      const __m512 a = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(ma, p))), sv[r]);
+      const __m512 c = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mb, p + 16))), sv[r]);
+      __m512i wv;
+      if (fast) wv = (__m512i)_mm512_cvtne2ps_pbh(c, a);
+      else wv = _mm512_inserti64x4(_mm512_castsi256_si512(bf16_words(round512<Rnd::BF16>(a))), bf16_words(round512<Rnd::BF16>(c)), 1);
+      for (int m = 0; m < MM; ++m) {
+        __m512& ac = acc[m][r][par];
+        ac = _mm512_dpbf16_ps(ac, (__m512bh)xv[m], (__m512bh)wv);
+      }
+    }
+  }
+  for (int m = 0; m < MM; ++m)
+    for (int r = 0; r < NR; ++r)
+      y[m * w.N + n0 + r] = _mm512_reduce_add_ps(TWO ? _mm512_add_ps(acc[m][r][0], acc[m][r][1]) : acc[m][r][0]);
+}
+
+template <int MM>
+void gemv_reg_rows_mm(const Weight& w, const uint32_t* xu, int64_t ldx, int64_t n0, int64_t n1, float* y) {
+  constexpr int NR = MM <= 2 ? 4 : 2;
+  int64_t n = n0;
+  if (!w.int4) {
+    for (; n + NR <= n1; n += NR) gemv_reg_w8<MM, NR>(w, xu, ldx, n, y);
+    for (; n < n1; ++n) gemv_reg_w8<MM, 1>(w, xu, ldx, n, y);
+  } else if (w.ng > 1 && w.G == 32) {
+    for (; n + NR <= n1; n += NR) gemv_reg_w4<MM, NR, true>(w, xu, ldx, n, y);
+    for (; n < n1; ++n) gemv_reg_w4<MM, 1, true>(w, xu, ldx, n, y);
+  } else {
+    for (; n + NR <= n1; n += NR) gemv_reg_w4<MM, NR, false>(w, xu, ldx, n, y);
+    for (; n < n1; ++n) gemv_reg_w4<MM, 1, false>(w, xu, ldx, n, y);
+  }
+}
+
+void gemv_reg_rows(const Weight& w, const uint32_t* xu, int64_t ldx, int64_t M, int64_t n0, int64_t n1, float* y) {
+  switch (M) {
+    case 1: gemv_reg_rows_mm<1>(w, xu, ldx, n0, n1, y); break;
+    case 2: gemv_reg_rows_mm<2>(w, xu, ldx, n0, n1, y); break;
+    case 3: gemv_reg_rows_mm<3>(w, xu, ldx, n0, n1, y); break;
+    default: gemv_reg_rows_mm<4>(w, xu, ldx, n0, n1, y); break;
+  }
+}
+
 // y[m][j] = c[j * ldc + m] (+ bias[j]) for m, j < 16, cast to y's dtype (round half to even, as
 // .to(dtype)): a 16 x 16 register transpose of the tiled path's transposed C.
 template <Rnd R>
@@ -1190,6 +1348,25 @@ at::Tensor weight_only_gemm512(const at::Tensor& x_in, const Weight& w, const at
   char* Y = static_cast<char*>(y.data_ptr());
   const at::Tensor x = x_in.contiguous();
   const int64_t U = bd ? (K + 1) / 2 : K;
+  const bool reg_off = std::getenv("QK_DEV_OLD_GEMV") != nullptr;  // DEV ONLY
+  if (bd && M <= kMaxGemvM && reg_gemv_applies(w) && !reg_off) {
+    const int64_t ldx = (U + 31) / 32 * 32;
+    at::Tensor xk = x;
+    if (w.int4) {
+      std::vector<int64_t> idx(K);
+      for (int64_t p = 0; p < K; ++p) idx[p] = k_of_pos_reg(w, p);
+      xk = xk.index_select(1, at::tensor(idx, at::kLong));
+    }
+    at::Tensor xo = at::zeros({M, 2 * ldx}, x.options());
+    xo.narrow(1, 0, K).copy_(xk);
+    const uint32_t* XU = reinterpret_cast<const uint32_t*>(xo.data_ptr());
+    at::Tensor acc = at::empty({M, N}, y.options().dtype(at::kFloat));
+    float* A = acc.data_ptr<float>();
+    const int64_t grain = std::max<int64_t>(16, (1 << 15) / K);
+    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { gemv_reg_rows(w, XU, ldx, M, n0, n1, A); });
+    store_any(st, A, N, M, N, B, Y, N);
+    return y;
+  }
   if (M <= kGemvSplitM) {
     const int64_t ldx = (U + 31) / 32 * 32;
     const at::Tensor xu = x_units512(x, w, bd, ldx);
