@@ -1082,18 +1082,44 @@ inline int64_t k_of_pos_reg(const Weight& w, int64_t p) {
   return c + (j < 32 ? 2 * j : 2 * (j - 32) + 1);
 }
 
-QK_TBF16 inline __m512i bf16_table2(const float* s0, const float* s1, int32_t z0, int32_t z1, bool sym) {
+QK_TBF16 inline __m512 table_f32_reg(const float* s, int32_t z, bool sym) {
   const __m512i iota = sym ? _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1)
                            : _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const float a = *s0, b = *s1;
-  const __m512 va = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(iota, _mm512_set1_epi32(z0))), _mm512_set1_ps(a));
-  const __m512 vb = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(iota, _mm512_set1_epi32(z1))), _mm512_set1_ps(b));
-  const bool okA = a == 0.0f || !(std::fabs(a) < FLT_MIN), okB = b == 0.0f || !(std::fabs(b) < FLT_MIN);
-  if (__builtin_expect(okA && okB, 1)) return (__m512i)_mm512_cvtne2ps_pbh(vb, va);
+  return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(iota, _mm512_set1_epi32(z))), _mm512_set1_ps(*s));
+}
+
+// 32 bf16 words: the 16 weights of table va (words 0..15) and of vb (16..31). fast: the scales are 0 or
+// normal, so no entry is denormal and vcvtne2ps2bf16 (RNE, denormal inputs as zero) rounds as the
+// contract; else the integer rounding (round512).
+QK_TBF16 inline __m512i bf16_pack2(__m512 va, __m512 vb, bool fast) {
+  if (__builtin_expect(fast, 1)) return (__m512i)_mm512_cvtne2ps_pbh(vb, va);
   return _mm512_inserti64x4(_mm512_castsi256_si512(bf16_words(round512<Rnd::BF16>(va))),
                             bf16_words(round512<Rnd::BF16>(vb)), 1);
 }
 
+// Whether none of the n floats at p is denormal.
+QK_TBF16 inline bool no_denormal(const float* p, int64_t n) {
+  __mmask16 d = 0;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) d |= _mm512_fpclass_ps_mask(_mm512_loadu_ps(p + i), 0x20);
+  if (i < n) d |= _mm512_fpclass_ps_mask(_mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << (n - i)) - 1), p + i), 0x20);
+  return d == 0;
+}
+
+template <int NR, bool G32>
+QK_TBF16 inline void tables_reg(const Weight& w, int64_t n0, int64_t g, bool sym, bool fast, __m512i* T) {
+  const float* S = w.scale + n0 * w.ng;
+  for (int r = 0; r < NR; ++r) {
+    const int64_t n = n0 + r;
+    if (G32) {
+      T[r] = bf16_pack2(table_f32_reg(S + r * w.ng + g, sym ? 0 : w.zero[n * w.ng + g], sym),
+                        table_f32_reg(S + r * w.ng + g + 1, sym ? 0 : w.zero[n * w.ng + g + 1], sym), fast);
+    } else {
+      const __m512 t = table_f32_reg(S + r * w.ng + g, sym ? 0 : w.zero[n * w.ng + g], sym);
+      T[r] = bf16_pack2(t, t, fast);
+    }
+  }
+}
 template <int MM, int NR, bool G32>
 QK_TBF16 void gemv_reg_w4(const Weight& w, const uint32_t* xu, int64_t ldx, int64_t n0, float* y) {
   constexpr bool TWO = MM <= 2;
@@ -1102,24 +1128,18 @@ QK_TBF16 void gemv_reg_w4(const Weight& w, const uint32_t* xu, int64_t ldx, int6
     for (int r = 0; r < NR; ++r) acc[m][r][0] = acc[m][r][1] = _mm512_setzero_ps();
   const int64_t rb = w.K / 2;  // bytes per row
   const uint8_t* q = w.q4 + n0 * rb;
-  const float* S = w.scale + n0 * w.ng;
   const bool sym = !w.has_zero;
-  const int64_t pf = NR * rb;  // the next tile, same offset
+  const int64_t pf = 2 * NR * rb;  // two tiles ahead, same offset
   const __m512i m15 = _mm512_set1_epi16(15);
   const __m512i upper = G32 ? _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(16), 1) : _mm512_setzero_si512();
   const int64_t span = G32 ? 32 : (w.ng == 1 ? rb : w.G / 2);  // bytes per table
+  // tables of the next span are built before the current span's steps (their latency overlaps)
+  __m512i T[NR], Tn[NR];
+  auto group_of = [&](int64_t b0) -> int64_t { return G32 ? b0 / 16 : (w.ng == 1 ? 0 : b0 / span); };
+  const bool fast = no_denormal(w.scale + n0 * w.ng, NR * w.ng);  // the tile's scales (contiguous)
+  tables_reg<NR, G32>(w, n0, group_of(0), sym, fast, T);
   for (int64_t b0 = 0; b0 < rb; b0 += span) {
-    __m512i T[NR];
-    const int64_t g = G32 ? b0 / 16 : (w.ng == 1 ? 0 : b0 / span);
-    for (int r = 0; r < NR; ++r) {
-      const int64_t n = n0 + r;
-      if (G32) T[r] = bf16_table2(S + r * w.ng + g, S + r * w.ng + g + 1, sym ? 0 : w.zero[n * w.ng + g],
-                                  sym ? 0 : w.zero[n * w.ng + g + 1], sym);
-      else {
-        const int32_t z = sym ? 0 : w.zero[n * w.ng + g];
-        T[r] = bf16_table2(S + r * w.ng + g, S + r * w.ng + g, z, z, sym);
-      }
-    }
+    if (b0 + span < rb) tables_reg<NR, G32>(w, n0, group_of(b0 + span), sym, fast, Tn);
     for (int64_t b = b0; b < b0 + span; b += 32) {
       __m512i xl[MM], xh[MM];
       for (int m = 0; m < MM; ++m) {
@@ -1141,6 +1161,7 @@ QK_TBF16 void gemv_reg_w4(const Weight& w, const uint32_t* xu, int64_t ldx, int6
         }
       }
     }
+    for (int r = 0; r < NR; ++r) T[r] = Tn[r];
   }
   for (int m = 0; m < MM; ++m)
     for (int r = 0; r < NR; ++r)
@@ -1155,8 +1176,8 @@ QK_TBF16 void gemv_reg_w8(const Weight& w, const uint32_t* xu, int64_t ldx, int6
     for (int r = 0; r < NR; ++r) acc[m][r][0] = acc[m][r][1] = _mm512_setzero_ps();
   const int64_t K = w.K;
   const int8_t* q = w.q8 + n0 * K;
-  const int64_t pf = NR * K;
-  bool fast = true;
+  const int64_t pf = 2 * NR * K;  // two tiles ahead, same offset
+  bool fast = true;  // no row scale denormal: no product q * s is (vcvtne2ps2bf16 would flush it)
   __m512 sv[NR];
   for (int r = 0; r < NR; ++r) {
     const float s = w.scale[n0 + r];
@@ -1190,9 +1211,8 @@ QK_TBF16 void gemv_reg_w8(const Weight& w, const uint32_t* xu, int64_t ldx, int6
       y[m * w.N + n0 + r] = _mm512_reduce_add_ps(TWO ? _mm512_add_ps(acc[m][r][0], acc[m][r][1]) : acc[m][r][0]);
 }
 
-template <int MM>
-void gemv_reg_rows_mm(const Weight& w, const uint32_t* xu, int64_t ldx, int64_t n0, int64_t n1, float* y) {
-  constexpr int NR = MM <= 2 ? 4 : 2;
+template <int MM, int NR>
+void gemv_reg_rows_nr(const Weight& w, const uint32_t* xu, int64_t ldx, int64_t n0, int64_t n1, float* y) {
   int64_t n = n0;
   if (!w.int4) {
     for (; n + NR <= n1; n += NR) gemv_reg_w8<MM, NR>(w, xu, ldx, n, y);
@@ -1204,6 +1224,10 @@ void gemv_reg_rows_mm(const Weight& w, const uint32_t* xu, int64_t ldx, int64_t 
     for (; n + NR <= n1; n += NR) gemv_reg_w4<MM, NR, false>(w, xu, ldx, n, y);
     for (; n < n1; ++n) gemv_reg_w4<MM, 1, false>(w, xu, ldx, n, y);
   }
+}
+template <int MM>
+void gemv_reg_rows_mm(const Weight& w, const uint32_t* xu, int64_t ldx, int64_t n0, int64_t n1, float* y) {
+  gemv_reg_rows_nr<MM, 4>(w, xu, ldx, n0, n1, y);
 }
 
 void gemv_reg_rows(const Weight& w, const uint32_t* xu, int64_t ldx, int64_t M, int64_t n0, int64_t n1, float* y) {
