@@ -2,7 +2,9 @@
 per channel) against fbgemm's dynamic qint8 linear and the read bandwidth (torch.ones(2**28).sum()),
 all in one process, candidates interleaved round by round, medians.
 
-    PYTHONPATH=. python bench/bf16_decode.py [--rounds 7] [--threads 2] [--old]
+    PYTHONPATH=. python bench/bf16_decode.py [--rounds 7] [--threads 2] [--old] [--cpu-time]
+
+--cpu-time (with --threads 1): time.thread_time instead of wall time, for a loaded machine.
 
 --old also times the previous GEMV (decode rows into an L1 buffer), reachable only in development
 builds through QK_DEV_OLD_GEMV=1 (read per call).
@@ -33,6 +35,9 @@ def with_env(old, fn):
     return run
 
 
+TIMER = time.perf_counter
+
+
 def interleaved(cands, rounds, inner=1, warmup=1):
     for fn in cands.values():
         for _ in range(warmup):
@@ -40,10 +45,10 @@ def interleaved(cands, rounds, inner=1, warmup=1):
     times = {k: [] for k in cands}
     for _ in range(rounds):
         for k, fn in cands.items():
-            t0 = time.perf_counter()
+            t0 = TIMER()
             for _ in range(inner):
                 fn()
-            times[k].append((time.perf_counter() - t0) * 1e3 / inner)
+            times[k].append((TIMER() - t0) * 1e3 / inner)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -71,7 +76,12 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--old", action="store_true")
     ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--cpu-time", action="store_true")
     a = ap.parse_args()
+    if a.cpu_time:
+        global TIMER
+        assert a.threads == 1, "--cpu-time measures the calling thread only"
+        TIMER = time.thread_time
     torch.set_num_threads(a.threads)
     g = torch.Generator().manual_seed(0)
     versions = [False, True] if a.old else [False]

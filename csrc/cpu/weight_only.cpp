@@ -44,7 +44,7 @@
 //   avx2, avx_vnni      the AVX2 paths above (no VNNI use: these ops have no integer products)
 //   avx512, avx512_vnni zmm fp32 FMA for every x dtype (bf16 / fp16 x: weights rounded to x's dtype),
 //                       except fp32 x with M <= 4: the AVX2 GEMV (faster, see weight_only_gemm)
-//   avx512_bf16         bf16 x: vdpbf16ps; fp32 / fp16 x: as avx512
+//   avx512_bf16         bf16 x: vdpbf16ps (M <= 4: weights decoded in registers); fp32 / fp16 x: as avx512
 //
 // AVX-512 paths (isa_has_avx512; below). They work on 4-byte K "units": one fp32 value, or for
 // vdpbf16ps a pair of bf16 values (K positions 2u, 2u + 1; an odd K pads one zero pair). x is
@@ -55,7 +55,22 @@
 // half to even, or vcvtne2ps2bf16 when the row scale is normal or zero so that no product is
 // denormal); int4 through per-group tables of the 16 possible weights (vpermps on fp32 tables;
 // vpermw on a 32-word bf16 table, 64 weights per 32 bytes, for the bf16-pair units).
-// - M <= 8: GEMV. Threads split N; per tile of NR rows (4 for M <= 2, else 2) the whole rows are
+// - bf16 x, M <= 4 (avx512_bf16; int4 needs K % 64 == 0 and G = 32, G % 64 == 0 or G = K): the
+//   register-decode GEMV (gemv_reg_w4 / gemv_reg_w8). Threads split N into tiles of 4 weight rows;
+//   each step reads 32 bytes of every row and decodes them in registers straight into vdpbf16ps (no
+//   row buffer): int4 bytes -> vpmovzxbw, low nibbles (even elements of the 64-block) and high
+//   nibbles (odd ones) index with vpermw a 32-word table of the (row, group)'s 16 weights
+//   rnd_bf16((v - z) * s) (G = 32: two groups' tables in the two halves), built in registers once per
+//   (row, group) as 16 fp32 products + vcvtne2ps2bf16, one span of groups ahead; int8: vpmovsxbd,
+//   cvtdq2ps, * row scale, vcvtne2ps2bf16 (32 weights; the K tail by masked loads). x is packed once
+//   per call to match (int4: per 64-block the 32 even elements then the 32 odd ones; int8 natural).
+//   vcvtne(2)ps2bf16 is RNE like the contract but treats denormal inputs as zero, so it is used only
+//   when none of the tile's scales is denormal (then no product is); else the integer rounding.
+//   Weight stream prefetched two tiles ahead (same offset). 2 threads, M = 1, 6 x 4096 x 11008
+//   rotating from DRAM (bench/bf16_decode.py, bench/results/bf16_decode_2026-12-02.md): int4 0.88 vs
+//   1.14 ms for the buffered GEMV below, 83% of read bandwidth, 1.8x fbgemm's time; int8 1.58 vs
+//   1.68 ms; 1 thread (CPU time) int4 1.08 vs 2.43 ms, int8 2.08 vs 3.23 ms.
+// - M <= 8 otherwise: GEMV. Threads split N; per tile of NR rows (4 for M <= 2, else 2) the whole rows are
 //   decoded into an L1/L2 buffer (the rows are contiguous: one sequential read, software-prefetched
 //   4 KB ahead) and dotted with all M rows of x in zmm (vfmadd / vdpbf16ps, two accumulator sets
 //   for M <= 4), one horizontal sum per output.
@@ -1693,8 +1708,8 @@ const bool w8a16_gemm_variant_registered = quantkernels::cpu::register_variant(
     "w8a16_gemm", [](quantkernels::cpu::Isa isa) -> const char* {
       using namespace quantkernels::cpu;
       if (isa_has_bf16dot(isa))
-        return "avx512_bf16: bf16 x vdpbf16ps 32x12 tiles (M >= 9) / GEMV, fp32 + fp16 x zmm FMA tiles / GEMV "
-               "(fp32 x M <= 4: avx2 GEMV)";
+        return "avx512_bf16: bf16 x vdpbf16ps 32x12 tiles (M >= 9) / GEMV (M <= 4: decoded in registers, "
+               "vcvtne2ps2bf16), fp32 + fp16 x zmm FMA tiles / GEMV (fp32 x M <= 4: avx2 GEMV)";
       if (isa_has_avx512(isa))
         return "avx512: zmm fp32 FMA 32x12 tiles (M >= 9) / GEMV, all x dtypes (fp32 x M <= 4: avx2 GEMV)";
       return isa_has_avx2(isa) ? "avx2: fp32 FMA tiles / GEMV (f16c conversions)" : "portable: scalar C++ loops";
@@ -1703,8 +1718,8 @@ const bool w4a16_gemm_variant_registered = quantkernels::cpu::register_variant(
     "w4a16_gemm", [](quantkernels::cpu::Isa isa) -> const char* {
       using namespace quantkernels::cpu;
       if (isa_has_bf16dot(isa))
-        return "avx512_bf16: bf16 x vdpbf16ps 32x12 tiles (M >= 9) / GEMV (vpermw tables), fp32 + fp16 x zmm FMA "
-               "tiles / GEMV (vpermps tables; fp32 x M <= 4: avx2 GEMV)";
+        return "avx512_bf16: bf16 x vdpbf16ps 32x12 tiles (M >= 9) / GEMV (vpermw tables; M <= 4, K % 64 == 0: "
+               "decoded in registers), fp32 + fp16 x zmm FMA tiles / GEMV (vpermps tables; fp32 x M <= 4: avx2 GEMV)";
       if (isa_has_avx512(isa))
         return "avx512: zmm fp32 FMA 32x12 tiles (M >= 9) / GEMV, vpermps tables, all x dtypes (fp32 x M <= 4: avx2 GEMV)";
       return isa_has_avx2(isa) ? "avx2: fp32 FMA tiles / GEMV, pshufb tables for bf16/fp16 x" : "portable: scalar C++ loops";
