@@ -1074,7 +1074,7 @@ void gemv512_rows(const Weight& w, Rnd rnd, const uint32_t* xu, int64_t ldx, int
 
 // ---- bf16 x, M <= 4: GEMV decoding in registers (no L1 buffer). Every step reads 32 weight bytes of
 // each of NR rows (int4: 64 weights, int8: 32) and turns them into 32-word bf16 vectors that go
-// straight into vdpbf16ps against x (packed once per call in the matching order, see x_units_reg).
+// straight into vdpbf16ps against x (packed once per call in the matching order, in weight_only_gemm512).
 // int4 (K % 64 == 0, G = 32 or G % 64 == 0): the 32 bytes are zero-extended to words; their low
 // nibbles are the even elements 0, 2, .., 62 of the 64-block, their high nibbles the odd ones; each
 // indexes (vpermw) a 32-word table holding rnd_bf16((v - z) * s) for v = 0..15 of the block's group
@@ -1088,13 +1088,6 @@ void gemv512_rows(const Weight& w, Rnd rnd, const uint32_t* xu, int64_t ldx, int
 inline bool reg_gemv_applies(const Weight& w) {
   if (!w.int4) return true;
   return w.K % 64 == 0 && (w.ng == 1 ? true : (w.G == 32 || w.G % 64 == 0));
-}
-
-// Position (natural k) of x element j of the packed order: int4 per 64-block [even | odd]; int8 natural.
-inline int64_t k_of_pos_reg(const Weight& w, int64_t p) {
-  if (!w.int4) return p;
-  const int64_t c = p & ~int64_t(63), j = p & 63;
-  return c + (j < 32 ? 2 * j : 2 * (j - 32) + 1);
 }
 
 QK_TBF16 inline __m512 table_f32_reg(const float* s, int32_t z, bool sym) {
@@ -1390,14 +1383,24 @@ at::Tensor weight_only_gemm512(const at::Tensor& x_in, const Weight& w, const at
   const bool reg_off = std::getenv("QK_DEV_OLD_GEMV") != nullptr;  // DEV ONLY
   if (bd && M <= kMaxGemvM && reg_gemv_applies(w) && !reg_off) {
     const int64_t ldx = (U + 31) / 32 * 32;
-    at::Tensor xk = x;
-    if (w.int4) {
-      std::vector<int64_t> idx(K);
-      for (int64_t p = 0; p < K; ++p) idx[p] = k_of_pos_reg(w, p);
-      xk = xk.index_select(1, at::tensor(idx, at::kLong));
+    // x (contiguous bf16) -> [M][2 ldx] words in the kernel's K order, zero-padded
+    at::Tensor xo = at::empty({M, 2 * ldx}, x.options());
+    const uint16_t* xs = reinterpret_cast<const uint16_t*>(x.data_ptr());
+    uint16_t* xd = reinterpret_cast<uint16_t*>(xo.data_ptr());
+    for (int64_t m = 0; m < M; ++m) {
+      const uint16_t* src = xs + m * K;
+      uint16_t* dst = xd + m * 2 * ldx;
+      if (w.int4) {
+        for (int64_t c = 0; c < K; c += 64)
+          for (int64_t j = 0; j < 32; ++j) {
+            dst[c + j] = src[c + 2 * j];
+            dst[c + 32 + j] = src[c + 2 * j + 1];
+          }
+      } else {
+        std::memcpy(dst, src, K * 2);
+      }
+      std::memset(dst + K, 0, (2 * ldx - K) * 2);
     }
-    at::Tensor xo = at::zeros({M, 2 * ldx}, x.options());
-    xo.narrow(1, 0, K).copy_(xk);
     const uint32_t* XU = reinterpret_cast<const uint32_t*>(xo.data_ptr());
     at::Tensor acc = at::empty({M, N}, y.options().dtype(at::kFloat));
     float* A = acc.data_ptr<float>();
