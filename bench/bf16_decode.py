@@ -6,8 +6,9 @@ all in one process, candidates interleaved round by round, medians.
 
 --cpu-time (with --threads 1): time.thread_time instead of wall time, for a loaded machine.
 
---old also times the previous GEMV (decode rows into an L1 buffer), reachable only in development
-builds through QK_DEV_OLD_GEMV=1 (read per call).
+--old also times the previous GEMV (decode rows into an L1 buffer) through QK_DEV_OLD_GEMV=1, which
+only the development commits 3c9ad44..f77ad0c of weight_only.cpp read (the switch is gone since; on
+later builds the "old" columns run the new kernel).
 """
 import argparse
 import os

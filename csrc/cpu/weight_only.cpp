@@ -66,10 +66,13 @@
 //   per call to match (int4: per 64-block the 32 even elements then the 32 odd ones; int8 natural).
 //   vcvtne(2)ps2bf16 is RNE like the contract but treats denormal inputs as zero, so it is used only
 //   when none of the tile's scales is denormal (then no product is); else the integer rounding.
-//   Weight stream prefetched two tiles ahead (same offset). 2 threads, M = 1, 6 x 4096 x 11008
-//   rotating from DRAM (bench/bf16_decode.py, bench/results/bf16_decode_2026-12-02.md): int4 0.88 vs
-//   1.14 ms for the buffered GEMV below, 83% of read bandwidth, 1.8x fbgemm's time; int8 1.58 vs
-//   1.68 ms; 1 thread (CPU time) int4 1.08 vs 2.43 ms, int8 2.08 vs 3.23 ms.
+//   Weight stream prefetched two tiles ahead (same offset). M = 1, 6 x 4096 x 11008 rotating from
+//   DRAM, G = 128 asym (bench/bf16_decode.py, bench/results/bf16_decode_2026-12-02.md; shared machine):
+//   2 threads, two runs: int4 0.62 / 0.74 ms vs 1.39 / 1.08 ms for the buffered GEMV below (68 / 77%
+//   of read bandwidth, 1.50 / 1.72x fbgemm's speed); int8 1.15 / 1.27 vs 1.66 / 1.39 ms (68 / 84%);
+//   1 thread, CPU time: int4 0.99 vs 2.46 ms (79%), int8 2.13 vs 3.54 ms. Still instruction bound for
+//   int4 with small groups (a table per (row, group)): 1 thread, 4096^2 asym in L3, M = 1: 0.16 ms at
+//   G = K, 0.28 ms at G = 128, 0.53 ms at G = 32.
 // - M <= 8 otherwise: GEMV. Threads split N; per tile of NR rows (4 for M <= 2, else 2) the whole rows are
 //   decoded into an L1/L2 buffer (the rows are contiguous: one sequential read, software-prefetched
 //   4 KB ahead) and dotted with all M rows of x in zmm (vfmadd / vdpbf16ps, two accumulator sets
@@ -1380,8 +1383,7 @@ at::Tensor weight_only_gemm512(const at::Tensor& x_in, const Weight& w, const at
   char* Y = static_cast<char*>(y.data_ptr());
   const at::Tensor x = x_in.contiguous();
   const int64_t U = bd ? (K + 1) / 2 : K;
-  const bool reg_off = std::getenv("QK_DEV_OLD_GEMV") != nullptr;  // DEV ONLY
-  if (bd && M <= kMaxGemvM && reg_gemv_applies(w) && !reg_off) {
+  if (bd && M <= kMaxGemvM && reg_gemv_applies(w)) {  // the register-decode GEMV
     const int64_t ldx = (U + 31) / 32 * 32;
     // x (contiguous bf16) -> [M][2 ldx] words in the kernel's K order, zero-padded
     at::Tensor xo = at::empty({M, 2 * ldx}, x.options());
