@@ -248,6 +248,53 @@ def test_weight_rounded_per_element(M, dtype, isa):
         torch.testing.assert_close(OPS.w4a16_gemm(x, p, s4, z), R.w4a16_gemm(x, p, s4, z), rtol=0, atol=0)
 
 
+# bf16 x, M <= 4 at avx512_bf16: the register-decode GEMV (tiles of 4 weight rows, int4 in 64-element
+# steps with per-(row, group) vpermw tables, int8 in 32-element steps with a masked K tail). N = 7: one
+# tile and three single rows; int4: G = 32 (two groups per step), 64..256 and G = K; int8: K tails.
+GEMV_BF16_CASES = [("w4", 256, 32), ("w4", 256, 64), ("w4", 384, 128), ("w4", 512, 256), ("w4", 192, 192),
+                   ("w8", 256, 0), ("w8", 97, 0), ("w8", 48, 0), ("w8", 15, 0)]
+
+
+@pytest.mark.parametrize("kind,K,G", GEMV_BF16_CASES, ids=[f"{k}-K{kk}-G{g}" for k, kk, g in GEMV_BF16_CASES])
+@pytest.mark.parametrize("M", (1, 2, 3, 4))
+def test_bf16_gemv_rows_exact(M, kind, K, G, isa):
+    """x rows with two ones (as test_weight_rounded_per_element): bit-exact against the reference for
+    every weight row of a tile and of the row tail, every K step and tail, asym and sym int4."""
+    g = torch.Generator().manual_seed(M * 100 + K + G)
+    N = 7
+    x = torch.zeros(M, K, dtype=torch.bfloat16)
+    for m in range(M):
+        x[m, torch.randperm(K, generator=g)[:2]] = 1
+    x[0, K - 1] = 1  # the last K position (int8: the masked tail)
+    if kind == "w8":
+        b = torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=g)
+        s = (torch.rand(N, generator=g) + 0.5) * 0.01
+        torch.testing.assert_close(OPS.w8a16_gemm(x, b, s), R.w8a16_gemm(x, b, s), rtol=0, atol=0)
+        return
+    for zero in (False, True):
+        p, s4, z = _int4_weight(N, K, G, zero, g)
+        s4 = s4 * (1 + torch.rand(s4.shape, generator=g))  # scales with many mantissa bits
+        torch.testing.assert_close(OPS.w4a16_gemm(x, p, s4, z), R.w4a16_gemm(x, p, s4, z), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("M", (1, 4))
+def test_bf16_gemv_denormal_scales(M, isa):
+    """Denormal scales (the GEMV then rounds the weights with integer RNE instead of vcvtne2ps2bf16):
+    within the vdpbf16ps contract (terms below 2^-126 may be dropped), NaN-free."""
+    g = torch.Generator().manual_seed(M)
+    N, K = 6, 128
+    x = torch.randn(M, K, generator=g).to(torch.bfloat16)
+    b = torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=g)
+    s = torch.rand(N, generator=g) * 0.01 + 1e-3
+    s[1] = 2.0 ** -130
+    torch.testing.assert_close(OPS.w8a16_gemm(x, b, s), R.w8a16_gemm(x, b, s), rtol=1.6e-2, atol=1e-36)
+    for G, zero in ((32, False), (64, True)):
+        p, s4, z = _int4_weight(N, K, G, zero, g)
+        s4[2, 0] = 2.0 ** -131
+        s4[4, -1] = 3 * 2.0 ** -133
+        torch.testing.assert_close(OPS.w4a16_gemm(x, p, s4, z), R.w4a16_gemm(x, p, s4, z), rtol=1.6e-2, atol=1e-36)
+
+
 @pytest.mark.parametrize("M", (2, 7))
 def test_large_k_fp32_accuracy(M, isa):
     # Per-channel int4 (G = K) and int8 at a large K (GEMV and tiled): the long sums stay within 1e-5.

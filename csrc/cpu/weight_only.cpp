@@ -44,7 +44,7 @@
 //   avx2, avx_vnni      the AVX2 paths above (no VNNI use: these ops have no integer products)
 //   avx512, avx512_vnni zmm fp32 FMA for every x dtype (bf16 / fp16 x: weights rounded to x's dtype),
 //                       except fp32 x with M <= 4: the AVX2 GEMV (faster, see weight_only_gemm)
-//   avx512_bf16         bf16 x: vdpbf16ps; fp32 / fp16 x: as avx512
+//   avx512_bf16         bf16 x: vdpbf16ps (M <= 4: weights decoded in registers); fp32 / fp16 x: as avx512
 //
 // AVX-512 paths (isa_has_avx512; below). They work on 4-byte K "units": one fp32 value, or for
 // vdpbf16ps a pair of bf16 values (K positions 2u, 2u + 1; an odd K pads one zero pair). x is
@@ -55,7 +55,25 @@
 // half to even, or vcvtne2ps2bf16 when the row scale is normal or zero so that no product is
 // denormal); int4 through per-group tables of the 16 possible weights (vpermps on fp32 tables;
 // vpermw on a 32-word bf16 table, 64 weights per 32 bytes, for the bf16-pair units).
-// - M <= 8: GEMV. Threads split N; per tile of NR rows (4 for M <= 2, else 2) the whole rows are
+// - bf16 x, M <= 4 (avx512_bf16; int4 needs K % 64 == 0 and G = 32, G % 64 == 0 or G = K): the
+//   register-decode GEMV (gemv_reg_w4 / gemv_reg_w8). Threads split N into tiles of 4 weight rows;
+//   each step reads 32 bytes of every row and decodes them in registers straight into vdpbf16ps (no
+//   row buffer): int4 bytes -> vpmovzxbw, low nibbles (even elements of the 64-block) and high
+//   nibbles (odd ones) index with vpermw a 32-word table of the (row, group)'s 16 weights
+//   rnd_bf16((v - z) * s) (G = 32: two groups' tables in the two halves), built in registers once per
+//   (row, group) as 16 fp32 products + vcvtne2ps2bf16, one span of groups ahead; int8: vpmovsxbd,
+//   cvtdq2ps, * row scale, vcvtne2ps2bf16 (32 weights; the K tail by masked loads). x is packed once
+//   per call to match (int4: per 64-block the 32 even elements then the 32 odd ones; int8 natural).
+//   vcvtne(2)ps2bf16 is RNE like the contract but treats denormal inputs as zero, so it is used only
+//   when none of the tile's scales is denormal (then no product is); else the integer rounding.
+//   Weight stream prefetched two tiles ahead (same offset). M = 1, 6 x 4096 x 11008 rotating from
+//   DRAM, G = 128 asym (bench/bf16_decode.py, bench/results/bf16_decode_2026-12-02.md; shared machine):
+//   2 threads, two runs: int4 0.62 / 0.74 ms vs 1.39 / 1.08 ms for the buffered GEMV below (68 / 77%
+//   of read bandwidth, 1.50 / 1.72x fbgemm's speed); int8 1.15 / 1.27 vs 1.66 / 1.39 ms (68 / 84%);
+//   1 thread, CPU time: int4 0.99 vs 2.46 ms (79%), int8 2.13 vs 3.54 ms. Still instruction bound for
+//   int4 with small groups (a table per (row, group)): 1 thread, 4096^2 asym in L3, M = 1: 0.16 ms at
+//   G = K, 0.28 ms at G = 128, 0.53 ms at G = 32.
+// - M <= 8 otherwise: GEMV. Threads split N; per tile of NR rows (4 for M <= 2, else 2) the whole rows are
 //   decoded into an L1/L2 buffer (the rows are contiguous: one sequential read, software-prefetched
 //   4 KB ahead) and dotted with all M rows of x in zmm (vfmadd / vdpbf16ps, two accumulator sets
 //   for M <= 4), one horizontal sum per output.
@@ -1057,6 +1075,181 @@ void gemv512_rows(const Weight& w, Rnd rnd, const uint32_t* xu, int64_t ldx, int
   }
 }
 
+// ---- bf16 x, M <= 4: GEMV decoding in registers (no L1 buffer). Every step reads 32 weight bytes of
+// each of NR rows (int4: 64 weights, int8: 32) and turns them into 32-word bf16 vectors that go
+// straight into vdpbf16ps against x (packed once per call in the matching order, in weight_only_gemm512).
+// int4 (K % 64 == 0, G = 32 or G % 64 == 0): the 32 bytes are zero-extended to words; their low
+// nibbles are the even elements 0, 2, .., 62 of the 64-block, their high nibbles the odd ones; each
+// indexes (vpermw) a 32-word table holding rnd_bf16((v - z) * s) for v = 0..15 of the block's group
+// in both halves (G = 32: the first group's 16 words, then the second's, the index gets + 16 in the
+// upper half). Signed nibbles: the table is indexed by the stored nibble (entries (v ^ 8) - 8).
+// Tables are built once per (row, group) in registers: 16 fp32 (v - z) * s, vcvtne2ps2bf16.
+// int8 (any K; the last step masked): vpmovsxbd, cvtdq2ps, * row scale, vcvtne2ps2bf16.
+// vcvtne(2)ps2bf16 is RNE, as the contract's rounding, except that it treats denormal inputs as
+// zero: used only when the scale is 0 or normal (then no (v - z) * s is denormal); a denormal scale
+// takes round512 (integer RNE on the bits).
+inline bool reg_gemv_applies(const Weight& w) {
+  if (!w.int4) return true;
+  return w.K % 64 == 0 && (w.ng == 1 ? true : (w.G == 32 || w.G % 64 == 0));
+}
+
+QK_TBF16 inline __m512 table_f32_reg(const float* s, int32_t z, bool sym) {
+  const __m512i iota = sym ? _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1)
+                           : _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(iota, _mm512_set1_epi32(z))), _mm512_set1_ps(*s));
+}
+
+// 32 bf16 words: the 16 weights of table va (words 0..15) and of vb (16..31). fast: the scales are 0 or
+// normal, so no entry is denormal and vcvtne2ps2bf16 (RNE, denormal inputs as zero) rounds as the
+// contract; else the integer rounding (round512).
+QK_TBF16 inline __m512i bf16_pack2(__m512 va, __m512 vb, bool fast) {
+  if (__builtin_expect(fast, 1)) return (__m512i)_mm512_cvtne2ps_pbh(vb, va);
+  return _mm512_inserti64x4(_mm512_castsi256_si512(bf16_words(round512<Rnd::BF16>(va))),
+                            bf16_words(round512<Rnd::BF16>(vb)), 1);
+}
+
+// Whether none of the n floats at p is denormal.
+QK_TBF16 inline bool no_denormal(const float* p, int64_t n) {
+  __mmask16 d = 0;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) d |= _mm512_fpclass_ps_mask(_mm512_loadu_ps(p + i), 0x20);
+  if (i < n) d |= _mm512_fpclass_ps_mask(_mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << (n - i)) - 1), p + i), 0x20);
+  return d == 0;
+}
+
+template <int NR, bool G32>
+QK_TBF16 inline void tables_reg(const Weight& w, int64_t n0, int64_t g, bool sym, bool fast, __m512i* T) {
+  const float* S = w.scale + n0 * w.ng;
+  for (int r = 0; r < NR; ++r) {
+    const int64_t n = n0 + r;
+    if (G32) {
+      T[r] = bf16_pack2(table_f32_reg(S + r * w.ng + g, sym ? 0 : w.zero[n * w.ng + g], sym),
+                        table_f32_reg(S + r * w.ng + g + 1, sym ? 0 : w.zero[n * w.ng + g + 1], sym), fast);
+    } else {
+      const __m512 t = table_f32_reg(S + r * w.ng + g, sym ? 0 : w.zero[n * w.ng + g], sym);
+      T[r] = bf16_pack2(t, t, fast);
+    }
+  }
+}
+template <int MM, int NR, bool G32>
+QK_TBF16 void gemv_reg_w4(const Weight& w, const uint32_t* xu, int64_t ldx, int64_t n0, float* y) {
+  constexpr bool TWO = MM <= 2;
+  __m512 acc[MM][NR][2];
+  for (int m = 0; m < MM; ++m)
+    for (int r = 0; r < NR; ++r) acc[m][r][0] = acc[m][r][1] = _mm512_setzero_ps();
+  const int64_t rb = w.K / 2;  // bytes per row
+  const uint8_t* q = w.q4 + n0 * rb;
+  const bool sym = !w.has_zero;
+  const int64_t pf = 2 * NR * rb;  // two tiles ahead, same offset
+  const __m512i m15 = _mm512_set1_epi16(15);
+  const __m512i upper = G32 ? _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(16), 1) : _mm512_setzero_si512();
+  const int64_t span = G32 ? 32 : (w.ng == 1 ? rb : w.G / 2);  // bytes per table
+  // tables of the next span are built before the current span's steps (their latency overlaps)
+  __m512i T[NR], Tn[NR];
+  auto group_of = [&](int64_t b0) -> int64_t { return G32 ? b0 / 16 : (w.ng == 1 ? 0 : b0 / span); };
+  const bool fast = no_denormal(w.scale + n0 * w.ng, NR * w.ng);  // the tile's scales (contiguous)
+  tables_reg<NR, G32>(w, n0, group_of(0), sym, fast, T);
+  for (int64_t b0 = 0; b0 < rb; b0 += span) {
+    if (b0 + span < rb) tables_reg<NR, G32>(w, n0, group_of(b0 + span), sym, fast, Tn);
+    for (int64_t b = b0; b < b0 + span; b += 32) {
+      __m512i xl[MM], xh[MM];
+      for (int m = 0; m < MM; ++m) {
+        xl[m] = _mm512_loadu_si512(xu + m * ldx + b);       // unit = 2 words; 32 bytes = 64 words = 32 units
+        xh[m] = _mm512_loadu_si512(xu + m * ldx + b + 16);
+      }
+      if ((b & 63) == 0)
+        for (int r = 0; r < NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(q + r * rb + b + pf), _MM_HINT_T0);
+      for (int r = 0; r < NR; ++r) {
+        const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + r * rb + b)));
+        const __m512i lo = G32 ? _mm512_ternarylogic_epi32(v, m15, upper, 0xEA) : v;  // (v & 15) | upper; vpermw uses bits 4:0
+        const __m512i hi = G32 ? _mm512_or_si512(_mm512_srli_epi16(v, 4), upper) : _mm512_srli_epi16(v, 4);
+        const __m512i wl = _mm512_permutexvar_epi16(lo, T[r]);
+        const __m512i wh = _mm512_permutexvar_epi16(hi, T[r]);
+        for (int m = 0; m < MM; ++m) {
+          acc[m][r][0] = _mm512_dpbf16_ps(acc[m][r][0], (__m512bh)xl[m], (__m512bh)wl);
+          __m512& a1 = acc[m][r][TWO ? 1 : 0];
+          a1 = _mm512_dpbf16_ps(a1, (__m512bh)xh[m], (__m512bh)wh);
+        }
+      }
+    }
+    for (int r = 0; r < NR; ++r) T[r] = Tn[r];
+  }
+  for (int m = 0; m < MM; ++m)
+    for (int r = 0; r < NR; ++r)
+      y[m * w.N + n0 + r] = _mm512_reduce_add_ps(TWO ? _mm512_add_ps(acc[m][r][0], acc[m][r][1]) : acc[m][r][0]);
+}
+
+template <int MM, int NR>
+QK_TBF16 void gemv_reg_w8(const Weight& w, const uint32_t* xu, int64_t ldx, int64_t n0, float* y) {
+  constexpr bool TWO = MM <= 2;
+  __m512 acc[MM][NR][2];
+  for (int m = 0; m < MM; ++m)
+    for (int r = 0; r < NR; ++r) acc[m][r][0] = acc[m][r][1] = _mm512_setzero_ps();
+  const int64_t K = w.K;
+  const int8_t* q = w.q8 + n0 * K;
+  const int64_t pf = 2 * NR * K;  // two tiles ahead, same offset
+  bool fast = true;  // no row scale denormal: no product q * s is (vcvtne2ps2bf16 would flush it)
+  __m512 sv[NR];
+  for (int r = 0; r < NR; ++r) {
+    const float s = w.scale[n0 + r];
+    fast = fast && (s == 0.0f || !(std::fabs(s) < FLT_MIN));
+    sv[r] = _mm512_set1_ps(s);
+  }
+  for (int64_t k = 0; k < K; k += 32) {
+    const int64_t left = K - k;
+    const __mmask16 ma = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
+    const __mmask16 mb = left >= 32 ? 0xFFFF : (left <= 16 ? 0 : static_cast<__mmask16>((1u << (left - 16)) - 1));
+    const int par = TWO ? static_cast<int>((k >> 5) & 1) : 0;
+    if ((k & 63) == 0)
+      for (int r = 0; r < NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(q + r * K + k + pf), _MM_HINT_T0);
+    __m512i xv[MM];
+    for (int m = 0; m < MM; ++m) xv[m] = _mm512_loadu_si512(xu + m * ldx + k / 2);
+    for (int r = 0; r < NR; ++r) {
+      const int8_t* p = q + r * K + k;
+      const __m512 a = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(ma, p))), sv[r]);
+      const __m512 c = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mb, p + 16))), sv[r]);
+      __m512i wv;
+      if (fast) wv = (__m512i)_mm512_cvtne2ps_pbh(c, a);
+      else wv = _mm512_inserti64x4(_mm512_castsi256_si512(bf16_words(round512<Rnd::BF16>(a))), bf16_words(round512<Rnd::BF16>(c)), 1);
+      for (int m = 0; m < MM; ++m) {
+        __m512& ac = acc[m][r][par];
+        ac = _mm512_dpbf16_ps(ac, (__m512bh)xv[m], (__m512bh)wv);
+      }
+    }
+  }
+  for (int m = 0; m < MM; ++m)
+    for (int r = 0; r < NR; ++r)
+      y[m * w.N + n0 + r] = _mm512_reduce_add_ps(TWO ? _mm512_add_ps(acc[m][r][0], acc[m][r][1]) : acc[m][r][0]);
+}
+
+template <int MM, int NR>
+void gemv_reg_rows_nr(const Weight& w, const uint32_t* xu, int64_t ldx, int64_t n0, int64_t n1, float* y) {
+  int64_t n = n0;
+  if (!w.int4) {
+    for (; n + NR <= n1; n += NR) gemv_reg_w8<MM, NR>(w, xu, ldx, n, y);
+    for (; n < n1; ++n) gemv_reg_w8<MM, 1>(w, xu, ldx, n, y);
+  } else if (w.ng > 1 && w.G == 32) {
+    for (; n + NR <= n1; n += NR) gemv_reg_w4<MM, NR, true>(w, xu, ldx, n, y);
+    for (; n < n1; ++n) gemv_reg_w4<MM, 1, true>(w, xu, ldx, n, y);
+  } else {
+    for (; n + NR <= n1; n += NR) gemv_reg_w4<MM, NR, false>(w, xu, ldx, n, y);
+    for (; n < n1; ++n) gemv_reg_w4<MM, 1, false>(w, xu, ldx, n, y);
+  }
+}
+template <int MM>
+void gemv_reg_rows_mm(const Weight& w, const uint32_t* xu, int64_t ldx, int64_t n0, int64_t n1, float* y) {
+  gemv_reg_rows_nr<MM, 4>(w, xu, ldx, n0, n1, y);
+}
+
+void gemv_reg_rows(const Weight& w, const uint32_t* xu, int64_t ldx, int64_t M, int64_t n0, int64_t n1, float* y) {
+  switch (M) {
+    case 1: gemv_reg_rows_mm<1>(w, xu, ldx, n0, n1, y); break;
+    case 2: gemv_reg_rows_mm<2>(w, xu, ldx, n0, n1, y); break;
+    case 3: gemv_reg_rows_mm<3>(w, xu, ldx, n0, n1, y); break;
+    default: gemv_reg_rows_mm<4>(w, xu, ldx, n0, n1, y); break;
+  }
+}
+
 // y[m][j] = c[j * ldc + m] (+ bias[j]) for m, j < 16, cast to y's dtype (round half to even, as
 // .to(dtype)): a 16 x 16 register transpose of the tiled path's transposed C.
 template <Rnd R>
@@ -1190,6 +1383,34 @@ at::Tensor weight_only_gemm512(const at::Tensor& x_in, const Weight& w, const at
   char* Y = static_cast<char*>(y.data_ptr());
   const at::Tensor x = x_in.contiguous();
   const int64_t U = bd ? (K + 1) / 2 : K;
+  if (bd && M <= kMaxGemvM && reg_gemv_applies(w)) {  // the register-decode GEMV
+    const int64_t ldx = (U + 31) / 32 * 32;
+    // x (contiguous bf16) -> [M][2 ldx] words in the kernel's K order, zero-padded
+    at::Tensor xo = at::empty({M, 2 * ldx}, x.options());
+    const uint16_t* xs = reinterpret_cast<const uint16_t*>(x.data_ptr());
+    uint16_t* xd = reinterpret_cast<uint16_t*>(xo.data_ptr());
+    for (int64_t m = 0; m < M; ++m) {
+      const uint16_t* src = xs + m * K;
+      uint16_t* dst = xd + m * 2 * ldx;
+      if (w.int4) {
+        for (int64_t c = 0; c < K; c += 64)
+          for (int64_t j = 0; j < 32; ++j) {
+            dst[c + j] = src[c + 2 * j];
+            dst[c + 32 + j] = src[c + 2 * j + 1];
+          }
+      } else {
+        std::memcpy(dst, src, K * 2);
+      }
+      std::memset(dst + K, 0, (2 * ldx - K) * 2);
+    }
+    const uint32_t* XU = reinterpret_cast<const uint32_t*>(xo.data_ptr());
+    at::Tensor acc = at::empty({M, N}, y.options().dtype(at::kFloat));
+    float* A = acc.data_ptr<float>();
+    const int64_t grain = std::max<int64_t>(16, (1 << 15) / K);
+    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { gemv_reg_rows(w, XU, ldx, M, n0, n1, A); });
+    store_any(st, A, N, M, N, B, Y, N);
+    return y;
+  }
   if (M <= kGemvSplitM) {
     const int64_t ldx = (U + 31) / 32 * 32;
     const at::Tensor xu = x_units512(x, w, bd, ldx);
@@ -1492,8 +1713,8 @@ const bool w8a16_gemm_variant_registered = quantkernels::cpu::register_variant(
     "w8a16_gemm", [](quantkernels::cpu::Isa isa) -> const char* {
       using namespace quantkernels::cpu;
       if (isa_has_bf16dot(isa))
-        return "avx512_bf16: bf16 x vdpbf16ps 32x12 tiles (M >= 9) / GEMV, fp32 + fp16 x zmm FMA tiles / GEMV "
-               "(fp32 x M <= 4: avx2 GEMV)";
+        return "avx512_bf16: bf16 x vdpbf16ps 32x12 tiles (M >= 9) / GEMV (M <= 4: decoded in registers, "
+               "vcvtne2ps2bf16), fp32 + fp16 x zmm FMA tiles / GEMV (fp32 x M <= 4: avx2 GEMV)";
       if (isa_has_avx512(isa))
         return "avx512: zmm fp32 FMA 32x12 tiles (M >= 9) / GEMV, all x dtypes (fp32 x M <= 4: avx2 GEMV)";
       return isa_has_avx2(isa) ? "avx2: fp32 FMA tiles / GEMV (f16c conversions)" : "portable: scalar C++ loops";
@@ -1502,8 +1723,8 @@ const bool w4a16_gemm_variant_registered = quantkernels::cpu::register_variant(
     "w4a16_gemm", [](quantkernels::cpu::Isa isa) -> const char* {
       using namespace quantkernels::cpu;
       if (isa_has_bf16dot(isa))
-        return "avx512_bf16: bf16 x vdpbf16ps 32x12 tiles (M >= 9) / GEMV (vpermw tables), fp32 + fp16 x zmm FMA "
-               "tiles / GEMV (vpermps tables; fp32 x M <= 4: avx2 GEMV)";
+        return "avx512_bf16: bf16 x vdpbf16ps 32x12 tiles (M >= 9) / GEMV (vpermw tables; M <= 4, K % 64 == 0: "
+               "decoded in registers), fp32 + fp16 x zmm FMA tiles / GEMV (vpermps tables; fp32 x M <= 4: avx2 GEMV)";
       if (isa_has_avx512(isa))
         return "avx512: zmm fp32 FMA 32x12 tiles (M >= 9) / GEMV, vpermps tables, all x dtypes (fp32 x M <= 4: avx2 GEMV)";
       return isa_has_avx2(isa) ? "avx2: fp32 FMA tiles / GEMV, pshufb tables for bf16/fp16 x" : "portable: scalar C++ loops";
