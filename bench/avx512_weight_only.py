@@ -10,58 +10,20 @@ avx512_bf16 kernels are timed in the same process. Uses torch + quantkernels ops
 import argparse
 import datetime
 import os
-import platform
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
+try:  # python bench/<script>.py puts bench/ on sys.path; python -m bench.<script> the repo root
+    from _cpu import cpu_model, interleaved, with_isa
+except ImportError:
+    from bench._cpu import cpu_model, interleaved, with_isa
 import quantkernels  # noqa: F401
 import quantkernels._ops  # noqa: F401
 from quantkernels import _native
 from quantkernels import reference as R
 
 OPS = torch.ops.quantkernels
-
-
-def cpu_model():
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def with_isa(isa, fn):
-    def run():
-        old = os.environ.get("QUANTKERNELS_CPU_ISA")
-        os.environ["QUANTKERNELS_CPU_ISA"] = isa
-        try:
-            return fn()
-        finally:
-            if old is None:
-                del os.environ["QUANTKERNELS_CPU_ISA"]
-            else:
-                os.environ["QUANTKERNELS_CPU_ISA"] = old
-    return run
-
-
-def interleaved(cands, rounds, inner=1, warmup=1):
-    """cands: {name: fn}. Per round, each candidate once (inner calls, time per call). Returns medians (ms)."""
-    for fn in cands.values():
-        for _ in range(warmup):
-            fn()
-    times = {k: [] for k in cands}
-    for _ in range(rounds):
-        for k, fn in cands.items():
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            times[k].append((time.perf_counter() - t0) * 1e3 / inner)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def quant_weights(N, K, g, G=128):

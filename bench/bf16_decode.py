@@ -2,21 +2,22 @@
 per channel) against fbgemm's dynamic qint8 linear and the read bandwidth (torch.ones(2**28).sum()),
 all in one process, candidates interleaved round by round, medians.
 
-    PYTHONPATH=. python bench/bf16_decode.py [--rounds 7] [--threads 2] [--old] [--cpu-time]
+    PYTHONPATH=. python bench/bf16_decode.py [--rounds 7] [--threads 2] [--cpu-time]
 
 --cpu-time (with --threads 1): time.thread_time instead of wall time, for a loaded machine.
-
---old also times the previous GEMV (decode rows into an L1 buffer) through QK_DEV_OLD_GEMV=1, which
-only the development commits 3c9ad44..f77ad0c of weight_only.cpp read (the switch is gone since; on
-later builds the "old" columns run the new kernel).
+The old-vs-new A/B in bench/results/bf16_decode_2026-12-02.md used a development switch of
+weight_only.cpp that no longer exists.
 """
 import argparse
 import os
-import statistics
 import time
 
 import torch
 
+try:  # python bench/<script>.py puts bench/ on sys.path; python -m bench.<script> the repo root
+    from _cpu import interleaved
+except ImportError:
+    from bench._cpu import interleaved
 import quantkernels  # noqa: F401
 import quantkernels._ops  # noqa: F401
 from quantkernels import reference as R
@@ -25,32 +26,6 @@ OPS = torch.ops.quantkernels
 os.environ["QUANTKERNELS_CPU_ISA"] = "avx512_bf16"
 
 
-def with_env(old, fn):
-    def run():
-        if old:
-            os.environ["QK_DEV_OLD_GEMV"] = "1"
-        try:
-            return fn()
-        finally:
-            os.environ.pop("QK_DEV_OLD_GEMV", None)
-    return run
-
-
-TIMER = time.perf_counter
-
-
-def interleaved(cands, rounds, inner=1, warmup=1):
-    for fn in cands.values():
-        for _ in range(warmup):
-            fn()
-    times = {k: [] for k in cands}
-    for _ in range(rounds):
-        for k, fn in cands.items():
-            t0 = TIMER()
-            for _ in range(inner):
-                fn()
-            times[k].append((TIMER() - t0) * 1e3 / inner)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def layer(N, K, g, G=128):
@@ -75,32 +50,26 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--old", action="store_true")
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--cpu-time", action="store_true")
     a = ap.parse_args()
+    clock = time.perf_counter
     if a.cpu_time:
-        global TIMER
         assert a.threads == 1, "--cpu-time measures the calling thread only"
-        TIMER = time.thread_time
+        clock = time.thread_time
     torch.set_num_threads(a.threads)
     g = torch.Generator().manual_seed(0)
-    versions = [False, True] if a.old else [False]
-    tag = lambda o: "old" if o else "new"  # noqa: E731
 
     # hot: 4096 x 4096, M = 1..4
     K = N = 4096
     b8, s8, p4, s4, z4 = layer(N, K, g)
     print(f"## hot 4096 x 4096, {a.threads} threads (ms, medians of {a.rounds} interleaved rounds)\n")
-    print("| M | " + " | ".join(f"W4A16 {tag(o)} | W8A16 {tag(o)}" for o in versions) + " |")
+    print("| M | W4A16 | W8A16 |\n|---|---|---|")
     for M in (1, 2, 3, 4):
         xb = torch.randn(M, K, generator=g).to(torch.bfloat16)
-        c = {}
-        for o in versions:
-            c[f"w4 {tag(o)}"] = with_env(o, lambda: OPS.w4a16_gemm(xb, p4, s4, z4, None))
-            c[f"w8 {tag(o)}"] = with_env(o, lambda: OPS.w8a16_gemm(xb, b8, s8, None))
-        t = interleaved(c, a.rounds, inner=10, warmup=3)
-        print(f"| {M} | " + " | ".join(f"{t[f'w4 {tag(o)}']:.3f} | {t[f'w8 {tag(o)}']:.3f}" for o in versions) + " |", flush=True)
+        c = {"w4": lambda: OPS.w4a16_gemm(xb, p4, s4, z4, None), "w8": lambda: OPS.w8a16_gemm(xb, b8, s8, None)}
+        t = interleaved(c, a.rounds, inner=10, warmup=3, clock=clock)
+        print(f"| {M} | {t['w4']:.3f} | {t['w8']:.3f} |", flush=True)
 
     # DRAM: 4096 x 11008 rotating over layers
     K, N = 4096, 11008
@@ -113,13 +82,11 @@ def main():
     xb = torch.randn(1, K, generator=g).to(torch.bfloat16)
     xf = xb.float()
     big = torch.ones(2 ** 28)
-    c = {}
-    for o in versions:
-        c[f"w4 {tag(o)}"] = with_env(o, rot(lambda i: OPS.w4a16_gemm(xb, layers[i][2], layers[i][3], layers[i][4]), nl))
-        c[f"w8 {tag(o)}"] = with_env(o, rot(lambda i: OPS.w8a16_gemm(xb, layers[i][0], layers[i][1]), nl))
+    c = {"w4": rot(lambda i: OPS.w4a16_gemm(xb, layers[i][2], layers[i][3], layers[i][4]), nl),
+         "w8": rot(lambda i: OPS.w8a16_gemm(xb, layers[i][0], layers[i][1]), nl)}
     c["fbgemm"] = rot(lambda i: fb[i](xf), len(fb))
     c["read"] = lambda: big.sum()
-    t = interleaved(c, a.rounds * 3, inner=4, warmup=4)
+    t = interleaved(c, a.rounds * 3, inner=4, warmup=4, clock=clock)
     bw = big.numel() * 4 / (t["read"] * 1e-3) / 1e9
     b4 = N * K / 2 + N * (K // 128) * 5
     b8 = N * K + N * 4

@@ -18,44 +18,19 @@ the scheduler (a 2-thread call waits for its slower thread's next time slice).
 """
 import argparse
 import datetime
-import os
-import platform
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
+try:  # python bench/<script>.py puts bench/ on sys.path; python -m bench.<script> the repo root
+    from _cpu import cpu_model, with_isa
+except ImportError:
+    from bench._cpu import cpu_model, with_isa
 import quantkernels  # noqa: F401  (registers the ops)
 
 OPS = torch.ops.quantkernels
-
-
-def cpu_model():
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def with_isa(isa, fn):
-    def run():
-        old = os.environ.get("QUANTKERNELS_CPU_ISA")
-        if isa is None:
-            os.environ.pop("QUANTKERNELS_CPU_ISA", None)
-        else:
-            os.environ["QUANTKERNELS_CPU_ISA"] = isa
-        try:
-            return fn()
-        finally:
-            if old is None:
-                os.environ.pop("QUANTKERNELS_CPU_ISA", None)
-            else:
-                os.environ["QUANTKERNELS_CPU_ISA"] = old
-    return run
 
 
 CLOCK = time.perf_counter
@@ -102,8 +77,7 @@ def main():
     CLOCK = time.perf_counter if args.clock == "wall" else time.process_time
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    rows = []
-    lines = [f"# int8 CPU kernels vs fbgemm / bf16 (issue 14)", "",
+    lines = ["# int8 CPU kernels vs fbgemm / bf16 (issue 14)", "",
              f"{datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC, CPU: {cpu_model()}, torch {torch.__version__}, "
              f"threads {args.threads}, clock {args.clock}, medians of {args.reps} interleaved reps, "
              f"active ISA: {quantkernels._native.cpu_isa()}", ""]

@@ -12,27 +12,20 @@ read bandwidth of torch.ones(2**28).sum() measured in the same run.
 import argparse
 import datetime
 import os
-import platform
 import statistics
 import time
 
 import torch
 
+try:  # python bench/<script>.py puts bench/ on sys.path; python -m bench.<script> the repo root
+    from _cpu import cpu_model
+except ImportError:
+    from bench._cpu import cpu_model
 import quantkernels  # noqa: F401
 import quantkernels._ops  # noqa: F401
 from quantkernels import _native, reference as R
 
 OPS = torch.ops.quantkernels
-
-
-def cpu_model():
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 CLOCK = time.perf_counter
