@@ -300,6 +300,13 @@ def gptq_quantize_model(model: nn.Module, batches: Iterable, scheme: str = "w4a1
         else:
             targets[n] = m
     batches = list(batches)
+    if not batches:
+        raise ValueError("quantkernels.gptq_quantize_model: batches is empty; GPTQ needs calibration batches "
+                         "(tokenizer outputs, tuples or tensors the model takes) to estimate each layer's Hessian")
+    if not targets:
+        raise ValueError(f"quantkernels.gptq_quantize_model: scheme {scheme!r} (group_size={group_size}) can serve "
+                         f"none of the {len(layers)} selected linear layer(s): "
+                         f"{'; '.join(sorted(set(report.skipped.values()))[:3]) or 'no linear layer selected'}")
 
     def on_block(stats: Dict[str, LayerStats], mods: Dict[str, nn.Module]):
         for n, m in mods.items():
