@@ -196,6 +196,9 @@ class QuantLinear(nn.Module):
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"quantkernels.QuantLinear: input must have shape [..., {self.in_features}], "
                              f"got {tuple(x.shape)}")
+        if x.device != self.qweight.device:
+            raise ValueError(f"quantkernels.QuantLinear: input is on {x.device} but the layer's weights are on "
+                             f"{self.qweight.device}; move one of them (model.to(device))")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if self.input_scale is not None:

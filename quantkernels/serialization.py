@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .formats import WeightFormat
-from .nn import SCHEMES, QuantEmbedding, QuantLinear, _is_hf_conv1d, unsupported_reason
+from .nn import SCHEMES, QuantEmbedding, QuantLinear, _is_hf_conv1d, check_threshold, unsupported_reason
 
 FORMAT_NAME = "quantkernels"
 #: Bumped whenever the layout of the file or the meaning of a buffer changes. Version 2 adds the
@@ -524,9 +524,13 @@ def _bnb_state_dict(source) -> Tuple[Dict[str, Tensor], Optional[float], List[st
     if p.is_dir():
         cfg_file = p / "config.json"
         if cfg_file.is_file():
-            qc = json.loads(cfg_file.read_text()).get("quantization_config") or {}
-            threshold = qc.get("llm_int8_threshold")
-            skip = list(qc.get("llm_int8_skip_modules") or [])
+            try:
+                qc = json.loads(cfg_file.read_text()).get("quantization_config") or {}
+                threshold = qc.get("llm_int8_threshold")
+                skip = list(qc.get("llm_int8_skip_modules") or [])
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError) as e:
+                raise CheckpointError(f"quantkernels.load_bnb_int8: {cfg_file}: unreadable or corrupt JSON "
+                                      f"({type(e).__name__}: {e})") from None
         files = sorted(p.glob("*.safetensors"))
         if not files:
             raise CheckpointError(f"quantkernels.load_bnb_int8: no *.safetensors file in {p}")
@@ -534,15 +538,9 @@ def _bnb_state_dict(source) -> Tuple[Dict[str, Tensor], Optional[float], List[st
         files = [p]
     else:
         raise CheckpointError(f"quantkernels.load_bnb_int8: {p} does not exist")
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     out: Dict[str, Tensor] = {}
     for f in files:
-        try:
-            out.update(load_file(str(f)))
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"quantkernels.load_bnb_int8: {f}: corrupt or truncated ({e})") from None
+        out.update(read_safetensors(f, lambda msg: CheckpointError(f"quantkernels.load_bnb_int8: {msg}"))[0])
     return out, threshold, skip
 
 
@@ -581,7 +579,17 @@ def load_bnb_int8(model: nn.Module, source, *, threshold: Optional[float] = None
     unless given, else 6.0); all other tensors load as they are. The legacy ``<name>.weight_format``
     entries must say row-major (0 or "row"). Validates everything before changing the model.
     Returns the model in eval mode (``model.eval()``), as ``from_pretrained`` does."""
+    from .dispatch import check_backend
+
+    check_backend(backend)
+    if threshold is not None:
+        check_threshold("load_bnb_int8", threshold)
     tensors, cfg_thr, _ = _bnb_state_dict(source)
+    if threshold is None and cfg_thr is not None:
+        try:
+            check_threshold("load_bnb_int8", cfg_thr)
+        except ValueError as e:
+            raise CheckpointError(f"{e} (llm_int8_threshold in config.json)") from None
     thr = float(threshold if threshold is not None else (cfg_thr if cfg_thr is not None else 6.0))
     layers = sorted(k[: -len(".SCB")] for k in tensors if k.endswith(".SCB"))
     if not layers:
