@@ -8,7 +8,8 @@ Backends:
   under ``TRITON_INTERPRET=1``).
 - ``"auto"``: per op, the fastest backend that can serve the device: CUDA kernel, else Triton
   (CUDA tensors), else the op through the dispatcher (native CPU kernel where one is
-  registered, else the reference). ``QUANTKERNELS_BACKEND`` in the environment overrides ``auto``.
+  registered, else the reference). ``QUANTKERNELS_BACKEND`` in the environment overrides ``auto``;
+  an invalid value does not break the import: it warns there, and every ``auto`` call raises.
 
 The tables below are plain Python sets filled once at import (``refresh()``), so that
 resolving a kernel inside ``forward`` is traceable by ``torch.compile(fullgraph=True)``.
