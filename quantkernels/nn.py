@@ -122,6 +122,9 @@ class QuantLinear(nn.Module):
                  group_size: int = 128, threshold: float = 6.0, backend: str = "auto",
                  device=None, dtype: torch.dtype = torch.float32):
         super().__init__()
+        for name, v in (("in_features", in_features), ("out_features", out_features), ("group_size", group_size)):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"quantkernels.QuantLinear: {name} must be an int, got {v!r}")
         reason = unsupported_reason(scheme, in_features, out_features, group_size)
         if reason:
             raise ValueError(f"quantkernels.QuantLinear: scheme {scheme!r} cannot serve this layer: {reason}")

@@ -359,6 +359,12 @@ def load_quantized(model: nn.Module, path: PathLike, *, backend: str = "auto",
     from .dispatch import check_backend
 
     check_backend(backend)
+    if device is not None:
+        try:
+            torch.empty(0, device=device)
+        except Exception as e:  # RuntimeError, or AssertionError from a torch built without CUDA
+            raise ValueError(f"quantkernels.load_quantized: device={device!r} cannot hold tensors here "
+                             f"({str(e).splitlines()[0]})") from None
     p = Path(path)
     cfg = read_config(p)
     tensors, metadata = _read_tensors(p)
