@@ -284,7 +284,9 @@ def gptq_quantize_model(model: nn.Module, batches: Iterable, scheme: str = "w4a1
     pass. ``blocks``: "auto", a module path (``"model.layers"``) or None (one pass, every
     Hessian in memory at once, no sequential error propagation).
     Other arguments: ``gptq_quantize_weight``. Returns ``model`` with ``model.quantkernels_report``
-    (a ``GPTQReport``).
+    (a ``GPTQReport``). If anything raises part-way (a batch the model rejects in a later block, a
+    factorisation that fails), the float layers already replaced are put back: the model is left
+    as it was. (So the float layers stay in memory until the last block is done.)
     """
     _check_scheme(scheme)
     kind = _grid_kind(scheme, sym)  # validates sym for w4a8
@@ -312,6 +314,8 @@ def gptq_quantize_model(model: nn.Module, batches: Iterable, scheme: str = "w4a1
                          f"none of the {len(layers)} selected linear layer(s): "
                          f"{'; '.join(sorted(set(report.skipped.values()))[:3]) or 'no linear layer selected'}")
 
+    replaced: Dict[str, nn.Module] = {}  # name -> the float layer, until every block is done
+
     def on_block(stats: Dict[str, LayerStats], mods: Dict[str, nn.Module]):
         for n, m in mods.items():
             st = stats[n]
@@ -321,12 +325,19 @@ def gptq_quantize_model(model: nn.Module, batches: Iterable, scheme: str = "w4a1
             ql, res = gptq_quantlinear(m, st.hessian(), scheme, group_size=group_size, sym=sym,
                                        act_order=act_order, static_groups=static_groups, damp=damp,
                                        blocksize=blocksize, backend=backend)
+            replaced[n] = m
             _set_module(model, n, ql)
             report.quantized.append(n)
             report.layers[n] = dict(loss=res.loss, damp=res.damp, tokens=st.n)
 
-    sequential_stats(model, batches, targets, on_block, hessian=True, absmax=False, blocks=blocks,
-                     mask_padding=mask_padding, progress=progress)
+    try:
+        sequential_stats(model, batches, targets, on_block, hessian=True, absmax=False, blocks=blocks,
+                         mask_padding=mask_padding, progress=progress)
+    except BaseException:  # a later block failed: put the float layers back (GPTQ never edits them)
+        for n, old in reversed(list(replaced.items())):
+            _set_module(model, n, old)
+        raise
+    replaced.clear()
     if report.skipped:
         import warnings
 

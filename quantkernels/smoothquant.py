@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from .calibration import collect_stats, find_blocks, is_linear, linear_weight, select_linears
 from .convert import quantize_model
-from .nn import _check_scheme, check_threshold, unsupported_reason
+from .nn import _check_scheme, check_threshold, quantizable_weight, unsupported_reason
 
 #: the schemes SmoothQuant serves: those with int8 activations
 SMOOTH_SCHEMES = ("w8a8", "w4a8", "llm_int8")
@@ -362,7 +362,11 @@ def smoothquant_quantize_model(model: nn.Module, batches: Iterable, scheme: str 
     for n, m in layers.items():
         W = linear_weight(m)
         if unsupported_reason(scheme, W.shape[1], W.shape[0], group_size) is None:
+            quantizable_weight(m, f"smoothquant_quantize_model: layer {n!r}")  # before smoothing edits weights
             targets[n] = m
+    if not targets:
+        raise ValueError(f"quantkernels.smoothquant_quantize_model: scheme {scheme!r} (group_size={group_size}) can "
+                         f"serve none of the {len(layers)} selected linear layer(s); nothing was changed")
     if act_absmax is None:
         # statistics for every linear layer: a fold group needs all of its consumers' inputs
         stats = collect_stats(model, batches, layers=select_linears(model, None, ()), hessian=False, absmax=True,

@@ -197,6 +197,26 @@ def test_calibration_without_batches_is_an_error(fn):
     assert_same(full_state(m), before)
 
 
+def test_gptq_failing_part_way_puts_the_float_layers_back(monkeypatch):
+    from quantkernels import gptq
+
+    m = tiny_bert()
+    before = full_state(m)
+    real, calls = gptq.gptq_quantlinear, []
+
+    def fail_on_the_eighth(*a, **k):  # the second block's second layer
+        calls.append(1)
+        if len(calls) == 8:
+            raise RuntimeError("quantkernels.gptq: Cholesky factorisation failed (planted)")
+        return real(*a, **k)
+
+    monkeypatch.setattr(gptq, "gptq_quantlinear", fail_on_the_eighth)
+    with pytest.raises(RuntimeError, match="planted"):
+        qk.gptq_quantize_model(m, bert_batches(), "w8a8", progress=False)
+    assert len(calls) == 8
+    assert_same(full_state(m), before)
+
+
 # ----------------------------------------------------------------------------- options and environment
 
 
