@@ -4,6 +4,7 @@ with --no-reference, CLI options out of range, bad environment variables, bad in
 thresholds, SmoothQuant / GPTQ misuse, checkpoint dtypes and checksums."""
 
 import copy
+import os
 import json
 import subprocess
 import sys
@@ -287,7 +288,7 @@ def test_bad_backend_variable_does_not_break_import():
             "q = qk.QuantLinear.from_linear(torch.nn.Linear(64, 32), 'w8a8')\n"
             "try:\n    q(torch.randn(2, 64))\nexcept ValueError as e:\n    print('RAISED', e)\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                       env={**__import__("os").environ, "QUANTKERNELS_BACKEND": "bogus"})
+                       env={**os.environ, "QUANTKERNELS_BACKEND": "bogus"})
     assert p.returncode == 0, p.stderr
     assert "RuntimeWarning: quantkernels: QUANTKERNELS_BACKEND must be one of" in p.stderr and "'bogus'" in p.stderr
     assert p.stdout.startswith("RAISED quantkernels: QUANTKERNELS_BACKEND")
