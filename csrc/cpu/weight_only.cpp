@@ -78,12 +78,13 @@
 //   4 KB ahead) and dotted with all M rows of x in zmm (vfmadd / vdpbf16ps, two accumulator sets
 //   for M <= 4), one horizontal sum per output.
 // - M >= 9: tiled. Threads split N into chunks of 48 rows (bf16 pairs; fp32: 24; up to 4x that for
-//   M > 32), decoded whole into a per-thread buffer in K blocks of 256 units (next chunk prefetched
-//   to L2). x is packed per
-//   16 rows as [units][16 rows] (M padded to 16 with zeros); micro tiles of 32 (or 16) rows of x x 12
-//   weight rows keep 24 zmm accumulators, one x load per 16 rows and one weight broadcast per row
-//   and unit. C is kept transposed ([n][m], the lanes) per chunk, then stored through 16 x 16 zmm
-//   transposes with + bias and the RNE cast (ragged edges scalar).
+//   M > 32), decoded whole into a per-thread buffer in K blocks of 512 units (bf16 pairs; fp32: 256)
+//   (next chunk prefetched to L2). x is packed once per call, in one pass of 16 x 16 zmm transposes,
+//   per 16 rows as [units][16 rows] (M padded to 16 with zeros). Micro tiles keep 24 zmm
+//   accumulators, one x load per 16 rows and one weight broadcast per weight row and unit: bf16
+//   64 rows of x x 6 weight rows (the last 48 / 32 / 16 rows: 3 x 8, 2 x 12, 1 x 12 zmm x weight
+//   rows), fp32 32 (or 16) rows x 12. C is kept transposed ([n][m], the lanes) per chunk, then
+//   stored through 16 x 16 zmm transposes with + bias and the RNE cast (ragged edges scalar).
 // vdpbf16ps vs the contract (bf16 x): bf16 x bf16 products are exact in fp32, so the products are
 // the reference's; the instruction adds the two products of a pair to the fp32 accumulator with
 // RNE (in one or two roundings: a summation order the reference does not fix either), treats
@@ -1306,16 +1307,21 @@ using MicroFn = void (*)(const uint32_t*, int64_t, const uint32_t*, int64_t, flo
 // rows are decoded once into wbuf, then the rows of x run micro tiles over it, MZ blocks of 16 rows of x
 // x NR weight rows: fp32 2 x 12 (1 x 12 for the last 16 rows); bf16 4 x 6 (24 accumulators; 10 loads
 // per 24 vdpbf16ps against 14 for 2 x 12), the last 48 / 32 / 16 rows 3 x 8, 2 x 12, 1 x 12.
+// bf16, 1 thread CPU time, one process, interleaved A/B against 2 x 12 tiles with K blocks of 256
+// pairs (and the earlier torch-op x pack): 4096 x 4096 M = 512 49.2 -> 44.4 ms (w8a16), 53.9 -> 44.9
+// (w4a16); M = 128 11.6 -> 11.0, 12.6 -> 11.0 (bench/results/cpu_perf14_2026-12-02.md). A standalone
+// loop of these tiles over L2-sized data (random bf16) runs ~245 GMAC/s, 4 x 6 vs 2 x 12 +6-9% at
+// this size; with M x K of x beyond L2 ~205-215 GMAC/s (x re-read from L3 per chunk and K block).
 // C is kept transposed (cbuf[n][m], the micro tiles' lane order) and stored with bias + cast at the end.
-template <bool BD, bool DEVOLD = false>
+template <bool BD>
 void tiled512(const Weight& w, Rnd rnd, const uint32_t* xpack, int64_t M, int64_t Mp, int64_t U, at::ScalarType st,
               const float* B, char* Y, int64_t esize) {
-  constexpr int64_t KCU = BD && !DEVOLD ? kKCUBf16 : kKCU512;
+  constexpr int64_t KCU = BD ? kKCUBf16 : kKCU512;
   struct Tile { MicroFn fn; int64_t rows, nr; };  // rows of x (16 * MZ), weight rows
   const Tile t1 = BD ? Tile{&micro_bf16<1, 12, KCU>, 16, 12} : Tile{&micro_f32<1, kNR512>, 16, kNR512};
   const Tile t2 = BD ? Tile{&micro_bf16<2, 12, KCU>, 32, 12} : Tile{&micro_f32<2, kNR512>, 32, kNR512};
-  const Tile t3 = BD && !DEVOLD ? Tile{&micro_bf16<3, 8, KCU>, 48, 8} : t2;
-  const Tile t4 = BD && !DEVOLD ? Tile{&micro_bf16<4, 6, KCU>, 64, 6} : t2;
+  const Tile t3 = BD ? Tile{&micro_bf16<3, 8, KCU>, 48, 8} : t2;
+  const Tile t4 = BD ? Tile{&micro_bf16<4, 6, KCU>, 64, 6} : t2;
   // Rows per chunk (times mult below): their decoded units, all of K (bf16 pairs 48 x 8 KB, fp32 24 x 16 KB at
   // K = 4096), are read one K block at a time while all rows of x pass over it (x from L2: the
   // micro tiles' x loads are sequential; the block's weight rows stay in L1).
@@ -1327,7 +1333,6 @@ void tiled512(const Weight& w, Rnd rnd, const uint32_t* xpack, int64_t M, int64_
   while (mult > 1 && (w.N + NC0 * mult - 1) / (NC0 * mult) < 12 * at::get_num_threads()) mult /= 2;
   const int64_t NC = NC0 * mult;
   const int64_t N = w.N, n_chunks = (N + NC - 1) / NC;
-  const bool nopf = std::getenv("QK_DEV_NOPF") != nullptr;  // DEV
   at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
     const int64_t nblk = (U + KCU - 1) / KCU;
     std::vector<uint32_t> wbuf(nblk * NC * KCU);  // [K block][row][KCU units]
@@ -1339,7 +1344,7 @@ void tiled512(const Weight& w, Rnd rnd, const uint32_t* xpack, int64_t M, int64_
       // (sequential reads), prefetching the next chunk's rows into L2 meanwhile. Each row is stored
       // in blocks of KCU units, so that the micro tiles address all rows from one register.
       for (int64_t i = 0; i < ncp; ++i) {
-        if (c + 1 < c1 && !nopf) prefetch_units<_MM_HINT_T1>(w, BD, n0 + NC + i, 1, 0, U);
+        if (c + 1 < c1) prefetch_units<_MM_HINT_T1>(w, BD, n0 + NC + i, 1, 0, U);
         for (int64_t b = 0; b < nblk; ++b) {
           const int64_t u0 = b * KCU, uc = std::min(KCU, U - u0);
           decode_units<BD>(w, rnd, i < nc ? n0 + i : w.N, u0, uc, uc, wbuf.data() + (b * NC + i) * KCU);
@@ -1377,46 +1382,62 @@ void tiled512(const Weight& w, Rnd rnd, const uint32_t* xpack, int64_t M, int64_
 
 // The tiled path's x: rows [16 b, 16 b + 16) of x (contiguous [M, K]: bf16 when BD, else fp32) as
 // units [U][16] (unit u of the 16 rows in the lanes; rows >= M and units past K are zeros), in the
-// AVX-512 K order, in one pass: each row is put into tmp (16 x Ut units, Ut = U rounded up to 16) in
-// K order (int4 chunks of 32: vpermw / vpermt2ps), then 16 x 16 register transposes write out.
+// AVX-512 K order, in one pass of 16 x 16 register transposes. bf16: 16 units (32 bf16) of each row
+// are loaded straight from x (int4: permuted with one vpermw per 32-chunk; a ragged K end through a
+// zero-padded copy). fp32: each row is first put into tmp (16 x Ut units, Ut = U rounded up to 16)
+// in K order (int4 chunks of 32: vpermt2ps).
 template <bool BD>
 QK_T512 void pack_x_block512(const void* xv, const Weight& w, int64_t M, int64_t U, int64_t b, uint32_t* tmp,
                              uint32_t* out) {
   const int64_t K = w.K, Ut = (U + 15) / 16 * 16, kv = w.int4 ? kv512(w) : 0;
+  uint32_t* ob = out + b * U * 16;
+  __m512 v[16];
+  if constexpr (BD) {
+    const uint16_t* X = static_cast<const uint16_t*>(xv);
+    static const uint16_t kPerm[32] = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30,
+                                       1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
+    const __m512i perm = _mm512_loadu_si512(kPerm);
+    uint16_t part[32];
+    for (int64_t u0 = 0; u0 < U; u0 += 16) {
+      const int64_t p0 = 2 * u0;
+      const bool full = p0 + 32 <= K;  // int4: then also p0 + 32 <= kv (kv = K rounded down to 32)
+      for (int r = 0; r < 16; ++r) {
+        const int64_t m = 16 * b + r;
+        __m512i t = _mm512_setzero_si512();
+        if (m < M && full) {
+          t = _mm512_loadu_si512(X + m * K + p0);
+          if (w.int4) t = _mm512_permutexvar_epi16(perm, t);
+        } else if (m < M) {
+          for (int64_t j = 0; j < 32; ++j) part[j] = p0 + j < K ? X[m * K + k_of_pos512(w, p0 + j)] : 0;
+          t = _mm512_loadu_si512(part);
+        }
+        v[r] = _mm512_castsi512_ps(t);
+      }
+      transpose16x16(v);
+      const int64_t n = std::min<int64_t>(16, U - u0);
+      for (int64_t i = 0; i < n; ++i) _mm512_storeu_ps(reinterpret_cast<float*>(ob + (u0 + i) * 16), v[i]);
+    }
+    return;
+  }
   for (int64_t r = 0; r < 16; ++r) {
     const int64_t m = 16 * b + r;
-    uint32_t* row = tmp + r * Ut;
+    float* dst = reinterpret_cast<float*>(tmp + r * Ut);
     if (m >= M) {
-      std::memset(row, 0, Ut * 4);
+      std::memset(dst, 0, Ut * 4);
       continue;
     }
-    if constexpr (BD) {
-      const uint16_t* src = static_cast<const uint16_t*>(xv) + m * K;
-      uint16_t* dst = reinterpret_cast<uint16_t*>(row);
-      static const uint16_t kPerm[32] = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30,
-                                         1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
-      const __m512i perm = _mm512_loadu_si512(kPerm);
-      for (int64_t c = 0; c < kv; c += 32)
-        _mm512_storeu_si512(dst + c, _mm512_permutexvar_epi16(perm, _mm512_loadu_si512(src + c)));
-      std::memcpy(dst + kv, src + kv, (K - kv) * 2);
-      std::memset(dst + K, 0, (2 * Ut - K) * 2);
-    } else {
-      const float* src = static_cast<const float*>(xv) + m * K;
-      float* dst = reinterpret_cast<float*>(row);
-      const __m512i ev = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-      const __m512i od = _mm512_add_epi32(ev, _mm512_set1_epi32(1));
-      for (int64_t c = 0; c < kv; c += 32) {
-        const __m512 a = _mm512_loadu_ps(src + c), h = _mm512_loadu_ps(src + c + 16);
-        _mm512_storeu_ps(dst + c, _mm512_permutex2var_ps(a, ev, h));
-        _mm512_storeu_ps(dst + c + 16, _mm512_permutex2var_ps(a, od, h));
-      }
-      std::memcpy(dst + kv, src + kv, (K - kv) * 4);
-      std::memset(dst + K, 0, (Ut - K) * 4);
+    const float* src = static_cast<const float*>(xv) + m * K;
+    const __m512i ev = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i od = _mm512_add_epi32(ev, _mm512_set1_epi32(1));
+    for (int64_t c = 0; c < kv; c += 32) {
+      const __m512 a = _mm512_loadu_ps(src + c), h = _mm512_loadu_ps(src + c + 16);
+      _mm512_storeu_ps(dst + c, _mm512_permutex2var_ps(a, ev, h));
+      _mm512_storeu_ps(dst + c + 16, _mm512_permutex2var_ps(a, od, h));
     }
+    std::memcpy(dst + kv, src + kv, (K - kv) * 4);
+    std::memset(dst + K, 0, (Ut - K) * 4);
   }
-  uint32_t* ob = out + b * U * 16;
   for (int64_t u0 = 0; u0 < U; u0 += 16) {
-    __m512 v[16];
     for (int r = 0; r < 16; ++r) v[r] = _mm512_loadu_ps(reinterpret_cast<const float*>(tmp + r * Ut + u0));
     transpose16x16(v);
     const int64_t n = std::min<int64_t>(16, U - u0);
@@ -1432,7 +1453,7 @@ at::Tensor pack_x_tiles512(const at::Tensor& x, const Weight& w, bool bd, int64_
   const void* X = xs.data_ptr();
   uint32_t* O = reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>());
   at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<uint32_t> tmp(16 * ((U + 15) / 16 * 16));
+    std::vector<uint32_t> tmp(bd ? 0 : 16 * ((U + 15) / 16 * 16));
     for (int64_t b = b0; b < b1; ++b) {
       if (bd) pack_x_block512<true>(X, w, M, U, b, tmp.data(), O);
       else pack_x_block512<false>(X, w, M, U, b, tmp.data(), O);
@@ -1512,16 +1533,9 @@ at::Tensor weight_only_gemm512(const at::Tensor& x_in, const Weight& w, const at
     return y;
   }
   const int64_t Mp = (M + 15) / 16 * 16;
-  at::Tensor xpack;
-  if (std::getenv("QK_DEV_OLD")) {  // DEV A/B: remove
-    const at::Tensor xu = x_units512(x, w, bd, U);
-    xpack = at::constant_pad_nd(xu, {0, 0, 0, Mp - M}).reshape({Mp / 16, 16, U}).transpose(1, 2).contiguous();
-  } else {
-    xpack = pack_x_tiles512(x, w, bd, U);
-  }
+  const at::Tensor xpack = pack_x_tiles512(x, w, bd, U);
   const uint32_t* XP = reinterpret_cast<const uint32_t*>(xpack.data_ptr<int32_t>());
-  if (bd && std::getenv("QK_DEV_OLD2")) tiled512<true, true>(w, rnd, XP, M, Mp, U, st, B, Y, esize);  // DEV
-  else if (bd) tiled512<true>(w, rnd, XP, M, Mp, U, st, B, Y, esize);
+  if (bd) tiled512<true>(w, rnd, XP, M, Mp, U, st, B, Y, esize);
   else tiled512<false>(w, rnd, XP, M, Mp, U, st, B, Y, esize);
   return y;
 }
