@@ -216,7 +216,7 @@ def test_tiled_large_chunks(dtype, isa, set_threads):
 # 112 = 64 + 48, 144 = 64 + 64 + 16), N not a multiple of the 24 decoded rows, two K blocks (the second
 # partial; int8 with an odd K, int4 with G = 64 and with a natural-order tail G = K), the x layouts.
 TILE_MIX = [(72, 53, 1031, None), (95, 30, 1088, 64), (100, 101, 1050, 1050), (130, 25, 1030, None),
-            (112, 7, 1152, 128), (80, 49, 2048, 32)]
+            (112, 7, 1152, 128), (80, 49, 1152, 32)]
 
 
 @pytest.mark.parametrize("i", range(len(TILE_MIX)))

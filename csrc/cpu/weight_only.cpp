@@ -1818,7 +1818,7 @@ const bool w8a16_gemm_variant_registered = quantkernels::cpu::register_variant(
     "w8a16_gemm", [](quantkernels::cpu::Isa isa) -> const char* {
       using namespace quantkernels::cpu;
       if (isa_has_bf16dot(isa))
-        return "avx512_bf16: bf16 x vdpbf16ps 32x12 tiles (M >= 9) / GEMV (M <= 4: decoded in registers, "
+        return "avx512_bf16: bf16 x vdpbf16ps 64x6 tiles (M >= 9) / GEMV (M <= 4: decoded in registers, "
                "vcvtne2ps2bf16), fp32 + fp16 x zmm FMA tiles / GEMV (fp32 x M <= 4: avx2 GEMV)";
       if (isa_has_avx512(isa))
         return "avx512: zmm fp32 FMA 32x12 tiles (M >= 9) / GEMV, all x dtypes (fp32 x M <= 4: avx2 GEMV)";
@@ -1828,7 +1828,7 @@ const bool w4a16_gemm_variant_registered = quantkernels::cpu::register_variant(
     "w4a16_gemm", [](quantkernels::cpu::Isa isa) -> const char* {
       using namespace quantkernels::cpu;
       if (isa_has_bf16dot(isa))
-        return "avx512_bf16: bf16 x vdpbf16ps 32x12 tiles (M >= 9) / GEMV (vpermw tables; M <= 4, K % 64 == 0: "
+        return "avx512_bf16: bf16 x vdpbf16ps 64x6 tiles (M >= 9) / GEMV (vpermw tables; M <= 4, K % 64 == 0: "
                "decoded in registers), fp32 + fp16 x zmm FMA tiles / GEMV (vpermps tables; fp32 x M <= 4: avx2 GEMV)";
       if (isa_has_avx512(isa))
         return "avx512: zmm fp32 FMA 32x12 tiles (M >= 9) / GEMV, vpermps tables, all x dtypes (fp32 x M <= 4: avx2 GEMV)";
