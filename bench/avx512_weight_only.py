@@ -3,6 +3,7 @@ F.linear and fbgemm's dynamic qint8 linear, all in one process, candidates inter
 round (the machine is shared: medians of interleaved rounds, never one long run per candidate).
 
     PYTHONPATH=. python bench/avx512_weight_only.py [--rounds 7] [--quick] [--out FILE.md]
+        [--threads 1 --clock thread]   (CPU time of the calling thread: the usable clock on a shared machine)
 
 ISA levels are switched per call with QUANTKERNELS_CPU_ISA (read on every op call), so the avx2 and
 avx512_bf16 kernels are timed in the same process. Uses torch + quantkernels ops only.
@@ -10,6 +11,7 @@ avx512_bf16 kernels are timed in the same process. Uses torch + quantkernels ops
 import argparse
 import datetime
 import os
+import time
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +36,7 @@ def quant_weights(N, K, g, G=128):
     return w, b8, s8, p4, s4, z4
 
 
-def gemm_section(rounds, quick, lines):
+def gemm_section(rounds, quick, lines, clock):
     g = torch.Generator().manual_seed(0)
     shapes = [(4096, 4096), (4096, 11008)] if not quick else [(4096, 4096)]
     lines.append("## bf16 x: GEMM (ms, medians; ratio = F.linear time / kernel time, >= 1.0 is the target)\n")
@@ -52,7 +54,7 @@ def gemm_section(rounds, quick, lines):
                 "w8_avx2": with_isa("avx2", lambda: OPS.w8a16_gemm(x, b8, s8)),
                 "w4_avx2": with_isa("avx2", lambda: OPS.w4a16_gemm(x, p4, s4, z4)),
             }
-            t = interleaved(c, rounds)
+            t = interleaved(c, rounds, clock=clock)
             lines.append(f"| {K} x {N} | {M} | {t['lin']:.2f} | {t['w8']:.2f} | {t['lin'] / t['w8']:.2f}x | "
                          f"{t['w4']:.2f} | {t['lin'] / t['w4']:.2f}x | {t['w8_avx2']:.2f} | {t['w4_avx2']:.2f} |")
             print(lines[-1], flush=True)
@@ -71,13 +73,13 @@ def gemm_section(rounds, quick, lines):
                 "w4": with_isa("avx512_bf16", lambda: OPS.w4a16_gemm(x, p4, s4, z4)),
                 "w4_avx2": with_isa("avx2", lambda: OPS.w4a16_gemm(x, p4, s4, z4)),
             }
-            t = interleaved(c, rounds)
+            t = interleaved(c, rounds, clock=clock)
             lines.append(f"| {str(dt).split('.')[1]} | {M} | {t['w8']:.2f} | {t['w8_avx2']:.2f} | {t['w4']:.2f} | {t['w4_avx2']:.2f} |")
             print(lines[-1], flush=True)
     lines.append("")
 
 
-def decode_section(rounds, quick, lines):
+def decode_section(rounds, quick, lines, clock):
     """M = 1 over several 4096 x 11008 layers (weights rotate through >= 96 MiB, so they come from DRAM)."""
     K, N = 4096, 11008
     g = torch.Generator().manual_seed(1)
@@ -113,7 +115,7 @@ def decode_section(rounds, quick, lines):
         "fbgemm": rot(lambda i: fb[i](xf), len(fb)),
         "read": lambda: big.sum(),
     }
-    t = interleaved(c, rounds * 3, inner=4, warmup=4)
+    t = interleaved(c, rounds * 3, inner=4, warmup=4, clock=clock)
     bw = big.numel() * 4 / (t["read"] * 1e-3) / 1e9
     b4 = N * K / 2 + N * (K // 128) * 5  # packed nibbles + fp32 scale + uint8 zero per group
     b8 = N * K + N * 4
@@ -137,17 +139,22 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None)
     ap.add_argument("--only", choices=("gemm", "decode"), default=None)
+    ap.add_argument("--clock", choices=("wall", "thread"), default="wall",
+                    help="thread: CPU time of the calling thread (with --threads 1 only)")
     a = ap.parse_args()
+    if a.clock == "thread" and a.threads != 1:
+        ap.error("--clock thread measures the calling thread only: use it with --threads 1")
+    clock = time.thread_time if a.clock == "thread" else time.perf_counter
     torch.set_num_threads(a.threads)
     assert _native.load(), _native.REASON
     lines = [f"# AVX-512 weight-only kernels (issue 14), {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC\n",
              f"CPU: {cpu_model()}, {os.cpu_count()} CPUs, {a.threads} threads; torch {torch.__version__}; "
-             f"ISA levels: {', '.join(_native.cpu_isa_levels())}; rounds {a.rounds}; "
+             f"ISA levels: {', '.join(_native.cpu_isa_levels())}; rounds {a.rounds}, {a.clock} clock; "
              f"load average at start {os.getloadavg()[0]:.1f} (shared machine)\n"]
     if a.only != "decode":
-        gemm_section(a.rounds, a.quick, lines)
+        gemm_section(a.rounds, a.quick, lines, clock)
     if a.only != "gemm":
-        decode_section(a.rounds, a.quick, lines)
+        decode_section(a.rounds, a.quick, lines, clock)
     text = "\n".join(lines) + "\n"
     print(text)
     if a.out:

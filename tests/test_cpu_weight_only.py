@@ -144,9 +144,9 @@ def test_w4a16_full_nibble_range(M, isa):
 
 # --------------------------------------------------------------------------- tails of the AVX-512 tiles
 # The AVX-512 paths (avx512 .. avx512_bf16): the GEMV for M <= 8; tiled for M >= 9 with x in blocks
-# of 16 rows (32 per micro tile), 12-row micro tiles in chunks of 48 weight rows, K blocks of 256
-# units (fp32: 256 K, bf16 pairs: 512 K; an odd K pads one pair), int4 in 64- and 32-element chunks
-# with a natural-order tail (G = K). (M, N) are cycled over the K / G cases, as are the x layouts:
+# of 16 rows (fp32: 32 per micro tile x 12 weight rows; bf16: 64 x 6, the last 48 / 32 / 16 rows 3 x 8 /
+# 2 x 12 / 1 x 12), chunks of 48 weight rows, K blocks of 256 fp32 units / 512 bf16 pairs (1024 K;
+# an odd K pads one pair), int4 in 64- and 32-element chunks with a natural-order tail (G = K). (M, N) are cycled over the K / G cases, as are the x layouts:
 # contiguous, transposed, and a 2-D slice of a 3-D tensor (row stride 2 K).
 TAIL_MN = [(9, 13), (16, 48), (17, 49), (31, 61), (33, 97), (47, 12), (1, 13), (6, 50), (8, 9), (64, 100)]
 TAIL_W8_K = [8, 31, 255, 512, 513, 1030]
@@ -210,6 +210,30 @@ def test_tiled_large_chunks(dtype, isa, set_threads):
     _check(OPS.w8a16_gemm(x, b, s, bias), x, (b.float() * s[:, None]).to(dtype), bias, R.w8a16_gemm(x, b, s, bias))
     p, s4, z = _int4_weight(N, K, K, True, g)
     _check(OPS.w4a16_gemm(x, p, s4, z), x, R.dequantize_int4(p, s4, z).to(dtype), None, R.w4a16_gemm(x, p, s4, z))
+
+
+# bf16 tiled path: every mix of its micro tiles (Mp = M rounded up to 16: 80 = 64 + 16, 96 = 64 + 32,
+# 112 = 64 + 48, 144 = 64 + 64 + 16), N not a multiple of the 24 decoded rows, two K blocks (the second
+# partial; int8 with an odd K, int4 with G = 64 and with a natural-order tail G = K), the x layouts.
+TILE_MIX = [(72, 53, 1031, None), (95, 30, 1088, 64), (100, 101, 1050, 1050), (130, 25, 1030, None),
+            (112, 7, 1152, 128), (80, 49, 1152, 32)]
+
+
+@pytest.mark.parametrize("i", range(len(TILE_MIX)))
+def test_bf16_tile_mix(i, isa, set_threads):
+    M, N, K, G = TILE_MIX[i]
+    set_threads(1 + i % 2)
+    g = torch.Generator().manual_seed(100 + i)
+    x = _x_kind(M, K, torch.bfloat16, g, X_KINDS[i % 3])
+    bias = _bias(N, ("none", "fp32", "bf16")[i % 3], g)
+    if G is None:
+        b = torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=g)
+        s = torch.rand(N, generator=g) * 0.01 + 1e-3
+        _check(OPS.w8a16_gemm(x, b, s, bias), x, (b.float() * s[:, None]).to(x.dtype), bias, R.w8a16_gemm(x, b, s, bias))
+    else:
+        p, s, z = _int4_weight(N, K, G, i % 2 == 1, g)
+        _check(OPS.w4a16_gemm(x, p, s, z, bias), x, R.dequantize_int4(p, s, z).to(x.dtype), bias,
+               R.w4a16_gemm(x, p, s, z, bias))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)

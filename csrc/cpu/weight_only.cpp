@@ -78,12 +78,13 @@
 //   4 KB ahead) and dotted with all M rows of x in zmm (vfmadd / vdpbf16ps, two accumulator sets
 //   for M <= 4), one horizontal sum per output.
 // - M >= 9: tiled. Threads split N into chunks of 48 rows (bf16 pairs; fp32: 24; up to 4x that for
-//   M > 32), decoded whole into a per-thread buffer in K blocks of 256 units (next chunk prefetched
-//   to L2). x is packed per
-//   16 rows as [units][16 rows] (M padded to 16 with zeros); micro tiles of 32 (or 16) rows of x x 12
-//   weight rows keep 24 zmm accumulators, one x load per 16 rows and one weight broadcast per row
-//   and unit. C is kept transposed ([n][m], the lanes) per chunk, then stored through 16 x 16 zmm
-//   transposes with + bias and the RNE cast (ragged edges scalar).
+//   M > 32), decoded whole into a per-thread buffer in K blocks of 512 units (bf16 pairs; fp32: 256)
+//   (next chunk prefetched to L2). x is packed once per call, in one pass of 16 x 16 zmm transposes,
+//   per 16 rows as [units][16 rows] (M padded to 16 with zeros). Micro tiles keep 24 zmm
+//   accumulators, one x load per 16 rows and one weight broadcast per weight row and unit: bf16
+//   64 rows of x x 6 weight rows (the last 48 / 32 / 16 rows: 3 x 8, 2 x 12, 1 x 12 zmm x weight
+//   rows), fp32 32 (or 16) rows x 12. C is kept transposed ([n][m], the lanes) per chunk, then
+//   stored through 16 x 16 zmm transposes with + bias and the RNE cast (ragged edges scalar).
 // vdpbf16ps vs the contract (bf16 x): bf16 x bf16 products are exact in fp32, so the products are
 // the reference's; the instruction adds the two products of a pair to the fp32 accumulator with
 // RNE (in one or two roundings: a summation order the reference does not fix either), treats
@@ -742,9 +743,10 @@ void store_any(at::ScalarType st, const float* acc, int64_t lda, int64_t rows, i
 #define QK_T512 QK_TARGET_AVX512
 #define QK_TBF16 QK_TARGET_AVX512BF16
 
-constexpr int64_t kNR512 = 12;    // weight rows per micro tile (tiled path)
-constexpr int64_t kNC512 = 48;    // weight rows decoded per chunk (4 micro tiles)
-constexpr int64_t kKCU512 = 256;  // K units per decoded block
+constexpr int64_t kNR512 = 12;    // weight rows per micro tile (tiled path; bf16 x: 12, 8 or 6, see tiled512)
+constexpr int64_t kNC512 = 48;    // weight rows decoded per chunk (a multiple of 24 = lcm of the tile rows)
+constexpr int64_t kKCU512 = 256;  // K units per decoded block, fp32 units
+constexpr int64_t kKCUBf16 = 512; // the same, bf16 pairs
 
 // int4 K order of the AVX-512 paths: inside every full 32-element chunk the 16 even elements, then
 // the 16 odd ones (the low / high nibbles of 16 bytes); a tail that is not a multiple of 32 (only
@@ -933,8 +935,9 @@ inline void prefetch_units(const Weight& w, bool bd, int64_t n, int64_t nr, int6
 // Micro tiles of the tiled path: C[r][lane] (+)= sum_u x[u][lane] . w[r][u] for 16 * MZ lanes (rows
 // of x) and NR weight rows; x is packed [U][16] per 16 rows of x (xa: lanes 0..15, xb: 16..31).
 template <int MZ, int NR>
-QK_T512 void micro_f32(const uint32_t* xa, const uint32_t* xb, const uint32_t* wt, int64_t uc, float* c,
-                       int64_t ldc, bool first) {
+QK_T512 void micro_f32(const uint32_t* xa, int64_t xs, const uint32_t* wt, int64_t uc, float* c, int64_t ldc,
+                       bool first) {
+  const uint32_t* xb = xa + xs;
   __m512 acc[NR][MZ];
   for (int r = 0; r < NR; ++r)
     for (int z = 0; z < MZ; ++z) acc[r][z] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(c + r * ldc + 16 * z);
@@ -955,20 +958,21 @@ QK_T512 void micro_f32(const uint32_t* xa, const uint32_t* xb, const uint32_t* w
     for (int z = 0; z < MZ; ++z) _mm512_storeu_ps(c + r * ldc + 16 * z, acc[r][z]);
 }
 
-template <int MZ, int NR>
-QK_TBF16 void micro_bf16(const uint32_t* xa, const uint32_t* xb, const uint32_t* wt, int64_t uc, float* c,
-                         int64_t ldc, bool first) {
+// bf16: 16 * MZ rows of x (MZ zmm loads, xs units apart) x NR weight rows (broadcasts) per pair unit,
+// MZ * NR accumulators; the decoded weight rows are KCU units apart.
+template <int MZ, int NR, int KCU>
+QK_TBF16 void micro_bf16(const uint32_t* xa, int64_t xs, const uint32_t* wt, int64_t uc, float* c, int64_t ldc,
+                         bool first) {
   __m512 acc[NR][MZ];
   for (int r = 0; r < NR; ++r)
     for (int z = 0; z < MZ; ++z) acc[r][z] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(c + r * ldc + 16 * z);
   for (int64_t u = 0; u < uc; ++u) {
-    const __m512i x0 = _mm512_loadu_si512(xa + u * 16);
-    const __m512i x1 = MZ > 1 ? _mm512_loadu_si512(xb + u * 16) : x0;
+    __m512i xv[MZ];
+    for (int z = 0; z < MZ; ++z) xv[z] = _mm512_loadu_si512(xa + z * xs + u * 16);
 #pragma GCC unroll 12
     for (int r = 0; r < NR; ++r) {
-      const __m512i wv = _mm512_set1_epi32(static_cast<int>(wt[r * kKCU512 + u]));
-      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], (__m512bh)x0, (__m512bh)wv);
-      if constexpr (MZ > 1) acc[r][1] = _mm512_dpbf16_ps(acc[r][1], (__m512bh)x1, (__m512bh)wv);
+      const __m512i wv = _mm512_set1_epi32(static_cast<int>(wt[r * KCU + u]));
+      for (int z = 0; z < MZ; ++z) acc[r][z] = _mm512_dpbf16_ps(acc[r][z], (__m512bh)xv[z], (__m512bh)wv);
     }
   }
   for (int r = 0; r < NR; ++r)
@@ -1250,57 +1254,77 @@ void gemv_reg_rows(const Weight& w, const uint32_t* xu, int64_t ldx, int64_t M, 
   }
 }
 
-// y[m][j] = c[j * ldc + m] (+ bias[j]) for m, j < 16, cast to y's dtype (round half to even, as
-// .to(dtype)): a 16 x 16 register transpose of the tiled path's transposed C.
-template <Rnd R>
-QK_T512 void store16x16(const float* c, int64_t ldc, const float* bias, char* y, int64_t ldy) {
-  __m512 r[16], t[16];
-  for (int j = 0; j < 16; ++j) r[j] = _mm512_loadu_ps(c + j * ldc);
+// In-register 16 x 16 transpose of 32-bit lanes: afterwards r[i] lane j = (before) r[j] lane i.
+QK_T512 inline void transpose16x16(__m512 r[16]) {
+  __m512 t[16];
   for (int i = 0; i < 8; ++i) {
     t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
     t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
   }
-  for (int i = 0; i < 4; ++i) {  // r[4i + k], lane L: column 4L + k of rows 4i .. 4i + 3
+  for (int i = 0; i < 4; ++i) {  // r[4i + k], 128-bit lane L: column 4L + k of rows 4i .. 4i + 3
     r[4 * i + 0] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
     r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
     r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
     r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
   }
-  const __m512 bv = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
   for (int k = 0; k < 4; ++k) {
     const __m512 v0 = _mm512_shuffle_f32x4(r[k], r[4 + k], 0x88), w0 = _mm512_shuffle_f32x4(r[k], r[4 + k], 0xDD);
     const __m512 v1 = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0x88), w1 = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0xDD);
-    const __m512 col[4] = {_mm512_shuffle_f32x4(v0, v1, 0x88), _mm512_shuffle_f32x4(w0, w1, 0x88),
-                           _mm512_shuffle_f32x4(v0, v1, 0xDD), _mm512_shuffle_f32x4(w0, w1, 0xDD)};
-    for (int L = 0; L < 4; ++L) {  // output row m = 4L + k
-      __m512 v = col[L];
-      if (bias) v = _mm512_add_ps(v, bv);
-      const int64_t m = 4 * L + k;
-      if constexpr (R == Rnd::F32) {
-        _mm512_storeu_ps(reinterpret_cast<float*>(y) + m * ldy, v);
-      } else if constexpr (R == Rnd::BF16) {
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(reinterpret_cast<uint16_t*>(y) + m * ldy),
-                            bf16_words(round512<Rnd::BF16>(v)));
-      } else {
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(reinterpret_cast<uint16_t*>(y) + m * ldy),
-                            _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-      }
+    t[k] = _mm512_shuffle_f32x4(v0, v1, 0x88);
+    t[4 + k] = _mm512_shuffle_f32x4(w0, w1, 0x88);
+    t[8 + k] = _mm512_shuffle_f32x4(v0, v1, 0xDD);
+    t[12 + k] = _mm512_shuffle_f32x4(w0, w1, 0xDD);
+  }
+  for (int i = 0; i < 16; ++i) r[i] = t[i];
+}
+
+// y[m][j] = c[j * ldc + m] (+ bias[j]) for m, j < 16, cast to y's dtype (round half to even, as
+// .to(dtype)): a 16 x 16 register transpose of the tiled path's transposed C.
+template <Rnd R>
+QK_T512 void store16x16(const float* c, int64_t ldc, const float* bias, char* y, int64_t ldy) {
+  __m512 r[16];
+  for (int j = 0; j < 16; ++j) r[j] = _mm512_loadu_ps(c + j * ldc);
+  transpose16x16(r);
+  const __m512 bv = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
+  for (int m = 0; m < 16; ++m) {
+    __m512 v = r[m];
+    if (bias) v = _mm512_add_ps(v, bv);
+    if constexpr (R == Rnd::F32) {
+      _mm512_storeu_ps(reinterpret_cast<float*>(y) + m * ldy, v);
+    } else if constexpr (R == Rnd::BF16) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(reinterpret_cast<uint16_t*>(y) + m * ldy),
+                          bf16_words(round512<Rnd::BF16>(v)));
+    } else {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(reinterpret_cast<uint16_t*>(y) + m * ldy),
+                          _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
     }
   }
 }
 
-using MicroFn = void (*)(const uint32_t*, const uint32_t*, const uint32_t*, int64_t, float*, int64_t, bool);
+using MicroFn = void (*)(const uint32_t*, int64_t, const uint32_t*, int64_t, float*, int64_t, bool);
 
-// Tiled path: threads split N into chunks of kNC512 rows; per chunk and K block of kKCU512 units the
-// rows are decoded once into wbuf, then every 32 (16) rows of x run 12-row micro tiles over it.
+// Tiled path: threads split N into chunks of kNC512 rows; per chunk and K block of KCU units the
+// rows are decoded once into wbuf, then the rows of x run micro tiles over it, MZ blocks of 16 rows of x
+// x NR weight rows: fp32 2 x 12 (1 x 12 for the last 16 rows); bf16 4 x 6 (24 accumulators; 10 loads
+// per 24 vdpbf16ps against 14 for 2 x 12), the last 48 / 32 / 16 rows 3 x 8, 2 x 12, 1 x 12.
+// bf16, 1 thread CPU time, one process, interleaved A/B against 2 x 12 tiles with K blocks of 256
+// pairs (and the earlier torch-op x pack): 4096 x 4096 M = 512 49.2 -> 44.4 ms (w8a16), 53.9 -> 44.9
+// (w4a16); M = 128 11.6 -> 11.0, 12.6 -> 11.0 (bench/results/cpu_perf14_2026-12-02.md). A standalone
+// loop of these tiles over L2-sized data (random bf16) runs ~245 GMAC/s, 4 x 6 vs 2 x 12 +6-9% at
+// this size; with M x K of x beyond L2 ~205-215 GMAC/s (x re-read from L3 per chunk and K block).
 // C is kept transposed (cbuf[n][m], the micro tiles' lane order) and stored with bias + cast at the end.
 template <bool BD>
 void tiled512(const Weight& w, Rnd rnd, const uint32_t* xpack, int64_t M, int64_t Mp, int64_t U, at::ScalarType st,
               const float* B, char* Y, int64_t esize) {
-  const MicroFn m1 = BD ? &micro_bf16<1, kNR512> : &micro_f32<1, kNR512>;
-  const MicroFn m2 = BD ? &micro_bf16<2, kNR512> : &micro_f32<2, kNR512>;
+  constexpr int64_t KCU = BD ? kKCUBf16 : kKCU512;
+  struct Tile { MicroFn fn; int64_t rows, nr; };  // rows of x (16 * MZ), weight rows
+  const Tile t1 = BD ? Tile{&micro_bf16<1, 12, KCU>, 16, 12} : Tile{&micro_f32<1, kNR512>, 16, kNR512};
+  const Tile t2 = BD ? Tile{&micro_bf16<2, 12, KCU>, 32, 12} : Tile{&micro_f32<2, kNR512>, 32, kNR512};
+  const Tile t3 = BD ? Tile{&micro_bf16<3, 8, KCU>, 48, 8} : t2;
+  const Tile t4 = BD ? Tile{&micro_bf16<4, 6, KCU>, 64, 6} : t2;
   // Rows per chunk (times mult below): their decoded units, all of K (bf16 pairs 48 x 8 KB, fp32 24 x 16 KB at
-// K = 4096), are read one K block (256 units) at a time while every 32 rows of x pass over it.
+  // K = 4096), are read one K block at a time while all rows of x pass over it (x from L2: the
+  // micro tiles' x loads are sequential; the block's weight rows stay in L1).
   // For M > 32, up to 4x larger chunks: the packed x (M x K units) streams from L3 once per chunk.
   // 1 thread, w8a16 bf16 x, 4096 x 11008, one process: M = 512 249 / 204 / 187 ms at 1x / 2x / 4x,
   // M = 128 62.5 / 58.8 / 58.7 ms. Halved while that leaves fewer than 12 chunks per thread (balance).
@@ -1310,31 +1334,31 @@ void tiled512(const Weight& w, Rnd rnd, const uint32_t* xpack, int64_t M, int64_
   const int64_t NC = NC0 * mult;
   const int64_t N = w.N, n_chunks = (N + NC - 1) / NC;
   at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
-    const int64_t nblk = (U + kKCU512 - 1) / kKCU512;
-    std::vector<uint32_t> wbuf(nblk * NC * kKCU512);  // [K block][row][kKCU512 units]
+    const int64_t nblk = (U + KCU - 1) / KCU;
+    std::vector<uint32_t> wbuf(nblk * NC * KCU);  // [K block][row][KCU units]
     std::vector<float> cbuf(NC * Mp), obuf(Mp * NC);
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t n0 = c * NC, nc = std::min(NC, N - n0);
-      const int64_t ntiles = (nc + kNR512 - 1) / kNR512;
+      const int64_t ncp = (nc + 23) / 24 * 24;  // rows decoded (zeros past nc): whole tiles of 12, 8 and 6
       // The chunk's rows are one contiguous stretch of the weight: decode them row after row
       // (sequential reads), prefetching the next chunk's rows into L2 meanwhile. Each row is stored
-      // in blocks of kKCU512 units, so that the micro tiles address all rows from one register.
-      for (int64_t i = 0; i < ntiles * kNR512; ++i) {
+      // in blocks of KCU units, so that the micro tiles address all rows from one register.
+      for (int64_t i = 0; i < ncp; ++i) {
         if (c + 1 < c1) prefetch_units<_MM_HINT_T1>(w, BD, n0 + NC + i, 1, 0, U);
         for (int64_t b = 0; b < nblk; ++b) {
-          const int64_t u0 = b * kKCU512, uc = std::min(kKCU512, U - u0);
-          decode_units<BD>(w, rnd, i < nc ? n0 + i : w.N, u0, uc, uc, wbuf.data() + (b * NC + i) * kKCU512);
+          const int64_t u0 = b * KCU, uc = std::min(KCU, U - u0);
+          decode_units<BD>(w, rnd, i < nc ? n0 + i : w.N, u0, uc, uc, wbuf.data() + (b * NC + i) * KCU);
         }
       }
-      for (int64_t u0 = 0; u0 < U; u0 += kKCU512) {
-        const int64_t uc = std::min(kKCU512, U - u0);
+      for (int64_t u0 = 0; u0 < U; u0 += KCU) {
+        const int64_t uc = std::min(KCU, U - u0);
         for (int64_t m0 = 0; m0 < Mp;) {
-          const bool two = m0 + 32 <= Mp;
+          const int64_t left = Mp - m0;
+          const Tile& tl = left >= 64 ? t4 : left == 48 ? t3 : left >= 32 ? t2 : t1;
           const uint32_t* xa = xpack + (m0 / 16) * U * 16 + u0 * 16;
-          for (int64_t t = 0; t < ntiles; ++t)
-            (two ? m2 : m1)(xa, xa + U * 16, wbuf.data() + ((u0 / kKCU512) * NC + t * kNR512) * kKCU512, uc,
-                            cbuf.data() + t * kNR512 * Mp + m0, Mp, u0 == 0);
-          m0 += two ? 32 : 16;
+          for (int64_t r = 0; r < nc; r += tl.nr)
+            tl.fn(xa, U * 16, wbuf.data() + ((u0 / KCU) * NC + r) * KCU, uc, cbuf.data() + r * Mp + m0, Mp, u0 == 0);
+          m0 += tl.rows;
         }
       }
       // full 16 x 16 blocks with register transposes, the ragged rest through obuf (scalar)
@@ -1354,6 +1378,88 @@ void tiled512(const Weight& w, Rnd rnd, const uint32_t* xpack, int64_t M, int64_
       if (M16 < M) store_any(st, obuf.data() + M16 * NC, NC, M - M16, nc, B ? B + n0 : nullptr, Y + (M16 * N + n0) * esize, N);
     }
   });
+}
+
+// The tiled path's x: rows [16 b, 16 b + 16) of x (contiguous [M, K]: bf16 when BD, else fp32) as
+// units [U][16] (unit u of the 16 rows in the lanes; rows >= M and units past K are zeros), in the
+// AVX-512 K order, in one pass of 16 x 16 register transposes. bf16: 16 units (32 bf16) of each row
+// are loaded straight from x (int4: permuted with one vpermw per 32-chunk; a ragged K end through a
+// zero-padded copy). fp32: each row is first put into tmp (16 x Ut units, Ut = U rounded up to 16)
+// in K order (int4 chunks of 32: vpermt2ps).
+template <bool BD>
+QK_T512 void pack_x_block512(const void* xv, const Weight& w, int64_t M, int64_t U, int64_t b, uint32_t* tmp,
+                             uint32_t* out) {
+  const int64_t K = w.K, Ut = (U + 15) / 16 * 16, kv = w.int4 ? kv512(w) : 0;
+  uint32_t* ob = out + b * U * 16;
+  __m512 v[16];
+  if constexpr (BD) {
+    const uint16_t* X = static_cast<const uint16_t*>(xv);
+    static const uint16_t kPerm[32] = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30,
+                                       1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
+    const __m512i perm = _mm512_loadu_si512(kPerm);
+    uint16_t part[32];
+    for (int64_t u0 = 0; u0 < U; u0 += 16) {
+      const int64_t p0 = 2 * u0;
+      const bool full = p0 + 32 <= K;  // int4: then also p0 + 32 <= kv (kv = K rounded down to 32)
+      for (int r = 0; r < 16; ++r) {
+        const int64_t m = 16 * b + r;
+        __m512i t = _mm512_setzero_si512();
+        if (m < M && full) {
+          t = _mm512_loadu_si512(X + m * K + p0);
+          if (w.int4) t = _mm512_permutexvar_epi16(perm, t);
+        } else if (m < M) {
+          for (int64_t j = 0; j < 32; ++j) part[j] = p0 + j < K ? X[m * K + k_of_pos512(w, p0 + j)] : 0;
+          t = _mm512_loadu_si512(part);
+        }
+        v[r] = _mm512_castsi512_ps(t);
+      }
+      transpose16x16(v);
+      const int64_t n = std::min<int64_t>(16, U - u0);
+      for (int64_t i = 0; i < n; ++i) _mm512_storeu_ps(reinterpret_cast<float*>(ob + (u0 + i) * 16), v[i]);
+    }
+    return;
+  }
+  for (int64_t r = 0; r < 16; ++r) {
+    const int64_t m = 16 * b + r;
+    float* dst = reinterpret_cast<float*>(tmp + r * Ut);
+    if (m >= M) {
+      std::memset(dst, 0, Ut * 4);
+      continue;
+    }
+    const float* src = static_cast<const float*>(xv) + m * K;
+    const __m512i ev = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i od = _mm512_add_epi32(ev, _mm512_set1_epi32(1));
+    for (int64_t c = 0; c < kv; c += 32) {
+      const __m512 a = _mm512_loadu_ps(src + c), h = _mm512_loadu_ps(src + c + 16);
+      _mm512_storeu_ps(dst + c, _mm512_permutex2var_ps(a, ev, h));
+      _mm512_storeu_ps(dst + c + 16, _mm512_permutex2var_ps(a, od, h));
+    }
+    std::memcpy(dst + kv, src + kv, (K - kv) * 4);
+    std::memset(dst + K, 0, (Ut - K) * 4);
+  }
+  for (int64_t u0 = 0; u0 < U; u0 += 16) {
+    for (int r = 0; r < 16; ++r) v[r] = _mm512_loadu_ps(reinterpret_cast<const float*>(tmp + r * Ut + u0));
+    transpose16x16(v);
+    const int64_t n = std::min<int64_t>(16, U - u0);
+    for (int64_t i = 0; i < n; ++i) _mm512_storeu_ps(reinterpret_cast<float*>(ob + (u0 + i) * 16), v[i]);
+  }
+}
+
+// x (contiguous; bf16 when bd, else any float dtype, taken as fp32) -> [Mp / 16][U][16] units.
+at::Tensor pack_x_tiles512(const at::Tensor& x, const Weight& w, bool bd, int64_t U) {
+  const int64_t M = x.size(0), nb = (M + 15) / 16;
+  const at::Tensor xs = bd ? x : x.to(at::kFloat).contiguous();
+  at::Tensor out = at::empty({nb, U, 16}, x.options().dtype(at::kInt));
+  const void* X = xs.data_ptr();
+  uint32_t* O = reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>());
+  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<uint32_t> tmp(bd ? 0 : 16 * ((U + 15) / 16 * 16));
+    for (int64_t b = b0; b < b1; ++b) {
+      if (bd) pack_x_block512<true>(X, w, M, U, b, tmp.data(), O);
+      else pack_x_block512<false>(X, w, M, U, b, tmp.data(), O);
+    }
+  });
+  return out;
 }
 
 // x (contiguous [M, K]) -> 4-byte units [M, ldx] in the AVX-512 K order: fp32 values, or (bd, x is
@@ -1427,8 +1533,7 @@ at::Tensor weight_only_gemm512(const at::Tensor& x_in, const Weight& w, const at
     return y;
   }
   const int64_t Mp = (M + 15) / 16 * 16;
-  const at::Tensor xu = x_units512(x, w, bd, U);
-  const at::Tensor xpack = at::constant_pad_nd(xu, {0, 0, 0, Mp - M}).reshape({Mp / 16, 16, U}).transpose(1, 2).contiguous();
+  const at::Tensor xpack = pack_x_tiles512(x, w, bd, U);
   const uint32_t* XP = reinterpret_cast<const uint32_t*>(xpack.data_ptr<int32_t>());
   if (bd) tiled512<true>(w, rnd, XP, M, Mp, U, st, B, Y, esize);
   else tiled512<false>(w, rnd, XP, M, Mp, U, st, B, Y, esize);
@@ -1713,7 +1818,7 @@ const bool w8a16_gemm_variant_registered = quantkernels::cpu::register_variant(
     "w8a16_gemm", [](quantkernels::cpu::Isa isa) -> const char* {
       using namespace quantkernels::cpu;
       if (isa_has_bf16dot(isa))
-        return "avx512_bf16: bf16 x vdpbf16ps 32x12 tiles (M >= 9) / GEMV (M <= 4: decoded in registers, "
+        return "avx512_bf16: bf16 x vdpbf16ps 64x6 tiles (M >= 9) / GEMV (M <= 4: decoded in registers, "
                "vcvtne2ps2bf16), fp32 + fp16 x zmm FMA tiles / GEMV (fp32 x M <= 4: avx2 GEMV)";
       if (isa_has_avx512(isa))
         return "avx512: zmm fp32 FMA 32x12 tiles (M >= 9) / GEMV, all x dtypes (fp32 x M <= 4: avx2 GEMV)";
@@ -1723,7 +1828,7 @@ const bool w4a16_gemm_variant_registered = quantkernels::cpu::register_variant(
     "w4a16_gemm", [](quantkernels::cpu::Isa isa) -> const char* {
       using namespace quantkernels::cpu;
       if (isa_has_bf16dot(isa))
-        return "avx512_bf16: bf16 x vdpbf16ps 32x12 tiles (M >= 9) / GEMV (vpermw tables; M <= 4, K % 64 == 0: "
+        return "avx512_bf16: bf16 x vdpbf16ps 64x6 tiles (M >= 9) / GEMV (vpermw tables; M <= 4, K % 64 == 0: "
                "decoded in registers), fp32 + fp16 x zmm FMA tiles / GEMV (vpermps tables; fp32 x M <= 4: avx2 GEMV)";
       if (isa_has_avx512(isa))
         return "avx512: zmm fp32 FMA 32x12 tiles (M >= 9) / GEMV, vpermps tables, all x dtypes (fp32 x M <= 4: avx2 GEMV)";
