@@ -15,7 +15,7 @@ from . import _native, autograd, dispatch, reference
 from .convert import QuantizationReport, memory_footprint, quantize_model
 from .formats import WeightFormat
 from .nn import SCHEMES, QuantEmbedding, QuantLinear
-from . import calibration
+from . import calibration, peft
 from .gptq import gptq_quantize_model, load_gptq_checkpoint, save_gptq_checkpoint
 from .smoothquant import smoothquant_quantize_model
 from .serialization import CheckpointError, init_empty_weights, load_bnb_int8, load_quantized, save_quantized
@@ -36,7 +36,7 @@ BACKENDS = dispatch.BACKENDS
 __all__ = [
     "QuantLinear", "QuantEmbedding", "quantize_model", "memory_footprint", "QuantizationReport", "WeightFormat",
     "SCHEMES", "BACKENDS", "ops", "reference", "dispatch", "autograd", "__version__",
-    "calibration", "gptq_quantize_model", "smoothquant_quantize_model", "save_gptq_checkpoint",
+    "calibration", "peft", "gptq_quantize_model", "smoothquant_quantize_model", "save_gptq_checkpoint",
     "load_gptq_checkpoint",
     "save_quantized", "load_quantized", "load_bnb_int8", "init_empty_weights", "CheckpointError",
 ]
