@@ -38,16 +38,16 @@ def _tiny_llama():
 
 
 def load(name: str, dtype: torch.dtype):
-    """(float causal LM in eval mode, token ids of the packaged text)."""
+    """(float causal LM in eval mode, token ids of the packaged text, BOS id or None)."""
     from quantkernels import models
 
     text = models.eval_text()
     if name == "tiny-llama":
-        return _tiny_llama().to(dtype).eval(), list(text.encode("utf-8"))
+        return _tiny_llama().to(dtype).eval(), list(text.encode("utf-8")), None
     model, tok, kind = models.load_float_model(models.resolve_model(name), dtype)
     if kind != "causal" or tok is None:
         raise SystemExit(f"qlora.py: {name} is not a causal LM with a tokenizer (MiniLM is an encoder: no LM loss)")
-    return model, tok(text, add_special_tokens=False)["input_ids"]
+    return model, tok(text, add_special_tokens=False)["input_ids"], tok.bos_token_id
 
 
 def _rss_peak_reset() -> bool:
@@ -80,7 +80,7 @@ def run(model_name: str = "gemma3-270m", base: str = "w4a16", steps: int = 300, 
 
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     dt = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[dtype]
-    model, ids = load(model_name, dt)
+    model, ids, bos = load(model_name, dt)
     float_bytes = qk.memory_footprint(model)
     if base == "w4a16":
         qk.quantize_model(model, "w4a16", group_size=group_size, exclude=())
@@ -101,12 +101,18 @@ def run(model_name: str = "gemma3-270m", base: str = "w4a16", steps: int = 300, 
     if len(train) <= seq_len + 1 or len(held) < 8:
         raise SystemExit(f"qlora.py: the text has {len(ids)} tokens, too few for --seq-len {seq_len}")
     g = torch.Generator().manual_seed(seed)
-    held_windows = [held[i:i + seq_len] for i in range(0, len(held) - 1, seq_len)]
+    body = seq_len - (bos is not None)  # every window starts with BOS, as the model saw text in training
+
+    def window(t: torch.Tensor) -> torch.Tensor:
+        return t if bos is None else torch.cat([torch.tensor([bos]), t])
+
+    held_windows = [window(held[i:i + body]) for i in range(0, len(held) - 1, body)]
 
     def held_loss() -> float:
         model.eval()
         with torch.no_grad():
-            losses = [model(input_ids=w[None], labels=w[None]).loss.float().item() for w in held_windows if len(w) > 1]
+            losses = [model(input_ids=w[None], labels=w[None]).loss.float().item() for w in held_windows
+                      if len(w) > 1 + (bos is not None)]
         model.train()
         return sum(losses) / len(losses)
 
@@ -121,8 +127,8 @@ def run(model_name: str = "gemma3-270m", base: str = "w4a16", steps: int = 300, 
     model.train()
     losses, times = [], []
     for step in range(1, steps + 1):
-        starts = torch.randint(0, len(train) - seq_len, (batch,), generator=g)
-        x = torch.stack([train[s:s + seq_len] for s in starts])
+        starts = torch.randint(0, len(train) - body, (batch,), generator=g)
+        x = torch.stack([window(train[s:s + body]) for s in starts])
         t0 = time.perf_counter()
         loss = model(input_ids=x, labels=x).loss
         loss.backward()
