@@ -60,15 +60,32 @@ def _rss_peak_reset() -> bool:
         return False
 
 
-def _rss_peak_bytes() -> int:
+def _release_freed_memory() -> None:
+    """Returns memory freed by Python / torch (the float weights quantization replaced) to the OS,
+    so that resident memory measures what is alive: glibc keeps freed blocks otherwise."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _rss_bytes(field: str = "VmRSS:") -> int:
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return 0
+
+
+def _rss_peak_bytes() -> int:
+    return _rss_bytes("VmHWM:") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def run(model_name: str = "gemma3-270m", base: str = "w4a16", steps: int = 300, seq_len: int = 128, batch: int = 2,
@@ -121,8 +138,8 @@ def run(model_name: str = "gemma3-270m", base: str = "w4a16", steps: int = 300, 
         f"{len(held):,} held out")
     before = held_loss()
     say(f"held-out loss before: {before:.4f}")
-    import gc
-    gc.collect()
+    _release_freed_memory()
+    rss_start = _rss_bytes()
     measured_peak = _rss_peak_reset()
     model.train()
     losses, times = [], []
@@ -146,7 +163,7 @@ def run(model_name: str = "gemma3-270m", base: str = "w4a16", steps: int = 300, 
     res = {"model": model_name, "base": base, "steps": steps, "losses": losses, "held_before": before,
            "held_after": after, "sec_per_step": sec, "float_bytes": float_bytes, "base_bytes": base_bytes,
            "adapter_bytes": adapter_bytes, "optimizer_bytes": 2 * adapter_bytes,
-           "peak_rss_training": peak if measured_peak else None, "peak_rss_process": _rss_peak_bytes()}
+           "rss_start": rss_start or None, "peak_rss_training": peak if measured_peak else None}
     say(f"held-out loss after: {after:.4f}  (before {before:.4f})")
     say(f"time per step (median): {sec:.3f} s  (batch {batch} x {seq_len} tokens)")
     return res
@@ -190,11 +207,12 @@ def main(argv=None) -> int:
             return 1
         rows.append(json.loads(line[-1][len("RESULT "):]))
     print()
-    print("| base | weights (base) | adapters + AdamW state | peak RSS while training | s/step | steps |")
-    print("|---|---|---|---|---|---|")
+    print("| base | weights (base) | adapters + AdamW state | RSS before training | peak RSS while training | s/step | "
+          "steps |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['base']} | {_mib(r['base_bytes'])} | {_mib(r['adapter_bytes'] + r['optimizer_bytes'])} | "
-              f"{_mib(r['peak_rss_training'])} | {r['sec_per_step']:.3f} | {r['steps']} |")
+              f"{_mib(r['rss_start'])} | {_mib(r['peak_rss_training'])} | {r['sec_per_step']:.3f} | {r['steps']} |")
     first, last = res["losses"][:10], res["losses"][-10:]
     print(f"\ntraining loss: first {len(first)} steps {sum(first) / len(first):.4f} -> last {len(last)} "
           f"{sum(last) / len(last):.4f}; held-out {res['held_before']:.4f} -> {res['held_after']:.4f}")

@@ -41,13 +41,13 @@ _lib = torch.library.Library(NAMESPACE, "FRAGMENT")
 _lib.define("quant_linear(Tensor x, Tensor qweight, Tensor weight_scale, Tensor? weight_zero, Tensor? bias, "
             "str scheme, float threshold=6.0, str backend=\"auto\") -> Tensor")
 
-#: scheme -> kind of the weight: (int4?, unsigned with zero points?, rounded to x's dtype in the forward?)
+#: scheme -> kind of the weight: (int4?, unsigned with zero points?)
 _WEIGHT_KIND = {
-    "w8a8": (False, False, False),
-    "llm_int8": (False, False, False),
-    "w8a16": (False, False, True),
-    "w4a16": (True, True, True),
-    "w4a8": (True, False, False),
+    "w8a8": (False, False),
+    "llm_int8": (False, False),
+    "w8a16": (False, False),
+    "w4a16": (True, True),
+    "w4a8": (True, False),
 }
 
 
@@ -140,24 +140,26 @@ def _dequant_panel(qweight: Tensor, weight_scale: Tensor, weight_zero: Optional[
 
 
 def grad_input(grad_y: Tensor, qweight: Tensor, weight_scale: Tensor, weight_zero: Optional[Tensor],
-               int4: bool, round_to: Optional[torch.dtype], out_dtype: torch.dtype) -> Tensor:
-    """``grad_y [M, N] @ W_deq [N, K]`` in fp32, returned in ``out_dtype``, reading the quantized
-    weight one K-panel at a time. ``W_deq`` is ``fp32(q * scale)`` (int8) or
-    ``fp32((q - zero) * scale)`` per group (int4; signed nibbles when ``weight_zero`` is None),
-    rounded to ``round_to`` when given (the weight the weight-only forward multiplies by)."""
+               int4: bool, dtype: torch.dtype) -> Tensor:
+    """``grad_y [M, N] @ W' [N, K]`` with fp32 products and accumulation, in ``dtype`` (x's),
+    reading the quantized weight one K-panel at a time (docs/numerics.md s.10). ``W'`` is
+    ``fp32(q * scale)`` (int8) or ``fp32((q - zero) * scale)`` per group (int4; signed nibbles
+    when ``weight_zero`` is None), rounded to ``dtype``. For bf16 on the CPU the GEMM runs in bf16
+    (oneDNN: exact products, fp32 accumulation, one rounding), several times faster than fp32."""
     N = qweight.shape[0]
     K = qweight.shape[1] * 2 if int4 else qweight.shape[1]
     M = grad_y.shape[0]
-    gy = grad_y.float()
-    out = torch.empty((M, K), dtype=torch.float32, device=grad_y.device)
+    native_bf16 = dtype == torch.bfloat16 and grad_y.device.type == "cpu"
+    gy = grad_y.to(dtype) if native_bf16 else grad_y.float()
+    out = torch.empty((M, K), dtype=gy.dtype, device=grad_y.device)
     G = K // weight_scale.shape[1] if int4 else K
     unit = (G if G < K else 2) if int4 else 1
-    wdt = round_to if round_to is not None else torch.float32
     step = _panel_width(N, K, unit)
     for k0 in range(0, K, step):
         k1 = min(K, k0 + step)
-        out[:, k0:k1] = gy @ _dequant_panel(qweight, weight_scale, weight_zero, int4, G, k0, k1, wdt).float()
-    return out.to(out_dtype)
+        panel = _dequant_panel(qweight, weight_scale, weight_zero, int4, G, k0, k1, dtype)
+        out[:, k0:k1] = gy @ panel.to(gy.dtype)
+    return out.to(dtype)
 
 
 def _arg(seq, i):
@@ -180,7 +182,7 @@ def _bias_grad(gy: Tensor, bias: Tensor) -> Tensor:
 def _linear_op(op: str, pos, kind, scale_name: str, zero_name: str):
     """setup_context and backward of a float-activation linear op. ``pos``: the positions of
     (x, weight, scale, zero, bias) among the op's inputs (None: the op has no such input);
-    ``kind(inputs)``: (int4, unsigned with zero points, weight rounded to x's dtype)."""
+    ``kind(inputs)``: (int4, unsigned with zero points)."""
     ix, iw, iscale, izero, ibias = pos
 
     def setup(ctx, inputs, output):
@@ -196,11 +198,10 @@ def _linear_op(op: str, pos, kind, scale_name: str, zero_name: str):
             raise _frozen(op, scale_name)
         if _arg(need, izero):
             raise _frozen(op, zero_name)
-        int4, unsigned, rounded = ctx.kind
+        int4, unsigned = ctx.kind
         grads = [None] * ctx.n_inputs
         if need[ix]:
-            grads[ix] = grad_input(grad_y, qweight, scale, zero if unsigned else None, int4,
-                                   ctx.x_dtype if rounded else None, ctx.x_dtype)
+            grads[ix] = grad_input(grad_y, qweight, scale, zero if unsigned else None, int4, ctx.x_dtype)
         if _arg(need, ibias) and bias is not None:
             grads[ibias] = _bias_grad(grad_y, bias)
         return tuple(grads)
@@ -252,7 +253,7 @@ def _registrations():
     regs = [
         ("w8a16_gemm", *_linear_op("w8a16_gemm", (0, 1, 2, None, 3), lambda i: _WEIGHT_KIND["w8a16"],
                                    "scale_b", "zero_b")),
-        ("w4a16_gemm", *_linear_op("w4a16_gemm", (0, 1, 2, 3, 4), lambda i: (True, _arg(i, 3) is not None, True),
+        ("w4a16_gemm", *_linear_op("w4a16_gemm", (0, 1, 2, 3, 4), lambda i: (True, _arg(i, 3) is not None),
                                    "scale_b", "zero_b")),
         ("llm_int8_linear", *_linear_op("llm_int8_linear", (0, 1, 2, None, 3), lambda i: _WEIGHT_KIND["llm_int8"],
                                         "scale_b", "zero_b")),
