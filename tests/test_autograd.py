@@ -256,3 +256,24 @@ def test_inference_path_unchanged_and_empty_batch():
     e = torch.zeros(0, K, requires_grad=True)
     q(e).sum().backward()
     assert e.grad.shape == (0, K)
+
+
+@pytest.mark.parametrize("scheme", ["w8a8", "w4a16"])
+def test_opcheck_quant_linear(scheme):
+    q = _layer(scheme, "cpu")
+    x = torch.randn(5, K, requires_grad=True)
+    torch.library.opcheck(T.quant_linear.default, (x, q.qweight, q.weight_scale, q.weight_zero, q.bias, scheme,
+                                                   6.0, "auto"))
+
+
+def test_smoothquant_input_scale_is_differentiated():
+    """x / input_scale before the op (docs/numerics.md s.8) is ordinary autograd: grad_x = (grad_y W') / s."""
+    q = _layer("w8a8", "cpu")
+    q.input_scale = torch.rand(K) + 0.5
+    x = torch.randn(6, K, requires_grad=True)
+    gy = torch.randn(6, N)
+    q(x).backward(gy)
+    w = _spec_weight(q, torch.float32)
+    s = S.f64(q.input_scale)
+    g2 = S.f64(gy)
+    S.assert_float_output(x.grad, (g2 @ w) / s, (np.abs(g2) @ np.abs(w)) / s, torch.float32, "grad_x / input_scale")
