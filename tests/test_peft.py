@@ -97,7 +97,8 @@ def test_lora_trains_adapters_base_frozen_save_load_merge(scheme, float_model, t
     assert type(q) is qk.QuantLinear and not any(isinstance(m, qk.peft.LoraQuantLinear) for m in plain.modules())
     # ... and is exactly quantize(dequantize(base) + B @ A * scaling), with the error it reports
     unquantized = qk.quantize_model(copy.deepcopy(float_model), scheme, group_size=32, exclude=("lm_head",))
-    target = qk.peft.dequantized_weight(unquantized.model.layers[0].self_attn.q_proj) + layer.get_delta_weight("default")
+    q_proj = unquantized.model.layers[0].self_attn.q_proj
+    target = qk.peft.dequantized_weight(q_proj) + layer.get_delta_weight("default")
     requant = qk.QuantLinear.from_linear(_linear(target), scheme, group_size=32)
     assert torch.equal(q.qweight, requant.qweight) and torch.equal(q.weight_scale, requant.weight_scale)
     err = qk.peft.dequantized_weight(q) - target
