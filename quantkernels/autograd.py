@@ -119,21 +119,35 @@ def _(x, qweight, weight_scale, weight_zero, bias, scheme, threshold=6.0, backen
 # --------------------------------------------------------------------------- the backward GEMM
 
 
-def _panel_width(N: int, K: int, unit: int) -> int:
-    """Columns of W per panel: a multiple of ``unit`` (the group size for int4), at most K, and
-    at most PANEL_ELEMS / N float weights (but never less than one unit)."""
-    width = max(unit, (PANEL_ELEMS // max(N, 1)) // unit * unit)
+#: Narrowest panel: below it the backward GEMM re-reads grad_y too often (only for N > PANEL_ELEMS / 16).
+MIN_PANEL = 16
+
+
+def _panel_width(N: int, K: int, G: int, int4: bool) -> int:
+    """Columns of W per backward panel: about PANEL_ELEMS / N (at least MIN_PANEL), at most K; for
+    int4 even and either a multiple of the group size G or a power of two dividing it (a panel
+    never straddles a group boundary)."""
+    width = max(MIN_PANEL, PANEL_ELEMS // max(N, 1))
+    if int4 and G < K:
+        width = width // G * G if width >= G else 1 << (width.bit_length() - 1)
+    elif int4:
+        width -= width % 2
     return min(K, width)
 
 
 def _dequant_panel(qweight: Tensor, weight_scale: Tensor, weight_zero: Optional[Tensor], int4: bool, G: int,
                    k0: int, k1: int, dtype: torch.dtype) -> Tensor:
-    """Columns k0..k1 of the dequantized weight, [N, k1 - k0] in ``dtype`` (k0, k1 multiples of G
-    when G < K)."""
+    """Columns k0..k1 of the dequantized weight, [N, k1 - k0] in ``dtype`` (k0..k1 whole groups, or
+    a part of one group, when G < K)."""
     if not int4:
         return torch.ops.quantkernels.dequantize_int8.default(qweight[:, k0:k1], weight_scale, None, dtype)
     K = qweight.shape[1] * 2
-    g0, g1 = (k0 // G, k1 // G) if G < K else (0, 1)
+    if G == K:
+        g0, g1 = 0, 1
+    elif k1 - k0 >= G:
+        g0, g1 = k0 // G, k1 // G
+    else:  # inside one group: its scale is the panel's per-channel scale
+        g0, g1 = k0 // G, k0 // G + 1
     zero = None if weight_zero is None else weight_zero[:, g0:g1]
     return torch.ops.quantkernels.dequantize_int4.default(qweight[:, k0 // 2:k1 // 2], weight_scale[:, g0:g1], zero,
                                                           dtype)
@@ -153,8 +167,7 @@ def grad_input(grad_y: Tensor, qweight: Tensor, weight_scale: Tensor, weight_zer
     gy = grad_y.to(dtype) if native_bf16 else grad_y.float()
     out = torch.empty((M, K), dtype=gy.dtype, device=grad_y.device)
     G = K // weight_scale.shape[1] if int4 else K
-    unit = (G if G < K else 2) if int4 else 1
-    step = _panel_width(N, K, unit)
+    step = _panel_width(N, K, G, int4)
     for k0 in range(0, K, step):
         k1 = min(K, k0 + step)
         panel = _dequant_panel(qweight, weight_scale, weight_zero, int4, G, k0, k1, dtype)

@@ -100,10 +100,11 @@ def test_grad_is_the_float_layers_on_the_dequantized_weight(scheme):
     assert cos > 0.99, (scheme, float(cos))
 
 
+@pytest.mark.parametrize("width", [64, 16])
 @pytest.mark.parametrize("scheme,group_size", [("w4a16", G), ("w4a16", -1), ("w4a8", G), ("w8a16", G)])
-def test_panels_bound_the_float_weight_and_do_not_change_the_result(scheme, group_size, monkeypatch):
+def test_panels_bound_the_float_weight_and_do_not_change_the_result(scheme, group_size, width, monkeypatch):
     """PANEL_ELEMS bounds how many float weights a backward holds at once; several panels (int4
-    group-aligned, int4 per-channel, int8) give the result of one."""
+    whole groups, parts of a group, per-channel; int8) give the result of one."""
     q = _layer(scheme, "cpu", group_size=group_size)
     x = torch.randn(4, K, requires_grad=True)
     gy = torch.randn(4, N)
@@ -112,10 +113,19 @@ def test_panels_bound_the_float_weight_and_do_not_change_the_result(scheme, grou
     x.grad = None
     panels, real = [], QA._dequant_panel
     monkeypatch.setattr(QA, "_dequant_panel", lambda *a: panels.append(real(*a)) or panels[-1])
-    monkeypatch.setattr(QA, "PANEL_ELEMS", N * 64)
+    monkeypatch.setattr(QA, "PANEL_ELEMS", N * width)
     q(x).backward(gy)
-    assert [tuple(p.shape) for p in panels] == [(N, 64)] * (K // 64)
+    assert [tuple(p.shape) for p in panels] == [(N, width)] * (K // width)
     torch.testing.assert_close(x.grad, whole, rtol=1e-6, atol=1e-6)
+
+
+def test_panel_width():
+    assert QA._panel_width(4096, 4096, 128, True) == 512          # 2^21 / 4096, whole groups
+    assert QA._panel_width(262144, 640, 64, True) == 16            # a huge lm_head: MIN_PANEL, inside a group
+    assert QA._panel_width(40000, 640, 64, True) == 32             # 52 -> a power of two dividing G
+    assert QA._panel_width(40000, 640, 640, True) == 52            # per-channel: even
+    assert QA._panel_width(40000, 640, 640, False) == 52           # int8
+    assert QA._panel_width(10, 96, 32, True) == 96                 # at most K
 
 
 def test_tiny_llama_embedding_gradient_follows_the_float_model():
