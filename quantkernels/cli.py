@@ -57,12 +57,15 @@ def cpu_features() -> List[str]:
                         "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16") if f in flags]
 
 
-def info_lines() -> List[str]:
+def info_lines(problems: Optional[List[str]] = None) -> List[str]:
+    """The lines ``quantkernels info`` prints; a configuration that makes kernels refuse to run (a
+    bad QUANTKERNELS_CPU_ISA or QUANTKERNELS_BACKEND) is shown in place and appended to ``problems``."""
     import torch
 
     import quantkernels as qk
     from quantkernels import _native, dispatch
 
+    problems = [] if problems is None else problems
     lines = [f"quantkernels {qk.__version__}, torch {torch.__version__}, python {platform.python_version()}, "
              f"{platform.machine()}, {torch.get_num_threads()} threads"]
     feats = cpu_features()
@@ -71,14 +74,21 @@ def info_lines() -> List[str]:
     lines.append("  reference  available: pure PyTorch, every op, any device (the executable spec)")
     if _native.AVAILABLE:
         ops = sorted(dispatch.native_kernels("CPU"))
-        isa = _native.cpu_isa()
         levels = _native.cpu_isa_levels()
+        try:
+            isa = _native.cpu_isa()
+            variants = _native.cpu_kernel_variants()
+        except RuntimeError as e:  # a bad QUANTKERNELS_CPU_ISA: every C++ CPU kernel call raises this
+            problems.append(str(e))
+            isa, variants = None, {}
+            lines.append(f"  cpu        ERROR: quantkernels._C is loaded, but its kernels refuse to run: {e} "
+                         f"(this CPU supports {', '.join(levels)})")
         forced = os.environ.get("QUANTKERNELS_CPU_ISA", "") not in ("", "auto")
         why_isa = (f" (forced by QUANTKERNELS_CPU_ISA; this CPU supports {', '.join(levels)})" if forced
                    else f" (the best of: {', '.join(levels)})")
-        lines.append(f"  cpu        available: quantkernels._C, ISA level {isa}{why_isa}; C++ kernels for "
-                     f"{', '.join(ops)}; other ops run the reference")
-        variants = _native.cpu_kernel_variants()
+        if isa is not None:
+            lines.append(f"  cpu        available: quantkernels._C, ISA level {isa}{why_isa}; C++ kernels for "
+                         f"{', '.join(ops)}; other ops run the reference")
         if variants:
             lines.append(f"  cpu kernels at level {isa}:")
             width = max(len(op) for op in variants)
@@ -116,6 +126,11 @@ def info_lines() -> List[str]:
         else:
             lines.append(f"  triton     available: triton {triton.__version__}, ops {', '.join(tops)}")
     env = os.environ.get("QUANTKERNELS_BACKEND")
+    env_error = dispatch.env_backend_error()
+    if env_error:
+        problems.append(env_error)
+        lines.append(f"auto backend: ERROR: {env_error}")
+        return lines
     lines.append(f"auto backend per scheme on cpu{' (QUANTKERNELS_BACKEND=' + env + ')' if env else ''}:")
     native = dispatch.native_kernels("CPU")
     for scheme, ops in dispatch.SCHEME_OPS.items():
@@ -164,6 +179,29 @@ def cmd_bench(a, rest: List[str]) -> int:
 
 
 # --------------------------------------------------------------------------- main
+
+
+def check_args(a) -> None:
+    """Refuses out-of-range options before any model is loaded (UsageError: one line, status 2)."""
+    import math
+
+    from .nn import INT4_SCHEMES
+    from ._validate import INT4_GROUP_SIZES
+
+    names = a.schemes if a.cmd == "eval" else a.scheme
+    schemes = [s.strip().removesuffix("+head") for s in names.split(",")]
+    gs = a.group_size
+    if any(s in INT4_SCHEMES for s in schemes) and gs != -1 and gs not in INT4_GROUP_SIZES:
+        raise UsageError(f"--group-size must be one of {', '.join(map(str, INT4_GROUP_SIZES))} or -1 (per channel) "
+                         f"for the int4 schemes, got {gs}")
+    if math.isnan(a.threshold) or a.threshold < 0:
+        raise UsageError(f"--threshold must be a number >= 0 (0 disables the llm_int8 outlier columns), "
+                         f"got {a.threshold}")
+    for opt, least in (("runs", 1), ("batch", 1), ("new_tokens", 1), ("max_tokens", 2), ("threads", 1)):
+        v = getattr(a, opt, None)
+        if v is not None and v < least:
+            raise UsageError(f"--{opt.replace('_', '-')} must be at least {least}, got {v}")
+
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -220,8 +258,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     try:
         if a.cmd == "info":
-            print("\n".join(info_lines()))
+            problems: List[str] = []
+            print("\n".join(info_lines(problems)))
+            if problems:
+                raise UsageError(problems[0])
             return 0
+        if a.cmd in ("quantize", "eval"):
+            check_args(a)
         if a.cmd == "quantize":
             return cmd_quantize(a)
         if a.cmd == "eval":

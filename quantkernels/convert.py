@@ -11,7 +11,8 @@ from typing import Dict, Iterable, List, Optional, Union
 from torch import nn
 
 from . import dispatch
-from .nn import QuantEmbedding, QuantLinear, _check_scheme, _embedding_scale, _is_hf_conv1d, unsupported_reason
+from .nn import (INT4_SCHEMES, QuantEmbedding, QuantLinear, _check_scheme, _embedding_scale, _is_hf_conv1d,
+                 check_threshold, quantizable_weight, unsupported_reason)
 
 Patterns = Optional[Union[str, Iterable[str]]]
 
@@ -53,15 +54,19 @@ class QuantizationReport:
         return "\n".join(lines)
 
 
-def _patterns(p: Patterns, what: str):
+def _patterns(p: Patterns, what: str, where: str = "quantize_model"):
     if p is None:
         return None
     if isinstance(p, str):
         return (p,)
-    p = tuple(p)
+    try:
+        p = tuple(p)
+    except TypeError:
+        raise TypeError(f"quantkernels.{where}: {what} must be a module-name pattern (str), an iterable of "
+                        f"them or None, got {p!r}") from None
     for item in p:
         if not isinstance(item, str):
-            raise TypeError(f"quantkernels.quantize_model: {what} must hold strings, got {item!r}")
+            raise TypeError(f"quantkernels.{where}: {what} must hold strings, got {item!r}")
     return p
 
 
@@ -87,7 +92,11 @@ def quantize_model(model: nn.Module, scheme: str = "w8a8", *, include: Patterns 
         progress: show a tqdm progress bar over the linear layers (when tqdm is installed) and
             print ``report.summary()`` (replaced, kept and why, memory saved) to stderr.
     Layers whose shape the scheme cannot serve (e.g. K not a multiple of the group size) stay
-    in float and are reported with a warning and in ``model.quantkernels_report``.
+    in float and are reported with a warning and in ``model.quantkernels_report``. A call that
+    would quantize no layer at all (the scheme / group size serves none of them, include/exclude
+    leave none, or the model is already quantized) raises ValueError instead. Every selected
+    layer is checked (weight dtype, NaN/Inf, tied embedding) before the first one is replaced,
+    so a failing call leaves the model as it was.
 
     Tied ``lm_head``: ``lm_head`` is excluded by default; with ``exclude=()`` (or an ``include``
     that matches it) it is quantized, and when its weight is tied to an input embedding (Gemma,
@@ -98,21 +107,22 @@ def quantize_model(model: nn.Module, scheme: str = "w8a8", *, include: Patterns 
     """
     _check_scheme(scheme)
     dispatch.check_backend(backend)
+    check_threshold("quantize_model", threshold)
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        raise TypeError(f"quantkernels.quantize_model: group_size must be an int, got {group_size!r}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"quantkernels.quantize_model: model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, QuantLinear):
+        raise TypeError("quantkernels.quantize_model: model is already a QuantLinear")
     inc, exc = _patterns(include, "include"), _patterns(exclude, "exclude") or ()
     report = QuantizationReport(scheme)
     targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) or _is_hf_conv1d(m)]
     # embeddings by weight, to find a linear layer tied to one (same Parameter object)
     embeddings = {id(m.weight): (n, m) for n, m in model.named_modules()
                   if isinstance(m, nn.Embedding) and not isinstance(m, QuantEmbedding)}
-    if isinstance(model, QuantLinear):
-        raise TypeError("quantkernels.quantize_model: model is already a QuantLinear")
-    if progress:
-        report.bytes_before = memory_footprint(model)
-        try:
-            from tqdm.auto import tqdm
-            targets = tqdm(targets, desc=f"quantize {scheme}", unit="layer")
-        except ImportError:
-            pass
+    # 1. Plan and validate every layer before the model changes: a bad layer raises with the model
+    #    as it was (no half-quantized model).
+    plan = []
     for name, mod in targets:
         if inc is not None and _match(name, inc) is None:
             report.excluded[name] = "not matched by include"
@@ -132,9 +142,22 @@ def quantize_model(model: nn.Module, scheme: str = "w8a8", *, include: Patterns 
         if name == "":
             raise TypeError("quantkernels.quantize_model: model is itself a linear layer; "
                             "use QuantLinear.from_linear(model, ...) instead")
+        quantizable_weight(mod, f"quantize_model: layer {name!r}")
         tied = embeddings.get(id(mod.weight)) if isinstance(mod, nn.Linear) else None
         if tied is not None:
             _embedding_scale(tied[1])  # raises before anything changes if it cannot be served
+        plan.append((name, mod, tied))
+    if not plan:
+        raise ValueError(_nothing_to_do(model, scheme, group_size, report))
+    if progress:
+        report.bytes_before = memory_footprint(model)
+        try:
+            from tqdm.auto import tqdm
+            plan = tqdm(plan, desc=f"quantize {scheme}", unit="layer")
+        except ImportError:
+            pass
+    # 2. Replace.
+    for name, mod, tied in plan:
         new = QuantLinear.from_linear(mod, scheme, group_size=group_size, threshold=threshold, backend=backend)
         new.train(mod.training)
         _replace(model, name, new)
@@ -152,6 +175,26 @@ def quantize_model(model: nn.Module, scheme: str = "w8a8", *, include: Patterns 
         report.bytes_after = memory_footprint(model)
         print(report.summary(), file=sys.stderr)
     return model
+
+
+def _nothing_to_do(model: nn.Module, scheme: str, group_size: int, report: QuantizationReport) -> str:
+    """The error of a quantize_model call that would quantize no layer at all."""
+    head = f"quantkernels.quantize_model: scheme {scheme!r}"
+    if scheme in INT4_SCHEMES:
+        head += f" with group_size={group_size}"
+    done = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    if report.skipped:
+        reasons = sorted(set(report.skipped.values()))
+        return (f"{head} can serve none of the {len(report.skipped)} selected linear layer(s) "
+                f"({'; '.join(reasons[:3])}); nothing was changed")
+    if done:
+        schemes = sorted({model.get_submodule(n).scheme for n in done})
+        return (f"{head}: the model is already quantized ({len(done)} QuantLinear layer(s), scheme "
+                f"{', '.join(schemes)}) and no float linear layer is left to quantize; start from the float model")
+    if report.excluded:
+        return (f"{head}: include/exclude left no linear layer to quantize (all {len(report.excluded)} "
+                f"excluded); nothing was changed")
+    return f"{head}: the model has no torch.nn.Linear (or transformers Conv1D) layer to quantize"
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -8,7 +8,8 @@ Backends:
   under ``TRITON_INTERPRET=1``).
 - ``"auto"``: per op, the fastest backend that can serve the device: CUDA kernel, else Triton
   (CUDA tensors), else the op through the dispatcher (native CPU kernel where one is
-  registered, else the reference). ``QUANTKERNELS_BACKEND`` in the environment overrides ``auto``.
+  registered, else the reference). ``QUANTKERNELS_BACKEND`` in the environment overrides ``auto``;
+  an invalid value does not break the import: it warns there, and every ``auto`` call raises.
 
 The tables below are plain Python sets filled once at import (``refresh()``), so that
 resolving a kernel inside ``forward`` is traceable by ``torch.compile(fullgraph=True)``.
@@ -17,7 +18,8 @@ resolving a kernel inside ``forward`` is traceable by ``torch.compile(fullgraph=
 from __future__ import annotations
 
 import os
-from typing import Callable, Dict, Set, Tuple
+import warnings
+from typing import Callable, Dict, Optional, Set, Tuple
 
 import torch
 
@@ -59,7 +61,17 @@ def refresh(native_reason: str | None = None) -> None:
     _TRITON.update(op for op in OP_NAMES if _has_schema(f"quantkernels::{op}_triton"))
     _NATIVE_REASON = native_reason
     env = os.environ.get("QUANTKERNELS_BACKEND", "").strip()
-    _ENV_BACKEND = check_backend(env, "QUANTKERNELS_BACKEND") if env else None
+    _ENV_BACKEND = env or None
+    if env and env not in BACKENDS:  # import must not fail: warn now, raise where "auto" is used
+        warnings.warn(env_backend_error(), RuntimeWarning, stacklevel=2)
+
+
+def env_backend_error() -> Optional[str]:
+    """Why ``QUANTKERNELS_BACKEND`` (as read at import) cannot serve ``backend="auto"``, or None."""
+    if _ENV_BACKEND is None or _ENV_BACKEND in BACKENDS:
+        return None
+    return (f"quantkernels: QUANTKERNELS_BACKEND must be one of {BACKENDS} (or unset), got {_ENV_BACKEND!r}; "
+            f"backend='auto' refuses to run until it is fixed (unset it, or pass backend= explicitly)")
 
 
 def _has_schema(qualname: str) -> bool:
@@ -110,6 +122,8 @@ def can_implement(backend: str, op: str, device: torch.device) -> Tuple[bool, st
 def resolve(backend: str, op: str, device: torch.device) -> Callable:
     """The callable that runs ``op`` for ``backend`` on ``device``; raises BackendUnavailable."""
     if backend == "auto" and _ENV_BACKEND is not None:
+        if _ENV_BACKEND not in BACKENDS:
+            raise ValueError(env_backend_error())
         backend = _ENV_BACKEND
     if backend == "reference":
         return getattr(_reference, op)

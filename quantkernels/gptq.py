@@ -284,11 +284,17 @@ def gptq_quantize_model(model: nn.Module, batches: Iterable, scheme: str = "w4a1
     pass. ``blocks``: "auto", a module path (``"model.layers"``) or None (one pass, every
     Hessian in memory at once, no sequential error propagation).
     Other arguments: ``gptq_quantize_weight``. Returns ``model`` with ``model.quantkernels_report``
-    (a ``GPTQReport``).
+    (a ``GPTQReport``). If anything raises part-way (a batch the model rejects in a later block, a
+    factorisation that fails), the float layers already replaced are put back: the model is left
+    as it was. (So the float layers stay in memory until the last block is done.)
     """
     _check_scheme(scheme)
     kind = _grid_kind(scheme, sym)  # validates sym for w4a8
     del kind
+    if not (isinstance(damp, (int, float)) and damp >= 0):  # per layer it would fail half-way through
+        raise ValueError(f"quantkernels.gptq_quantize_model: damp must be a number >= 0, got {damp!r}")
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
+        raise ValueError(f"quantkernels.gptq_quantize_model: blocksize must be an int >= 1, got {blocksize!r}")
     layers = select_linears(model, include, exclude)
     report = GPTQReport(scheme)
     targets = {}
@@ -300,6 +306,15 @@ def gptq_quantize_model(model: nn.Module, batches: Iterable, scheme: str = "w4a1
         else:
             targets[n] = m
     batches = list(batches)
+    if not batches:
+        raise ValueError("quantkernels.gptq_quantize_model: batches is empty; GPTQ needs calibration batches "
+                         "(tokenizer outputs, tuples or tensors the model takes) to estimate each layer's Hessian")
+    if not targets:
+        raise ValueError(f"quantkernels.gptq_quantize_model: scheme {scheme!r} (group_size={group_size}) can serve "
+                         f"none of the {len(layers)} selected linear layer(s): "
+                         f"{'; '.join(sorted(set(report.skipped.values()))[:3]) or 'no linear layer selected'}")
+
+    replaced: Dict[str, nn.Module] = {}  # name -> the float layer, until every block is done
 
     def on_block(stats: Dict[str, LayerStats], mods: Dict[str, nn.Module]):
         for n, m in mods.items():
@@ -310,12 +325,19 @@ def gptq_quantize_model(model: nn.Module, batches: Iterable, scheme: str = "w4a1
             ql, res = gptq_quantlinear(m, st.hessian(), scheme, group_size=group_size, sym=sym,
                                        act_order=act_order, static_groups=static_groups, damp=damp,
                                        blocksize=blocksize, backend=backend)
+            replaced[n] = m
             _set_module(model, n, ql)
             report.quantized.append(n)
             report.layers[n] = dict(loss=res.loss, damp=res.damp, tokens=st.n)
 
-    sequential_stats(model, batches, targets, on_block, hessian=True, absmax=False, blocks=blocks,
-                     mask_padding=mask_padding, progress=progress)
+    try:
+        sequential_stats(model, batches, targets, on_block, hessian=True, absmax=False, blocks=blocks,
+                         mask_padding=mask_padding, progress=progress)
+    except BaseException:  # a later block failed: put the float layers back (GPTQ never edits them)
+        for n, old in reversed(list(replaced.items())):
+            _set_module(model, n, old)
+        raise
+    replaced.clear()
     if report.skipped:
         import warnings
 
@@ -411,6 +433,17 @@ def quantlinear_from_gptq(qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx
     off = _check_format(checkpoint_format)
     if qweight.dtype != torch.int32 or qzeros.dtype != torch.int32:
         raise TypeError(f"quantkernels.gptq: qweight and qzeros must be int32, got {qweight.dtype}, {qzeros.dtype}")
+    if scales.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"quantkernels.gptq: scales must be float16, bfloat16 or float32, got {scales.dtype}")
+    if g_idx is not None and (g_idx.is_floating_point() or g_idx.dtype == torch.bool):
+        raise TypeError(f"quantkernels.gptq: g_idx must hold integers, got {g_idx.dtype}")
+    if bias is not None and not bias.is_floating_point():
+        raise TypeError(f"quantkernels.gptq: bias must be a float tensor, got {bias.dtype}")
+    if qweight.dim() != 2 or qzeros.dim() != 2 or scales.dim() != 2:
+        raise ValueError(f"quantkernels.gptq: qweight, qzeros and scales must be 2-D, got shapes "
+                         f"{tuple(qweight.shape)}, {tuple(qzeros.shape)}, {tuple(scales.shape)}")
+    if not bool(torch.isfinite(scales).all()):
+        raise ValueError("quantkernels.gptq: scales hold NaN or Inf values")
     K8, N = qweight.shape
     K = K8 * 8
     ng = scales.shape[0]
@@ -446,6 +479,13 @@ def save_gptq_checkpoint(model: nn.Module, path: str, checkpoint_format: str = "
     to ``path/model.safetensors`` plus ``path/quantize_config.json``."""
     from safetensors.torch import save_file
 
+    _check_format(checkpoint_format)
+    if scale_dtype not in (torch.float16, torch.float32):
+        raise ValueError(f"quantkernels.save_gptq_checkpoint: scale_dtype must be torch.float16 or torch.float32, "
+                         f"got {scale_dtype!r}")
+    if not any(isinstance(m, QuantLinear) for m in model.modules()):
+        raise ValueError("quantkernels.save_gptq_checkpoint: the model has no QuantLinear layer; quantize it with "
+                         "scheme 'w4a16' first")
     tensors, group_sizes, syms = {}, set(), set()
     qnames = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     for n, m in model.named_modules():
@@ -467,12 +507,34 @@ def save_gptq_checkpoint(model: nn.Module, path: str, checkpoint_format: str = "
         if key in seen:
             tensors[k] = v.clone()
         seen[key] = k
-    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    from .serialization import CONFIG_SHA_KEY, config_sha256, tensor_checksums
+
     cfg = dict(quant_method="gptq", bits=4, group_size=group_sizes.pop() if group_sizes else 128,
                desc_act=False, sym=syms == {True}, checkpoint_format=checkpoint_format,
-               true_sequential=False, damp_percent=None, static_groups=False)
+               true_sequential=False, damp_percent=None, static_groups=False,
+               # ours (other tools ignore it): verified by load_gptq_checkpoint
+               quantkernels_checksums=tensor_checksums(tensors))
+    save_file(tensors, os.path.join(path, "model.safetensors"),
+              metadata={"format": "pt", CONFIG_SHA_KEY: config_sha256(cfg)})
     with open(os.path.join(path, "quantize_config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
+
+
+def _gptq_error(msg: str):
+    from .serialization import CheckpointError
+
+    return CheckpointError(f"quantkernels.load_gptq_checkpoint: {msg}")
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            c = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _gptq_error(f"{path}: unreadable or corrupt JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(c, dict):
+        raise _gptq_error(f"{path}: expected a JSON object, got {type(c).__name__}")
+    return c
 
 
 def load_gptq_checkpoint(model: nn.Module, path: str, *, checkpoint_format: Optional[str] = None,
@@ -481,55 +543,114 @@ def load_gptq_checkpoint(model: nn.Module, path: str, *, checkpoint_format: Opti
     ``config.json`` with ``quantization_config``) into ``model``, in place: every linear layer
     ``name`` with ``name.qweight`` in the files becomes a ``w4a16`` QuantLinear; the other
     tensors are loaded into the model (``strict``: every model key must be present). Returns the
-    model in eval mode (``model.eval()``), as transformers' ``from_pretrained`` does."""
-    from safetensors.torch import load_file
+    model in eval mode (``model.eval()``), as transformers' ``from_pretrained`` does.
 
-    cfg = {}
+    Everything is read and checked before the model changes; a damaged or mismatched checkpoint
+    raises :class:`~quantkernels.CheckpointError` and leaves the model as it was. A checkpoint
+    written by ``save_gptq_checkpoint`` also carries the SHA-256 of every tensor (in
+    ``quantize_config.json``) and of that config (in the safetensors metadata), which are verified."""
+    from pathlib import Path
+
+    from .dispatch import check_backend
+    from .serialization import CONFIG_SHA_KEY, config_sha256, read_safetensors, verify_checksums
+
+    check_backend(backend)
+    if checkpoint_format is not None:
+        _check_format(checkpoint_format)
+    if not os.path.isdir(path):
+        raise _gptq_error(f"{path}: not a directory (expected a GPTQ checkpoint directory)")
+    cfg, cfg_file = {}, None
     for fn, key in (("quantize_config.json", None), ("config.json", "quantization_config")):
         p = os.path.join(path, fn)
         if os.path.exists(p):
-            with open(p) as f:
-                c = json.load(f)
+            c = _read_json(p)
             c = c.get(key, {}) if key else c
             if c:
-                cfg = c
+                if not isinstance(c, dict):
+                    raise _gptq_error(f"{p}: {key} must be a JSON object, got {c!r}")
+                cfg, cfg_file = c, fn
                 break
     if cfg.get("bits", 4) != 4:
-        raise ValueError(f"quantkernels.gptq: only 4-bit GPTQ checkpoints are supported, got bits={cfg['bits']}")
+        raise _gptq_error(f"only 4-bit GPTQ checkpoints are supported, got bits={cfg['bits']!r}")
     fmt = checkpoint_format or cfg.get("checkpoint_format", "gptq")
-    tensors = {}
+    if fmt not in ("gptq", "gptq_v2"):
+        raise _gptq_error(f"{cfg_file}: checkpoint_format must be 'gptq' or 'gptq_v2', got {fmt!r}")
     files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     if not files:
-        raise FileNotFoundError(f"quantkernels.gptq: no .safetensors file in {path}")
+        raise _gptq_error(f"no .safetensors file in {path}")
+    tensors: Dict[str, Tensor] = {}
+    metas = []
     for fn in files:
-        tensors.update(load_file(os.path.join(path, fn)))
+        t, meta = read_safetensors(Path(path) / fn, _gptq_error)
+        dup = sorted(set(t) & set(tensors))
+        if dup:
+            raise _gptq_error(f"{fn} repeats tensor(s) {dup[:3]} of another file")
+        tensors.update(t)
+        metas.append(meta)
+    recorded = {m[CONFIG_SHA_KEY] for m in metas if CONFIG_SHA_KEY in m}
+    if recorded and (cfg_file != "quantize_config.json" or recorded != {config_sha256(cfg)}):
+        raise _gptq_error(f"quantize_config.json does not belong to the safetensors file(s) or was changed after "
+                          f"it was written (its SHA-256 differs from the one recorded in their metadata)")
+    if "quantkernels_checksums" in cfg:
+        verify_checksums(tensors, cfg["quantkernels_checksums"], _gptq_error)
     return load_gptq_state_dict(model, tensors, checkpoint_format=fmt, backend=backend, strict=strict)
 
 
 @torch.no_grad()
 def load_gptq_state_dict(model: nn.Module, tensors: Dict[str, Tensor], *, checkpoint_format: str = "gptq",
                          backend: str = "auto", strict: bool = True) -> nn.Module:
-    """``load_gptq_checkpoint`` from tensors already in memory (returns the model in eval mode)."""
+    """``load_gptq_checkpoint`` from tensors already in memory (returns the model in eval mode).
+    Builds every new layer and checks every other tensor against the model first; raises
+    ``CheckpointError`` with the model unchanged when anything does not fit."""
+    from .calibration import is_linear
+
+    _check_format(checkpoint_format)
     tensors = dict(tensors)
-    names = [k[: -len(".qweight")] for k in tensors if k.endswith(".qweight")]
+    names = sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight"))
+    new: Dict[str, QuantLinear] = {}
     for n in names:
         parts = {p: tensors.pop(f"{n}.{p}", None) for p in ("qweight", "qzeros", "scales", "g_idx", "bias")}
         if parts["qzeros"] is None or parts["scales"] is None:
-            raise ValueError(f"quantkernels.gptq: layer {n} lacks qzeros or scales")
-        old = model.get_submodule(n)
-        dev = parts["qweight"].device
-        ql = quantlinear_from_gptq(parts["qweight"], parts["qzeros"], parts["scales"], parts["g_idx"],
-                                   parts["bias"], checkpoint_format=checkpoint_format, backend=backend)
-        if linear_in_features(old) != ql.in_features:
-            raise ValueError(f"quantkernels.gptq: layer {n}: checkpoint K = {ql.in_features}, model K = "
-                             f"{linear_in_features(old)}")
-        ql = ql.to(dev)
+            raise _gptq_error(f"layer {n} lacks qzeros or scales")
+        try:
+            old = model.get_submodule(n)
+        except AttributeError:
+            raise _gptq_error(f"the checkpoint quantizes layer {n!r}, which this model does not have") from None
+        if not is_linear(old):
+            raise _gptq_error(f"layer {n!r} is a {type(old).__name__} in this model, not a linear layer")
+        try:
+            ql = quantlinear_from_gptq(parts["qweight"], parts["qzeros"], parts["scales"], parts["g_idx"],
+                                       parts["bias"], checkpoint_format=checkpoint_format, backend=backend)
+        except (ValueError, TypeError, RuntimeError, IndexError) as e:
+            raise _gptq_error(f"layer {n}: {e}") from None
+        W = linear_weight(old)
+        if (ql.out_features, ql.in_features) != tuple(W.shape):
+            raise _gptq_error(f"layer {n}: the checkpoint holds [out={ql.out_features}, in={ql.in_features}], the "
+                              f"model's layer is [out={W.shape[0]}, in={W.shape[1]}]")
+        if (old.bias is None) != (ql.bias is None):
+            raise _gptq_error(f"layer {n}: bias {'missing from' if ql.bias is None else 'present in'} the checkpoint "
+                              f"but {'present in' if ql.bias is None else 'absent from'} the model")
+        if ql.bias is not None:
+            ql.bias = ql.bias.to(old.bias.dtype)  # float tensors take the model's dtype
+        new[n] = ql.to(W.device) if W.device.type != "meta" else ql
+    prefixes = tuple(n + "." for n in names)
+    expected = {k: v for k, v in model.state_dict(keep_vars=True).items() if not k.startswith(prefixes)}
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if unexpected or (strict and missing):
+        raise _gptq_error(f"checkpoint mismatch: missing {missing[:8]}, unexpected {unexpected[:8]}")
+    for k, t in tensors.items():
+        ref = expected[k]
+        if tuple(t.shape) != tuple(ref.shape):
+            raise _gptq_error(f"tensor {k!r} has shape {tuple(t.shape)}, the model's is {tuple(ref.shape)}")
+        if t.is_floating_point() != ref.is_floating_point():
+            raise _gptq_error(f"tensor {k!r} has dtype {t.dtype}, the model's is {ref.dtype}")
+    # commit: nothing below can fail on a checked checkpoint
+    for n, ql in new.items():
         _set_module(model, n, ql)
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    qn = set(names)
-    missing = [k for k in missing if k.rpartition(".")[0] not in qn]
-    if strict and (missing or unexpected):
-        raise ValueError(f"quantkernels.gptq: checkpoint mismatch: missing {missing[:8]}, unexpected {unexpected[:8]}")
+    on_meta = any(v.device.type == "meta" for v in expected.values() if isinstance(v, Tensor))
+    rest = {k: (t.to(expected[k].dtype) if t.is_floating_point() else t) for k, t in tensors.items()}
+    model.load_state_dict(rest, strict=False, assign=on_meta)
     return model.eval()  # inference mode, as from_pretrained: no live dropout
 
 

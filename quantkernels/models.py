@@ -187,13 +187,14 @@ def load_quantized_pretrained(path, backend: str = "auto"):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    from .serialization import init_empty_weights, load_quantized
+    from .serialization import init_empty_weights, load_quantized, stored_float_dtype
 
     path = Path(path)
     cfg = AutoConfig.from_pretrained(str(path))
     cls = AutoModelForCausalLM if is_causal_lm(path) else AutoModel
+    dtype = stored_float_dtype(path)  # the skeleton's dtype is the loaded model's: the one saved
     with init_empty_weights():
-        model = cls.from_config(cfg)
+        model = cls.from_config(cfg, **({"dtype": dtype} if dtype is not None else {}))
     load_quantized(model, path, backend=backend)
     return model.eval(), AutoTokenizer.from_pretrained(str(path))
 

@@ -51,9 +51,58 @@ def unsupported_reason(scheme: str, in_features: int, out_features: int, group_s
     return None
 
 
+def check_threshold(where: str, threshold) -> float:
+    """The llm_int8 outlier threshold as a float: a number >= 0 (0 turns the outlier path off,
+    docs/numerics.md s.5); NaN, negative and non-numbers raise, naming the value."""
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or math.isnan(threshold) \
+            or threshold < 0:
+        raise ValueError(f"quantkernels.{where}: threshold must be a number >= 0 (0 disables the outlier "
+                         f"columns), got {threshold!r}")
+    return float(threshold)
+
+
 def _is_hf_conv1d(module: nn.Module) -> bool:
     # transformers.pytorch_utils.Conv1D (GPT-2 style): weight stored [in, out], y = x @ W + b.
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+def quantizable_weight(linear: nn.Module, where: str = "QuantLinear.from_linear") -> Tensor:
+    """The ``[N, K]`` weight of an ``nn.Linear`` / GPT-2 ``Conv1D`` that can be quantized; raises
+    (naming ``where``) for another module, a non-float or meta weight, or NaN / Inf values."""
+    if isinstance(linear, nn.Linear):
+        weight = linear.weight.detach()
+    elif _is_hf_conv1d(linear):
+        weight = linear.weight.detach().t()
+    else:
+        raise TypeError(f"quantkernels.{where}: linear must be torch.nn.Linear or a "
+                        f"transformers Conv1D, got {type(linear).__name__}")
+    if weight.dtype not in V.FLOAT_DTYPES:
+        raise TypeError(f"quantkernels.{where}: weight dtype must be float16, bfloat16 or "
+                        f"float32, got {weight.dtype}")
+    if weight.device.type == "meta":
+        raise ValueError(f"quantkernels.{where}: the layer's weight is on the meta device "
+                         "(not loaded); load the weights first")
+    if not bool(torch.isfinite(weight).all()):
+        raise ValueError(f"quantkernels.{where}: the weight holds NaN or Inf values; "
+                         "refusing to quantize it")
+    return weight
+
+
+#: QuantLinear buffers whose dtype is part of the format (docs/numerics.md s.8): ``.to(dtype)``,
+#: ``.half()`` ... move them between devices but never convert them.
+_FIXED_DTYPE_BUFFERS = ("qweight", "weight_scale", "weight_zero", "input_scale")
+
+
+def _device_only(fn, t: Tensor, owner: str, name: str) -> Tensor:
+    """``fn`` (a ``Module._apply`` function) applied to ``t`` for its device and memory placement
+    only: a float32 tensor travels as its int32 bit pattern, which dtype conversions leave alone."""
+    carrier = t.view(torch.int32) if t.dtype == torch.float32 else t
+    moved = fn(carrier)
+    if not isinstance(moved, Tensor) or moved.dtype != carrier.dtype:
+        raise TypeError(f"quantkernels.{owner}: cannot convert {name} ({t.dtype}) to "
+                        f"{getattr(moved, 'dtype', type(moved).__name__)}: the quantized weights keep their "
+                        f"dtype; .to(dtype) / .half() / .bfloat16() convert only the bias and the output")
+    return moved.view(t.dtype) if t.dtype == torch.float32 else moved
 
 
 class QuantLinear(nn.Module):
@@ -74,11 +123,13 @@ class QuantLinear(nn.Module):
                  group_size: int = 128, threshold: float = 6.0, backend: str = "auto",
                  device=None, dtype: torch.dtype = torch.float32):
         super().__init__()
+        for name, v in (("in_features", in_features), ("out_features", out_features), ("group_size", group_size)):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"quantkernels.QuantLinear: {name} must be an int, got {v!r}")
         reason = unsupported_reason(scheme, in_features, out_features, group_size)
         if reason:
             raise ValueError(f"quantkernels.QuantLinear: scheme {scheme!r} cannot serve this layer: {reason}")
-        if not isinstance(threshold, (int, float)) or math.isnan(threshold):
-            raise ValueError(f"quantkernels.QuantLinear: threshold must be a number, got {threshold!r}")
+        check_threshold("QuantLinear", threshold)
         self.in_features, self.out_features = in_features, out_features
         self.scheme = scheme
         self.backend = dispatch.check_backend(backend)
@@ -106,28 +157,25 @@ class QuantLinear(nn.Module):
             self.input_scale = torch.ones(self.in_features, dtype=torch.float32, device=self.qweight.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    def _apply(self, fn, recurse=True):
+        """``.to()``, ``.cuda()``, ``.half()``, ``.bfloat16()`` ...: the quantized buffers (integer
+        weights, their fp32 scales and zero points, ``input_scale``) move to the new device but
+        keep their dtype and bits; the bias follows the dtype (and the output follows the input's
+        dtype). Every new buffer is computed before any is replaced, so a failing conversion
+        leaves the module as it was."""
+        fixed = {name: _device_only(fn, t, "QuantLinear", name) for name in _FIXED_DTYPE_BUFFERS
+                 if (t := self._buffers.get(name)) is not None}
+        super()._apply(fn, recurse)
+        self._buffers.update(fixed)
+        return self
+
     # ------------------------------------------------------------------ construction
 
     @classmethod
     def from_linear(cls, linear: nn.Module, scheme: str = "w8a8", *, group_size: int = 128,
                     threshold: float = 6.0, backend: str = "auto") -> "QuantLinear":
         """Quantizes an ``nn.Linear`` (or a Hugging Face GPT-2 ``Conv1D``) into a new QuantLinear."""
-        if isinstance(linear, nn.Linear):
-            weight = linear.weight.detach()
-        elif _is_hf_conv1d(linear):
-            weight = linear.weight.detach().t()
-        else:
-            raise TypeError(f"quantkernels.QuantLinear.from_linear: linear must be torch.nn.Linear or a "
-                            f"transformers Conv1D, got {type(linear).__name__}")
-        if weight.dtype not in V.FLOAT_DTYPES:
-            raise TypeError(f"quantkernels.QuantLinear.from_linear: weight dtype must be float16, bfloat16 or "
-                            f"float32, got {weight.dtype}")
-        if weight.device.type == "meta":
-            raise ValueError("quantkernels.QuantLinear.from_linear: the layer's weight is on the meta device "
-                             "(not loaded); load the weights first")
-        if not bool(torch.isfinite(weight).all()):
-            raise ValueError("quantkernels.QuantLinear.from_linear: the weight holds NaN or Inf values; "
-                             "refusing to quantize it")
+        weight = quantizable_weight(linear)
         N, K = weight.shape
         b = linear.bias
         mod = cls(K, N, bias=b is not None, scheme=scheme, group_size=group_size, threshold=threshold,
@@ -152,6 +200,9 @@ class QuantLinear(nn.Module):
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"quantkernels.QuantLinear: input must have shape [..., {self.in_features}], "
                              f"got {tuple(x.shape)}")
+        if x.device != self.qweight.device:
+            raise ValueError(f"quantkernels.QuantLinear: input is on {x.device} but the layer's weights are on "
+                             f"{self.qweight.device}; move one of them (model.to(device))")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if self.input_scale is not None:
@@ -225,6 +276,13 @@ class QuantEmbedding(nn.Module):
         self.source_class = type(embedding).__name__
         self.__dict__["linear"] = linear  # not a submodule: its buffers belong to the lm_head
         self.register_buffer("embed_scale", None if scale is None else scale.detach().clone(), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # the rows' dtype follows .to(dtype) / .half() like a float embedding's weight would
+        probe = fn(torch.empty(0, dtype=self.dtype, device=self.linear.qweight.device))
+        super()._apply(fn, recurse)
+        self.dtype = probe.dtype
+        return self
 
     def forward(self, input_ids: Tensor) -> Tensor:
         if input_ids.dtype not in (torch.int32, torch.int64):

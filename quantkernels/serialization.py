@@ -18,6 +18,7 @@ QuantLinear layers: ``qweight = weight``, ``weight_scale = SCB / 127`` (docs/num
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -28,12 +29,17 @@ import torch
 from torch import Tensor, nn
 
 from .formats import WeightFormat
-from .nn import SCHEMES, QuantEmbedding, QuantLinear, _is_hf_conv1d, unsupported_reason
+from .nn import SCHEMES, QuantEmbedding, QuantLinear, _is_hf_conv1d, check_threshold, unsupported_reason
 
 FORMAT_NAME = "quantkernels"
-#: Bumped whenever the layout of the file or the meaning of a buffer changes.
-FORMAT_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+#: Bumped whenever the layout of the file or the meaning of a buffer changes. Version 2 adds the
+#: integrity checks (per-tensor SHA-256 in the config, the config's SHA-256 in the safetensors
+#: metadata); version 1 checkpoints (written before) still load, unverified.
+FORMAT_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)
+CHECKSUM_ALGORITHM = "sha256"
+#: safetensors metadata key holding the SHA-256 of the quantization config (canonical JSON)
+CONFIG_SHA_KEY = "quantkernels_config_sha256"
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "quantization_config.json"
 
@@ -71,6 +77,48 @@ def init_empty_weights() -> Iterator[None]:
         yield
     finally:
         nn.Module.register_parameter = old
+
+
+# --------------------------------------------------------------------------- integrity
+
+
+def tensor_sha256(t: Tensor) -> str:
+    """SHA-256 of a tensor as stored: its dtype, its shape and its bytes (row-major). A flipped
+    bit anywhere in the data, or a relabelled dtype or shape, changes it."""
+    t = t.detach().to("cpu").contiguous().reshape(-1)
+    h = hashlib.sha256(f"{str(t.dtype).removeprefix('torch.')}|{t.numel()}|".encode())
+    h.update(t.view(torch.uint8).numpy() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def tensor_checksums(tensors: Mapping[str, Tensor]) -> Dict[str, Any]:
+    """The ``checksums`` entry of a config: ``{"algorithm": "sha256", "tensors": {name: hex}}``."""
+    return {"algorithm": CHECKSUM_ALGORITHM, "tensors": {k: tensor_sha256(v) for k, v in sorted(tensors.items())}}
+
+
+def config_sha256(cfg: Mapping[str, Any]) -> str:
+    """SHA-256 of a config's canonical JSON (sorted keys, no whitespace): what it says, not how it
+    is laid out."""
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def verify_checksums(tensors: Mapping[str, Tensor], checksums: Any, fail) -> None:
+    """Raises ``fail(message)`` unless ``checksums`` (a ``tensor_checksums`` entry) covers exactly
+    the tensors of the file and every one matches."""
+    if (not isinstance(checksums, dict) or checksums.get("algorithm") != CHECKSUM_ALGORITHM
+            or not isinstance(checksums.get("tensors"), dict)):
+        raise fail(f"'checksums' must be {{'algorithm': {CHECKSUM_ALGORITHM!r}, 'tensors': {{name: hex}}}}, "
+                   f"got {str(checksums)[:120]!r}")
+    want = checksums["tensors"]
+    if set(want) != set(tensors):
+        extra, missing = sorted(set(tensors) - set(want)), sorted(set(want) - set(tensors))
+        raise fail(f"the checksums list other tensors than the file holds (in the file only: {extra[:5]}, "
+                   f"in the checksums only: {missing[:5]})")
+    for k in sorted(tensors):
+        got = tensor_sha256(tensors[k])
+        if got != want[k]:
+            raise fail(f"tensor {k!r} is damaged: its SHA-256 is {got[:16]}..., the config records "
+                       f"{str(want[k])[:16]}... (the file was changed after it was written)")
 
 
 # --------------------------------------------------------------------------- save
@@ -153,18 +201,21 @@ def save_quantized(model: nn.Module, path: PathLike) -> Path:
     """Writes ``model`` (with its QuantLinear layers) to the directory ``path``:
     ``model.safetensors`` (every tensor of ``state_dict()``, tied tensors once) and
     ``quantization_config.json`` (format version, scheme, group size, threshold, packing, which
-    layers are quantized and which stayed in float and why). Returns the directory."""
+    layers are quantized and which stayed in float and why, a SHA-256 per tensor; its own SHA-256
+    goes into the safetensors metadata). Returns the directory."""
     from safetensors.torch import save_file
 
     cfg = quantization_config(model)
     tensors, aliases = _state_dict_dedup(model)
     cfg["tied"] = aliases
+    cfg["checksums"] = tensor_checksums(tensors)
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise ValueError(f"quantkernels.save_quantized: {out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / (WEIGHTS_NAME + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt", "quantkernels_format_version": str(FORMAT_VERSION)})
+    save_file(tensors, str(tmp), metadata={"format": "pt", "quantkernels_format_version": str(FORMAT_VERSION),
+                                           CONFIG_SHA_KEY: config_sha256(cfg)})
     os.replace(tmp, out / WEIGHTS_NAME)
     (out / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=False) + "\n")
     return out
@@ -210,8 +261,11 @@ def read_config(path: PathLike) -> Dict[str, Any]:
                                  f"{e['scheme']!r} (which stores {fmt!r})")
         if not isinstance(e.get("input_scale", False), bool):
             raise _err(cfg_path, f"modules[{name!r}]: input_scale must be true or false, got {e['input_scale']!r}")
-        if not isinstance(e["threshold"], (int, float)) or math.isnan(e["threshold"]):
-            raise _err(cfg_path, f"modules[{name!r}]: threshold must be a number, got {e['threshold']!r}")
+        if isinstance(e["threshold"], bool) or not isinstance(e["threshold"], (int, float)) \
+                or math.isnan(e["threshold"]) or e["threshold"] < 0:
+            raise _err(cfg_path, f"modules[{name!r}]: threshold must be a number >= 0, got {e['threshold']!r}")
+        if not isinstance(e["bias"], bool):
+            raise _err(cfg_path, f"modules[{name!r}]: bias must be true or false, got {e['bias']!r}")
         why = unsupported_reason(e["scheme"], e["in_features"], e["out_features"], e["group_size"]) \
             if all(isinstance(e[k], int) for k in ("in_features", "out_features", "group_size")) \
             else "in_features, out_features and group_size must be integers"
@@ -225,20 +279,55 @@ def read_config(path: PathLike) -> Dict[str, Any]:
     for emb, lin in te.items():
         if lin not in mods:
             raise _err(cfg_path, f"tied_embeddings[{emb!r}] names layer {lin!r}, which 'modules' does not list")
+    if ver >= 2 and "checksums" not in cfg:
+        raise _err(cfg_path, f"format_version {ver} requires 'checksums' (a SHA-256 per tensor), which is missing")
     return cfg
 
 
-def _read_tensors(path: Path) -> Dict[str, Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def read_safetensors(f: Path, fail) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
+    """(tensors on the CPU, metadata) of one safetensors file; ``fail(message)`` is raised for a
+    missing, unreadable, truncated or otherwise corrupt file. Never unpickles."""
+    from safetensors import SafetensorError, safe_open
 
-    f = path / WEIGHTS_NAME
     if not f.is_file():
-        raise _err(path, f"no {WEIGHTS_NAME}")
+        raise fail(f"{f}: no such file" if not f.exists() else f"{f} is not a regular file")
     try:
-        return load_file(str(f), device="cpu")
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise _err(f, f"corrupt or truncated safetensors file ({type(e).__name__}: {e})") from None
+        with safe_open(str(f), framework="pt", device="cpu") as sf:
+            meta = sf.metadata() or {}
+            return {k: sf.get_tensor(k) for k in sf.keys()}, dict(meta)
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError, OverflowError) as e:
+        raise fail(f"{f}: corrupt or truncated safetensors file ({type(e).__name__}: {e})") from None
+
+
+def _read_tensors(path: Path) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
+    f = path / WEIGHTS_NAME
+    if not f.exists():
+        raise _err(path, f"no {WEIGHTS_NAME}")
+    return read_safetensors(f, lambda msg: CheckpointError(f"quantkernels.load_quantized: {msg}"))
+
+
+_SAFETENSORS_FLOATS = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def stored_float_dtype(path: PathLike) -> Optional[torch.dtype]:
+    """The dtype most float tensors of a checkpoint's unquantized parts (and biases) are stored in,
+    read from the safetensors header only; None if there are none. ``load_quantized`` converts
+    float tensors to the skeleton's dtype, so a skeleton built in this dtype gets the model as saved."""
+    from safetensors import safe_open
+
+    p = Path(path)
+    cfg = read_config(p)
+    qprefixes = tuple(n + "." for n in cfg["modules"])
+    counts: Dict[torch.dtype, int] = {}
+    try:
+        with safe_open(str(p / WEIGHTS_NAME), framework="pt") as sf:
+            for k in sf.keys():
+                dt = _SAFETENSORS_FLOATS.get(sf.get_slice(k).get_dtype())
+                if dt is not None and (not k.startswith(qprefixes) or k.endswith(".bias")):
+                    counts[dt] = counts.get(dt, 0) + 1
+    except Exception as e:
+        raise _err(p / WEIGHTS_NAME, f"corrupt or truncated safetensors file ({type(e).__name__}: {e})") from None
+    return max(counts, key=counts.get) if counts else None
 
 
 def _expected_linear_shape(mod: nn.Module) -> Tuple[int, int]:
@@ -257,8 +346,12 @@ def load_quantized(model: nn.Module, path: PathLike, *, backend: str = "auto",
     float weights never occupy memory); the layers the config lists are replaced by QuantLinear
     modules holding the saved tensors as they are (no re-quantization), every other parameter and
     persistent buffer is taken from the file. ``device`` moves the loaded tensors (default: CPU).
+    Float tensors (unquantized parameters, buffers, biases) take the dtype of the skeleton's
+    tensor they replace, as ``load_state_dict`` would copy them: an fp32 checkpoint loaded into a
+    bf16 skeleton gives a bf16 model; the quantized tensors keep their exact dtype and bits.
     Raises :class:`CheckpointError` (a ValueError) before touching the model when anything does
-    not match.
+    not match, including a checksum: a checkpoint changed after it was written (a flipped byte in
+    a tensor or in the config) is refused.
 
     After a successful load the model is put in eval mode (``model.eval()``), as transformers'
     ``from_pretrained`` returns it: a skeleton built with ``from_config`` is in training mode, and
@@ -266,9 +359,15 @@ def load_quantized(model: nn.Module, path: PathLike, *, backend: str = "auto",
     from .dispatch import check_backend
 
     check_backend(backend)
+    if device is not None:
+        try:
+            torch.empty(0, device=device)
+        except Exception as e:  # RuntimeError, or AssertionError from a torch built without CUDA
+            raise ValueError(f"quantkernels.load_quantized: device={device!r} cannot hold tensors here "
+                             f"({str(e).splitlines()[0]})") from None
     p = Path(path)
     cfg = read_config(p)
-    tensors = _read_tensors(p)
+    tensors, metadata = _read_tensors(p)
     mods: Dict[str, Dict[str, Any]] = cfg["modules"]
     tied: Dict[str, str] = cfg.get("tied", {})
 
@@ -292,7 +391,8 @@ def load_quantized(model: nn.Module, path: PathLike, *, backend: str = "auto",
             raise _err(p, f"layer {name!r}: bias={e['bias']} in the checkpoint, but the model's layer has "
                           f"{'a' if old_bias is not None else 'no'} bias")
         q = QuantLinear(K, N, bias=e["bias"], scheme=e["scheme"], group_size=e["group_size"],
-                        threshold=e["threshold"], backend=backend, device="meta")
+                        threshold=e["threshold"], backend=backend, device="meta",
+                        dtype=old_bias.dtype if old_bias is not None else torch.float32)
         if e.get("input_scale", False):  # SmoothQuant scales that could not be folded (float32 [K])
             q.input_scale = torch.empty(K, dtype=torch.float32, device="meta")
         new_modules[name] = q
@@ -322,6 +422,7 @@ def load_quantized(model: nn.Module, path: PathLike, *, backend: str = "auto",
             expected[k] = t
 
     # 2. Every expected tensor is in the file (or tied), nothing else is, shapes and dtypes match.
+    stored = dict(tensors)  # as in the file, for the checksums
     for alias, canon in tied.items():
         if canon not in tensors:
             raise _err(p, f"tied tensor {alias!r} refers to {canon!r}, which the file lacks")
@@ -353,6 +454,21 @@ def load_quantized(model: nn.Module, path: PathLike, *, backend: str = "auto",
         raise _err(p, f"buffer(s) {leftover[:3]} of the model are on the meta device and not in the checkpoint "
                       f"(non-persistent); build the skeleton with quantkernels.init_empty_weights(), which "
                       f"keeps buffers real")
+    # 2b. Integrity (format version 2): the config is the one written with this file, every tensor's
+    #     bytes are the ones written.
+    if cfg["format_version"] >= 2 or CONFIG_SHA_KEY in metadata:
+        if metadata.get(CONFIG_SHA_KEY) != config_sha256(cfg):
+            raise _err(p, f"{CONFIG_NAME} does not belong to {WEIGHTS_NAME} or was changed after it was written "
+                          f"(its SHA-256 differs from the one recorded in the safetensors metadata)")
+    if "checksums" in cfg:
+        verify_checksums(stored, cfg["checksums"], lambda msg: _err(p, msg))
+    # Float tensors take the skeleton's dtype (as load_state_dict copies into it): an fp32 checkpoint
+    # loaded into a bf16 skeleton gives a bf16 model. Quantized tensors keep theirs (checked above).
+    for k, ref in expected.items():
+        t = tensors[k]
+        if t.is_floating_point() and t.dtype != ref.dtype and not (k.startswith(qprefixes)
+                                                                    and not k.endswith(".bias")):
+            tensors[k] = t.to(ref.dtype)
 
     # 3. Commit: swap the layers in, then assign every tensor (no copy into meta storage).
     if device is not None:
@@ -414,9 +530,13 @@ def _bnb_state_dict(source) -> Tuple[Dict[str, Tensor], Optional[float], List[st
     if p.is_dir():
         cfg_file = p / "config.json"
         if cfg_file.is_file():
-            qc = json.loads(cfg_file.read_text()).get("quantization_config") or {}
-            threshold = qc.get("llm_int8_threshold")
-            skip = list(qc.get("llm_int8_skip_modules") or [])
+            try:
+                qc = json.loads(cfg_file.read_text()).get("quantization_config") or {}
+                threshold = qc.get("llm_int8_threshold")
+                skip = list(qc.get("llm_int8_skip_modules") or [])
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError) as e:
+                raise CheckpointError(f"quantkernels.load_bnb_int8: {cfg_file}: unreadable or corrupt JSON "
+                                      f"({type(e).__name__}: {e})") from None
         files = sorted(p.glob("*.safetensors"))
         if not files:
             raise CheckpointError(f"quantkernels.load_bnb_int8: no *.safetensors file in {p}")
@@ -424,15 +544,9 @@ def _bnb_state_dict(source) -> Tuple[Dict[str, Tensor], Optional[float], List[st
         files = [p]
     else:
         raise CheckpointError(f"quantkernels.load_bnb_int8: {p} does not exist")
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     out: Dict[str, Tensor] = {}
     for f in files:
-        try:
-            out.update(load_file(str(f)))
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"quantkernels.load_bnb_int8: {f}: corrupt or truncated ({e})") from None
+        out.update(read_safetensors(f, lambda msg: CheckpointError(f"quantkernels.load_bnb_int8: {msg}"))[0])
     return out, threshold, skip
 
 
@@ -471,7 +585,17 @@ def load_bnb_int8(model: nn.Module, source, *, threshold: Optional[float] = None
     unless given, else 6.0); all other tensors load as they are. The legacy ``<name>.weight_format``
     entries must say row-major (0 or "row"). Validates everything before changing the model.
     Returns the model in eval mode (``model.eval()``), as ``from_pretrained`` does."""
+    from .dispatch import check_backend
+
+    check_backend(backend)
+    if threshold is not None:
+        check_threshold("load_bnb_int8", threshold)
     tensors, cfg_thr, _ = _bnb_state_dict(source)
+    if threshold is None and cfg_thr is not None:
+        try:
+            check_threshold("load_bnb_int8", cfg_thr)
+        except ValueError as e:
+            raise CheckpointError(f"{e} (llm_int8_threshold in config.json)") from None
     thr = float(threshold if threshold is not None else (cfg_thr if cfg_thr is not None else 6.0))
     layers = sorted(k[: -len(".SCB")] for k in tensors if k.endswith(".SCB"))
     if not layers:

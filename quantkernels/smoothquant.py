@@ -32,7 +32,10 @@ from torch import Tensor, nn
 
 from .calibration import collect_stats, find_blocks, is_linear, linear_weight, select_linears
 from .convert import quantize_model
-from .nn import _check_scheme, unsupported_reason
+from .nn import _check_scheme, check_threshold, quantizable_weight, unsupported_reason
+
+#: the schemes SmoothQuant serves: those with int8 activations
+SMOOTH_SCHEMES = ("w8a8", "w4a8", "llm_int8")
 
 
 @dataclass
@@ -232,6 +235,15 @@ def choose_alpha(x: Tensor, act_absmax: Tensor, weights: List[Tensor], *, scheme
     return best, errs
 
 
+def _check_alpha(alpha, where: str) -> bool:
+    """True for ``alpha="auto"``, False for a number in [0, 1]; raises for anything else."""
+    if alpha == "auto":
+        return True
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+        raise ValueError(f"quantkernels.{where}: alpha must be a number in [0, 1] or 'auto', got {alpha!r}")
+    return False
+
+
 @torch.no_grad()
 def smooth_model(model: nn.Module, act_absmax: Dict[str, Tensor], alpha: Union[float, str] = 0.5, *,
                  layers: Optional[Iterable[str]] = None, fold: bool = True,
@@ -256,11 +268,7 @@ def smooth_model(model: nn.Module, act_absmax: Dict[str, Tensor], alpha: Union[f
     every other linear layer (``input_scale``)."""
     if groups not in ("all", "norm"):
         raise ValueError(f"quantkernels.smoothquant: groups must be 'all' or 'norm', got {groups!r}")
-    auto = isinstance(alpha, str)
-    if auto and alpha != "auto":
-        raise ValueError(f"quantkernels.smoothquant: alpha must be a number in [0, 1] or 'auto', got {alpha!r}")
-    if not auto and not 0 <= alpha <= 1:
-        raise ValueError(f"quantkernels.smoothquant: alpha must be in [0, 1], got {alpha}")
+    auto = _check_alpha(alpha, "smoothquant")
     candidates = tuple(float(c) for c in candidates)
     if auto:
         if samples is None:
@@ -270,13 +278,15 @@ def smooth_model(model: nn.Module, act_absmax: Dict[str, Tensor], alpha: Union[f
     wanted = set(act_absmax if layers is None else layers)
     rep = SmoothReport(float("nan") if auto else float(alpha))
 
-    def scale_for(names: List[str], mods: List[nn.Module], a_max: Tensor) -> Optional[Tensor]:
+    def scale_for(names: List[str], mods: List[nn.Module], a_max: Tensor, sampled: str) -> Optional[Tensor]:
+        """``sampled``: the group's first consumer, whose input rows were kept (every consumer of a
+        group reads the same input)."""
         Ws = [linear_weight(m) for m in mods]
         if not auto:
             return smoothing_scale(a_max, Ws, alpha)
-        x = samples.get(names[0])
+        x = samples.get(sampled)
         if x is None:
-            raise ValueError(f"quantkernels.smoothquant: alpha='auto' has no input samples for {names[0]}")
+            raise ValueError(f"quantkernels.smoothquant: alpha='auto' has no input samples for {sampled}")
         best, _ = choose_alpha(x.to(Ws[0].device), a_max, Ws, scheme=scheme, candidates=candidates,
                                group_size=group_size, threshold=threshold, backend=backend)
         rep.alphas[names[0]] = best
@@ -291,7 +301,7 @@ def smooth_model(model: nn.Module, act_absmax: Dict[str, Tensor], alpha: Union[f
                 continue
             mods = [model.get_submodule(c) for c in grp.consumers]
             a = torch.stack([act_absmax[c].float() for c in grp.consumers]).amax(dim=0)
-            s = scale_for(grp.consumers, mods, a)
+            s = scale_for(grp.consumers, mods, a, grp.consumers[0])
             if s is None:
                 continue
             _fold_into(model.get_submodule(grp.producer), s)
@@ -305,7 +315,7 @@ def smooth_model(model: nn.Module, act_absmax: Dict[str, Tensor], alpha: Union[f
                 if c not in wanted or c not in act_absmax:
                     continue
                 m = model.get_submodule(c)
-                s = scale_for([c], [m], act_absmax[c].float())
+                s = scale_for([c], [m], act_absmax[c].float(), grp.consumers[0])
                 if s is None:
                     continue
                 W = linear_weight(m)
@@ -334,13 +344,29 @@ def smoothquant_quantize_model(model: nn.Module, batches: Iterable, scheme: str 
     up to ``auto_rows`` input rows per group (one more pass over ``batches``). ``groups``: which
     layers are smoothed (``smooth_model``)."""
     _check_scheme(scheme)
+    if scheme not in SMOOTH_SCHEMES:
+        raise ValueError(f"quantkernels.smoothquant_quantize_model: scheme must be one of {SMOOTH_SCHEMES} "
+                         f"(SmoothQuant moves activation outliers into the weights, which only helps when the "
+                         f"activations are quantized to int8), got {scheme!r}")
+    _check_alpha(alpha, "smoothquant_quantize_model")
+    check_threshold("smoothquant_quantize_model", threshold)
     batches = list(batches)
+    if not batches and act_absmax is None:
+        raise ValueError("quantkernels.smoothquant_quantize_model: batches is empty; SmoothQuant needs calibration "
+                         "batches (tokenizer outputs, tuples or tensors the model takes)")
+    if not batches and alpha == "auto":
+        raise ValueError("quantkernels.smoothquant_quantize_model: alpha='auto' needs calibration batches, "
+                         "got none")
     layers = select_linears(model, include, exclude)
     targets = {}
     for n, m in layers.items():
         W = linear_weight(m)
         if unsupported_reason(scheme, W.shape[1], W.shape[0], group_size) is None:
+            quantizable_weight(m, f"smoothquant_quantize_model: layer {n!r}")  # before smoothing edits weights
             targets[n] = m
+    if not targets:
+        raise ValueError(f"quantkernels.smoothquant_quantize_model: scheme {scheme!r} (group_size={group_size}) can "
+                         f"serve none of the {len(layers)} selected linear layer(s); nothing was changed")
     if act_absmax is None:
         # statistics for every linear layer: a fold group needs all of its consumers' inputs
         stats = collect_stats(model, batches, layers=select_linears(model, None, ()), hessian=False, absmax=True,

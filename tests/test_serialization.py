@@ -83,7 +83,7 @@ def test_config_contents(tmp_path):
     m = quantized_toy("w4a16")
     qk.save_quantized(m, tmp_path)
     cfg = json.loads((tmp_path / CONFIG_NAME).read_text())
-    assert cfg["format"] == "quantkernels" and cfg["format_version"] == 1
+    assert cfg["format"] == "quantkernels" and cfg["format_version"] == 2
     assert (cfg["scheme"], cfg["group_size"], cfg["weight_format"]) == ("w4a16", 64, "uint4_plain")
     assert set(cfg["modules"]) == {"up", "down"}
     assert cfg["modules"]["up"] == {"scheme": "w4a16", "weight_format": "uint4_plain", "group_size": 64,
@@ -106,7 +106,7 @@ def test_mixed_schemes_and_bf16(tmp_path):
     qk.save_quantized(m, tmp_path)
     cfg = json.loads((tmp_path / CONFIG_NAME).read_text())
     assert cfg["scheme"] is None and cfg["modules"]["down"]["threshold"] == 3.5  # not one scheme for all
-    sk = skeleton(tie=False)
+    sk = skeleton(tie=False).to(torch.bfloat16)  # float tensors take the skeleton's dtype
     qk.load_quantized(sk, tmp_path)
     assert sk.down.scheme == "llm_int8" and sk.down.threshold == 3.5 and sk.up.bias.dtype == torch.bfloat16
     assert sk.embed.weight.dtype == torch.bfloat16
