@@ -41,6 +41,8 @@ class QuantMergeWarning(UserWarning):
 
 def dequantized_weight(layer: QuantLinear) -> Tensor:
     """The fp32 ``[N, K]`` weight a QuantLinear's buffers hold (docs/numerics.md s.1-3)."""
+    if not isinstance(layer, QuantLinear):
+        raise TypeError(f"quantkernels.peft.dequantized_weight: layer must be a QuantLinear, got {type(layer).__name__}")
     int4 = layer.scheme in INT4_SCHEMES
     K = layer.in_features
     return _dequant_panel(layer.qweight, layer.weight_scale, layer.weight_zero, int4, layer.group_size, 0, K,

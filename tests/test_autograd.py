@@ -287,3 +287,15 @@ def test_smoothquant_input_scale_is_differentiated():
     s = S.f64(q.input_scale)
     g2 = S.f64(gy)
     S.assert_float_output(x.grad, (g2 @ w) / s, (np.abs(g2) @ np.abs(w)) / s, torch.float32, "grad_x / input_scale")
+
+
+def test_quant_linear_refuses_bad_arguments():
+    q = _layer("w8a8", "cpu")
+    x = torch.randn(2, K, requires_grad=True)
+    args = (x, q.qweight, q.weight_scale, q.weight_zero, q.bias)
+    with pytest.raises(ValueError, match=r"quant_linear: scheme must be one of .*, got 'w3a3'"):
+        QA.quant_linear(*args, "w3a3")
+    with pytest.raises(ValueError, match=r"backend must be one of .*, got 'gpu'"):
+        QA.quant_linear(*args, "w8a8", 6.0, "gpu")
+    with pytest.raises(ValueError, match=r"backend must be one of .*, got 'gpu'"):
+        QA.quant_linear(x.detach(), *args[1:], "w8a8", 6.0, "gpu")  # the no-grad path too

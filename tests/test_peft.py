@@ -117,3 +117,8 @@ def test_unsupported_lora_variants_are_refused(float_model):
     base = qk.quantize_model(copy.deepcopy(float_model), "w4a16", group_size=32, exclude=("lm_head",))
     with pytest.raises(ValueError, match="plain LoRA only, got use_dora=True"):
         peft.get_peft_model(base, peft.LoraConfig(target_modules=["q_proj"], use_dora=True))
+
+
+def test_dequantized_weight_refuses_other_layers():
+    with pytest.raises(TypeError, match="layer must be a QuantLinear, got Linear"):
+        qk.peft.dequantized_weight(torch.nn.Linear(4, 4))
