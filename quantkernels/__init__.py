@@ -11,11 +11,11 @@ import importlib.util
 import warnings
 
 from . import _ops as ops  # defines every op's schema, fake and reference first
-from . import _native, dispatch, reference
+from . import _native, autograd, dispatch, reference
 from .convert import QuantizationReport, memory_footprint, quantize_model
 from .formats import WeightFormat
 from .nn import SCHEMES, QuantEmbedding, QuantLinear
-from . import calibration
+from . import calibration, peft
 from .gptq import gptq_quantize_model, load_gptq_checkpoint, save_gptq_checkpoint
 from .smoothquant import smoothquant_quantize_model
 from .serialization import CheckpointError, init_empty_weights, load_bnb_int8, load_quantized, save_quantized
@@ -29,13 +29,14 @@ if importlib.util.find_spec("triton") is not None:
     except Exception as _e:  # a broken triton install must not break the package
         warnings.warn(f"quantkernels: Triton ops not registered ({type(_e).__name__}: {_e})", RuntimeWarning)
 dispatch.refresh(None if _native.AVAILABLE else _native.REASON)
+autograd.register()  # backward of every op that takes a float tensor, the Triton variants included
 
 BACKENDS = dispatch.BACKENDS
 
 __all__ = [
     "QuantLinear", "QuantEmbedding", "quantize_model", "memory_footprint", "QuantizationReport", "WeightFormat",
-    "SCHEMES", "BACKENDS", "ops", "reference", "dispatch", "__version__",
-    "calibration", "gptq_quantize_model", "smoothquant_quantize_model", "save_gptq_checkpoint",
+    "SCHEMES", "BACKENDS", "ops", "reference", "dispatch", "autograd", "__version__",
+    "calibration", "peft", "gptq_quantize_model", "smoothquant_quantize_model", "save_gptq_checkpoint",
     "load_gptq_checkpoint",
     "save_quantized", "load_quantized", "load_bnb_int8", "init_empty_weights", "CheckpointError",
 ]

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from . import _ops as ops
 from . import _validate as V
 from . import dispatch
+from .autograd import quant_linear
 from .formats import WeightFormat
 
 #: scheme -> (weight format, what it does)
@@ -206,24 +207,9 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if self.input_scale is not None:
             x2 = (x2.float() / self.input_scale).to(x.dtype)
-        dev = x.device
-
-        def k(op):
-            return dispatch.resolve(self.backend, op, dev)
-
-        s = self.scheme
-        if s == "w8a8":
-            q, sa = k("quantize_int8_rowwise")(x2)
-            y = k("w8a8_gemm")(q, self.qweight, sa, self.weight_scale, self.bias, x.dtype)
-        elif s == "w4a8":
-            q, sa = k("quantize_int8_rowwise")(x2)
-            y = k("w4a8_gemm")(q, self.qweight, sa, self.weight_scale, None, self.bias, x.dtype)
-        elif s == "llm_int8":
-            y = k("llm_int8_linear")(x2, self.qweight, self.weight_scale, self.bias, self.threshold)
-        elif s == "w8a16":
-            y = k("w8a16_gemm")(x2, self.qweight, self.weight_scale, self.bias)
-        else:  # w4a16
-            y = k("w4a16_gemm")(x2, self.qweight, self.weight_scale, self.weight_zero, self.bias)
+        # One op with a backward (docs/numerics.md s.10) when autograd records, else the plain op calls.
+        y = quant_linear(x2, self.qweight, self.weight_scale, self.weight_zero, self.bias, self.scheme,
+                         self.threshold, self.backend)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:

@@ -453,6 +453,32 @@ def test_quantlinear_triton_backend_interp(scheme, monkeypatch):
     assert_float(out, ref.double(), ref.double().abs() + 1.0, scheme)
 
 
+@pytest.mark.parametrize("scheme", ["w8a8", "llm_int8", "w8a16", "w4a16", "w4a8"])
+def test_backward_triton_backend_interp(scheme, monkeypatch):
+    """docs/numerics.md s.10: the input gradient does not depend on the backend (QuantLinear), and
+    the Triton ops carry the same backward as the base ops (or raise, for the quantizer)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    g = gen(4)
+    lin = torch.nn.Linear(128, 48)
+    x = torch.randn(2, 3, 128, generator=g)
+    grads = []
+    for backend in ("reference", "triton"):
+        xb = x.clone().requires_grad_()
+        quantkernels.QuantLinear.from_linear(lin, scheme, backend=backend)(xb).square().sum().backward()
+        grads.append(xb.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=1e-6)
+    q = quantkernels.QuantLinear.from_linear(lin, scheme)
+    x2 = x.reshape(6, 128).clone().requires_grad_()
+    if scheme == "w8a16":
+        T.w8a16_gemm_triton(x2, q.qweight, q.weight_scale, None).sum().backward()
+        x3 = x2.detach().clone().requires_grad_()
+        T.w8a16_gemm(x3, q.qweight, q.weight_scale, None).sum().backward()
+        torch.testing.assert_close(x2.grad, x3.grad, rtol=0, atol=0)
+    elif scheme == "w8a8":
+        with pytest.raises(quantkernels.autograd.NoBackwardError, match="quantize_int8_rowwise has no backward"):
+            T.quantize_int8_rowwise_triton(x2)[1].sum().backward()
+
+
 for _name, _obj in list(globals().items()):
     if _name.startswith("test_") and _name.endswith("_interp"):
         for _m in interp:
