@@ -132,15 +132,22 @@ class QuantLinear(nn.Module):
         mod = cls(K, N, bias=b is not None, scheme=scheme, group_size=group_size, threshold=threshold,
                   backend=backend, device=weight.device, dtype=b.dtype if b is not None else weight.dtype)
         with torch.no_grad():
-            if scheme == "w4a16":
-                mod.qweight, mod.weight_scale, mod.weight_zero = ops.quantize_uint4_asym(weight, mod.group_size)
-            elif scheme == "w4a8":
-                mod.qweight, mod.weight_scale = ops.quantize_int4_sym(weight, mod.group_size)
-            else:
-                mod.qweight, mod.weight_scale = ops.quantize_int8_rowwise(weight)
+            for name, t in mod.quantize_weight(weight).items():
+                setattr(mod, name, t)
             if b is not None:
                 mod.bias = b.detach().clone()
         return mod
+
+    @torch.no_grad()
+    def quantize_weight(self, weight: Tensor) -> dict:
+        """The buffers (``qweight``, ``weight_scale`` and, for w4a16, ``weight_zero``) that hold the
+        float ``weight [N, K]`` in this layer's scheme and group size (docs/numerics.md s.1-3)."""
+        if self.scheme == "w4a16":
+            return dict(zip(("qweight", "weight_scale", "weight_zero"),
+                            ops.quantize_uint4_asym(weight, self.group_size)))
+        if self.scheme == "w4a8":
+            return dict(zip(("qweight", "weight_scale"), ops.quantize_int4_sym(weight, self.group_size)))
+        return dict(zip(("qweight", "weight_scale"), ops.quantize_int8_rowwise(weight)))
 
     # ------------------------------------------------------------------ forward
 
