@@ -19,6 +19,9 @@ _MARK = "_quantkernels_hf_hook"
 
 
 def _register() -> None:
+    mod = sys.modules.get(__package__ + ".hf")
+    if mod is not None and not hasattr(mod, "register"):
+        return  # quantkernels.hf is being imported (it imported transformers): it registers when it is done
     try:
         from . import hf
 

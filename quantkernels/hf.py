@@ -278,6 +278,7 @@ class QuantKernelsHfQuantizer(HfQuantizer):
             q._qk_conv1d = conv1d
             q.train(mod.training)
             model.set_submodule(name, q)
+            _skip_init(model, name)
             self._placeholders.append(name)
             report.quantized.append(name)
         if report.skipped:
@@ -305,6 +306,7 @@ class QuantKernelsHfQuantizer(HfQuantizer):
         for name, q in new.items():
             q.train(model.get_submodule(name).training)
             model.set_submodule(name, q)
+            _skip_init(model, name)
         for emb_name, emb in embeddings.items():
             lin_name = cfg["tied_embeddings"][emb_name]
             model.set_submodule(emb_name, QuantEmbedding(new[lin_name], emb).train(emb.training))
@@ -313,6 +315,19 @@ class QuantKernelsHfQuantizer(HfQuantizer):
         report.excluded.update(cfg.get("kept_in_float", {}))
         report.tied_embeddings.update(cfg.get("tied_embeddings", {}))
         self._report = report
+
+
+def _skip_init(model, name: str) -> None:
+    """Keeps transformers' weight initialisation (run after loading, for what the checkpoint
+    lacked) off a QuantLinear and off its parent when the parent has no tensor of its own: some
+    models' ``_init_weights`` reach into a child's ``.weight`` (GPT-2: ``attn.c_proj.weight``),
+    which a QuantLinear does not have. A checkpoint lacking a quantized layer's tensors is caught
+    by our own checks instead (placeholders left, missing keys)."""
+    q = model.get_submodule(name)
+    q._is_hf_initialized = True
+    parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+    if parent is not model and not list(parent.parameters(recurse=False)) and not list(parent.buffers(recurse=False)):
+        parent._is_hf_initialized = True
 
 
 def _tied_weight_key(model, key: str) -> bool:
