@@ -19,6 +19,8 @@ _MARK = "_quantkernels_hf_hook"
 
 
 def _register() -> None:
+    if not _supported():
+        return  # transformers 4.x: no quantize-on-load API to plug into; quantkernels.hf says so when used
     mod = sys.modules.get(__package__ + ".hf")
     if mod is not None and not hasattr(mod, "register"):
         return  # quantkernels.hf is being imported (it imported transformers): it registers when it is done
@@ -30,6 +32,18 @@ def _register() -> None:
         warnings.warn(f"quantkernels: could not register the transformers quantizer "
                       f"({type(e).__name__}: {e}); from_pretrained(quantization_config=QuantKernelsConfig(...)) "
                       f"and loading quantkernels checkpoints with from_pretrained will not work", RuntimeWarning)
+
+
+#: the oldest transformers whose loader has the quantize-on-load API (core_model_loading.ConversionOps)
+MIN_TRANSFORMERS = (5, 0)
+
+
+def _supported() -> bool:
+    version = getattr(sys.modules.get("transformers"), "__version__", "0")
+    try:
+        return tuple(int(x) for x in version.split(".")[:2]) >= MIN_TRANSFORMERS
+    except ValueError:
+        return True  # a development version: try, and warn if it fails
 
 
 class _Loader(importlib.abc.Loader):

@@ -31,18 +31,26 @@ import warnings
 from typing import Any, Dict, List, Optional
 
 import torch
+import transformers
 from torch import nn
 
-from transformers.core_model_loading import ConversionOps
-from transformers.quantizers import auto as _auto
-from transformers.quantizers.base import HfQuantizer
-from transformers.quantizers.quantizers_utils import get_module_from_name
-from transformers.utils.quantization_config import QuantizationConfigMixin
+from ._hf_hook import MIN_TRANSFORMERS, _supported
 
-from . import _validate as V
-from .convert import QuantizationReport, _match, quantize_model
-from .nn import SCHEMES, QuantEmbedding, QuantLinear, _embedding_scale, _is_hf_conv1d, unsupported_reason
-from .serialization import (QUANT_METHOD, build_quant_layers, checkpoint_config, tied_embedding_modules,
+if not _supported():
+    raise ImportError(f"quantkernels.QuantKernelsConfig needs transformers >= "
+                      f"{'.'.join(map(str, MIN_TRANSFORMERS))} (its quantize-on-load API); installed: "
+                      f"{transformers.__version__}. quantize_model / save_quantized / load_quantized work with it.")
+
+from transformers.core_model_loading import ConversionOps  # noqa: E402
+from transformers.quantizers import auto as _auto  # noqa: E402
+from transformers.quantizers.base import HfQuantizer  # noqa: E402
+from transformers.quantizers.quantizers_utils import get_module_from_name  # noqa: E402
+from transformers.utils.quantization_config import QuantizationConfigMixin  # noqa: E402
+
+from . import _validate as V  # noqa: E402
+from .convert import QuantizationReport, _match, quantize_model  # noqa: E402
+from .nn import SCHEMES, QuantEmbedding, QuantLinear, _embedding_scale, _is_hf_conv1d, unsupported_reason  # noqa: E402
+from .serialization import (QUANT_METHOD, build_quant_layers, checkpoint_config, tied_embedding_modules,  # noqa: E402
                             validate_config)
 
 #: keys of a saved checkpoint's config (serialization.quantization_config) besides scheme/group_size/threshold
@@ -62,8 +70,9 @@ class QuantKernelsConfig(QuantizationConfigMixin):
         group_size: int4 group size, one of 32, 64, 128, 256, or -1 (per output channel); the int8
             schemes are always per channel and ignore it.
         threshold: ``llm_int8`` outlier threshold (a number >= 0; ``inf``: no outliers).
-        modules_to_not_convert: module-name globs kept in float (``quantize_model``'s ``exclude``:
-            ``"lm_head"`` matches ``lm_head`` and ``model.lm_head``).
+        modules_to_not_convert: module-name globs kept in float, matched as ``quantize_model``'s
+            ``exclude`` (``"lm_head"`` matches ``lm_head`` and ``model.lm_head``), and a match on a
+            module keeps every linear layer under it (``"pooler"`` keeps ``pooler.dense``).
         quantize_lm_head: also quantize the output layer; when it is tied to the input embedding,
             the embedding is then served from the quantized rows (``QuantEmbedding``).
 
@@ -256,7 +265,7 @@ class QuantKernelsHfQuantizer(HfQuantizer):
             if name in heads and not cfg.quantize_lm_head:
                 report.excluded[name] = "output layer (quantize_lm_head=False)"
                 continue
-            pat = _match(name, exclude) if exclude else None
+            pat = _excluded(name, exclude)
             if pat is not None:
                 report.excluded[name] = f"matched modules_to_not_convert pattern {pat!r}"
                 continue
@@ -315,6 +324,20 @@ class QuantKernelsHfQuantizer(HfQuantizer):
         report.excluded.update(cfg.get("kept_in_float", {}))
         report.tied_embeddings.update(cfg.get("tied_embeddings", {}))
         self._report = report
+
+
+def _excluded(name: str, patterns) -> Optional[str]:
+    """The pattern that keeps ``name`` in float: one matching the layer (``quantize_model``'s rule)
+    or a module above it (``"pooler"`` keeps ``pooler.dense``), as transformers' own
+    ``modules_to_not_convert`` does."""
+    if not patterns:
+        return None
+    parts = name.split(".")
+    for i in range(len(parts), 0, -1):
+        pat = _match(".".join(parts[:i]), patterns)
+        if pat is not None:
+            return pat
+    return None
 
 
 def _skip_init(model, name: str) -> None:

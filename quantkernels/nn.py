@@ -138,16 +138,25 @@ class QuantLinear(nn.Module):
                 mod.bias = b.detach().clone()
         return mod
 
+    #: rows quantized at a time: every format is row-wise, so chunks give the same bits and cap the
+    #: float temporaries (a 262,144 x 640 tied lm_head would otherwise need several GiB of them)
+    QUANTIZE_ROWS = 8192
+
     @torch.no_grad()
     def quantize_weight(self, weight: Tensor) -> dict:
         """The buffers (``qweight``, ``weight_scale`` and, for w4a16, ``weight_zero``) that hold the
         float ``weight [N, K]`` in this layer's scheme and group size (docs/numerics.md s.1-3)."""
         if self.scheme == "w4a16":
-            return dict(zip(("qweight", "weight_scale", "weight_zero"),
-                            ops.quantize_uint4_asym(weight, self.group_size)))
-        if self.scheme == "w4a8":
-            return dict(zip(("qweight", "weight_scale"), ops.quantize_int4_sym(weight, self.group_size)))
-        return dict(zip(("qweight", "weight_scale"), ops.quantize_int8_rowwise(weight)))
+            names = ("qweight", "weight_scale", "weight_zero")
+            fn = lambda w: ops.quantize_uint4_asym(w, self.group_size)  # noqa: E731
+        elif self.scheme == "w4a8":
+            names, fn = ("qweight", "weight_scale"), lambda w: ops.quantize_int4_sym(w, self.group_size)  # noqa: E731
+        else:
+            names, fn = ("qweight", "weight_scale"), ops.quantize_int8_rowwise
+        parts = [fn(weight[i:i + self.QUANTIZE_ROWS]) for i in range(0, weight.shape[0], self.QUANTIZE_ROWS)]
+        if len(parts) == 1:
+            return dict(zip(names, parts[0]))
+        return {n: torch.cat([p[j] for p in parts]) for j, n in enumerate(names)}
 
     # ------------------------------------------------------------------ forward
 
