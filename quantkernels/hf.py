@@ -49,7 +49,8 @@ from transformers.utils.quantization_config import QuantizationConfigMixin  # no
 
 from . import _validate as V  # noqa: E402
 from .convert import QuantizationReport, _match, quantize_model  # noqa: E402
-from .nn import SCHEMES, QuantEmbedding, QuantLinear, _embedding_scale, _is_hf_conv1d, unsupported_reason  # noqa: E402
+from .nn import (SCHEMES, QuantEmbedding, QuantLinear, _embedding_scale, _is_hf_conv1d,  # noqa: E402
+                 all_finite, unsupported_reason)
 from .serialization import (QUANT_METHOD, build_quant_layers, checkpoint_config, tied_embedding_modules,  # noqa: E402
                             validate_config)
 
@@ -158,7 +159,7 @@ class QuantKernelsQuantize(ConversionOps):
         if tuple(weight.shape) != expected:
             raise ValueError(f"quantkernels: checkpoint tensor {full_layer_name} holds a weight of shape "
                              f"{tuple(weight.shape)}, the layer needs {expected}")
-        if not bool(torch.isfinite(weight).all()):
+        if not all_finite(weight):
             raise ValueError(f"quantkernels: checkpoint tensor {full_layer_name} holds NaN or Inf values; "
                              f"refusing to quantize it")
         buffers = module.quantize_weight(weight.contiguous())
