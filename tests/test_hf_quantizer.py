@@ -247,7 +247,8 @@ def test_config_round_trips_and_checkpoint_tables_are_checked(llama_dir):
         AutoModelForCausalLM.from_pretrained(llama_dir, quantization_config=qk.QuantKernelsConfig.from_dict(table))
 
 
-def test_checkpoint_missing_a_weight_fails_loudly(llama_dir, tmp_path):
+@pytest.mark.parametrize("damage", ["missing", "nan"])
+def test_a_damaged_checkpoint_fails_loudly(llama_dir, tmp_path, damage):
     from safetensors.torch import load_file, save_file
 
     broken = tmp_path / "broken"
@@ -255,10 +256,18 @@ def test_checkpoint_missing_a_weight_fails_loudly(llama_dir, tmp_path):
     for f in ("config.json", "generation_config.json"):
         (broken / f).write_bytes((llama_dir / f).read_bytes())
     sd = load_file(str(llama_dir / "model.safetensors"))
-    del sd["model.layers.1.mlp.up_proj.weight"]
+    if damage == "missing":
+        del sd["model.layers.1.mlp.up_proj.weight"]
+    else:
+        sd["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
     save_file(sd, str(broken / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=r"no weight for 1 layer\(s\) to quantize: \['model.layers.1.mlp.up_proj'\]"):
-        AutoModelForCausalLM.from_pretrained(broken, quantization_config=qk.QuantKernelsConfig("w8a8"))
+    if damage == "missing":
+        with pytest.raises(ValueError, match=r"no weight for 1 layer\(s\) to quantize: "
+                                             r"\['model.layers.1.mlp.up_proj'\]"):
+            AutoModelForCausalLM.from_pretrained(broken, quantization_config=qk.QuantKernelsConfig("w8a8"))
+    else:  # our error, in transformers' load report, then transformers raises
+        with pytest.raises(RuntimeError, match="CONVERSION"):
+            AutoModelForCausalLM.from_pretrained(broken, quantization_config=qk.QuantKernelsConfig("w8a8"))
 
 
 # --------------------------------------------------------------------------- registration
