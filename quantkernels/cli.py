@@ -153,6 +153,9 @@ def cmd_quantize(a) -> int:
     if len(schemes) != 1:
         raise UsageError("quantize takes one scheme")
     src = models.resolve_model(a.model)
+    why = models.quantized_reason(src)
+    if why:
+        raise UsageError(f"{src} already holds a quantized model: {why}; quantize the float original instead")
     out = Path(a.out)
     if out.exists() and any(out.iterdir()) and not a.force:
         raise UsageError(f"{out} exists and is not empty (use --force to write into it)")
@@ -163,7 +166,8 @@ def cmd_quantize(a) -> int:
     qk.save_quantized(model, out)
     models.copy_model_files(src, out, tok)
     print(f"wrote {out} ({sum(f.stat().st_size for f in out.iterdir() if f.is_file()) / 2**20:.1f} MiB): "
-          f"load it with quantkernels.models.load_quantized_pretrained({str(out)!r})")
+          f"load it with transformers' from_pretrained({str(out)!r}) after `import quantkernels`, "
+          f"or quantkernels.models.load_quantized_pretrained({str(out)!r})")
     return 0
 
 

@@ -170,16 +170,34 @@ def load_float_model(path: Path, dtype: torch.dtype = torch.float32):
 
 
 def copy_model_files(src: Path, out: Path, tok=None) -> None:
-    """config.json, generation config and tokenizer next to a quantized checkpoint."""
+    """config.json (unless ``save_quantized`` wrote one, with the quantization config), generation
+    config and tokenizer next to a quantized checkpoint."""
     for name in ("config.json", "generation_config.json"):
-        if (src / name).is_file():
+        if (src / name).is_file() and not (name == "config.json" and (out / name).is_file()):
             shutil.copy(src / name, out / name)
+
+
+def quantized_reason(path: Path) -> Optional[str]:
+    """Why the model directory ``path`` holds an already quantized model, or None."""
+    if (path / "quantization_config.json").is_file():
+        return "it has a quantization_config.json (a quantkernels checkpoint)"
+    cfg = path / "config.json"
+    if cfg.is_file():
+        try:
+            qc = json.loads(cfg.read_text()).get("quantization_config")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            return None
+        if qc:
+            method = qc.get("quant_method", "?") if isinstance(qc, dict) else "?"
+            return f"its config.json has a quantization_config (quant_method {method!r})"
+    return None
     if tok is not None:
         tok.save_pretrained(out)
 
 
 def load_quantized_pretrained(path, backend: str = "auto"):
-    """(model, tokenizer) of a directory written by ``quantkernels quantize``: the float skeleton is
+    """(model, tokenizer) of a directory written by ``quantkernels quantize`` (which
+    ``AutoModelForCausalLM.from_pretrained(path)`` also loads, after ``import quantkernels``): the float skeleton is
     built from config.json with its parameters on the meta device (``AutoModelForCausalLM`` for
     causal LMs, else ``AutoModel``), then filled from the checkpoint by
     :func:`quantkernels.load_quantized` (nothing re-quantized). ``backend`` is every QuantLinear's

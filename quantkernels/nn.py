@@ -61,6 +61,12 @@ def check_threshold(where: str, threshold) -> float:
     return float(threshold)
 
 
+def all_finite(weight: Tensor, rows: int = 8192) -> bool:
+    """No NaN / Inf in ``weight``, checked ``rows`` rows at a time: ``torch.isfinite`` of a whole
+    262,144 x 640 fp32 matrix would take ~1 GiB of temporaries."""
+    return all(bool(torch.isfinite(weight[i:i + rows]).all()) for i in range(0, weight.shape[0], rows))
+
+
 def _is_hf_conv1d(module: nn.Module) -> bool:
     # transformers.pytorch_utils.Conv1D (GPT-2 style): weight stored [in, out], y = x @ W + b.
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
@@ -82,7 +88,7 @@ def quantizable_weight(linear: nn.Module, where: str = "QuantLinear.from_linear"
     if weight.device.type == "meta":
         raise ValueError(f"quantkernels.{where}: the layer's weight is on the meta device "
                          "(not loaded); load the weights first")
-    if not bool(torch.isfinite(weight).all()):
+    if not all_finite(weight):
         raise ValueError(f"quantkernels.{where}: the weight holds NaN or Inf values; "
                          "refusing to quantize it")
     return weight
@@ -181,15 +187,31 @@ class QuantLinear(nn.Module):
         mod = cls(K, N, bias=b is not None, scheme=scheme, group_size=group_size, threshold=threshold,
                   backend=backend, device=weight.device, dtype=b.dtype if b is not None else weight.dtype)
         with torch.no_grad():
-            if scheme == "w4a16":
-                mod.qweight, mod.weight_scale, mod.weight_zero = ops.quantize_uint4_asym(weight, mod.group_size)
-            elif scheme == "w4a8":
-                mod.qweight, mod.weight_scale = ops.quantize_int4_sym(weight, mod.group_size)
-            else:
-                mod.qweight, mod.weight_scale = ops.quantize_int8_rowwise(weight)
+            for name, t in mod.quantize_weight(weight).items():
+                setattr(mod, name, t)
             if b is not None:
                 mod.bias = b.detach().clone()
         return mod
+
+    #: rows quantized at a time: every format is row-wise, so chunks give the same bits and cap the
+    #: float temporaries (a 262,144 x 640 tied lm_head would otherwise need several GiB of them)
+    QUANTIZE_ROWS = 8192
+
+    @torch.no_grad()
+    def quantize_weight(self, weight: Tensor) -> dict:
+        """The buffers (``qweight``, ``weight_scale`` and, for w4a16, ``weight_zero``) that hold the
+        float ``weight [N, K]`` in this layer's scheme and group size (docs/numerics.md s.1-3)."""
+        if self.scheme == "w4a16":
+            names = ("qweight", "weight_scale", "weight_zero")
+            fn = lambda w: ops.quantize_uint4_asym(w, self.group_size)  # noqa: E731
+        elif self.scheme == "w4a8":
+            names, fn = ("qweight", "weight_scale"), lambda w: ops.quantize_int4_sym(w, self.group_size)  # noqa: E731
+        else:
+            names, fn = ("qweight", "weight_scale"), ops.quantize_int8_rowwise
+        parts = [fn(weight[i:i + self.QUANTIZE_ROWS]) for i in range(0, weight.shape[0], self.QUANTIZE_ROWS)]
+        if len(parts) == 1:
+            return dict(zip(names, parts[0]))
+        return {n: torch.cat([p[j] for p in parts]) for j, n in enumerate(names)}
 
     # ------------------------------------------------------------------ forward
 

@@ -42,6 +42,11 @@ CHECKSUM_ALGORITHM = "sha256"
 CONFIG_SHA_KEY = "quantkernels_config_sha256"
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "quantization_config.json"
+#: transformers' model config; ``save_quantized`` of a transformers model also writes it, with the
+#: same quantization config under ``quantization_config`` (``quant_method`` ``"quantkernels"``)
+HF_CONFIG_NAME = "config.json"
+#: the name transformers knows our quantizer by (``quantkernels.hf``)
+QUANT_METHOD = "quantkernels"
 
 PathLike = Union[str, os.PathLike]
 
@@ -160,6 +165,7 @@ def quantization_config(model: nn.Module) -> Dict[str, Any]:
                                  f"is not part of this model")
             tied_embeddings[n] = names[id(m.linear)]
     return {
+        "quant_method": QUANT_METHOD,  # transformers' key: config.json carries this same dict
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "quantkernels_version": __version__,
         "scheme": _common(modules, "scheme"), "group_size": _common(modules, "group_size"),
         "threshold": _common(modules, "threshold"), "weight_format": _common(modules, "weight_format"),
@@ -174,7 +180,7 @@ def quantization_config(model: nn.Module) -> Dict[str, Any]:
     }
 
 
-def _state_dict_dedup(model: nn.Module) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
+def _state_dict_dedup(model: nn.Module, to_cpu: bool = True) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
     """(tensors to write, alias -> canonical name) -- safetensors refuses tensors that share memory
     (tied embeddings); each storage is written once and the ties are recorded."""
     tensors: Dict[str, Tensor] = {}
@@ -193,8 +199,21 @@ def _state_dict_dedup(model: nn.Module) -> Tuple[Dict[str, Tensor], Dict[str, st
             continue
         if key is not None:
             seen[key] = name
-        tensors[name] = t.detach().to("cpu").contiguous()
+        tensors[name] = t.detach().to("cpu").contiguous() if to_cpu else t
     return tensors, aliases
+
+
+def tensor_aliases(model: nn.Module) -> Dict[str, str]:
+    """alias -> canonical name of the state_dict entries that share storage (tied weights):
+    the ``tied`` entry of the checkpoint config."""
+    return _state_dict_dedup(model, to_cpu=False)[1]
+
+
+def checkpoint_config(model: nn.Module) -> Dict[str, Any]:
+    """The whole checkpoint config of ``model``: ``quantization_config(model)`` plus ``tied``."""
+    cfg = quantization_config(model)
+    cfg["tied"] = tensor_aliases(model)
+    return cfg
 
 
 def save_quantized(model: nn.Module, path: PathLike) -> Path:
@@ -202,7 +221,10 @@ def save_quantized(model: nn.Module, path: PathLike) -> Path:
     ``model.safetensors`` (every tensor of ``state_dict()``, tied tensors once) and
     ``quantization_config.json`` (format version, scheme, group size, threshold, packing, which
     layers are quantized and which stayed in float and why, a SHA-256 per tensor; its own SHA-256
-    goes into the safetensors metadata). Returns the directory."""
+    goes into the safetensors metadata). For a transformers model (one with a
+    ``config`` that has ``save_pretrained``) it also writes ``config.json`` with that same dict as
+    its ``quantization_config``, so ``AutoModel*.from_pretrained(path)`` loads it after
+    ``import quantkernels`` (docs/numerics.md s.9.1). Returns the directory."""
     from safetensors.torch import save_file
 
     cfg = quantization_config(model)
@@ -218,6 +240,13 @@ def save_quantized(model: nn.Module, path: PathLike) -> Path:
                                            CONFIG_SHA_KEY: config_sha256(cfg)})
     os.replace(tmp, out / WEIGHTS_NAME)
     (out / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=False) + "\n")
+    hf_config = getattr(model, "config", None)
+    if hf_config is not None and callable(getattr(hf_config, "save_pretrained", None)):
+        import copy
+
+        hf_config = copy.deepcopy(hf_config)
+        hf_config.quantization_config = cfg
+        hf_config.save_pretrained(out)
     return out
 
 
@@ -225,17 +254,47 @@ def save_quantized(model: nn.Module, path: PathLike) -> Path:
 
 
 def read_config(path: PathLike) -> Dict[str, Any]:
-    """Reads and validates ``quantization_config.json`` of a checkpoint directory."""
+    """Reads and validates the quantization config of a checkpoint directory: its
+    ``quantization_config.json``, or else the ``quantization_config`` entry of its ``config.json``
+    (what ``save_pretrained`` of a model loaded with ``QuantKernelsConfig`` writes; the same dict)."""
     p = Path(path)
     cfg_path = p / CONFIG_NAME
     if not p.is_dir():
         raise _err(p, "not a directory (expected a directory written by quantkernels.save_quantized)")
-    if not cfg_path.is_file():
-        raise _err(p, f"no {CONFIG_NAME} (not a quantkernels checkpoint)")
+    if cfg_path.is_file():
+        try:
+            cfg = json.loads(cfg_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise _err(cfg_path, f"corrupt JSON ({e})") from None
+    else:
+        cfg = _hf_quantization_config(p)
+        if cfg is None:
+            raise _err(p, f"no {CONFIG_NAME}, and no config.json with a quantization_config whose quant_method is "
+                          f"{FORMAT_NAME!r} (not a quantkernels checkpoint)")
+        cfg_path = p / HF_CONFIG_NAME
+    validate_config(cfg, cfg_path)
+    # save_quantized records a SHA-256 per tensor; transformers' save_pretrained (config.json only) cannot
+    if cfg_path.name == CONFIG_NAME and cfg["format_version"] >= 2 and "checksums" not in cfg:
+        raise _err(cfg_path, f"format_version {cfg['format_version']} requires 'checksums' (a SHA-256 per tensor), "
+                             "which is missing")
+    return cfg
+
+
+def _hf_quantization_config(p: Path) -> Optional[Dict[str, Any]]:
+    """``config.json``'s ``quantization_config`` if it is ours, else None."""
+    f = p / HF_CONFIG_NAME
+    if not f.is_file():
+        return None
     try:
-        cfg = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise _err(cfg_path, f"corrupt JSON ({e})") from None
+        qc = json.loads(f.read_text()).get("quantization_config")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise _err(f, f"corrupt JSON ({e})") from None
+    return qc if isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD else None
+
+
+def validate_config(cfg: Any, where) -> None:
+    """Raises CheckpointError (naming ``where``) unless ``cfg`` is a valid checkpoint config."""
+    cfg_path = where
     if not isinstance(cfg, dict) or cfg.get("format") != FORMAT_NAME:
         raise _err(cfg_path, f"'format' is {cfg.get('format') if isinstance(cfg, dict) else cfg!r}, "
                              f"expected {FORMAT_NAME!r}")
@@ -279,9 +338,6 @@ def read_config(path: PathLike) -> Dict[str, Any]:
     for emb, lin in te.items():
         if lin not in mods:
             raise _err(cfg_path, f"tied_embeddings[{emb!r}] names layer {lin!r}, which 'modules' does not list")
-    if ver >= 2 and "checksums" not in cfg:
-        raise _err(cfg_path, f"format_version {ver} requires 'checksums' (a SHA-256 per tensor), which is missing")
-    return cfg
 
 
 def read_safetensors(f: Path, fail) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
@@ -300,10 +356,27 @@ def read_safetensors(f: Path, fail) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
 
 
 def _read_tensors(path: Path) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
+    """(tensors, safetensors metadata) of a checkpoint: ``model.safetensors``, or the shards that
+    ``save_pretrained`` writes for a large model (``model.safetensors.index.json``)."""
+    fail = lambda msg: CheckpointError(f"quantkernels.load_quantized: {msg}")  # noqa: E731
     f = path / WEIGHTS_NAME
-    if not f.exists():
+    index = path / (WEIGHTS_NAME + ".index.json")
+    if f.exists():  # read_safetensors also names a directory or special file as such
+        return read_safetensors(f, fail)
+    if not index.is_file():
         raise _err(path, f"no {WEIGHTS_NAME}")
-    return read_safetensors(f, lambda msg: CheckpointError(f"quantkernels.load_quantized: {msg}"))
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = [path / n for n in sorted(set(weight_map.values()))]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise _err(index, f"corrupt shard index ({type(e).__name__}: {e})") from None
+    out: Dict[str, Tensor] = {}
+    meta: Dict[str, str] = {}
+    for shard in files:
+        t, m = read_safetensors(shard, fail)
+        out.update(t)
+        meta.update(m)
+    return out, meta
 
 
 _SAFETENSORS_FLOATS = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
@@ -336,6 +409,59 @@ def _expected_linear_shape(mod: nn.Module) -> Tuple[int, int]:
         return mod.in_features, mod.out_features
     K, N = mod.weight.shape  # HF Conv1D: weight [in, out]
     return K, N
+
+
+def build_quant_layers(model: nn.Module, mods: Mapping[str, Dict[str, Any]], backend: str,
+                       where) -> Dict[str, QuantLinear]:
+    """One QuantLinear on the meta device per entry of a checkpoint's ``modules``, checked against
+    the float layer of ``model`` it replaces (kind, shape, bias); nothing in ``model`` changes.
+    Raises CheckpointError naming ``where``."""
+    new_modules: Dict[str, QuantLinear] = {}
+    for name, e in mods.items():
+        try:
+            old = model.get_submodule(name) if name else model
+        except AttributeError:
+            raise _err(where, f"the checkpoint quantizes layer {name!r}, which this model does not have "
+                              f"(a checkpoint of another model?)") from None
+        if not (isinstance(old, (nn.Linear, QuantLinear)) or _is_hf_conv1d(old)):
+            raise _err(where, f"layer {name!r} is a {type(old).__name__} in this model, not a linear layer")
+        K, N = _expected_linear_shape(old)
+        if (K, N) != (e["in_features"], e["out_features"]):
+            raise _err(where, f"layer {name!r}: the checkpoint holds [out={e['out_features']}, "
+                              f"in={e['in_features']}] but the model's layer is [out={N}, in={K}]")
+        old_bias = getattr(old, "bias", None)
+        if bool(e["bias"]) != (old_bias is not None):
+            raise _err(where, f"layer {name!r}: bias={e['bias']} in the checkpoint, but the model's layer has "
+                              f"{'a' if old_bias is not None else 'no'} bias")
+        q = QuantLinear(K, N, bias=e["bias"], scheme=e["scheme"], group_size=e["group_size"],
+                        threshold=e["threshold"], backend=backend, device="meta",
+                        dtype=old_bias.dtype if old_bias is not None else torch.float32)
+        if e.get("input_scale", False):  # SmoothQuant scales that could not be folded (float32 [K])
+            q.input_scale = torch.empty(K, dtype=torch.float32, device="meta")
+        new_modules[name] = q
+    return new_modules
+
+
+def tied_embedding_modules(model: nn.Module, cfg: Mapping[str, Any], where) -> Dict[str, nn.Embedding]:
+    """The float embeddings of ``model`` that the checkpoint serves from a quantized tied layer
+    (``tied_embeddings``), checked (kind, shape); raises CheckpointError naming ``where``."""
+    mods = cfg["modules"]
+    out: Dict[str, nn.Embedding] = {}
+    for emb_name, lin_name in cfg.get("tied_embeddings", {}).items():
+        try:
+            emb = model.get_submodule(emb_name)
+        except AttributeError:
+            raise _err(where, f"the checkpoint serves embedding {emb_name!r} from {lin_name!r}, but this model "
+                              f"has no module {emb_name!r}") from None
+        if not isinstance(emb, nn.Embedding):
+            raise _err(where, f"{emb_name!r} is a {type(emb).__name__} in this model, not a float embedding "
+                              f"(load into the float model skeleton)")
+        e = mods[lin_name]
+        if (emb.num_embeddings, emb.embedding_dim) != (e["out_features"], e["in_features"]):
+            raise _err(where, f"embedding {emb_name!r} is [{emb.num_embeddings}, {emb.embedding_dim}] but the "
+                              f"tied layer {lin_name!r} is [out={e['out_features']}, in={e['in_features']}]")
+        out[emb_name] = emb
+    return out
 
 
 def load_quantized(model: nn.Module, path: PathLike, *, backend: str = "auto",
@@ -372,49 +498,14 @@ def load_quantized(model: nn.Module, path: PathLike, *, backend: str = "auto",
     tied: Dict[str, str] = cfg.get("tied", {})
 
     # 1. Build every QuantLinear on the meta device, and the full expected state_dict.
-    new_modules: Dict[str, QuantLinear] = {}
+    new_modules = build_quant_layers(model, mods, backend, p)
     expected: Dict[str, Tensor] = {}
-    for name, e in mods.items():
-        try:
-            old = model.get_submodule(name) if name else model
-        except AttributeError:
-            raise _err(p, f"the checkpoint quantizes layer {name!r}, which this model does not have "
-                          f"(a checkpoint of another model?)") from None
-        if not (isinstance(old, (nn.Linear, QuantLinear)) or _is_hf_conv1d(old)):
-            raise _err(p, f"layer {name!r} is a {type(old).__name__} in this model, not a linear layer")
-        K, N = _expected_linear_shape(old)
-        if (K, N) != (e["in_features"], e["out_features"]):
-            raise _err(p, f"layer {name!r}: the checkpoint holds [out={e['out_features']}, in={e['in_features']}] "
-                          f"but the model's layer is [out={N}, in={K}]")
-        old_bias = getattr(old, "bias", None)
-        if bool(e["bias"]) != (old_bias is not None):
-            raise _err(p, f"layer {name!r}: bias={e['bias']} in the checkpoint, but the model's layer has "
-                          f"{'a' if old_bias is not None else 'no'} bias")
-        q = QuantLinear(K, N, bias=e["bias"], scheme=e["scheme"], group_size=e["group_size"],
-                        threshold=e["threshold"], backend=backend, device="meta",
-                        dtype=old_bias.dtype if old_bias is not None else torch.float32)
-        if e.get("input_scale", False):  # SmoothQuant scales that could not be folded (float32 [K])
-            q.input_scale = torch.empty(K, dtype=torch.float32, device="meta")
-        new_modules[name] = q
+    for name, q in new_modules.items():
         for k, t in q.state_dict().items():
             expected[f"{name}.{k}" if name else k] = t
     # Embeddings served from a quantized tied lm_head: their float weight is not in the file.
     tied_embeddings: Dict[str, str] = cfg.get("tied_embeddings", {})
-    old_embeddings: Dict[str, nn.Module] = {}
-    for emb_name, lin_name in tied_embeddings.items():
-        try:
-            emb = model.get_submodule(emb_name)
-        except AttributeError:
-            raise _err(p, f"the checkpoint serves embedding {emb_name!r} from {lin_name!r}, but this model has "
-                          f"no module {emb_name!r}") from None
-        if not isinstance(emb, nn.Embedding):
-            raise _err(p, f"{emb_name!r} is a {type(emb).__name__} in this model, not a float embedding "
-                          f"(load into the float model skeleton)")
-        e = mods[lin_name]
-        if (emb.num_embeddings, emb.embedding_dim) != (e["out_features"], e["in_features"]):
-            raise _err(p, f"embedding {emb_name!r} is [{emb.num_embeddings}, {emb.embedding_dim}] but the tied "
-                          f"layer {lin_name!r} is [out={e['out_features']}, in={e['in_features']}]")
-        old_embeddings[emb_name] = emb
+    old_embeddings = tied_embedding_modules(model, cfg, p)
     qprefixes = tuple(n + "." for n in mods)
     emb_weights = {n + ".weight" for n in tied_embeddings}
     for k, t in model.state_dict(keep_vars=True).items():
@@ -456,7 +547,7 @@ def load_quantized(model: nn.Module, path: PathLike, *, backend: str = "auto",
                       f"keeps buffers real")
     # 2b. Integrity (format version 2): the config is the one written with this file, every tensor's
     #     bytes are the ones written.
-    if cfg["format_version"] >= 2 or CONFIG_SHA_KEY in metadata:
+    if "checksums" in cfg or CONFIG_SHA_KEY in metadata:  # save_quantized wrote it (see read_config)
         if metadata.get(CONFIG_SHA_KEY) != config_sha256(cfg):
             raise _err(p, f"{CONFIG_NAME} does not belong to {WEIGHTS_NAME} or was changed after it was written "
                           f"(its SHA-256 differs from the one recorded in the safetensors metadata)")

@@ -26,7 +26,7 @@ from torch import nn
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 #: ```python blocks that run / that are marked <!-- not-run: ... -->, and plain ``` blocks
-RUN, NOT_RUN, SHELL = 5, 0, 5
+RUN, NOT_RUN, SHELL = 6, 0, 5
 #: shell blocks that are the setup of the python block after them
 SETUP = 1
 
