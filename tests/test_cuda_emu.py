@@ -29,7 +29,24 @@ import torch
 from quantkernels import cuda_emu
 
 FULL = os.environ.get("QUANTKERNELS_CUDA_EMU_FULL", "") == "1"
-emu = cuda_emu.load()
+
+
+class _Emu:
+    """torch.ops.quantkernels_cuda_emu, built and loaded on first use (not at collection)."""
+
+    def __getattr__(self, name):
+        return getattr(cuda_emu.load(), name)
+
+
+emu = _Emu()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _allocation_tracking():
+    """The out-of-bounds check tracks CPU allocations while this module runs, not after."""
+    cuda_emu.track_allocations(True)
+    yield
+    cuda_emu.track_allocations(False)
 
 
 # --------------------------------------------------------------------------- 1. primitives

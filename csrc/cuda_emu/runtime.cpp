@@ -68,12 +68,12 @@ struct TrackingAllocator final : c10::Allocator {
 };
 TrackingAllocator g_tracking;
 
-// Installed when the emulator is loaded: tensors allocated before that are unknown to it.
-const bool g_allocator_installed = [] {
-  g_tracking.base = c10::GetCPUAllocator();
-  c10::SetCPUAllocator(&g_tracking, /*priority=*/200);
-  return true;
-}();
+// Installed while tracking is on (quantkernels.cuda_emu turns it on at load): tensors allocated
+// while it is off are unknown to the out-of-bounds check.
+void track_allocations(bool on) {
+  if (g_tracking.base == nullptr) g_tracking.base = c10::GetCPUAllocator();
+  c10::SetCPUAllocator(on ? static_cast<c10::Allocator*>(&g_tracking) : g_tracking.base, /*priority=*/200);
+}
 
 // ------------------------------------------------------------------ launch state
 
@@ -833,7 +833,8 @@ extern "C" void __ubsan_handle_type_mismatch_v1(void*, void* ptr) {
 }
 extern "C" void __ubsan_handle_type_mismatch_v1_abort(void* d, void* ptr) { __ubsan_handle_type_mismatch_v1(d, ptr); }
 
-// For quantkernels/cuda_emu.py (ctypes): the launch log and the emulated device.
+// For quantkernels/cuda_emu.py (ctypes): allocation tracking, the launch log, the emulated device.
+extern "C" void qk_emu_track_allocations(int on) { qk_emu::track_allocations(on != 0); }
 extern "C" int qk_emu_log_size() { return static_cast<int>(qk_emu::g_log.size()); }
 extern "C" int qk_emu_take_log(uint64_t* out, int cap) {
   const int n = std::min(cap, static_cast<int>(qk_emu::g_log.size()));
