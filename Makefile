@@ -83,14 +83,18 @@ cuda-emu-mutations: install
 
 # The Triton interpreter suite and the offline sm_80 / sm_90 compile checks under triton 3.6 (the
 # GPU machines' version; CI tests the pinned one): a venv with triton==$(TRITON_COMPAT) that
-# reuses $(VENV)'s other packages (torch included) through a .pth file.
+# reuses $(VENV)'s other packages (torch included) through a .pth file. triton 3.6's interpreter
+# calls int() on 1-element arrays (loop bounds from scalar arguments), which numpy >= 2.4 rejects
+# ("only 0-dimensional arrays can be converted"): the venv gets numpy $(TRITON_COMPAT_NUMPY). The
+# compiled kernels on a GPU do not go through numpy.
 TRITON_COMPAT ?= 3.6.0
+TRITON_COMPAT_NUMPY ?= 2.3.5
 TRITON_VENV ?= .venv-triton36
 triton-compat: install
 	@test -x $(TRITON_VENV)/bin/python || python3 -m venv $(TRITON_VENV)
 	$(PY) -c "import site; print(site.getsitepackages()[0])" > "$$($(TRITON_VENV)/bin/python -c 'import site; print(site.getsitepackages()[0])')/_qk_main_venv.pth"
-	$(TRITON_VENV)/bin/python -m pip install -q --no-deps triton==$(TRITON_COMPAT)
-	@$(TRITON_VENV)/bin/python -c "import triton, torch; print(f'triton-compat: triton {triton.__version__}, torch {torch.__version__}')"
+	$(TRITON_VENV)/bin/python -m pip install -q --no-deps triton==$(TRITON_COMPAT) numpy==$(TRITON_COMPAT_NUMPY)
+	@$(TRITON_VENV)/bin/python -c "import triton, torch, numpy; print(f'triton-compat: triton {triton.__version__}, torch {torch.__version__}, numpy {numpy.__version__}')"
 	PYTHONPATH=$(CURDIR) $(TRITON_VENV)/bin/python -m pytest -q tests/test_triton_compile.py
 	PYTHONPATH=$(CURDIR) $(TRITON_VENV)/bin/python -m pytest -q tests/test_triton.py
 

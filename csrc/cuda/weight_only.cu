@@ -69,7 +69,8 @@
 //      G % 16 == 0 (int4). M, N and the K tail past the last full stage are zero-filled /
 //      predicated (scales of k >= K are never read).
 //    Status: compiled for sm_80 / sm_89 / sm_90a by `make cuda-check` (HMMA present, no
-//    spills); NOT yet run on a GPU -- tests/test_cuda.py and bench (make gpu-check) verify it.
+//    spills) and run on the CPU by the CUDA emulator (tests/test_cuda_emu.py, in `make test`);
+//    NOT yet run on a GPU -- tests/test_cuda.py and bench (make gpu-check) verify it there.
 #include <atomic>
 
 #include "qk_common.cuh"
