@@ -62,7 +62,7 @@ MUTATIONS = [
     ("missing __syncthreads (LLM.int8 chunk loop)", "csrc/cuda/llm_int8.cu",
      "    __syncthreads();  // xs / ws / idx are rewritten by the next chunk",
      "    // (barrier removed)",
-     "llm_int8_correct_kernel: the next outlier chunk overwrites xs / ws / idx while others read them"),
+     "llm_int8_correct_kernel: drops the barrier at the end of each outlier chunk"),
     ("off-by-one in an N-tail guard", "csrc/cuda/int8_gemm.cu",
      "        if (m < M && n < N) {\n          if constexpr (INT4) {",
      "        if (m < M && n <= N) {\n          if constexpr (INT4) {",
