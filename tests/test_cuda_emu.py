@@ -17,7 +17,6 @@ emulator (quantkernels.cuda_emu, issue 15).
 from __future__ import annotations
 
 import importlib.util
-import itertools
 import os
 import pathlib
 import types

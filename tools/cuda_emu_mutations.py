@@ -40,8 +40,10 @@ MUTATIONS = [
      "H::mma(acc[i][j], ar[i][0][2 * ss], ar[i][0][2 * ss + 1], ar[i][1][2 * ss], ar[i][1][2 * ss + 1], b0[j],",
      "weight-only tensor-core kernel: a1 <-> a2 (row g + 8 / k + 8) in the m16n8k16 A fragment"),
     ("swap ldmatrix lane roles (A: a1 <-> a2)", "csrc/cuda/int8_gemm.cu",
-     "const int r = warp_m0 + i * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;\n        ldmatrix_x4(af[i], smem_addr(tA + swz64(r, kk * 2 + (lane >> 4))));",
-     "const int r = warp_m0 + i * 16 + (lane & 7) + (lane >> 4) * 8;\n        ldmatrix_x4(af[i], smem_addr(tA + swz64(r, kk * 2 + ((lane >> 3) & 1))));",
+     "const int r = warp_m0 + i * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;\n"
+     "        ldmatrix_x4(af[i], smem_addr(tA + swz64(r, kk * 2 + (lane >> 4))));",
+     "const int r = warp_m0 + i * 16 + (lane & 7) + (lane >> 4) * 8;\n"
+     "        ldmatrix_x4(af[i], smem_addr(tA + swz64(r, kk * 2 + ((lane >> 3) & 1))));",
      "int8 tensor-core GEMM: lanes 8-15 / 16-23 address each other's rows, so A registers 1 and 2 swap"),
     ("swizzle XOR changed on the read side only", "csrc/cuda/weight_only.cu",
      "tA + r * 128 + (((2 * t + hs) ^ (r & 7)) << 4)",
