@@ -9,7 +9,7 @@ DEPS := torch numpy ninja setuptools wheel pytest tqdm matplotlib transformers s
 NATIVE_SRC := setup.py pyproject.toml $(wildcard csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.h csrc/*.cpp)
 OUT_DIR := $(if $(OUT),$(OUT),bench/results)
 
-.PHONY: install demo test test-latest bench cuda-check gpu-check clean
+.PHONY: install demo test test-latest bench cuda-check cuda-emu cuda-emu-mutations triton-compat gpu-check clean
 
 # Re-run when the pins change. pip only changes what differs from the pins.
 $(VENV)/.deps: $(CONSTRAINTS)
@@ -69,6 +69,35 @@ bench: install $(VENV)/.bench-deps
 cuda-check:
 	bash tools/cuda_check.sh
 
+# Without a GPU: the real CUDA kernels on the CPU through the emulator (quantkernels.cuda_emu,
+# csrc/cuda_emu/; built with g++ on first use into build/cuda_emu/). `make test` runs a subset
+# that covers every kernel variant; this runs tests/test_cuda.py's whole grid except what needs
+# a real GPU (CUDA graphs, the profiler, compute-sanitizer, device placement).
+cuda-emu: install
+	QUANTKERNELS_CUDA_EMU_FULL=1 $(PY) -m pytest -q tests/test_cuda_emu.py
+
+# Seeded bugs in csrc/cuda/ (one at a time, on a copy) and the emulator test that catches each:
+# writes bench/results/cuda_emu_mutations.md.
+cuda-emu-mutations: install
+	$(PY) tools/cuda_emu_mutations.py --out bench/results/cuda_emu_mutations.md
+
+# The Triton interpreter suite and the offline sm_80 / sm_90 compile checks under triton 3.6 (the
+# GPU machines' version; CI tests the pinned one): a venv with triton==$(TRITON_COMPAT) that
+# reuses $(VENV)'s other packages (torch included) through a .pth file. triton 3.6's interpreter
+# calls int() on 1-element arrays (loop bounds from scalar arguments), which numpy >= 2.4 rejects
+# ("only 0-dimensional arrays can be converted"): the venv gets numpy $(TRITON_COMPAT_NUMPY). The
+# compiled kernels on a GPU do not go through numpy.
+TRITON_COMPAT ?= 3.6.0
+TRITON_COMPAT_NUMPY ?= 2.3.5
+TRITON_VENV ?= .venv-triton36
+triton-compat: install
+	@test -x $(TRITON_VENV)/bin/python || python3 -m venv $(TRITON_VENV)
+	$(PY) -c "import site; print(site.getsitepackages()[0])" > "$$($(TRITON_VENV)/bin/python -c 'import site; print(site.getsitepackages()[0])')/_qk_main_venv.pth"
+	$(TRITON_VENV)/bin/python -m pip install -q --no-deps triton==$(TRITON_COMPAT) numpy==$(TRITON_COMPAT_NUMPY)
+	@$(TRITON_VENV)/bin/python -c "import triton, torch, numpy; print(f'triton-compat: triton {triton.__version__}, torch {torch.__version__}, numpy {numpy.__version__}')"
+	PYTHONPATH=$(CURDIR) $(TRITON_VENV)/bin/python -m pytest -q tests/test_triton_compile.py
+	PYTHONPATH=$(CURDIR) $(TRITON_VENV)/bin/python -m pytest -q tests/test_triton.py
+
 # On a machine with a GPU: build with CUDA, run the CUDA tests and the GPU benchmarks (the
 # full sweep, then W4A16 / W8A16 at issue 5's shapes against bf16 F.linear into weight_only/),
 # write the reports to $$OUT (when set) or bench/results/.
@@ -89,4 +118,4 @@ gpu-check:
 	$(GPU_PY) -m quantkernels.bench.weight_only_cuda --out $(OUT_DIR)/weight_only
 
 clean:
-	rm -rf build *.egg-info quantkernels/*.so $(VENV)/.built $(LATEST_VENV)
+	rm -rf build *.egg-info quantkernels/*.so $(VENV)/.built $(LATEST_VENV) $(TRITON_VENV)

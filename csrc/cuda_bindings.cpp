@@ -9,12 +9,18 @@
 // here can be captured in a CUDA graph. Registered ops: quantize_int8_rowwise,
 // quantize_int8_rowwise_outliers, int8_gemm, w8a8_gemm, w4a8_gemm, w8a16_gemm, w4a16_gemm,
 // llm_int8_linear. The others keep the reference (or Triton via dispatch.py).
+//
+// QK_CUDA_EMU (csrc/cuda_emu/): the same code, with CPU tensors, drives the CUDA emulator and
+// registers the ops as quantkernels_cuda_emu::* on CPU (no device guard or stream there).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <torch/library.h>
+#ifndef QK_CUDA_EMU
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
+#endif
 
 #include <cmath>
 #include <cstdint>
@@ -24,7 +30,22 @@
 #include <tuple>
 
 #include "cpu/cpu_isa.h"  // dtype_name(): "torch.float32"-style names, as the Python messages
+#include "cpu/qk_checks.h"  // zero_points(): the int4 zero-point range check
+#include "qk_limits.h"      // kMaxKInt8, kMaxGroupW4A8
 #include "cuda/qk_cuda.h"
+
+#ifdef QK_CUDA_EMU
+#define QK_DEVICE_GUARD(t) (void)(t)
+#define QK_ON_DEVICE(t) (t).is_cpu()
+#define C10_CUDA_CHECK(expr)                                                          \
+  do {                                                                                \
+    const cudaError_t qk_err_ = (expr);                                               \
+    TORCH_CHECK(qk_err_ == cudaSuccess, ::qk_emu::last_message());                    \
+  } while (0)
+#else
+#define QK_DEVICE_GUARD(t) const c10::cuda::CUDAGuard guard((t).device())
+#define QK_ON_DEVICE(t) (t).is_cuda()
+#endif
 
 namespace quantkernels {
 namespace cuda {
@@ -32,8 +53,17 @@ namespace {
 
 using cpu::dtype_name;
 
-constexpr int64_t kMaxKInt8 = (int64_t(1) << 31) / (128 * 128) - 1;     // 131071, _validate.MAX_K_INT8
-constexpr int64_t kMaxGroupW4A8 = (int64_t(1) << 31) / (128 * 15) - 1;  // w4a8 group_size bound
+#ifdef QK_CUDA_EMU
+cudaStream_t stream_of(const at::Tensor&) { return nullptr; }
+// Whether zero_b's values may be read (a host synchronisation): eager only, not during capture.
+bool values_readable(const at::Tensor&) { return true; }
+#else
+cudaStream_t stream_of(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.get_device()).stream(); }
+bool values_readable(const at::Tensor& t) {
+  return t.is_cuda() && c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None;
+}
+#endif
+
 constexpr int64_t kMaxGridY = 65535;
 
 std::string shape_str(at::IntArrayRef s) {
@@ -71,7 +101,7 @@ void check_shape1(const char* op, const char* name, const at::Tensor& t, int64_t
 // Every tensor on first's device (a CUDA device: this is the CUDA kernel).
 void check_device(const char* op, const char* first_name, const at::Tensor& first,
                   std::initializer_list<std::pair<const char*, const at::Tensor*>> others) {
-  TORCH_CHECK_VALUE(first.is_cuda(), "quantkernels.", op, ": ", first_name, " is on ", first.device(),
+  TORCH_CHECK_VALUE(QK_ON_DEVICE(first), "quantkernels.", op, ": ", first_name, " is on ", first.device(),
                     " but this is the CUDA kernel; all tensors must be on one CUDA device");
   for (const auto& [name, t] : others) {
     if (t == nullptr || !t->defined()) continue;
@@ -157,11 +187,12 @@ int64_t check_int4_weight(const char* op, const at::Tensor& packed, const at::Te
     check_dtype(op, "zero_b", *zero, at::kByte);
     TORCH_CHECK_VALUE(zero->sizes() == scale.sizes(), "quantkernels.", op, ": zero_b must have shape ",
                       shape_str(scale.sizes()), " (the shape of scale_b), got ", shape_str(zero->sizes()));
+    // The value check syncs with the host: eager only, never while a CUDA graph is captured.
+    if (values_readable(*zero)) cpu::checks::zero_points(op, "zero_b", *zero);
   }
   return ng;
 }
 
-cudaStream_t stream_of(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.get_device()).stream(); }
 
 const uint8_t* u8_or_null(const at::Tensor& t) {
   return t.defined() ? static_cast<const uint8_t*>(t.data_ptr()) : nullptr;
@@ -174,7 +205,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_int8_rowwise_cuda(const at::Tensor& 
   const char* op = "quantize_int8_rowwise";
   check_float_rows(op, "x", x_in, 1);
   check_device(op, "x", x_in, {});
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  QK_DEVICE_GUARD(x_in);
   const at::Tensor x = x_in.contiguous();
   const int64_t K = x.size(-1), M = x.numel() / K;
   TORCH_CHECK_VALUE(M <= INT32_MAX, "quantkernels.", op, ": ", M, " rows exceed this CUDA kernel's limit of ",
@@ -194,7 +225,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_int8_rowwise_outliers_cu
                     shape_str(x_in.sizes()));
   TORCH_CHECK_VALUE(!std::isnan(threshold), "quantkernels.", op, ": threshold must be a number, got nan");
   check_device(op, "x", x_in, {});
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  QK_DEVICE_GUARD(x_in);
   const at::Tensor x = x_in.contiguous();
   const int64_t M = x.size(0), K = x.size(1);
   TORCH_CHECK_VALUE(M <= INT32_MAX, "quantkernels.", op, ": ", M, " rows exceed this CUDA kernel's limit of ",
@@ -218,7 +249,7 @@ at::Tensor int8_gemm_cuda(const at::Tensor& a_in, const at::Tensor& b_in) {
   const int64_t M = a_in.size(0), N = b_in.size(0), K = a_in.size(1);
   check_k_bound(op, K);
   check_grid(op, "N", N, 64);
-  const c10::cuda::CUDAGuard guard(a_in.device());
+  QK_DEVICE_GUARD(a_in);
   const at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
   at::Tensor c = at::empty({M, N}, a.options().dtype(at::kInt));
   C10_CUDA_CHECK(int8_gemm(a.data_ptr<int8_t>(), b.data_ptr<int8_t>(), M, N, K, nullptr, nullptr, nullptr,
@@ -238,7 +269,7 @@ at::Tensor w8a8_gemm_cuda(const at::Tensor& a_in, const at::Tensor& b_in, const 
   check_dtype(op, "scale_b", sb_in, at::kFloat);
   check_shape1(op, "scale_b", sb_in, N, "(one per-channel scale per row of b)");
   check_device(op, "a", a_in, {{"b", &b_in}, {"scale_a", &sa_in}, {"scale_b", &sb_in}});
-  const c10::cuda::CUDAGuard guard(a_in.device());
+  QK_DEVICE_GUARD(a_in);
   const at::Tensor bias = bias_f32(op, bias_in, N, a_in);
   const at::ScalarType dt = out_dtype_or(op, out_dtype, at::kFloat);
   check_grid(op, "N", N, 64);
@@ -261,7 +292,7 @@ at::Tensor w4a8_gemm_cuda(const at::Tensor& a_in, const at::Tensor& b_in, const 
   const at::Tensor zero_ref = zero_in.has_value() ? *zero_in : at::Tensor();
   check_device(op, "a", a_in, {{"b_packed", &b_in}, {"scale_a", &sa_in}, {"scale_b", &sb_in}, {"zero_b", &zero_ref}});
   check_k_bound(op, K / ng, kMaxGroupW4A8, "group_size");
-  const c10::cuda::CUDAGuard guard(a_in.device());
+  QK_DEVICE_GUARD(a_in);
   const at::Tensor bias = bias_f32(op, bias_in, N, a_in);
   const at::ScalarType dt = out_dtype_or(op, out_dtype, at::kFloat);
   check_grid(op, "N", N, 64);
@@ -298,7 +329,7 @@ int wo_gemv_max_m(const char* op) {
 at::Tensor weight_only(const char* op, const at::Tensor& x_in, const at::Tensor& w_in, bool int4,
                        const at::Tensor& sb_in, const at::Tensor& zero_in, int64_t ng,
                        const std::optional<at::Tensor>& bias_in, int64_t N, int64_t K) {
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  QK_DEVICE_GUARD(x_in);
   const at::Tensor bias = bias_f32(op, bias_in, N, x_in);
   const at::Tensor x = x_in.contiguous(), w = w_in.contiguous(), sb = sb_in.contiguous();
   const at::Tensor zero = zero_in.defined() ? zero_in.contiguous() : at::Tensor();
@@ -351,7 +382,7 @@ at::Tensor llm_int8_linear_cuda(const at::Tensor& x_in, const at::Tensor& b_in, 
   check_dtype(op, "scale_b", sb_in, at::kFloat);
   check_shape1(op, "scale_b", sb_in, N, "(one per-channel scale per row of b)");
   check_device(op, "x", x_in, {{"b", &b_in}, {"scale_b", &sb_in}});
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  QK_DEVICE_GUARD(x_in);
   const at::Tensor bias = bias_f32(op, bias_in, N, x_in);
   TORCH_CHECK_VALUE(!std::isnan(threshold), "quantkernels.", op, ": threshold must be a number, got nan");
   check_grid(op, "N", N, 64);
@@ -387,7 +418,11 @@ at::Tensor llm_int8_linear_cuda(const at::Tensor& x_in, const at::Tensor& b_in, 
 }  // namespace cuda
 }  // namespace quantkernels
 
+#ifdef QK_CUDA_EMU
+TORCH_LIBRARY_IMPL(quantkernels_cuda_emu, CPU, m) {
+#else
 TORCH_LIBRARY_IMPL(quantkernels, CUDA, m) {
+#endif
   m.impl("quantize_int8_rowwise", &quantkernels::cuda::quantize_int8_rowwise_cuda);
   m.impl("quantize_int8_rowwise_outliers", &quantkernels::cuda::quantize_int8_rowwise_outliers_cuda);
   m.impl("int8_gemm", &quantkernels::cuda::int8_gemm_cuda);

@@ -12,8 +12,9 @@ from torch import Tensor
 
 from . import _validate as V
 
-#: int32 inside a W4A8 group: |a| <= 128 and |q - zero| <= 15.
-MAX_GROUP_W4A8 = (2**31 - 1) // (128 * 15)
+#: int32 inside a W4A8 group: |a| <= 128 and |q - zero| <= 15 (csrc/qk_limits.h: kMaxGroupW4A8;
+#: tests/test_limits.py checks that both say the same).
+MAX_GROUP_W4A8 = (2**31 - 1) // (128 * V.MAX_ZERO_INT4)
 
 
 # --------------------------------------------------------------------------- shared pieces
@@ -48,6 +49,7 @@ def int4_weight(op: str, packed: Tensor, scale: Tensor, zero: Optional[Tensor]) 
         V.dtype_in(op, zname, zero, (torch.uint8,))
         V.shape_is(op, zname, zero, tuple(scale.shape), f"(the shape of {sname})")
     V.same_device(op, **{pname: packed, sname: scale, zname: zero})
+    V.zero_points(op, zname, zero)
     return N, K, G
 
 

@@ -1,8 +1,10 @@
 """Input validation shared by the fake kernels and the reference kernels.
 
 Every check raises with a message that names the op, the argument and the offending
-value. Checks only look at metadata (dtype, shape, device), never at tensor data, so
-they cost nothing on a hot path and trace cleanly under ``torch.compile``.
+value. Checks look at metadata (dtype, shape, device), so they cost nothing on a hot path
+and trace cleanly under ``torch.compile``. The one exception, :func:`zero_points`, reads
+values, and only in eager mode on concrete tensors (never while tracing, under FakeTensor
+or during CUDA graph capture, where it would need a host synchronisation).
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: int8 input: 128 * 128 * K < 2**31, K <= 131,071 (docs/numerics.md s.4; values in
 #: [-127, 127] alone would allow 133,143, but int8_gemm also accepts -128).
 MAX_K_INT8 = (2**31 - 1) // (128 * 128)
+
+#: int4 zero points lie in [0, MAX_ZERO_INT4] (csrc/qk_limits.h: kMaxZeroInt4).
+MAX_ZERO_INT4 = 15
 
 #: Group sizes accepted for int4 group-wise quantization (besides G = K).
 INT4_GROUP_SIZES = (32, 64, 128, 256)
@@ -130,3 +135,23 @@ def groups_of(op: str, scale_name: str, scale: torch.Tensor, N: int, K: int) -> 
     check(G in INT4_GROUP_SIZES or G == K, op,
           lambda: f"{scale_name} implies group_size = K / {ng} = {G}; must be one of {INT4_GROUP_SIZES} or K")
     return G
+
+
+def _values_readable(t: torch.Tensor) -> bool:
+    """True when reading t's values is an eager, concrete operation (no tracing, no fake or
+    meta tensor, no CUDA graph capture on t's device)."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    from torch._subclasses.fake_tensor import is_fake
+
+    if t.device.type == "meta" or is_fake(t) or torch._is_functional_tensor(t):
+        return False
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def zero_points(op: str, name: str, z: Optional[torch.Tensor]):
+    """int4 zero points must lie in [0, 15] (uint8, so only the upper end is checked)."""
+    if z is None or z.numel() == 0 or not _values_readable(z):
+        return
+    mx = int(z.max())
+    check(mx <= MAX_ZERO_INT4, op, lambda: f"{name} must hold int4 zero points in [0, {MAX_ZERO_INT4}], got {mx}")

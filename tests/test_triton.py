@@ -430,6 +430,16 @@ def test_errors_name_the_argument_and_value_interp():
         T.llm_int8_linear_triton(torch.zeros(2, 64), b, torch.ones(5), None, float("nan"))
 
 
+def test_zero_points_out_of_range_rejected_interp():
+    """issue 15: zero points outside [0, 15] are rejected by the Triton ops too (the shared contract)."""
+    a, p = torch.ones(5, 64, dtype=torch.int8), torch.zeros(64, 32, dtype=torch.uint8)
+    s, z = torch.ones(64, 2), torch.full((64, 2), 200, dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"w4a8_gemm: zero_b must hold int4 zero points in \[0, 15\], got 200"):
+        T.w4a8_gemm_triton(a, p, torch.ones(5), s, z, None, None)
+    with pytest.raises(ValueError, match=r"w4a16_gemm: zero_b must hold int4 zero points in \[0, 15\], got 200"):
+        T.w4a16_gemm_triton(torch.ones(5, 64), p, s, z, None)
+
+
 def test_compile_fullgraph_no_graph_break_interp():
     """Dynamo captures the op in one graph (fullgraph=True: no graph break, no host sync in the
     fake-tensor trace of the body). Lowering the interpreted kernels through AOTAutograd does

@@ -44,6 +44,7 @@
 #include "gemv_int8.h"
 
 #include "cpu_isa.h"
+#include "qk_limits.h"
 
 namespace quantkernels {
 namespace cpu {
@@ -56,7 +57,7 @@ constexpr int NR = 4;        // rows of b per micro-kernel
 constexpr int64_t KC = 4096; // K block (multiple of 16)
 constexpr int64_t MC = 128;  // M block
 constexpr int64_t NC = 96;   // N block (multiple of NR)
-constexpr int64_t MAX_K = (int64_t(1) << 31) / (128 * 128) - 1;  // 131071, as _validate.MAX_K_INT8
+constexpr int64_t MAX_K = kMaxKInt8;  // csrc/qk_limits.h
 
 // ------------------------------------------------------------------------------ micro-kernels
 // C[i, j] (+)= sum_{k < kc} A[i * lda + k] * B[j * ldb + k] for i < mr, j < nr.

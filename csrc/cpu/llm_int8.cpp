@@ -45,7 +45,6 @@ namespace {
 
 namespace C = checks;
 
-constexpr int64_t kMaxK = (int64_t(1) << 31) / (128 * 128) - 1;  // 131071, as _validate.MAX_K_INT8
 constexpr int64_t kColBlock = 1024;                                // columns per task of the mask pass
 
 // ------------------------------------------------------------------------------ outlier mask
@@ -404,7 +403,7 @@ at::Tensor llm_int8_linear_cpu(const at::Tensor& x_in, const at::Tensor& b_in, c
   C::ndim_is(op, "x", x_in, 2, "[M, K] activation");
   TORCH_CHECK_VALUE(x_in.size(1) == K, "quantkernels.", op, ": x has K = ", x_in.size(1),
                     " columns but the weight has K = ", K, " (x shape ", C::shape_str(x_in.sizes()), ")");
-  C::k_bound(op, K, kMaxK, "K");
+  C::k_bound(op, K, kMaxKInt8, "K");
   C::dtype_is(op, "scale_b", sb_in, at::kFloat);
   const int64_t sb_shape[1] = {N};
   C::shape_is(op, "scale_b", sb_in, sb_shape, "(one per-channel scale per row of b)");

@@ -8,6 +8,7 @@
 #include <c10/util/Exception.h>
 
 #include "cpu_isa.h"
+#include "qk_limits.h"
 
 namespace quantkernels {
 namespace cpu {
@@ -76,6 +77,15 @@ inline void bias(const char* op, const std::optional<at::Tensor>& b, int64_t N, 
 inline void k_bound(const char* op, int64_t K, int64_t limit, const char* what) {
   TORCH_CHECK_VALUE(K <= limit, "quantkernels.", op, ": ", what, " = ", K, " exceeds ", limit,
                     ", beyond which the int32 accumulator could overflow");
+}
+
+// _validate.zero_points: int4 zero points in [0, kMaxZeroInt4]. Reads the values (the one check
+// that does), so the CUDA bindings skip it while a CUDA graph is being captured.
+inline void zero_points(const char* op, const char* name, const at::Tensor& z) {
+  if (z.numel() == 0) return;
+  const int64_t mx = z.max().item<int64_t>();
+  TORCH_CHECK_VALUE(mx <= kMaxZeroInt4, "quantkernels.", op, ": ", name, " must hold int4 zero points in [0, ",
+                    kMaxZeroInt4, "], got ", mx);
 }
 
 // _validate.out_dtype

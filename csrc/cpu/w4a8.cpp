@@ -82,7 +82,6 @@ namespace C = checks;
 constexpr const char* kOp = "w4a8_gemm";
 constexpr int64_t kChunk = 32;   // int4 values per AVX2 step (16 packed bytes)
 constexpr int64_t kFlush = 8;    // int16 sums of at most 8 maddubs results: 8 * 3840 < 32767
-constexpr int64_t kMaxGroup = 2147483647LL / (128 * 15);  // as _validate: (2**31 - 1) // (128 * 15)
 constexpr int64_t kABlockBytes = 256 * 1024;  // permuted a rows per M block (L2-resident)
 
 struct Problem {
@@ -752,7 +751,7 @@ QK_TARGET_AVX2_NOFMA void gemv_finish(const Problem& p, const GemvPrep& g, int64
 // vpdpbusd(acc, u8 x, s8 y) adds the 4 products x[4i..4i+3] * y[4i..4i+3] to the int32 acc[i]
 // without saturation: with the unsigned nibble u (0..15) as x and the activation (-128..127) as y
 // every product and sum is exact, so there is no int16 step and no flush; the int32 sums of a
-// group are bounded by G * 15 * 128 < 2^31 (kMaxGroup). The offset removal (c - z' * asum), the
+// group are bounded by G * 15 * 128 < 2^31 (kMaxGroupW4A8). The offset removal (c - z' * asum), the
 // layouts and the fp32 order are those of the AVX2 paths above, so every level gives the same
 // integers and, path for path, the same float results bit for bit.
 //   avx512_vnni (zmm):  panel path: 2 panels (32 tokens) x 8 weight rows per micro-tile, 16 zmm
@@ -1266,6 +1265,7 @@ at::Tensor w4a8_gemm_cpu(const at::Tensor& a_in, const at::Tensor& b_in, const a
     C::dtype_is(kOp, "zero_b", *zb_in, at::kByte);
     C::shape_is(kOp, "zero_b", *zb_in, sb_in.sizes(), "(the shape of scale_b)");
     C::same_device(kOp, "zero_b", *zb_in, "b_packed", b_in);
+    C::zero_points(kOp, "zero_b", *zb_in);
   }
   C::same_device(kOp, "scale_b", sb_in, "b_packed", b_in);
   C::dtype_is(kOp, "scale_a", sa_in, at::kFloat);
@@ -1273,7 +1273,7 @@ at::Tensor w4a8_gemm_cpu(const at::Tensor& a_in, const at::Tensor& b_in, const a
   C::shape_is(kOp, "scale_a", sa_in, sa_shape, "(one per-token scale per row of a)");
   C::same_device(kOp, "scale_a", sa_in, "a", a_in);
   C::same_device(kOp, "scale_b", sb_in, "a", a_in);
-  C::k_bound(kOp, G, kMaxGroup, "group_size");
+  C::k_bound(kOp, G, kMaxGroupW4A8, "group_size");
   C::bias(kOp, bias_in, N, a_in);
   const at::ScalarType dt = C::out_dtype(kOp, out_dtype);
   const Isa isa = active_isa();  // read once, on the calling thread

@@ -110,6 +110,7 @@
 #include <vector>
 
 #include "cpu_isa.h"
+#include "qk_checks.h"
 
 #if QK_X86
 #define QK_TARGET_WO __attribute__((target("avx2,fma,f16c")))
@@ -1785,7 +1786,10 @@ at::Tensor w4a16_gemm_cpu(const at::Tensor& x_in, const at::Tensor& b_in, const 
                       shape_str(scale_in.sizes()), " (the shape of scale_b), got ", shape_str(z.sizes()));
   }
   check_device(op, "scale_b", scale_in, "b_packed", b_in);
-  if (zero_in.has_value()) check_device(op, "zero_b", *zero_in, "b_packed", b_in);
+  if (zero_in.has_value()) {
+    check_device(op, "zero_b", *zero_in, "b_packed", b_in);
+    checks::zero_points(op, "zero_b", *zero_in);
+  }
   check_x(op, x_in, K);
   check_device(op, "b_packed", b_in, "x", x_in);
   const at::Tensor bias = check_bias(op, bias_in, N, x_in);

@@ -37,18 +37,26 @@ constexpr int BK = 64;  // bytes (int8 k values) per stage along K
 // smem_addr / cp_async_16 / cp_async_commit / cp_async_wait: qk_common.cuh.
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+#ifdef QK_CUDA_EMU
+  ::qk_emu::ldmatrix_x4(r, addr);
+#else
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr));
+#endif
 }
 
 // c += a (16x32 s8, row) * b (32x8 s8, col), int32 accumulate.
 __device__ __forceinline__ void mma_s8(int32_t (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#ifdef QK_CUDA_EMU
+  ::qk_emu::mma_m16n8k32_s8(c, a, b0, b1);
+#else
   asm volatile(
       "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
       "{%0, %1, %2, %3};\n"
       : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
 }
 
 // Byte offset of 16-byte chunk `ch` (0..3) of row `r` in a 64-byte-row tile (see the header).
@@ -124,7 +132,7 @@ imma_gemm_kernel(const int8_t* __restrict__ a, const uint8_t* __restrict__ b, in
                  Epilogue<OutT> ep, Int4Args i4) {
   using Cfg = TileCfg<BM, BN, WARPS_M, WARPS_N, STAGES, INT4>;
   constexpr int MT = Cfg::kMT, NT = Cfg::kNT, THREADS = Cfg::kThreads;
-  extern __shared__ __align__(128) uint8_t smem[];
+  QK_DYNAMIC_SMEM(smem);
   uint8_t* sA = smem;
   uint8_t* sB = smem + STAGES * Cfg::kStageA;
 
@@ -348,7 +356,7 @@ cudaError_t launch_imma(const int8_t* a, const uint8_t* b, int64_t M, int64_t N,
     if (err != cudaSuccess) return err;
   }
   const dim3 grid(static_cast<unsigned>(ceil_div(M, BM)), static_cast<unsigned>(ceil_div(N, BN)));
-  kernel<<<grid, Cfg::kThreads, Cfg::kSmem, stream>>>(a, b, M, N, K, ep, i4);
+  QK_LAUNCH(kernel, grid, Cfg::kThreads, Cfg::kSmem, stream, a, b, M, N, K, ep, i4);
   return cudaGetLastError();
 }
 
@@ -395,7 +403,7 @@ cudaError_t int8_gemm(const int8_t* a, const int8_t* b, int64_t M, int64_t N, in
     using OutT = std::remove_pointer_t<decltype(tag)>;
     const Epilogue<OutT> ep{scale_a, scale_b, bias, static_cast<OutT*>(out), N};
     if (tc) return launch_by_m<false, OutT>(a, reinterpret_cast<const uint8_t*>(b), M, N, K, ep, Int4Args{}, stream);
-    simt_gemm_kernel<OutT><<<simt_blocks(M * N), 256, 0, stream>>>(a, b, M, N, K, ep);
+    QK_LAUNCH(simt_gemm_kernel<OutT>, simt_blocks(M * N), 256, 0, stream, a, b, M, N, K, ep);
     return cudaGetLastError();
   });
 }
@@ -410,7 +418,7 @@ cudaError_t w4a8_gemm(const int8_t* a, const uint8_t* bp, int64_t M, int64_t N, 
     using OutT = std::remove_pointer_t<decltype(tag)>;
     const Epilogue<OutT> ep{scale_a, nullptr, bias, static_cast<OutT*>(out), N};
     if (tc) return launch_by_m<true, OutT>(a, bp, M, N, K, ep, i4, stream);
-    simt_w4a8_kernel<OutT><<<simt_blocks(M * N), 256, 0, stream>>>(a, bp, M, N, K, ep, i4);
+    QK_LAUNCH(simt_w4a8_kernel<OutT>, simt_blocks(M * N), 256, 0, stream, a, bp, M, N, K, ep, i4);
     return cudaGetLastError();
   });
 }

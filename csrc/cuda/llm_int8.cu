@@ -25,10 +25,10 @@ __global__ void __launch_bounds__(kThreads)
 llm_int8_correct_kernel(const float* acc, const T* __restrict__ x, const int8_t* __restrict__ b,
                         const float* __restrict__ scale_b, const uint8_t* __restrict__ outliers,
                         const float* __restrict__ bias, int64_t M, int64_t N, int64_t K, T* out) {
-  __shared__ int idx[kChunk];
-  __shared__ int warp_count[kChunk / 32];
-  __shared__ float xs[kTileM][kChunk];  // x[m0 + r, idx[j]]
-  __shared__ int8_t ws[kChunk][kTileN]; // b[n0 + c, idx[j]] (j-major: a warp reads 32 consecutive bytes)
+  QK_SHARED(int, idx, [kChunk]);
+  QK_SHARED(int, warp_count, [kChunk / 32]);
+  QK_SHARED(float, xs, [kTileM][kChunk]);  // x[m0 + r, idx[j]]
+  QK_SHARED(int8_t, ws, [kChunk][kTileN]); // b[n0 + c, idx[j]] (j-major: a warp reads 32 consecutive bytes)
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int tn = tid % kTileN, tm = tid / kTileN;  // tm is uniform within a warp
@@ -105,8 +105,8 @@ cudaError_t llm_int8_correct(const float* acc, const void* x, DType xt, const in
   const dim3 grid(static_cast<unsigned>(ceil_div(M, kTileM)), static_cast<unsigned>(ceil_div(N, kTileN)));
   with_dtype(xt, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    llm_int8_correct_kernel<T><<<grid, kThreads, 0, stream>>>(acc, static_cast<const T*>(x), b, scale_b, outliers,
-                                                             bias, M, N, K, static_cast<T*>(out));
+    QK_LAUNCH(llm_int8_correct_kernel<T>, grid, kThreads, 0, stream, acc, static_cast<const T*>(x), b, scale_b,
+              outliers, bias, M, N, K, static_cast<T*>(out));
     return 0;
   });
   return cudaGetLastError();

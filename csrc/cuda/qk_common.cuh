@@ -5,6 +5,12 @@
 // implicit float <-> __half / __nv_bfloat16 operators are unavailable there.
 // Float arithmetic that must match the reference bit for bit uses __fmul_rn / __fadd_rn /
 // __fdiv_rn: they are never contracted into FMAs nor turned into approximate divisions.
+//
+// QK_CUDA_EMU (the CUDA emulator, csrc/cuda_emu/): the same sources compile as host C++ against
+// csrc/cuda_emu/include/ (cuda_runtime.h & co.). This file is the one switch: the inline-PTX
+// wrappers below and in the .cu files call the emulator's host implementations of the same
+// instructions, every launch goes through QK_LAUNCH and dynamic shared memory through
+// QK_DYNAMIC_SMEM. Kernel logic is never written twice.
 #pragma once
 
 #include <cstdint>
@@ -15,6 +21,24 @@
 #include <cuda_runtime.h>
 
 #include "qk_cuda.h"
+
+#ifdef QK_CUDA_EMU
+// kernel<<<grid, block, smem, stream>>>(args...) through the emulator (named for its messages).
+#define QK_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  ::qk_emu::launch(#kernel, __PRETTY_FUNCTION__, kernel, grid, block, smem, stream, __VA_ARGS__)
+#define QK_DYNAMIC_SMEM(name) uint8_t* const name = ::qk_emu::dynamic_smem()
+// A static shared array: one block-wide instance per declaration (per kernel instantiation: the
+// address of a constant-initialised local tag is its key), in the emulator's static shared window.
+#define QK_SHARED(T, name, dims)                                                                            \
+  using name##_qk_type = T dims;                                                                            \
+  static char name##_qk_tag;                                                                                \
+  name##_qk_type& name = *reinterpret_cast<name##_qk_type*>(                                                \
+      ::qk_emu::static_smem(&name##_qk_tag, sizeof(name##_qk_type), alignof(T)))
+#else
+#define QK_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
+#define QK_DYNAMIC_SMEM(name) extern __shared__ __align__(128) uint8_t name[]
+#define QK_SHARED(T, name, dims) __shared__ T name dims
+#endif
 
 namespace quantkernels {
 namespace cuda {
@@ -65,12 +89,26 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
 // 16-byte async copy global -> shared; pred false copies nothing and zero-fills the 16 bytes.
 __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool pred) {
   const int src_size = pred ? 16 : 0;
+#ifdef QK_CUDA_EMU
+  ::qk_emu::cp_async_cg(dst, src, 16, src_size);
+#else
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_size) : "memory");
+#endif
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_commit() {
+#ifdef QK_CUDA_EMU
+  ::qk_emu::cp_async_commit_group();
+#else
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
+#ifdef QK_CUDA_EMU
+  ::qk_emu::cp_async_wait_group(N);
+#else
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
 }
 
 __host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

@@ -28,7 +28,7 @@ template <typename T>
 __global__ void __launch_bounds__(kQuantThreads)
 quantize_rowwise_kernel(const T* __restrict__ x, int64_t K, const uint8_t* __restrict__ outliers,
                         int8_t* __restrict__ q, float* __restrict__ scale) {
-  __shared__ float warp_max[kQuantThreads / 32];
+  QK_SHARED(float, warp_max, [kQuantThreads / 32]);
   const int64_t row = blockIdx.x;
   const T* xr = x + row * K;
   int8_t* qr = q + row * K;
@@ -88,8 +88,8 @@ cudaError_t quantize_rowwise(const void* x, DType xt, int64_t M, int64_t K, cons
   if (M <= 0) return cudaSuccess;
   with_dtype(xt, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    quantize_rowwise_kernel<T><<<static_cast<unsigned>(M), kQuantThreads, 0, stream>>>(
-        static_cast<const T*>(x), K, outliers, q, scale);
+    QK_LAUNCH(quantize_rowwise_kernel<T>, static_cast<unsigned>(M), kQuantThreads, 0, stream, static_cast<const T*>(x),
+              K, outliers, q, scale);
     return 0;
   });
   return cudaGetLastError();
@@ -106,7 +106,8 @@ cudaError_t outlier_columns(const void* x, DType xt, int64_t M, int64_t K, doubl
   const float tf = static_cast<float>(threshold);
   with_dtype(xt, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    outlier_columns_kernel<T><<<grid, kOutlierThreads, 0, stream>>>(static_cast<const T*>(x), M, K, tf, outliers);
+    QK_LAUNCH(outlier_columns_kernel<T>, grid, kOutlierThreads, 0, stream, static_cast<const T*>(x), M, K, tf,
+              outliers);
     return 0;
   });
   return cudaGetLastError();

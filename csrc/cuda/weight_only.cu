@@ -69,7 +69,8 @@
 //      G % 16 == 0 (int4). M, N and the K tail past the last full stage are zero-filled /
 //      predicated (scales of k >= K are never read).
 //    Status: compiled for sm_80 / sm_89 / sm_90a by `make cuda-check` (HMMA present, no
-//    spills); NOT yet run on a GPU -- tests/test_cuda.py and bench (make gpu-check) verify it.
+//    spills) and run on the CPU by the CUDA emulator (tests/test_cuda_emu.py, in `make test`);
+//    NOT yet run on a GPU -- tests/test_cuda.py and bench (make gpu-check) verify it there.
 #include <atomic>
 
 #include "qk_common.cuh"
@@ -194,11 +195,15 @@ template <>
 struct HalfMma<__half> {
   static __device__ __forceinline__ void mma(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                              uint32_t b0, uint32_t b1) {
+#ifdef QK_CUDA_EMU
+    ::qk_emu::mma_m16n8k16_f16(c, a0, a1, a2, a3, b0, b1);
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
         "{%0, %1, %2, %3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
   }
   static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
     const __half2 h = __floats2half2_rn(lo, hi);
@@ -210,11 +215,15 @@ template <>
 struct HalfMma<__nv_bfloat16> {
   static __device__ __forceinline__ void mma(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                              uint32_t b0, uint32_t b1) {
+#ifdef QK_CUDA_EMU
+    ::qk_emu::mma_m16n8k16_bf16(c, a0, a1, a2, a3, b0, b1);
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
         "{%0, %1, %2, %3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
   }
   static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
     const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
@@ -253,7 +262,7 @@ weight_only_mma_kernel(const T* __restrict__ x, const uint8_t* __restrict__ w, c
   using Cfg = TcCfg<T, INT4, BM, NT, STAGES>;
   using H = HalfMma<T>;
   constexpr int MT = Cfg::kMT, BN = Cfg::kBN, WN = Cfg::kWN;
-  extern __shared__ __align__(128) uint8_t smem[];
+  QK_DYNAMIC_SMEM(smem);
   uint8_t* sA = smem;
   uint8_t* sB = smem + STAGES * Cfg::kAStage;
 
@@ -495,13 +504,13 @@ cudaError_t launch_mma(const T* x, const uint8_t* w, const float* scale, const u
   const int tps = static_cast<int>(ceil_div(KT, splits));  // every split gets >= 1 tile (weight_only_splits)
   const dim3 grid(static_cast<unsigned>(ceil_div(N, Cfg::kBN)), static_cast<unsigned>(ceil_div(M, BM)),
                   static_cast<unsigned>(splits));
-  kernel<<<grid, kTcThreads, Cfg::kSmem, stream>>>(x, w, scale, zero, num_groups, K / num_groups, bias, M, N, K, tps,
-                                                   y, splits > 1 ? ws : nullptr);
+  QK_LAUNCH(kernel, grid, kTcThreads, Cfg::kSmem, stream, x, w, scale, zero, num_groups, K / num_groups, bias, M, N,
+            K, tps, y, splits > 1 ? ws : nullptr);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || splits == 1) return err;
   const int64_t blocks = ceil_div(M * N, 256);
-  splitk_reduce_kernel<T><<<static_cast<unsigned>(blocks < 4096 ? blocks : 4096), 256, 0, stream>>>(
-      ws, splits, bias, M, N, y);
+  QK_LAUNCH(splitk_reduce_kernel<T>, static_cast<unsigned>(blocks < 4096 ? blocks : 4096), 256, 0, stream, ws, splits,
+            bias, M, N, y);
   return cudaGetLastError();
 }
 
@@ -591,11 +600,13 @@ cudaError_t weight_only_gemm(const void* x, DType xt, const void* w, bool int4, 
   with_dtype(xt, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     if (int4) {
-      weight_only_gemv_kernel<T, true><<<grid, kWarpsPerBlock * 32, 0, stream>>>(
-          static_cast<const T*>(x), wb, scale_b, zero_b, num_groups, bias, M, N, K, static_cast<T*>(y), vec);
+      const auto gemv = weight_only_gemv_kernel<T, true>;
+      QK_LAUNCH(gemv, grid, kWarpsPerBlock * 32, 0, stream, static_cast<const T*>(x), wb,
+                scale_b, zero_b, num_groups, bias, M, N, K, static_cast<T*>(y), vec);
     } else {
-      weight_only_gemv_kernel<T, false><<<grid, kWarpsPerBlock * 32, 0, stream>>>(
-          static_cast<const T*>(x), wb, scale_b, nullptr, 1, bias, M, N, K, static_cast<T*>(y), vec);
+      const auto gemv = weight_only_gemv_kernel<T, false>;
+      QK_LAUNCH(gemv, grid, kWarpsPerBlock * 32, 0, stream, static_cast<const T*>(x), wb,
+                scale_b, nullptr, 1, bias, M, N, K, static_cast<T*>(y), vec);
     }
     return 0;
   });

@@ -1,0 +1,2 @@
+// csrc/cuda/llm_int8.cu compiled as host C++ for the CUDA emulator (unchanged source).
+#include "cuda/llm_int8.cu"
