@@ -89,13 +89,13 @@ def load(verbose: bool = False):
     _state["rt"] = ctypes.CDLL(str(rt_path))
     _state["ops"] = getattr(torch.ops, NAMESPACE)
     configure(80, 108)
-    track_allocations(True)
     return _state["ops"]
 
 
 def track_allocations(on: bool):
     """The out-of-bounds check knows the CPU tensors allocated while tracking is on (a wrapper
-    around torch's CPU allocator, on from load()); turn it off to give other code the plain
+    around torch's CPU allocator; off until turned on: some torch code asserts the plain
+    allocator's pointers, so tests/test_cuda_emu.py turns it on for its own tests only); turn it off to give other code the plain
     allocator back. Tensors from elsewhere (numpy, from_blob) are unknown to it: clone them."""
     load()
     _state["rt"].qk_emu_track_allocations(1 if on else 0)
