@@ -23,11 +23,9 @@ a fixed number of cases per test, no example database, so every run is the same)
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 import numpy as np
-import pytest
 import torch
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -37,7 +35,7 @@ import _spec as S
 _COMMON = dict(deadline=None, print_blob=True,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
                                       HealthCheck.data_too_large, HealthCheck.filter_too_much])
-settings.register_profile("ci", max_examples=100, derandomize=True, database=None, **_COMMON)
+settings.register_profile("ci", max_examples=150, derandomize=True, database=None, **_COMMON)
 settings.register_profile("fuzz", max_examples=int(os.environ.get("QK_FUZZ_EXAMPLES", "3000")), **_COMMON)
 PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
 settings.load_profile(PROFILE)
@@ -71,12 +69,6 @@ T = torch.ops.quantkernels
 ROW_KINDS = ("normal", "normal", "normal", "zero", "tie", "subnormal", "huge", "nan", "inf", "ninf", "mixed")
 #: Hostile kinds that make a GEMM's float64 result non-finite or overflow-prone.
 NONFINITE = ("nan", "inf", "ninf", "mixed")
-
-
-@dataclass
-class Case:
-    seed: int
-    dtype: torch.dtype
 
 
 def gen(seed: int) -> torch.Generator:
@@ -223,10 +215,11 @@ def assert_bitwise(got: torch.Tensor, ref: torch.Tensor, what: str):
 
 def assert_same_nonfinite(got: torch.Tensor, ref: torch.Tensor, what: str, exact_class: bool = True):
     """NaN where the reference has NaN, the same-signed Inf where it has Inf, finite elsewhere.
-    ``exact_class=False`` (the weight-only GEMMs, docs/numerics.md s.5b): only where, not which."""
+    ``exact_class=False`` (the weight-only GEMMs, docs/numerics.md s.5b): NaN may stand for an
+    Inf of the reference (an Inf activation times a subnormal bf16 weight read as zero)."""
     g, r = nonfinite_class(S.f64(got)), nonfinite_class(S.f64(ref))
     if not exact_class:
-        g, r = np.minimum(g, 1), np.minimum(r, 1)
+        g = np.where((g == 1) & (r >= 2), r, g)
     bad = g != r
     if bad.any():
         i = tuple(np.argwhere(bad)[0])
@@ -263,11 +256,6 @@ def assert_output(got: torch.Tensor, exact: np.ndarray, mag: np.ndarray, dtype: 
 def call(fn: Callable, *args, **kw):
     count_case()
     return fn(*args, **kw)
-
-
-def expect_error(fn: Callable, exc, match: str):
-    with pytest.raises(exc, match=match):
-        fn()
 
 
 # --------------------------------------------------------------------------- per-op properties

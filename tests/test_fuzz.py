@@ -243,3 +243,77 @@ def test_w8a8_chain_nonfinite_rows(backend, x, case):
     y = gemm(q, b, sa, sb, bias, out_dtype)
     assert bool(y[~finite_rows].isnan().all()), "a NaN/Inf token row must give a NaN output row"
     assert bool(torch.isfinite(y[finite_rows]).all()), "finite token rows must stay finite"
+
+
+# --------------------------------------------------------------------------- regressions
+# Each failure the fuzzer found, pinned as a plain test (bench/results/reliability_fuzz.md).
+
+
+def test_regression_tiny_absmax_row_with_an_exact_zero(backend):
+    """Found by test_quantize_int8_rowwise: a row of fp32 subnormals (127 / absmax overflows to
+    Inf, s.5b) holding an exact 0. 0 * Inf = NaN must become q = 0; tests/_spec.py's oracle cast
+    that NaN to int64 (a garbage code) and now zeroes it, as the contract says."""
+    x = torch.tensor([[2.8026e-44, -4.0638e-44, 0.0, 4.2039e-45, -2.8026e-45]])
+    q, s = kernel("quantize_int8_rowwise", backend)[0](x)
+    assert q.tolist() == [[127, -127, 0, 127, -127]]
+    qs, ss = F.S.int8_absmax(F.S.f32(x))
+    F.S.assert_int_equal(q, qs, "q vs spec")
+    F.S.assert_scale(s, ss, "scale vs spec")
+
+
+def test_regression_asym_scale_underflows_to_zero():
+    """Found by test_quantize_int8_asym: a one-element row 5.5e-44 has (hi - lo) / 255 == 0, so
+    lo / scale = 0 / 0 = NaN: the zero point is 0 (a NaN after the clamp becomes 0) and q clamps
+    to 127. tests/_spec.py's asym_quant now zeroes those NaNs too."""
+    x = torch.tensor([[5.4651e-44]])
+    q, s, z = R.quantize_int8_asym(x)
+    assert (q.item(), s.item(), z.item()) == (127, 0.0, 0)
+    qs, zs = F.S.asym_quant(F.S.f32(x), F.S.f32(s), -128, 127)
+    assert (qs.tolist(), zs.tolist()) == ([[127]], [0])
+
+
+def test_regression_fp32_underflow_allowance(backend):
+    """Found by test_w4a16_gemm: fp32 products of subnormal activations (2e-44 * 4e-4) underflow
+    to 0 in every fp32 kernel, while the float64 result is ~1e-47. docs/numerics.md s.6 now allows
+    one fp32 subnormal per operation; the result must still be within it."""
+    x = torch.tensor([[-2.1019e-44, -2.2421e-44]])
+    packed, sb, zero = torch.tensor([[252]], dtype=torch.uint8), torch.tensor([[2e-4]]), torch.tensor([[5]], dtype=torch.uint8)
+    F.prop_w4a16(*kernel("w4a16_gemm", backend), x, packed, sb, zero, None)
+    y = kernel("w4a16_gemm", backend)[0](x, packed, sb, zero)
+    assert abs(y.item()) <= 4 * 2.0 ** -149
+
+
+@pytest.mark.parametrize("M", [1, 3, 5])
+@pytest.mark.parametrize("asym", [False, True], ids=["sym", "asym"])
+def test_regression_w4a16_fp32_gemv_inf_activation(backend, M, asym):
+    """Found by test_w4a16_gemm (avx2 and up): the fp32 int4 GEMV (M <= 4 or so) factors the zero
+    point out, s * (sum x q - z sum x), so an Inf activation gave Inf - Inf = NaN where IEEE (and
+    the reference) give +-Inf. Fixed in csrc/cpu/weight_only.cpp: a batch holding NaN/Inf runs the
+    element-by-element GEMV. The non-finite pattern must now match the reference exactly."""
+    g = F.gen(7)
+    x = torch.randn(M, 64, generator=g)
+    x[0, 19] = float("inf")
+    x[M - 1, 3] = float("-inf") if M > 1 else x[M - 1, 3]
+    packed = torch.randint(0, 256, (8, 32), generator=g, dtype=torch.uint8)
+    sb = torch.rand(8, 2, generator=g) * 1e-2 + 1e-3
+    zero = torch.randint(0, 16, (8, 2), generator=g, dtype=torch.uint8) if asym else None
+    y = kernel("w4a16_gemm", backend)[0](x, packed, sb, zero)
+    yr = R.w4a16_gemm(x, packed, sb, zero)
+    assert bool(torch.isinf(yr[0]).any()), "the case must hold an IEEE +-Inf output"
+    F.assert_same_nonfinite(y, yr, "w4a16_gemm", exact_class=True)
+
+
+@pytest.mark.parametrize("dtype", F.FLOATS, ids=str)
+def test_regression_inf_activation_times_subnormal_weight(backend, dtype):
+    """Found by test_w8a16_gemm (avx512_bf16, bf16 x): Inf * a subnormal dequantized weight
+    (-57 * 1e-41) is -Inf by IEEE, but vdpbf16ps reads the subnormal bf16 weight as zero and gives
+    NaN. docs/numerics.md s.5b documents this one exception: NaN may stand for +-Inf there, never
+    a finite value or the other Inf."""
+    x = torch.tensor([[float("inf"), 1.0]], dtype=dtype)
+    b = torch.tensor([[-57, 3], [2, 5]], dtype=torch.int8)
+    sb = torch.tensor([1e-41, 1e-2])
+    y = kernel("w8a16_gemm", backend)[0](x, b, sb)
+    yr = R.w8a16_gemm(x, b, sb)
+    F.assert_same_nonfinite(y, yr, "w8a16_gemm", exact_class=False)
+    if backend != "avx512_bf16" or dtype != torch.bfloat16:
+        F.assert_same_nonfinite(y, yr, "w8a16_gemm", exact_class=True)

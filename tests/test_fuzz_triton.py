@@ -35,50 +35,50 @@ def op(name):
     return getattr(T, f"{name}_triton").default
 
 
-@W(0.25)
+@W(0.4)
 @given(x=F.quantize_input(shape=SMALL, **FLUSH))
 def test_quantize_int8_rowwise_triton(x):
     F.prop_quantize_rowwise(op("quantize_int8_rowwise"), True, x)
 
 
-@W(0.2)
+@W(0.4)
 @given(x=F.quantize_input(two_d=True, shape=SMALL, **FLUSH),
        threshold=st.sampled_from([6.0, 0.0, -2.0, 0.5, 100.0, float("inf")]))
 def test_quantize_int8_rowwise_outliers_triton(x, threshold):
     F.prop_outliers(op("quantize_int8_rowwise_outliers"), True, x, threshold)
 
 
-@W(0.2)
+@W(0.4)
 @given(case=F.w8a8_case(shape=SMALL))
 def test_int8_gemm_triton(case):
     F.prop_int8_gemm(op("int8_gemm"), True, *case[:2])
 
 
-@W(0.2)
+@W(0.4)
 @given(case=F.w8a8_case(shape=SMALL))
 def test_w8a8_gemm_triton(case):
     F.prop_w8a8(op("w8a8_gemm"), True, *case)
 
 
-@W(0.2)
+@W(0.4)
 @given(case=F.w4a8_case(shape=SMALL, k_max_gk=96))
 def test_w4a8_gemm_triton(case):
     F.prop_w4a8(op("w4a8_gemm"), True, *case)
 
 
-@W(0.2)
+@W(0.4)
 @given(case=F.weight_only_case(int4=False, shape=SMALL, **FLUSH))
 def test_w8a16_gemm_triton(case):
     F.prop_w8a16(op("w8a16_gemm"), True, *case)
 
 
-@W(0.2)
+@W(0.4)
 @given(case=F.weight_only_case(int4=True, shape=SMALL, k_max_gk=96, **FLUSH))
 def test_w4a16_gemm_triton(case):
     F.prop_w4a16(op("w4a16_gemm"), True, *case)
 
 
-@W(0.2)
+@W(0.4)
 @given(case=F.llm_int8_case(shape=SMALL, **FLUSH))
 def test_llm_int8_linear_triton(case):
     F.prop_llm_int8(op("llm_int8_linear"), True, *case)
