@@ -264,13 +264,17 @@ def call(fn: Callable, *args, **kw):
 # and the drawn case, and checks everything the contract says about it.
 
 
+def _bitwise_vs_reference(check_ref: bool, got, op: str, args, names):
+    """Every output of ``op`` bit-identical to the reference's (the quantizers, s.1 - s.5)."""
+    if check_ref:
+        from quantkernels import reference as R
+        for g, r, what in zip(got, getattr(R, op)(*args), names):
+            assert_bitwise(g, r, what)
+
+
 def prop_quantize_rowwise(fn, check_ref: bool, x: torch.Tensor):
     q, s = call(fn, x)
-    from quantkernels import reference as R
-    if check_ref:
-        qr, sr = R.quantize_int8_rowwise(x)
-        assert_bitwise(q, qr, "q")
-        assert_bitwise(s, sr, "scale")
+    _bitwise_vs_reference(check_ref, (q, s), "quantize_int8_rowwise", (x,), ("q", "scale"))
     qs, ss = S.int8_absmax(S.f32(x))
     S.assert_int_equal(q, qs, "q vs spec")
     S.assert_scale(s, ss, "scale vs spec")
@@ -291,11 +295,7 @@ def _nonfinite_rows_policy(x, q, s):
 
 def prop_quantize_tensor(fn, check_ref: bool, x: torch.Tensor):
     q, s = call(fn, x)
-    from quantkernels import reference as R
-    if check_ref:
-        qr, sr = R.quantize_int8_tensor(x)
-        assert_bitwise(q, qr, "q")
-        assert_bitwise(s, sr, "scale")
+    _bitwise_vs_reference(check_ref, (q, s), "quantize_int8_tensor", (x,), ("q", "scale"))
     qs, ss = S.int8_absmax(S.f32(x), per_tensor=True)
     S.assert_int_equal(q, qs, "q vs spec")
     S.assert_scale(s, np.asarray(ss, np.float32), "scale vs spec")
@@ -303,12 +303,8 @@ def prop_quantize_tensor(fn, check_ref: bool, x: torch.Tensor):
 
 def prop_outliers(fn, check_ref: bool, x: torch.Tensor, threshold: float):
     q, s, o = call(fn, x, threshold)
-    from quantkernels import reference as R
-    if check_ref:
-        qr, sr, orr = R.quantize_int8_rowwise_outliers(x, threshold)
-        assert_bitwise(o, orr, "outliers")
-        assert_bitwise(q, qr, "q")
-        assert_bitwise(s, sr, "scale")
+    _bitwise_vs_reference(check_ref, (q, s, o), "quantize_int8_rowwise_outliers", (x, threshold),
+                          ("q", "scale", "outliers"))
     qs, ss, ms = S.int8_outliers(S.f32(x), threshold)
     S.assert_int_equal(o, ms, "outliers vs spec")
     S.assert_int_equal(q, qs, "q vs spec")
@@ -317,10 +313,7 @@ def prop_outliers(fn, check_ref: bool, x: torch.Tensor, threshold: float):
 
 def prop_quantize_asym(fn, check_ref: bool, x: torch.Tensor):
     q, s, z = call(fn, x)
-    from quantkernels import reference as R
-    if check_ref:
-        for got, ref, what in zip((q, s, z), R.quantize_int8_asym(x), ("q", "scale", "zero")):
-            assert_bitwise(got, ref, what)
+    _bitwise_vs_reference(check_ref, (q, s, z), "quantize_int8_asym", (x,), ("q", "scale", "zero"))
     xf = S.f32(x).reshape(-1, x.shape[-1])
     fin = np.isfinite(xf).all(axis=-1)
     qn, sn, zn = S.i64(q).reshape(xf.shape), S.f64(s).reshape(-1), S.i64(z).reshape(-1)

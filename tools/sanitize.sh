@@ -19,13 +19,22 @@ SAN="-fsanitize=address,undefined -fno-sanitize=vptr -fno-sanitize-recover=undef
 CXX_BIN=$("$PY" -c "import sysconfig; print((sysconfig.get_config_var('CXX') or 'g++').split()[0])")
 LIBASAN=$("$CXX_BIN" -print-file-name=libasan.so)
 [ -f "$LIBASAN" ] || { echo "sanitize: libasan.so not found for $CXX_BIN (install the compiler's libasan)"; exit 1; }
+# python itself does not link libstdc++: preloaded after libasan, ASan's __cxa_throw interceptor
+# finds the real one (otherwise the first C++ exception, e.g. in triton's import, aborts).
+LIBSTDCXX=$("$CXX_BIN" -print-file-name=libstdc++.so.6)
 
 # The sources and the package, copied so that build_ext --inplace writes the sanitized _C there.
+# The C++ sources are copied only where they changed (a fresh mtime), so that ninja rebuilds
+# exactly those objects; the Python package, tests and docs are copied afresh.
 mkdir -p "$OUT"
-rm -rf "$OUT/quantkernels" "$OUT/csrc" "$OUT/tests" "$OUT/docs"
-cp -rp quantkernels csrc tests docs "$OUT/"
+rm -rf "$OUT/quantkernels" "$OUT/tests" "$OUT/docs"
+cp -r quantkernels tests docs "$OUT/"
 rm -f "$OUT"/quantkernels/_C*.so
 find "$OUT" -name __pycache__ -prune -exec rm -rf {} +
+while IFS= read -r -d '' f; do
+  mkdir -p "$OUT/$(dirname "$f")"
+  cmp -s "$f" "$OUT/$f" || cp "$f" "$OUT/$f"
+done < <(find csrc -type f -print0)
 cp setup.py pyproject.toml README.md "$OUT/"
 (cd "$OUT" && CFLAGS="$SAN" LDFLAGS="$SAN" MAX_JOBS=${MAX_JOBS:-1} "$PY" setup.py -q build_ext --inplace \
     --build-temp "$OUT/tmp" 2>&1 | grep -vE '^(copying|running|creating)' || true)
@@ -34,7 +43,7 @@ nm -D "$OUT"/quantkernels/_C*.so | grep -q __asan_report || { echo "sanitize: _C
 
 # Run from the copy: its quantkernels (sanitized _C) is the one imported.
 cd "$OUT"
-export LD_PRELOAD="$LIBASAN"
+export LD_PRELOAD="$LIBASAN $LIBSTDCXX"
 export ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=0:exitcode=86:allocator_may_return_null=1:${ASAN_OPTIONS_EXTRA:-}"
 export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:exitcode=87"
 export HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-ci}
