@@ -317,3 +317,16 @@ def test_regression_inf_activation_times_subnormal_weight(backend, dtype):
     F.assert_same_nonfinite(y, yr, "w8a16_gemm", exact_class=False)
     if backend != "avx512_bf16" or dtype != torch.bfloat16:
         F.assert_same_nonfinite(y, yr, "w8a16_gemm", exact_class=True)
+
+
+@pytest.mark.parametrize("M,N,K", [(1, 1, 5), (3, 5, 7), (9, 3, 130), (17, 13, 259), (2, 6, 131_070)])
+def test_regression_int8_gemm_k_tail_partial_panel(backend, M, N, K):
+    """Found by `make sanitize` (UBSan) on test_int8_gemm[avx2]: the AVX2 panel GEMM added the
+    zero-padded K-tail tile to the main tile over all PR x PT lanes, including lanes the kernel
+    never wrote (N or M not a multiple of the panel): a signed overflow of uninitialized values
+    (csrc/cpu/gemm_int8.cpp; only the written lanes are added now). The result never used those
+    lanes, so outside a sanitizer this checks exactness; `make sanitize` runs it instrumented."""
+    g = F.gen(M * 1000 + K)
+    a = torch.randint(-128, 128, (M, K), generator=g, dtype=torch.int8)
+    b = torch.randint(-128, 128, (N, K), generator=g, dtype=torch.int8)
+    F.prop_int8_gemm(kernel("int8_gemm", backend)[0], True, a, b)

@@ -45,11 +45,22 @@ test -f "$OUT"/quantkernels/_C*.so || { echo "sanitize: the sanitized build fail
 # Run from the copy: its quantkernels (sanitized _C) is the one imported.
 cd "$OUT"
 export LD_PRELOAD="$LIBASAN $LIBSTDCXX"
-export ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=0:exitcode=86:allocator_may_return_null=1:${ASAN_OPTIONS_EXTRA:-}"
-export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:exitcode=87"
+# Reports go to files: pytest captures stderr, and a process the sanitizer stops loses it.
+REPORTS=$OUT/reports
+rm -rf "$REPORTS" && mkdir -p "$REPORTS"
+export ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=0:exitcode=86:allocator_may_return_null=1:log_path=$REPORTS/asan:${ASAN_OPTIONS_EXTRA:-}"
+export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:exitcode=87:log_path=$REPORTS/ubsan"
 export HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-ci}
 echo "sanitize: running $TESTS with the ASan + UBSan build (LD_PRELOAD=$LIBASAN)"
 # shellcheck disable=SC2086
 "$PY" -c "import quantkernels, quantkernels._native as n; assert n.AVAILABLE, n.REASON; \
 print('sanitize: quantkernels from', quantkernels.__file__, 'ISA levels', n.cpu_isa_levels())"
-"$PY" -m pytest -q -p no:cacheprovider -x ${SANITIZE_PYTEST_ARGS:-} $TESTS
+rc=0
+"$PY" -m pytest -q -p no:cacheprovider -x ${SANITIZE_PYTEST_ARGS:-} $TESTS || rc=$?
+if compgen -G "$REPORTS/*" > /dev/null; then
+  echo "sanitize: FINDINGS (pytest exit status $rc):"
+  cat "$REPORTS"/*
+  exit 1
+fi
+[ "$rc" -eq 0 ] || { echo "sanitize: pytest failed (exit status $rc), no sanitizer report"; exit "$rc"; }
+echo "sanitize: clean (no ASan / UBSan report)"
