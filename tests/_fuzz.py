@@ -461,15 +461,23 @@ def w8a8_case(draw, near_bound=False, shape=None):
     e = draw(st.integers(-10, -3))
     sa = log_uniform(M, seed + 2, e - 2, e) / max(1, K) ** 0.5
     sb = log_uniform(N, seed + 3, e - 2, e) / max(1, K) ** 0.5
-    if M and draw(st.booleans()):        # a token row that held NaN / Inf (s.5b): q = 0, scale NaN / +Inf
+    a, sa, bias, out_dtype = _int8_activation_extras(draw, a, sa, N, seed + 4, 0.1)
+    return a, b, sa, sb, bias, out_dtype
+
+
+def _int8_activation_extras(draw, a, sa, N, seed, bias_scale):
+    """Maybe a token row that held NaN / Inf (s.5b: q = 0, scale NaN or +Inf); the bias (none or
+    fp16 / bf16 / fp32) and the out_dtype (None or a float dtype) of an int8-activation GEMM."""
+    M = a.shape[0]
+    if M and draw(st.booleans()):
         r = draw(st.integers(0, M - 1))
         a = a.clone()
         a[r] = 0
         sa[r] = draw(st.sampled_from([float("nan"), float("inf")]))
     out_dtype = draw(st.sampled_from((None,) + FLOATS))
     bias = draw(st.sampled_from((None,) + FLOATS))
-    bias = None if bias is None else (torch.randn(N, generator=gen(seed + 4)) * 0.1).to(bias)
-    return a, b, sa, sb, bias, out_dtype
+    bias = None if bias is None else (torch.randn(N, generator=gen(seed)) * bias_scale).to(bias)
+    return a, sa, bias, out_dtype
 
 
 @st.composite
@@ -506,14 +514,7 @@ def w4a8_case(draw, shape=None, k_max_gk=600):
     a = layout(int8_tensor((M, K), seed + 5, draw(st.booleans())), draw(st.sampled_from(LAYOUTS)))
     packed = layout(packed, draw(st.sampled_from(LAYOUTS)))
     sa = log_uniform(M, seed + 6, -6, -2)
-    if M and draw(st.booleans()):
-        r = draw(st.integers(0, M - 1))
-        a = a.clone()
-        a[r] = 0
-        sa[r] = draw(st.sampled_from([float("nan"), float("inf")]))
-    out_dtype = draw(st.sampled_from((None,) + FLOATS))
-    bias = draw(st.sampled_from((None,) + FLOATS))
-    bias = None if bias is None else (torch.randn(N, generator=gen(seed + 7))).to(bias)
+    a, sa, bias, out_dtype = _int8_activation_extras(draw, a, sa, N, seed + 7, 1.0)
     return a, packed, sa, sb, zero, bias, out_dtype
 
 
