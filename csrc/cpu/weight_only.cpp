@@ -1596,18 +1596,23 @@ at::Tensor weight_only_gemm(const at::Tensor& x_in, const Weight& w, const at::T
     at::Tensor acc = st == at::kFloat ? y : at::empty({M, N}, y.options().dtype(at::kFloat));
     float* A = acc.data_ptr<float>();
     std::vector<double> xs;
+    bool factored_ok = true;
 #if QK_X86
     if (avx2 && w.int4 && rnd == Rnd::F32) {  // group sums of x for the factored zero point
       xs.assign(M * w.ng, 0.0);
       for (int64_t m = 0; m < M; ++m)
         for (int64_t g = 0; g < w.ng; ++g)
           for (int64_t k = g * w.G; k < std::min((g + 1) * w.G, w.Kv); ++k) xs[m * w.ng + g] += X[m * K + k];
+      // s * (sum x q - z' sum x) turns an Inf activation into Inf - Inf = NaN where the contract
+      // (IEEE, as F.linear; docs/numerics.md s.5b) gives +-Inf: a batch holding NaN/Inf (a group
+      // sum that is not finite) runs the portable GEMV, which dequantizes element by element.
+      for (double v : xs) factored_ok = factored_ok && std::isfinite(v);
     }
 #endif
     const int64_t grain = std::max<int64_t>(16, (1 << 15) / K);  // small layers stay on one thread
     at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
 #if QK_X86
-      if (avx2) {
+      if (avx2 && factored_ok) {
         gemv_rows_avx2(w, rnd, X, xs.data(), M, n0, n1, A);
         return;
       }
