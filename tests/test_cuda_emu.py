@@ -326,7 +326,7 @@ def test_launch_bounds_stated_in_every_kernel():
             n, pr = launch_bounds_problems(p.read_text(), p.name)
             names += n
             problems += pr
-    assert problems == []
+    assert not problems, "; ".join(problems)
     assert sorted(names) == sorted(
         ["imma_gemm_kernel", "simt_gemm_kernel", "simt_w4a8_kernel", "llm_int8_correct_kernel",
          "quantize_rowwise_kernel", "outlier_columns_kernel", "weight_only_gemv_kernel", "weight_only_mma_kernel",
