@@ -5,7 +5,9 @@ emulator (quantkernels.cuda_emu, issue 15).
    CUDA math API: mma.sync m16n8k32 .s8 and m16n8k16 .f16/.bf16 fragment layouts, ldmatrix .x4,
    cp.async.cg (zero-fill, landing only when waited for), __shfl_xor_sync, __ballot_sync,
    __byte_perm, __vsub4, RNE conversions, __fmul_rn / __fadd_rn / __fdiv_rn.
-2. Each hazard check fires, naming kernel, block, warp and address.
+2. Each hazard check fires, naming kernel, block, warp and address; a block above the kernel's
+   __launch_bounds__ fails the launch, and every kernel in csrc/cuda/ states its bound twice
+   (`__launch_bounds__(B)` for nvcc, `QK_LAUNCH_BOUNDS(B);` first for the emulator) with one text.
 3. tests/test_cuda.py's grid (the GPU suite) with ``ops`` = the emulated ops on CPU tensors:
    the same test functions, the same spec checks. By default a subset that covers every kernel
    variant the host code selects (tile configs, SIMT fallbacks, GEMV, tensor-core weight-only,

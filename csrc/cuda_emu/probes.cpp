@@ -2,6 +2,8 @@
 // hazard) through the same launch path and wrappers as csrc/cuda/, so that the tests can check
 // the primitive against a transcription of the PTX ISA's definition, and that each hazard check
 // fires. Registered as quantkernels_cuda_emu::probe_* (schemas in quantkernels/cuda_emu.py).
+// Every kernel here states its launch bounds like csrc/cuda/'s, except the two launch-bounds
+// probes that break the rule on purpose (probe_late_bounds_kernel, probe_unbounded_kernel).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
