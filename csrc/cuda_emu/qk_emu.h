@@ -12,6 +12,10 @@
 // but linked without the sanitizer runtimes: runtime.cpp defines the __tsan_* / __ubsan_* entry
 // points the compiler inserts before every load and store, and checks each access (shared-memory
 // races between warps, pending cp.async bytes, out-of-bounds and misaligned accesses).
+//
+// Launch bounds: a kernel's first statement, QK_LAUNCH_BOUNDS(B) (qk_common.cuh), repeats its
+// __launch_bounds__(B); launch_bounds() below fails a launch whose block has more than B threads,
+// and the runtime fails a kernel that does anything before stating B.
 #pragma once
 
 #ifndef QK_CUDA_EMU
