@@ -5,7 +5,9 @@ The kernel sources and ``csrc/cuda_bindings.cpp`` are compiled as host C++ again
 (``mma.sync``, ``ldmatrix``, ``__shfl_xor_sync``, ``__ballot_sync``) and ``__syncthreads``
 complete when every participant has arrived, ``cp.async`` copies land only when waited for, and
 each memory access of the kernels is checked (shared-memory races between warps, reads of bytes
-whose ``cp.async`` is pending, out-of-bounds and misaligned accesses). The ops are registered
+whose ``cp.async`` is pending, out-of-bounds and misaligned accesses), and so is each launch's
+block against the kernel's ``__launch_bounds__`` (which each kernel states again as its first
+statement, ``QK_LAUNCH_BOUNDS``). The ops are registered
 as ``torch.ops.quantkernels_cuda_emu.<op>`` on CPU tensors, with the CUDA ops' schemas, so they
 compare directly with ``quantkernels.reference``. A hazard or launch error raises RuntimeError
 naming the kernel, block, warp, lane and address.
@@ -46,6 +48,7 @@ PROBES = {
     "probe_convert": "(Tensor x) -> Tensor",
     "probe_bytes": "(Tensor u, Tensor v, Tensor s) -> Tensor",
     "probe_rn": "(Tensor a, Tensor b, Tensor c) -> Tensor",
+    "probe_bounds": "(int bx, int by, int kind) -> Tensor",
 }
 
 _state: dict = {}

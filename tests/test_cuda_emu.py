@@ -5,7 +5,9 @@ emulator (quantkernels.cuda_emu, issue 15).
    CUDA math API: mma.sync m16n8k32 .s8 and m16n8k16 .f16/.bf16 fragment layouts, ldmatrix .x4,
    cp.async.cg (zero-fill, landing only when waited for), __shfl_xor_sync, __ballot_sync,
    __byte_perm, __vsub4, RNE conversions, __fmul_rn / __fadd_rn / __fdiv_rn.
-2. Each hazard check fires, naming kernel, block, warp and address.
+2. Each hazard check fires, naming kernel, block, warp and address; a block above the kernel's
+   __launch_bounds__ fails the launch, and every kernel in csrc/cuda/ states its bound twice
+   (`__launch_bounds__(B)` for nvcc, `QK_LAUNCH_BOUNDS(B);` first for the emulator) with one text.
 3. tests/test_cuda.py's grid (the GPU suite) with ``ops`` = the emulated ops on CPU tensors:
    the same test functions, the same spec checks. By default a subset that covers every kernel
    variant the host code selects (tile configs, SIMT fallbacks, GEMV, tensor-core weight-only,
@@ -19,6 +21,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import pathlib
+import re
 import types
 
 import numpy as np
@@ -238,6 +241,117 @@ def test_launch_limits():
         emu.probe_hazard(g, 0, smem=200000, optin=True)  # sm_90: 227 KB
 
 
+def test_launch_bounds_enforced():
+    """A block above the kernel's __launch_bounds__ fails the launch as on a GPU (cudaErrorLaunchOutOfResources,
+    701), naming the kernel, the block and the bound; at the bound it runs. probe_bounds_kernel<128>'s bound is
+    written `kBound / 2 * 2` (a template-dependent expression, like imma_gemm_kernel's)."""
+    assert torch.equal(emu.probe_bounds(128, 1, 0), torch.arange(128, dtype=torch.int32))
+    assert torch.equal(emu.probe_bounds(32, 4, 0), torch.arange(128, dtype=torch.int32))  # 2-D block, 128 threads
+    for bx, by in ((129, 1), (32, 5), (256, 1)):
+        with pytest.raises(RuntimeError, match=rf"cudaError 701: .*block \({bx}, {by}, 1\) of {bx * by} threads "
+                           r"exceeds the kernel's __launch_bounds__\(128\): a GPU refuses this launch") as e:
+            emu.probe_bounds(bx, by, 0)
+        text = str(e.value)
+        assert "kernel: probe_bounds_kernel<128>" in text and "at block (0, 0, 0), warp 0, lane 0" in text, text
+    # The rule the check relies on: QK_LAUNCH_BOUNDS first, in every kernel (probes.cpp breaks it twice).
+    with pytest.raises(RuntimeError, match=r"cudaError 719: .*the kernel reads threadIdx before QK_LAUNCH_BOUNDS"):
+        emu.probe_bounds(32, 1, 1)
+    with pytest.raises(RuntimeError, match=r"cudaError 719: .*the kernel returns before QK_LAUNCH_BOUNDS"):
+        emu.probe_bounds(32, 1, 2)
+
+
+def _strip_comments(src: str) -> str:
+    return re.sub(r"//[^\n]*|/\*.*?\*/", " ", src, flags=re.S)
+
+
+def _balanced(src: str, i: int) -> int:
+    """Index just past the bracket that closes the one at src[i]."""
+    pairs = {"(": ")", "{": "}", "[": "]"}
+    stack = []
+    for j in range(i, len(src)):
+        c = src[j]
+        if c in pairs:
+            stack.append(pairs[c])
+        elif stack and c == stack[-1]:
+            stack.pop()
+            if not stack:
+                return j + 1
+    raise ValueError(f"unbalanced bracket at offset {i}")
+
+
+def launch_bounds_problems(src: str, where: str = "") -> tuple[list, list]:
+    """The __global__ functions of a C++ / CUDA source text and what is wrong with their launch bounds: each must
+    be `__global__ void __launch_bounds__(B) name(...) { QK_LAUNCH_BOUNDS(B); ...` with the same text B (spaces
+    aside). Returns (names, problems)."""
+    src = _strip_comments(src)
+    norm = lambda t: re.sub(r"\s+", "", t)  # noqa: E731
+    names, problems = [], []
+    for m in re.finditer(r"\b__global__\b", src):
+        head = re.compile(r"\s*void\s+(?:__launch_bounds__\s*(?=\())?").match(src, m.end())
+        bound, name = None, None
+        if head is not None:
+            i = head.end()
+            if src[i] == "(":
+                j = _balanced(src, i)
+                bound, i = src[i + 1:j - 1], j
+            name = re.compile(r"\s*(\w+)\s*(?=\()").match(src, i)
+        if name is None:
+            problems.append(f"{where}: cannot parse the __global__ declaration at {src[m.start():m.start() + 80]!r}")
+            continue
+        names.append(name.group(1))
+        i = _balanced(src, name.end())
+        body = re.compile(r"\s*\{\s*").match(src, i)
+        if body is None:
+            continue  # a declaration: its definition is checked
+        first = re.compile(r"QK_LAUNCH_BOUNDS\s*(?=\()").match(src, body.end())
+        stated = None
+        if first is not None:
+            j = _balanced(src, first.end())
+            stated = src[first.end() + 1:j - 1] if src[j:j + 1] == ";" else None
+        if bound is None:
+            problems.append(f"{where}: {name.group(1)} has no __launch_bounds__")
+        elif stated is None:
+            problems.append(f"{where}: {name.group(1)}'s first statement is not QK_LAUNCH_BOUNDS({bound.strip()});")
+        elif norm(stated) != norm(bound):
+            problems.append(f"{where}: {name.group(1)}: __launch_bounds__({bound.strip()}) but "
+                            f"QK_LAUNCH_BOUNDS({stated.strip()})")
+    return names, problems
+
+
+def test_launch_bounds_stated_in_every_kernel():
+    """Every __global__ kernel in csrc/cuda/ declares __launch_bounds__(B) (what nvcc compiles against) and starts
+    with QK_LAUNCH_BOUNDS(B), the same text (what the emulator checks each launch against): a new kernel without
+    the pair, or a bound edited in one place only, fails here."""
+    names, problems = [], []
+    for p in sorted((cuda_emu.CSRC / "cuda").iterdir()):
+        if p.suffix in (".cu", ".cuh", ".h"):
+            n, pr = launch_bounds_problems(p.read_text(), p.name)
+            names += n
+            problems += pr
+    assert not problems, "; ".join(problems)
+    assert sorted(names) == sorted(
+        ["imma_gemm_kernel", "simt_gemm_kernel", "simt_w4a8_kernel", "llm_int8_correct_kernel",
+         "quantize_rowwise_kernel", "outlier_columns_kernel", "weight_only_gemv_kernel", "weight_only_mma_kernel",
+         "splitk_reduce_kernel"]), names
+    # The parser itself: each way to break the rule is reported.
+    ok = ("template <int B>\n__global__ void __launch_bounds__(B * 32)\nk(int* a, Foo<(1 > 0)> f) {\n"
+          "  QK_LAUNCH_BOUNDS(B*32);\n}")
+    assert launch_bounds_problems(ok) == (["k"], [])
+    assert launch_bounds_problems("__global__ void k(int* a) {\n  QK_LAUNCH_BOUNDS(64);\n}")[1] == [
+        ": k has no __launch_bounds__"]
+    assert launch_bounds_problems("__global__ void __launch_bounds__(64) k(int* a) {\n  int i = threadIdx.x;\n"
+                                  "  QK_LAUNCH_BOUNDS(64);\n}")[1] == [
+        ": k's first statement is not QK_LAUNCH_BOUNDS(64);"]
+    assert launch_bounds_problems("__global__ void __launch_bounds__(kT) k() { QK_LAUNCH_BOUNDS(kT / 2); }")[1] == [
+        ": k: __launch_bounds__(kT) but QK_LAUNCH_BOUNDS(kT / 2)"]
+    # probes.cpp breaks the rule on purpose in two kernels (test_launch_bounds_enforced runs them), and only there.
+    assert launch_bounds_problems((cuda_emu.EMU / "probes.cpp").read_text(), "probes.cpp")[1] == [
+        "probes.cpp: probe_late_bounds_kernel's first statement is not QK_LAUNCH_BOUNDS(128);",
+        "probes.cpp: probe_unbounded_kernel has no __launch_bounds__"]
+    # /* ... */ and // comments are not code.
+    assert launch_bounds_problems("// __global__ void k()\n/* __global__ void j() {} */") == ([], [])
+
+
 # --------------------------------------------------------------------------- 3. the GPU grid
 
 
@@ -350,10 +464,9 @@ def test_zero_point_out_of_range_rejected():
 def test_every_kernel_template_launches():
     """Small calls reach every __global__ function of csrc/cuda/*.cu and each tile config of the
     two tensor-core GEMMs (the emulator's launch log has the instantiated names)."""
-    import re
-
-    src = "".join(p.read_text() for p in (cuda_emu.CSRC / "cuda").glob("*.cu"))
-    kernels = set(re.findall(r"__global__ void(?: __launch_bounds__\([^)]*\))?\s+(\w+)\(", src))
+    kernels = set()
+    for p in (cuda_emu.CSRC / "cuda").glob("*.cu"):
+        kernels.update(launch_bounds_problems(p.read_text(), p.name)[0])
     assert len(kernels) == 9, kernels
     cuda_emu.take_launch_log()
     x = torch.randn(70, 96)

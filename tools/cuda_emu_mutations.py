@@ -22,7 +22,8 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-# (name, file, old, new, what it models). `old` must occur exactly once.
+# (name, file, old, new, what it models). `old` must occur exactly once; a tuple of olds (and news) edits
+# several places of the file, each of which must occur exactly once.
 # EQUIVALENT: mutations that do not change what the kernel computes or its synchronisation
 # correctness (a test that "catches" them would be wrong), with the reason.
 EQUIVALENT = {
@@ -85,6 +86,26 @@ MUTATIONS = [
      "if (in_k && i4.zero_b != nullptr && kglob % i4.group_size == 0) {",
      "if (in_k && i4.zero_b != nullptr && kglob == 0) {",
      "W4A8 tensor cores: every group uses the first group's zero point"),
+    ("block above __launch_bounds__ (SIMT GEMM launch)", "csrc/cuda/int8_gemm.cu",
+     "QK_LAUNCH(simt_gemm_kernel<OutT>, simt_blocks(M * N), kSimtThreads, 0,",
+     "QK_LAUNCH(simt_gemm_kernel<OutT>, simt_blocks(M * N), 4 * kSimtThreads, 0,",
+     "int8 SIMT fallback launched with 1024-thread blocks, bound 256: a GPU refuses the launch (too many "
+     "resources requested); the grid-stride loop would still compute the right result"),
+    ("__launch_bounds__ lowered below the launch", "csrc/cuda/quantize_int8.cu",
+     ("__launch_bounds__(kQuantThreads)\nquantize_rowwise_kernel", "QK_LAUNCH_BOUNDS(kQuantThreads);"),
+     ("__launch_bounds__(kQuantThreads / 2)\nquantize_rowwise_kernel", "QK_LAUNCH_BOUNDS(kQuantThreads / 2);"),
+     "quantize_rowwise_kernel's bound halved (both statements, consistently) while the launch still uses "
+     "kQuantThreads = 256 threads"),
+    ("__launch_bounds__ edited in the signature only", "csrc/cuda/weight_only.cu",
+     "__global__ void __launch_bounds__(kTcThreads)",
+     "__global__ void __launch_bounds__(kTcThreads / 2)",
+     "weight_only_mma_kernel: nvcc would compile for 64 threads, the emulator still checks 128 (the two "
+     "statements of the bound disagree)"),
+    ("missing __syncthreads (LLM.int8 gather -> sum)", "csrc/cuda/llm_int8.cu",
+     "    __syncthreads();\n\n    // 3. sum_j",
+     "\n    // 3. sum_j",
+     "llm_int8_correct_kernel: the xs / ws tiles gathered by all warps are read by other warps without the "
+     "barrier between the two phases"),
 ]
 
 
@@ -131,8 +152,11 @@ def main():
                 continue
             path = work / rel
             orig = path.read_text()
-            assert orig.count(old) == 1, (name, orig.count(old))
-            path.write_text(orig.replace(old, new))
+            text = orig
+            for o, n in zip(*((old, new) if isinstance(old, tuple) else ((old,), (new,)))):
+                assert text.count(o) == 1, (name, o, text.count(o))
+                text = text.replace(o, n)
+            path.write_text(text)
             try:
                 failed, msg, dt = run_tests(work, env)
             finally:

@@ -130,6 +130,7 @@ template <int BM, int BN, int WARPS_M, int WARPS_N, int STAGES, bool INT4, typen
 __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32)
 imma_gemm_kernel(const int8_t* __restrict__ a, const uint8_t* __restrict__ b, int64_t M, int64_t N, int64_t K,
                  Epilogue<OutT> ep, Int4Args i4) {
+  QK_LAUNCH_BOUNDS(WARPS_M * WARPS_N * 32);
   using Cfg = TileCfg<BM, BN, WARPS_M, WARPS_N, STAGES, INT4>;
   constexpr int MT = Cfg::kMT, NT = Cfg::kNT, THREADS = Cfg::kThreads;
   QK_DYNAMIC_SMEM(smem);
@@ -308,10 +309,13 @@ imma_gemm_kernel(const int8_t* __restrict__ a, const uint8_t* __restrict__ b, in
 // ------------------------------------------------------------------ SIMT fallback kernels
 // One thread per output, plain loops: for K % 16 != 0 (or K % 32 for W4A8) and misaligned
 // pointers. Correct for every shape; slow.
+constexpr int kSimtThreads = 256;
 
 template <typename OutT>
-__global__ void simt_gemm_kernel(const int8_t* __restrict__ a, const int8_t* __restrict__ b, int64_t M, int64_t N,
-                                 int64_t K, Epilogue<OutT> ep) {
+__global__ void __launch_bounds__(kSimtThreads)
+simt_gemm_kernel(const int8_t* __restrict__ a, const int8_t* __restrict__ b, int64_t M, int64_t N, int64_t K,
+                 Epilogue<OutT> ep) {
+  QK_LAUNCH_BOUNDS(kSimtThreads);
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < M * N;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t m = idx / N, n = idx % N;
@@ -322,8 +326,10 @@ __global__ void simt_gemm_kernel(const int8_t* __restrict__ a, const int8_t* __r
 }
 
 template <typename OutT>
-__global__ void simt_w4a8_kernel(const int8_t* __restrict__ a, const uint8_t* __restrict__ bp, int64_t M, int64_t N,
-                                 int64_t K, Epilogue<OutT> ep, Int4Args i4) {
+__global__ void __launch_bounds__(kSimtThreads)
+simt_w4a8_kernel(const int8_t* __restrict__ a, const uint8_t* __restrict__ bp, int64_t M, int64_t N, int64_t K,
+                 Epilogue<OutT> ep, Int4Args i4) {
+  QK_LAUNCH_BOUNDS(kSimtThreads);
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < M * N;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t m = idx / N, n = idx % N;
@@ -377,7 +383,7 @@ cudaError_t launch_by_m(const int8_t* a, const uint8_t* b, int64_t M, int64_t N,
 }
 
 unsigned simt_blocks(int64_t outputs) {
-  const int64_t blocks = ceil_div(outputs, 256);
+  const int64_t blocks = ceil_div(outputs, kSimtThreads);
   return static_cast<unsigned>(blocks < 65535 ? blocks : 65535);
 }
 
@@ -403,7 +409,7 @@ cudaError_t int8_gemm(const int8_t* a, const int8_t* b, int64_t M, int64_t N, in
     using OutT = std::remove_pointer_t<decltype(tag)>;
     const Epilogue<OutT> ep{scale_a, scale_b, bias, static_cast<OutT*>(out), N};
     if (tc) return launch_by_m<false, OutT>(a, reinterpret_cast<const uint8_t*>(b), M, N, K, ep, Int4Args{}, stream);
-    QK_LAUNCH(simt_gemm_kernel<OutT>, simt_blocks(M * N), 256, 0, stream, a, b, M, N, K, ep);
+    QK_LAUNCH(simt_gemm_kernel<OutT>, simt_blocks(M * N), kSimtThreads, 0, stream, a, b, M, N, K, ep);
     return cudaGetLastError();
   });
 }
@@ -418,7 +424,7 @@ cudaError_t w4a8_gemm(const int8_t* a, const uint8_t* bp, int64_t M, int64_t N, 
     using OutT = std::remove_pointer_t<decltype(tag)>;
     const Epilogue<OutT> ep{scale_a, nullptr, bias, static_cast<OutT*>(out), N};
     if (tc) return launch_by_m<true, OutT>(a, bp, M, N, K, ep, i4, stream);
-    QK_LAUNCH(simt_w4a8_kernel<OutT>, simt_blocks(M * N), 256, 0, stream, a, bp, M, N, K, ep, i4);
+    QK_LAUNCH(simt_w4a8_kernel<OutT>, simt_blocks(M * N), kSimtThreads, 0, stream, a, bp, M, N, K, ep, i4);
     return cudaGetLastError();
   });
 }

@@ -25,6 +25,7 @@ __global__ void __launch_bounds__(kThreads)
 llm_int8_correct_kernel(const float* acc, const T* __restrict__ x, const int8_t* __restrict__ b,
                         const float* __restrict__ scale_b, const uint8_t* __restrict__ outliers,
                         const float* __restrict__ bias, int64_t M, int64_t N, int64_t K, T* out) {
+  QK_LAUNCH_BOUNDS(kThreads);
   QK_SHARED(int, idx, [kChunk]);
   QK_SHARED(int, warp_count, [kChunk / 32]);
   QK_SHARED(float, xs, [kTileM][kChunk]);  // x[m0 + r, idx[j]]

@@ -11,6 +11,17 @@
 // wrappers below and in the .cu files call the emulator's host implementations of the same
 // instructions, every launch goes through QK_LAUNCH and dynamic shared memory through
 // QK_DYNAMIC_SMEM. Kernel logic is never written twice.
+//
+// Launch bounds: every __global__ kernel is declared `__global__ void __launch_bounds__(B) name(...)`
+// and its first statement is `QK_LAUNCH_BOUNDS(B);` with the same text B. nvcc sees the real
+// __launch_bounds__ (register allocation; a launch with more threads fails on the GPU with "too
+// many resources requested for launch"); QK_LAUNCH_BOUNDS is a compile-time range check there and
+// costs nothing. In the emulator (where __launch_bounds__ expands to nothing) QK_LAUNCH_BOUNDS
+// hands B to the launch: a block with more than B threads fails it (cudaErrorLaunchOutOfResources)
+// before the kernel does anything, naming the kernel, the block and the bound, and a kernel that
+// uses threadIdx, shared or global memory or a barrier before stating its bound fails too.
+// tests/test_cuda_emu.py parses csrc/cuda/ and fails on a kernel without the pair or with two
+// different texts.
 #pragma once
 
 #include <cstdint>
@@ -27,6 +38,8 @@
 #define QK_LAUNCH(kernel, grid, block, smem, stream, ...) \
   ::qk_emu::launch(#kernel, __PRETTY_FUNCTION__, kernel, grid, block, smem, stream, __VA_ARGS__)
 #define QK_DYNAMIC_SMEM(name) uint8_t* const name = ::qk_emu::dynamic_smem()
+// The kernel's __launch_bounds__ (the same text), checked against the launch's block.
+#define QK_LAUNCH_BOUNDS(max_threads) ::qk_emu::launch_bounds(static_cast<int>(max_threads))
 // A static shared array: one block-wide instance per declaration (per kernel instantiation: the
 // address of a constant-initialised local tag is its key), in the emulator's static shared window.
 #define QK_SHARED(T, name, dims)                                                                            \
@@ -37,6 +50,8 @@
 #else
 #define QK_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
 #define QK_DYNAMIC_SMEM(name) extern __shared__ __align__(128) uint8_t name[]
+#define QK_LAUNCH_BOUNDS(max_threads) \
+  static_assert((max_threads) >= 1 && (max_threads) <= 1024, "__launch_bounds__ must be in [1, 1024]")
 #define QK_SHARED(T, name, dims) __shared__ T name dims
 #endif
 

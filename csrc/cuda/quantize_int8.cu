@@ -28,6 +28,7 @@ template <typename T>
 __global__ void __launch_bounds__(kQuantThreads)
 quantize_rowwise_kernel(const T* __restrict__ x, int64_t K, const uint8_t* __restrict__ outliers,
                         int8_t* __restrict__ q, float* __restrict__ scale) {
+  QK_LAUNCH_BOUNDS(kQuantThreads);
   QK_SHARED(float, warp_max, [kQuantThreads / 32]);
   const int64_t row = blockIdx.x;
   const T* xr = x + row * K;
@@ -70,6 +71,7 @@ constexpr int kOutlierRows = 64;
 template <typename T>
 __global__ void __launch_bounds__(kOutlierThreads)
 outlier_columns_kernel(const T* __restrict__ x, int64_t M, int64_t K, float threshold, uint8_t* __restrict__ outliers) {
+  QK_LAUNCH_BOUNDS(kOutlierThreads);
   const int64_t k = static_cast<int64_t>(blockIdx.x) * kOutlierThreads + threadIdx.x;
   if (k >= K) return;
   bool hit = false;

@@ -88,6 +88,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
 weight_only_gemv_kernel(const T* __restrict__ x, const uint8_t* __restrict__ w, const float* __restrict__ scale,
                         const uint8_t* __restrict__ zero, int64_t num_groups, const float* __restrict__ bias,
                         int64_t M, int64_t N, int64_t K, T* __restrict__ y, bool vec) {
+  QK_LAUNCH_BOUNDS(kWarpsPerBlock * 32);
   constexpr int KC = INT4 ? 32 : 16;                   // k values per 16-byte weight chunk
   constexpr int XV = KC * static_cast<int>(sizeof(T)) / 16;  // 16-byte x loads per chunk and row
   const int lane = threadIdx.x & 31;
@@ -259,6 +260,7 @@ weight_only_mma_kernel(const T* __restrict__ x, const uint8_t* __restrict__ w, c
                        const uint8_t* __restrict__ zero, int64_t num_groups, int64_t group_size,
                        const float* __restrict__ bias, int64_t M, int64_t N, int64_t K, int tiles_per_split,
                        T* __restrict__ y, float* __restrict__ ws) {
+  QK_LAUNCH_BOUNDS(kTcThreads);
   using Cfg = TcCfg<T, INT4, BM, NT, STAGES>;
   using H = HalfMma<T>;
   constexpr int MT = Cfg::kMT, BN = Cfg::kBN, WN = Cfg::kWN;
@@ -469,9 +471,13 @@ weight_only_mma_kernel(const T* __restrict__ x, const uint8_t* __restrict__ w, c
 }
 
 // y[m, n] = T(sum_z ws[z, m, n] (in split order) + bias[n]).
+constexpr int kReduceThreads = 256;
+
 template <typename T>
-__global__ void splitk_reduce_kernel(const float* __restrict__ ws, int splits, const float* __restrict__ bias,
-                                     int64_t M, int64_t N, T* __restrict__ y) {
+__global__ void __launch_bounds__(kReduceThreads)
+splitk_reduce_kernel(const float* __restrict__ ws, int splits, const float* __restrict__ bias, int64_t M, int64_t N,
+                     T* __restrict__ y) {
+  QK_LAUNCH_BOUNDS(kReduceThreads);
   const int64_t MN = M * N;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < MN;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -508,9 +514,9 @@ cudaError_t launch_mma(const T* x, const uint8_t* w, const float* scale, const u
             K, tps, y, splits > 1 ? ws : nullptr);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || splits == 1) return err;
-  const int64_t blocks = ceil_div(M * N, 256);
-  QK_LAUNCH(splitk_reduce_kernel<T>, static_cast<unsigned>(blocks < 4096 ? blocks : 4096), 256, 0, stream, ws, splits,
-            bias, M, N, y);
+  const int64_t blocks = ceil_div(M * N, kReduceThreads);
+  QK_LAUNCH(splitk_reduce_kernel<T>, static_cast<unsigned>(blocks < 4096 ? blocks : 4096), kReduceThreads, 0, stream,
+            ws, splits, bias, M, N, y);
   return cudaGetLastError();
 }
 

@@ -2,6 +2,8 @@
 // hazard) through the same launch path and wrappers as csrc/cuda/, so that the tests can check
 // the primitive against a transcription of the PTX ISA's definition, and that each hazard check
 // fires. Registered as quantkernels_cuda_emu::probe_* (schemas in quantkernels/cuda_emu.py).
+// Every kernel here states its launch bounds like csrc/cuda/'s, except the two launch-bounds
+// probes that break the rule on purpose (probe_late_bounds_kernel, probe_unbounded_kernel).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -14,7 +16,8 @@ namespace {
 // ---- primitives: in [32, n_in] uint32 per lane -> out [32, 4] uint32 per lane
 
 // mma.m16n8k32 s8: in = a0..a3, b0, b1, c0..c3.
-__global__ void probe_mma_s8_kernel(const int32_t* in, int32_t* out) {
+__global__ void __launch_bounds__(32) probe_mma_s8_kernel(const int32_t* in, int32_t* out) {
+  QK_LAUNCH_BOUNDS(32);
   const int l = threadIdx.x;
   const int32_t* p = in + l * 10;
   const uint32_t a[4] = {uint32_t(p[0]), uint32_t(p[1]), uint32_t(p[2]), uint32_t(p[3])};
@@ -24,7 +27,8 @@ __global__ void probe_mma_s8_kernel(const int32_t* in, int32_t* out) {
 }
 
 // mma.m16n8k16 f16 / bf16 (bf != 0): in = a0..a3, b0, b1, c0..c3 (fp32 bits).
-__global__ void probe_mma_half_kernel(const int32_t* in, int32_t* out, int bf) {
+__global__ void __launch_bounds__(32) probe_mma_half_kernel(const int32_t* in, int32_t* out, int bf) {
+  QK_LAUNCH_BOUNDS(32);
   const int l = threadIdx.x;
   const int32_t* p = in + l * 10;
   float c[4];
@@ -37,7 +41,8 @@ __global__ void probe_mma_half_kernel(const int32_t* in, int32_t* out, int bf) {
 }
 
 // ldmatrix.x4: smem (512 bytes) holds `tile`; lane l gives row address rows[l] (byte offset).
-__global__ void probe_ldmatrix_kernel(const uint8_t* tile, const int32_t* rows, int32_t* out) {
+__global__ void __launch_bounds__(32) probe_ldmatrix_kernel(const uint8_t* tile, const int32_t* rows, int32_t* out) {
+  QK_LAUNCH_BOUNDS(32);
   QK_DYNAMIC_SMEM(smem);
   const int l = threadIdx.x;
   for (int i = 0; i < 16; ++i) smem[l * 16 + i] = tile[l * 16 + i];
@@ -48,7 +53,8 @@ __global__ void probe_ldmatrix_kernel(const uint8_t* tile, const int32_t* rows, 
 }
 
 // __shfl_xor_sync / __ballot_sync: out[l] = {shfl_xor(v[l], lane_mask), ballot(v[l] & 1)}.
-__global__ void probe_warp_kernel(const int32_t* v, int lane_mask, int32_t* out) {
+__global__ void __launch_bounds__(32) probe_warp_kernel(const int32_t* v, int lane_mask, int32_t* out) {
+  QK_LAUNCH_BOUNDS(32);
   const int l = threadIdx.x;
   out[l * 2] = __shfl_xor_sync(0xffffffffu, v[l], lane_mask);
   out[l * 2 + 1] = static_cast<int32_t>(__ballot_sync(0xffffffffu, v[l] & 1));
@@ -58,7 +64,8 @@ __global__ void probe_warp_kernel(const int32_t* v, int lane_mask, int32_t* out)
 // : 16) in two commit groups; after wait_group(1) only the first has landed, after (0) both.
 // mode 0: read chunk 0 after wait_group(1), both after wait_group(0) (legal);
 // mode 1: read chunk 1 after wait_group(1) (its copy is pending: a hazard).
-__global__ void probe_cp_async_kernel(const uint8_t* src, int zfill, int mode, uint8_t* out) {
+__global__ void __launch_bounds__(32) probe_cp_async_kernel(const uint8_t* src, int zfill, int mode, uint8_t* out) {
+  QK_LAUNCH_BOUNDS(32);
   QK_DYNAMIC_SMEM(smem);
   cp_async_16(smem_addr(smem), src, true);
   cp_async_commit();
@@ -76,7 +83,8 @@ __global__ void probe_cp_async_kernel(const uint8_t* src, int zfill, int mode, u
 // wrote, no barrier; 3 global load one element past the end; 4 misaligned 16-byte shared load;
 // 5 lane 31 exits before a __shfl_xor_sync; 6 warp 1 exits before a __syncthreads;
 // 7 __ballot_sync with a mask that excludes the calling lane; 8 exits with cp.async pending.
-__global__ void probe_hazard_kernel(int kind, const float* g, int64_t n, float* out) {
+__global__ void __launch_bounds__(1024) probe_hazard_kernel(int kind, const float* g, int64_t n, float* out) {
+  QK_LAUNCH_BOUNDS(1024);
   QK_DYNAMIC_SMEM(smem);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   float* s = reinterpret_cast<float*>(smem);
@@ -120,6 +128,23 @@ __global__ void probe_hazard_kernel(int kind, const float* g, int64_t n, float* 
   }
   out[tid] = v + s[tid];
 }
+
+// ---- launch bounds: a bound that depends on a template argument (like imma_gemm_kernel's), and
+// two kernels that break the rule that QK_LAUNCH_BOUNDS is the first statement.
+template <int kBound>
+__global__ void __launch_bounds__(kBound / 2 * 2) probe_bounds_kernel(int32_t* out) {
+  QK_LAUNCH_BOUNDS(kBound / 2 * 2);
+  const int tid = threadIdx.x + threadIdx.y * blockDim.x;
+  out[tid] = tid;
+}
+// Reads threadIdx before stating its bound.
+__global__ void __launch_bounds__(128) probe_late_bounds_kernel(int32_t* out) {
+  const int tid = threadIdx.x + threadIdx.y * blockDim.x;
+  QK_LAUNCH_BOUNDS(128);
+  out[tid] = tid;
+}
+// States no bound at all (and does nothing).
+__global__ void probe_unbounded_kernel(int32_t*) {}
 
 // ---- scalar intrinsics (host code: they are plain functions in the emulator)
 
@@ -224,6 +249,25 @@ at::Tensor probe_hazard(const at::Tensor& g_in, int64_t kind, int64_t threads, i
   return out;
 }
 
+// kind 0: probe_bounds_kernel<128> (__launch_bounds__(128)) on a (bx, by) block, out[t] = t;
+// 1: probe_late_bounds_kernel; 2: probe_unbounded_kernel. A failed launch raises "cudaError <code>: <message>".
+at::Tensor probe_bounds(int64_t bx, int64_t by, int64_t kind) {
+  TORCH_CHECK_VALUE(bx >= 1 && by >= 1 && bx * by <= 4096, "probe_bounds: bx, by >= 1 and bx * by <= 4096, got bx=",
+                    bx, ", by=", by);
+  at::Tensor out = at::full({bx * by}, -1, at::kInt);
+  const dim3 block(static_cast<unsigned>(bx), static_cast<unsigned>(by));
+  int32_t* o = out.data_ptr<int32_t>();
+  if (kind == 0)
+    QK_LAUNCH(probe_bounds_kernel<128>, 1, block, 0, nullptr, o);
+  else if (kind == 1)
+    QK_LAUNCH(probe_late_bounds_kernel, 1, block, 0, nullptr, o);
+  else
+    QK_LAUNCH(probe_unbounded_kernel, 1, block, 0, nullptr, o);
+  const cudaError_t err = cudaGetLastError();
+  TORCH_CHECK(err == cudaSuccess, "cudaError ", static_cast<int>(err), ": ", ::qk_emu::last_message());
+  return out;
+}
+
 }  // namespace
 }  // namespace cuda
 }  // namespace quantkernels
@@ -237,4 +281,9 @@ TORCH_LIBRARY_IMPL(quantkernels_cuda_emu, CPU, m) {
   m.impl("probe_convert", &quantkernels::cuda::probe_convert);
   m.impl("probe_bytes", &quantkernels::cuda::probe_bytes);
   m.impl("probe_rn", &quantkernels::cuda::probe_rn);
+}
+
+// No tensor argument to dispatch on: registered for every backend.
+TORCH_LIBRARY_IMPL(quantkernels_cuda_emu, CompositeExplicitAutograd, m) {
+  m.impl("probe_bounds", &quantkernels::cuda::probe_bounds);
 }

@@ -12,6 +12,10 @@
 // but linked without the sanitizer runtimes: runtime.cpp defines the __tsan_* / __ubsan_* entry
 // points the compiler inserts before every load and store, and checks each access (shared-memory
 // races between warps, pending cp.async bytes, out-of-bounds and misaligned accesses).
+//
+// Launch bounds: a kernel's first statement, QK_LAUNCH_BOUNDS(B) (qk_common.cuh), repeats its
+// __launch_bounds__(B); launch_bounds() below fails a launch whose block has more than B threads,
+// and the runtime fails a kernel that does anything before stating B.
 #pragma once
 
 #ifndef QK_CUDA_EMU
@@ -34,6 +38,8 @@ using std::isnan;
 #define __device__
 #define __host__
 #define __forceinline__ inline
+// Nothing here: the bound reaches the emulator through the kernel's first statement,
+// QK_LAUNCH_BOUNDS(same text) (csrc/cuda/qk_common.cuh), which qk_emu::launch_bounds checks.
 #define __launch_bounds__(...)
 #define __align__(n) alignas(n)
 // No __shared__: kernels declare static shared arrays with QK_SHARED (qk_common.cuh), which
@@ -59,6 +65,7 @@ enum cudaError_t : int {
   cudaSuccess = 0,
   cudaErrorInvalidValue = 1,
   cudaErrorInvalidConfiguration = 9,
+  cudaErrorLaunchOutOfResources = 701,
   cudaErrorLaunchFailure = 719,
 };
 struct CUstream_st;
@@ -103,6 +110,9 @@ uint32_t shfl_xor_b32(uint32_t mask, uint32_t v, int lane_mask);
 uint32_t ballot(uint32_t mask, bool pred);
 void syncthreads();
 int syncthreads_or(int pred);
+// QK_LAUNCH_BOUNDS(n), a kernel's first statement: fails the launch (cudaErrorLaunchOutOfResources,
+// as a GPU does) when the block has more than n threads.
+void launch_bounds(int max_threads);
 
 // For the emulated bindings and tests.
 const char* last_message();             // the last launch failure / hazard, with its kernel, block, warp, lane

@@ -106,6 +106,7 @@ struct Thread {
   std::vector<std::vector<Copy>> groups;  // committed, oldest first
   std::vector<Copy> open;                 // issued, not yet committed
   int bar_pred = 0, bar_result = 0;
+  bool bounded = false;  // ran QK_LAUNCH_BOUNDS
 };
 
 struct Warp {
@@ -135,6 +136,8 @@ struct Launch {
   std::vector<Thread> threads;
   std::vector<Warp> warps;
   std::string error;
+  cudaError_t code = cudaSuccess;  // the error a hazard reports (default: cudaErrorLaunchFailure)
+  int bound = 0;                   // the kernel's QK_LAUNCH_BOUNDS, once stated
 } g;
 
 std::vector<std::unique_ptr<uint8_t[]>> g_stacks;
@@ -186,6 +189,38 @@ void hazard(const std::string& what) {
 }
 
 void yield_to_scheduler() { swapcontext(&g_cur->ctx, &g_sched); }
+
+// ------------------------------------------------------------------ launch bounds
+
+// Every kernel states its __launch_bounds__ as its first statement (QK_LAUNCH_BOUNDS, qk_common.cuh):
+// a thread that does anything else first (thread / block index, memory, a barrier or collective,
+// returning) fails the launch, so no kernel runs unchecked.
+void unbounded(const char* what) {
+  hazard(fmt("the kernel %s before QK_LAUNCH_BOUNDS(...): every __global__ kernel's first statement must state "
+             "its __launch_bounds__ (csrc/cuda/qk_common.cuh)",
+             what));
+}
+inline void need_bounds(const char* what) {
+  if (g_cur != nullptr && !g_cur->bounded) unbounded(what);
+}
+
+void launch_bounds(int max_threads) {
+  Thread* t = g_cur;
+  if (t == nullptr) return;  // host code
+  if (max_threads < 1 || max_threads > 1024)
+    hazard(fmt("QK_LAUNCH_BOUNDS(%d): __launch_bounds__ must be in [1, 1024]", max_threads));
+  if (g.bound != 0 && g.bound != max_threads)
+    hazard(fmt("QK_LAUNCH_BOUNDS(%d) after QK_LAUNCH_BOUNDS(%d) in the same launch", max_threads, g.bound));
+  g.bound = max_threads;
+  const uint64_t nt = uint64_t(g.block.x) * g.block.y * g.block.z;
+  if (nt > static_cast<uint64_t>(max_threads)) {
+    g.code = cudaErrorLaunchOutOfResources;
+    hazard(fmt("block (%u, %u, %u) of %llu threads exceeds the kernel's __launch_bounds__(%d): a GPU refuses this "
+               "launch (cudaErrorLaunchOutOfResources, \"too many resources requested for launch\")",
+               g.block.x, g.block.y, g.block.z, static_cast<unsigned long long>(nt), max_threads));
+  }
+  t->bounded = true;
+}
 
 // ------------------------------------------------------------------ shared memory
 
@@ -270,6 +305,7 @@ void on_access(const void* p, size_t n, bool write, size_t align) {
   const uintptr_t a = reinterpret_cast<uintptr_t>(p);
   const uintptr_t s0 = reinterpret_cast<uintptr_t>(t->stack);
   if (a >= s0 && a < s0 + kStack) return;  // the thread's own registers / local memory
+  if (!t->bounded && !(a >= g.ctx_lo && a + n <= g.ctx_hi)) unbounded(write ? "stores to memory" : "loads memory");
   if (align > 1 && a % align != 0)
     hazard(fmt("misaligned %zu-byte %s at %p", n, write ? "store" : "load", p));
   const uintptr_t d0 = reinterpret_cast<uintptr_t>(g_arena);
@@ -297,13 +333,29 @@ void on_access(const void* p, size_t n, bool write, size_t align) {
 
 // ------------------------------------------------------------------ threads, warps, barriers
 
-uint3 thread_idx() { return g_cur->idx; }
-uint3 block_idx() { return g.bidx; }
-dim3 block_dim() { return g.block; }
-dim3 grid_dim() { return g.grid; }
-uint8_t* dynamic_smem() { return g_arena; }
+uint3 thread_idx() {
+  need_bounds("reads threadIdx");
+  return g_cur->idx;
+}
+uint3 block_idx() {
+  need_bounds("reads blockIdx");
+  return g.bidx;
+}
+dim3 block_dim() {
+  need_bounds("reads blockDim");
+  return g.block;
+}
+dim3 grid_dim() {
+  need_bounds("reads gridDim");
+  return g.grid;
+}
+uint8_t* dynamic_smem() {
+  need_bounds("declares dynamic shared memory");
+  return g_arena;
+}
 std::map<const void*, size_t> g_static_off;
 uint8_t* static_smem(const void* tag, size_t bytes, size_t align) {
+  need_bounds("declares a static shared array");
   auto it = g_static_off.find(tag);
   if (it == g_static_off.end()) {
     const size_t off = (g_static_used + align - 1) / align * align;
@@ -327,6 +379,7 @@ void compute(Warp& w);
 
 // Arrives at a warp collective with this lane's inputs; returns when the collective completed.
 void arrive(Coll kind, uint32_t mask, const uint32_t* in, int nin) {
+  need_bounds("executes a warp collective");
   Thread* t = g_cur;
   Warp& w = g.warps[t->warp];
   if (((mask >> t->lane) & 1u) == 0)
@@ -355,6 +408,7 @@ void arrive(Coll kind, uint32_t mask, const uint32_t* in, int nin) {
 }
 
 int barrier(int pred) {
+  need_bounds("reaches __syncthreads");
   g_cur->bar_pred = pred;
   g_cur->st = St::Bar;
   yield_to_scheduler();
@@ -366,6 +420,7 @@ int syncthreads_or(int pred) { return barrier(pred != 0); }
 // ------------------------------------------------------------------ cp.async
 
 void cp_async_cg(uint32_t dst, const void* src, int cp_size, int src_size) {
+  need_bounds("issues cp.async");
   if (cp_size != 16) hazard(fmt("cp.async.cg with cp-size %d (only 16 is valid)", cp_size));
   if (src_size < 0 || src_size > cp_size) hazard(fmt("cp.async src-size %d outside [0, %d]", src_size, cp_size));
   if (dst % 16 != 0) hazard(fmt("misaligned cp.async: shared destination offset %u is not 16-byte aligned", dst));
@@ -560,6 +615,7 @@ void compute(Warp& w) {
 
 void thread_main() {
   g.body(g.ctx);
+  need_bounds("returns");
   Thread* t = g_cur;
   if (!t->open.empty() || !t->groups.empty()) {
     size_t n = t->open.size();
@@ -692,6 +748,8 @@ cudaError_t run_kernel(const char* name, const char* where, const void* fn, dim3
   g.ctx_lo = reinterpret_cast<uintptr_t>(ctx);
   g.ctx_hi = g.ctx_lo + ctx_size;
   g.error.clear();
+  g.code = cudaSuccess;
+  g.bound = 0;
   const uint64_t nt = uint64_t(block.x) * block.y * block.z;
   if (block.x == 0 || block.y == 0 || block.z == 0 || nt > 1024 || block.x > 1024 || block.y > 1024 || block.z > 64)
     return fail(cudaErrorInvalidConfiguration,
@@ -718,7 +776,7 @@ cudaError_t run_kernel(const char* name, const char* where, const void* fn, dim3
         run_block();
         if (!g.error.empty()) {
           g_message = g.error;
-          g_last = cudaErrorLaunchFailure;
+          g_last = g.code != cudaSuccess ? g.code : cudaErrorLaunchFailure;
           return g_last;
         }
       }
