@@ -158,6 +158,65 @@ def test_llm_int8_linear_emu(case, dev):
     on(dev, F.prop_llm_int8, "llm_int8_linear", *case)
 
 
+# --------------------------------------------------------------------------- bad input
+
+
+def _spoil(draw, op: str, args: list):
+    """One argument of a valid call made invalid: a 3-D activation (the GEMMs take [M, K]), another
+    dtype, a scale or bias of the wrong length, a weight with another K. Returns (args, what)."""
+    kinds = ["3-D activation", "activation dtype", "weight K", "scale length", "scale dtype"]
+    if op in ("w8a8_gemm", "w4a8_gemm", "w8a16_gemm", "w4a16_gemm", "llm_int8_linear"):
+        kinds.append("bias length")
+    kind = draw(st.sampled_from(kinds))
+    a = list(args)
+    if kind == "3-D activation":
+        a[0] = a[0].reshape(1, *a[0].shape)
+    elif kind == "activation dtype":
+        a[0] = a[0].to(torch.int32 if a[0].is_floating_point() else torch.float16)
+    elif kind == "weight K":
+        a[1] = torch.cat([a[1], a[1][:, :1]], dim=1)
+    else:
+        si = {"int8_gemm": None, "w8a8_gemm": 3, "w4a8_gemm": 3, "w8a16_gemm": 2, "w4a16_gemm": 2,
+              "llm_int8_linear": 2}[op]
+        if si is None:
+            kind = "weight K"
+            a[1] = torch.cat([a[1], a[1][:, :1]], dim=1)
+        elif kind == "scale length":
+            a[si] = torch.cat([a[si], a[si][:1]])
+        elif kind == "scale dtype":
+            a[si] = a[si].to(torch.float64)
+        else:
+            bi = {"w8a8_gemm": 4, "w4a8_gemm": 5, "w8a16_gemm": 3, "w4a16_gemm": 4, "llm_int8_linear": 3}[op]
+            a[bi] = torch.ones(a[1].shape[0] + 1)
+    return a, kind
+
+
+@W(WEIGHT / 3)
+@given(op=st.sampled_from(["int8_gemm", "w8a8_gemm", "w4a8_gemm", "w8a16_gemm", "w4a16_gemm", "llm_int8_linear"]),
+       data=st.data())
+def test_bad_input_refused_like_the_reference_emu(op, data):
+    """A call with one spoiled argument: the CUDA bindings refuse it with the reference's error
+    (same exception type, same message naming the argument and the value), never a crash, a
+    hazard or a result."""
+    from quantkernels import reference as R
+
+    small = F.dims(m_max=9, n_max=9, k_max=64)
+    case = {"int8_gemm": lambda: F.int8_gemm_case(shape=small), "w8a8_gemm": lambda: F.w8a8_case(shape=small),
+            "w4a8_gemm": lambda: F.w4a8_case(shape=small, k_max_gk=64),
+            "w8a16_gemm": lambda: F.weight_only_case(int4=False, shape=small),
+            "w4a16_gemm": lambda: F.weight_only_case(int4=True, shape=small, k_max_gk=64),
+            "llm_int8_linear": lambda: F.llm_int8_case(shape=small)}[op]
+    args, kind = _spoil(data.draw, op, list(data.draw(case())))
+    if op == "llm_int8_linear" and kind == "activation dtype":
+        args[0] = args[0].to(torch.int32)
+    with pytest.raises((ValueError, TypeError)) as want:
+        getattr(R, op)(*args)
+    F.count_case()
+    with pytest.raises(want.type) as got:
+        getattr(emu, op)(*args)
+    assert str(got.value) == str(want.value), (kind, str(got.value), str(want.value))
+
+
 # --------------------------------------------------------------------------- coverage
 
 
