@@ -129,6 +129,17 @@ def test_w4a16_gemm_emu(case, dev):
     on(dev, F.prop_w4a16, "w4a16_gemm", *case)
 
 
+@W(0.03)
+@given(case=F.int8_gemm_case(near_bound=True), w8a8=F.w8a8_case(near_bound=True),
+       llm=F.llm_int8_case(near_bound=True), dev=device_st)
+def test_int8_gemms_k_at_int32_bound_emu(case, w8a8, llm, dev):
+    """K within 40 of 131,071 (s.4), -128 included: the int32 accumulators stay exact (a few
+    cases: one such GEMM on the tensor cores takes seconds on the emulator)."""
+    on(dev, F.prop_int8_gemm, "int8_gemm", *case)
+    on(dev, F.prop_w8a8, "w8a8_gemm", *w8a8)
+    on(dev, F.prop_llm_int8, "llm_int8_linear", *llm)
+
+
 @W(WEIGHT / 2)
 @given(op=st.sampled_from(["int8_gemm", "w8a8_gemm", "w4a8_gemm"]), data=st.data(), dev=device_st)
 def test_int8_tensor_core_emu(op, data, dev):
