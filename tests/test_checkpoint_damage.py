@@ -246,6 +246,28 @@ def test_random_damage(saved, fmt, kind, tmp_path):
         assert outcomes["refused"] >= N_RANDOM // 2, outcomes
 
 
+def test_bnb_random_scb_and_weight_format_bytes(saved, tmp_path):
+    """Random flipped bytes aimed at the bitsandbytes tensors the loader can check (SCB: finite and
+    >= 0; weight_format: 0): refused, or (a flip that leaves a valid positive SCB) one value
+    differs and every scale is finite and > 0."""
+    d, ref_state = saved["bnb_int8"]
+    raw = (d / WEIGHTS_NAME).read_bytes()
+    h = header_len(raw)
+    header = json.loads(raw[8:8 + h])
+    spans = [(8 + h + v["data_offsets"][0], 8 + h + v["data_offsets"][1]) for k, v in header.items()
+             if k.endswith((".SCB", ".weight_format"))]
+    rng = random.Random("bnb_int8/scb")
+    outcomes = {"refused": 0, "identical": 0, "altered": 0}
+    for i in range(N_RANDOM):
+        lo, hi = spans[rng.randrange(len(spans))]
+        b = bytearray(raw)
+        b[rng.randrange(lo, hi)] ^= rng.randrange(1, 256)
+        bad = copy_ckpt(d, tmp_path / str(i))
+        (bad / WEIGHTS_NAME).write_bytes(bytes(b))
+        outcomes[attempt("bnb_int8", bad, ref_state, allow_altered=True)] += 1
+    assert outcomes["identical"] == 0 and outcomes["refused"] >= 5, outcomes
+
+
 def _edit_tensors(d: Path, fn):
     t = load_file(str(d / WEIGHTS_NAME))
     meta = safetensors.safe_open(str(d / WEIGHTS_NAME), "pt").metadata()
