@@ -139,6 +139,35 @@ def layout(t: torch.Tensor, how: str) -> torch.Tensor:
     raise ValueError(how)
 
 
+def layout_any(t: torch.Tensor, how: str) -> torch.Tensor:
+    """``layout`` for tensors of any rank: a 1-D tensor is 'strided' as every other element of a
+    wider buffer and 'offset' as a view 3 elements into its storage ('transposed' leaves it)."""
+    if t.dim() != 1 or how in ("contig", "transposed"):
+        return layout(t, how)
+    if how == "strided":
+        wide = torch.zeros(2 * t.shape[0], dtype=t.dtype)
+        wide[::2] = t
+        return wide[::2]
+    if how == "offset":
+        buf = torch.full((3 + t.shape[0],), 77, dtype=t.dtype)
+        buf[3:] = t
+        return buf[3:]
+    raise ValueError(how)
+
+
+def relayout_args(draw, args, first: int = 2) -> tuple:
+    """``args`` with every tensor from position ``first`` on (scales, zero points, bias) in a drawn
+    memory layout: the kernels must not assume them contiguous or aligned."""
+    return tuple(layout_any(a, draw(st.sampled_from(LAYOUTS))) if isinstance(a, torch.Tensor) and i >= first else a
+                 for i, a in enumerate(args))
+
+
+@st.composite
+def relayout(draw, case, first: int = 2):
+    """The drawn ``case`` (a tuple of GEMM arguments) through ``relayout_args``."""
+    return relayout_args(draw, draw(case), first)
+
+
 def _nd(v: torch.Tensor, shape) -> torch.Tensor:
     # [rows, K] padded view -> [..., K] without copying (the leading dims split the row stride)
     strides, s = [], v.stride(0)

@@ -3,12 +3,14 @@ csrc/cuda_bindings.cpp -- through the CUDA emulator (quantkernels.cuda_emu: ever
 every memory access checked) against the reference and tests/_spec.py: the same generators and
 properties as tests/test_fuzz.py and tests/test_fuzz_triton.py (tests/_fuzz.py).
 
-Shapes are smaller than the CPU fuzz (the emulator runs each thread of a block as a fiber), but
-M reaches past 64 so the three tile configs of the tensor-core GEMMs, the SIMT fallbacks (K or G
-tails, misaligned views), the GEMV and the split-K weight-only paths are all drawn; each case
-also draws the emulated device (sm_80 with 108 SMs, sm_90 with 132 or 1 SM: the weight-only
-split-K is sized from the SM count). A hazard the emulator detects (a shared-memory race, an
-out-of-bounds or misaligned access, a pending cp.async) raises RuntimeError and fails the case.
+Scales, zero points and biases come in every memory layout too (strided, offset and so
+misaligned views: ``_fuzz.relayout``). Shapes are smaller than the CPU fuzz (the emulator runs
+each thread of a block as a fiber), but M reaches past 64 so the three tile configs of the
+tensor-core GEMMs, the SIMT fallbacks (K or G tails, misaligned views), the GEMV and the split-K
+weight-only paths are all drawn; each case also draws the emulated device (sm_80 with 108 SMs,
+sm_90 with 132 or 1 SM: the weight-only split-K is sized from the SM count). A hazard the
+emulator detects (a shared-memory race, an out-of-bounds or misaligned access, a pending
+cp.async) raises RuntimeError and fails the case.
 
 ``make test`` runs the derandomized ``ci`` profile (``QK_FUZZ_CUDA_EMU_WEIGHT`` cases per op
 relative to the profile's count, default 0.5 x 150 = 75); ``make fuzz`` the long random one.
@@ -35,7 +37,8 @@ W = F.fuzz_settings
 EMU_DIMS = F.dims(m_max=70, n_max=40, k_max=160)
 #: The weight-only tensor-core kernel's shapes (M > 8 in each tile range, K a multiple of 16, up to 1024 so split-K
 #: has enough k tiles to split; fp16 / bf16 only (fp32 always takes the GEMV, fuzzed above).
-TC_DIMS = st.tuples(st.one_of(st.integers(9, 16), st.integers(17, 32), st.integers(33, 48)), st.integers(1, 40), st.integers(1, 64).map(lambda k: 16 * k))
+TC_DIMS = st.tuples(st.one_of(st.integers(9, 16), st.integers(17, 32), st.integers(33, 48)), st.integers(1, 40),
+                    st.integers(1, 64).map(lambda k: 16 * k))
 #: The int8 tensor-core GEMMs' shapes (K a multiple of 32): M in each of the three tile ranges.
 IMMA_DIMS = st.tuples(st.one_of(st.integers(1, 16), st.integers(17, 64), st.integers(65, 140)),
                       st.integers(1, 40), st.integers(1, 8).map(lambda k: 32 * k))
@@ -106,25 +109,25 @@ def test_int8_gemm_emu(case, dev):
 
 
 @W(WEIGHT)
-@given(case=F.w8a8_case(shape=EMU_DIMS), dev=device_st)
+@given(case=F.relayout(F.w8a8_case(shape=EMU_DIMS)), dev=device_st)
 def test_w8a8_gemm_emu(case, dev):
     on(dev, F.prop_w8a8, "w8a8_gemm", *case)
 
 
 @W(WEIGHT)
-@given(case=F.w4a8_case(shape=EMU_DIMS, k_max_gk=160), dev=device_st)
+@given(case=F.relayout(F.w4a8_case(shape=EMU_DIMS, k_max_gk=160)), dev=device_st)
 def test_w4a8_gemm_emu(case, dev):
     on(dev, F.prop_w4a8, "w4a8_gemm", *case)
 
 
 @W(WEIGHT)
-@given(case=F.weight_only_case(int4=False, shape=EMU_DIMS), dev=device_st)
+@given(case=F.relayout(F.weight_only_case(int4=False, shape=EMU_DIMS)), dev=device_st)
 def test_w8a16_gemm_emu(case, dev):
     on(dev, F.prop_w8a16, "w8a16_gemm", *case)
 
 
 @W(WEIGHT)
-@given(case=F.weight_only_case(int4=True, shape=EMU_DIMS, k_max_gk=160), dev=device_st)
+@given(case=F.relayout(F.weight_only_case(int4=True, shape=EMU_DIMS, k_max_gk=160)), dev=device_st)
 def test_w4a16_gemm_emu(case, dev):
     on(dev, F.prop_w4a16, "w4a16_gemm", *case)
 
@@ -148,9 +151,9 @@ def test_int8_tensor_core_emu(op, data, dev):
     if op == "int8_gemm":
         on(dev, F.prop_int8_gemm, op, *data.draw(F.int8_gemm_case(shape=IMMA_DIMS)))
     elif op == "w8a8_gemm":
-        on(dev, F.prop_w8a8, op, *data.draw(F.w8a8_case(shape=IMMA_DIMS)))
+        on(dev, F.prop_w8a8, op, *data.draw(F.relayout(F.w8a8_case(shape=IMMA_DIMS))))
     else:
-        on(dev, F.prop_w4a8, op, *data.draw(F.w4a8_case(shape=IMMA_DIMS, k_max_gk=256)))
+        on(dev, F.prop_w4a8, op, *data.draw(F.relayout(F.w4a8_case(shape=IMMA_DIMS, k_max_gk=256))))
 
 
 @W(WEIGHT / 2)
@@ -158,13 +161,13 @@ def test_int8_tensor_core_emu(op, data, dev):
 def test_weight_only_tensor_core_emu(int4, data, dev):
     """w8a16 / w4a16 at the tensor-core kernel's shapes: its three tile configs, split-K (by the
     emulated SM count) and the reduce kernel."""
-    case = data.draw(F.weight_only_case(int4=int4, shape=TC_DIMS, k_max_gk=1024,
-                                        dtypes=(torch.float16, torch.bfloat16)))
+    case = data.draw(F.relayout(F.weight_only_case(int4=int4, shape=TC_DIMS, k_max_gk=1024,
+                                                   dtypes=(torch.float16, torch.bfloat16))))
     on(dev, F.prop_w4a16 if int4 else F.prop_w8a16, "w4a16_gemm" if int4 else "w8a16_gemm", *case)
 
 
 @W(WEIGHT)
-@given(case=F.llm_int8_case(shape=EMU_DIMS), dev=device_st)
+@given(case=F.relayout(F.llm_int8_case(shape=EMU_DIMS)), dev=device_st)
 def test_llm_int8_linear_emu(case, dev):
     on(dev, F.prop_llm_int8, "llm_int8_linear", *case)
 
