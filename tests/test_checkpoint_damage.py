@@ -468,6 +468,24 @@ def test_bnb_state_dict_source_damage():
         assert same(state(m), before)
 
 
+def test_bnb_failure_during_commit_puts_everything_back(saved):
+    """The safety net behind the checks: a failure after the layer swap (here load_state_dict
+    itself raising) puts every module, parameter and buffer back."""
+    d, _ = saved["bnb_int8"]
+    m = fresh()
+    before = state(m)
+    params = {n: p for n, p in m.named_parameters()}
+
+    def boom(*a, **k):
+        raise RuntimeError("simulated failure in load_state_dict")
+
+    m.load_state_dict = boom
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        qk.load_bnb_int8(m, d)
+    assert same(state(m), before)
+    assert all(p is params[n] for n, p in m.named_parameters())
+
+
 def test_bnb_float_tensors_take_the_skeleton_dtype(saved, tmp_path):
     """An fp16 checkpoint's float tensors (bias, norm) loaded into an fp32 skeleton come out fp32,
     as load_quantized does; the int8 weights and their scales are kept as stored."""
