@@ -4,7 +4,7 @@
 
 Copies the tracked files of this checkout to a temporary directory, applies one mutation to a
 csrc/cuda/ file there, rebuilds the emulator (incrementally) and runs tests/test_cuda_emu.py's
-default suite with -x; records the first failing test and the first line of its error. The
+default suite (or ``--tests``, e.g. the fuzz file tests/test_fuzz_cuda_emu.py) with -x; records the first failing test and the first line of its error. The
 checkout itself is never modified. Takes a few minutes (one kernel file recompiles per mutation).
 """
 
