@@ -40,11 +40,13 @@ test: install
 	$(call run_suite,$(PY))
 
 # Property-based fuzzing at length: random seeds, FUZZ_EXAMPLES cases per property and backend
-# (the ci profile runs 150), failures kept in .hypothesis/ and replayed first on the next run.
+# (the ci profile runs 150; the CUDA emulator's file half that per op, make test: ~711 cases in
+# ~35-60 s), failures kept in .hypothesis/ and replayed first on the next run.
 FUZZ_EXAMPLES ?= 2000
 fuzz: install
 	HYPOTHESIS_PROFILE=fuzz QK_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q tests/test_fuzz.py
 	HYPOTHESIS_PROFILE=fuzz QK_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q tests/test_fuzz_triton.py
+	HYPOTHESIS_PROFILE=fuzz QK_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q tests/test_fuzz_cuda_emu.py
 
 # The C++ CPU extension built with AddressSanitizer + UBSan in build/sanitize/ (the normal build
 # is untouched), then the CPU kernel tests and the fuzz suite at every ISA level against it.

@@ -641,20 +641,34 @@ def _bnb_state_dict(source) -> Tuple[Dict[str, Tensor], Optional[float], List[st
     return out, threshold, skip
 
 
+#: The tensors bitsandbytes' ``Linear8bitLt`` saves per layer (``weight_format``: legacy, optional).
+BNB_LAYER_KEYS = ("weight", "SCB", "bias", "weight_format")
+
+
+def _bnb_fail(msg: str) -> CheckpointError:
+    return CheckpointError(f"quantkernels.load_bnb_int8: {msg}")
+
+
 def bnb_int8_to_quantlinear(weight: Tensor, SCB: Tensor, bias: Optional[Tensor] = None, *,
                             threshold: float = 6.0, backend: str = "auto") -> QuantLinear:
     """One bitsandbytes ``Linear8bitLt`` (``weight`` int8 [N, K], ``SCB`` fp32 [N] row absmax) as an
-    ``llm_int8`` QuantLinear: the int8 values are kept as they are, ``weight_scale = SCB / 127``."""
-    if weight.dtype != torch.int8 or weight.dim() != 2:
-        raise CheckpointError(f"quantkernels.load_bnb_int8: weight must be int8 [N, K], got {weight.dtype} "
-                              f"{tuple(weight.shape)}")
+    ``llm_int8`` QuantLinear: the int8 values are kept as they are, ``weight_scale = SCB / 127``.
+    ``SCB`` must be a float tensor of finite values >= 0 (0: an all-zero row), ``bias`` a float [N]."""
+    if not isinstance(weight, Tensor) or weight.dtype != torch.int8 or weight.dim() != 2:
+        raise _bnb_fail(f"weight must be int8 [N, K], got {_describe(weight)}")
     N, K = weight.shape
-    if SCB.shape != (N,):
-        raise CheckpointError(f"quantkernels.load_bnb_int8: SCB must have shape ({N},) for weight "
-                              f"{tuple(weight.shape)}, got {tuple(SCB.shape)}")
-    if int(weight.min()) < -127:
-        raise CheckpointError("quantkernels.load_bnb_int8: weight holds -128, outside the [-127, 127] range "
-                              "of row-wise absmax quantization")
+    if not isinstance(SCB, Tensor) or not SCB.is_floating_point() or tuple(SCB.shape) != (N,):
+        raise _bnb_fail(f"SCB must be a float tensor of shape ({N},) for weight {tuple(weight.shape)}, "
+                        f"got {_describe(SCB)}")
+    if N and not bool((torch.isfinite(SCB) & (SCB >= 0)).all()):
+        bad = SCB[~(torch.isfinite(SCB) & (SCB >= 0))]
+        raise _bnb_fail(f"SCB (the row absmax) must be finite and >= 0, got {bad.reshape(-1)[0].item()!r} "
+                        f"({bad.numel()} such value(s))")
+    if bias is not None and (not isinstance(bias, Tensor) or not bias.is_floating_point()
+                             or tuple(bias.shape) != (N,)):
+        raise _bnb_fail(f"bias must be a float tensor of shape ({N},), got {_describe(bias)}")
+    if weight.numel() and int(weight.min()) < -127:
+        raise _bnb_fail("weight holds -128, outside the [-127, 127] range of row-wise absmax quantization")
     scb = SCB.float()
     scale = torch.where(scb == 0, torch.ones_like(scb), scb / torch.full((), 127.0))
     q = QuantLinear(K, N, bias=bias is not None, scheme="llm_int8", threshold=threshold, backend=backend,
@@ -666,6 +680,24 @@ def bnb_int8_to_quantlinear(weight: Tensor, SCB: Tensor, bias: Optional[Tensor] 
     return q
 
 
+def _describe(t) -> str:
+    if isinstance(t, Tensor):
+        return f"{t.dtype} {tuple(t.shape)}"
+    return f"a {type(t).__name__}"
+
+
+def _bnb_weight_format(name: str, fmt: Tensor) -> None:
+    """The legacy ``<layer>.weight_format``: one integer, 0 (row-major); bitsandbytes writes a uint8
+    scalar. Anything else (another layout, empty, several values, a float, NaN) is refused."""
+    if fmt.is_floating_point() or fmt.is_complex() or fmt.dtype == torch.bool or fmt.numel() != 1:
+        raise _bnb_fail(f"{name}.weight_format must hold one integer (bitsandbytes writes a uint8 scalar, 0 = "
+                        f"row-major), got {_describe(fmt)}")
+    v = int(fmt.reshape(-1)[0])
+    if v != 0:
+        raise _bnb_fail(f"{name}.weight_format = {v}: only the row-major layout (0) is supported "
+                        f"(turing/ampere tile layouts are not)")
+
+
 def load_bnb_int8(model: nn.Module, source, *, threshold: Optional[float] = None,
                   backend: str = "auto") -> nn.Module:
     """Loads an 8-bit bitsandbytes checkpoint into the float skeleton ``model`` (in place).
@@ -673,8 +705,11 @@ def load_bnb_int8(model: nn.Module, source, *, threshold: Optional[float] = None
     ``source``: a Hugging Face model directory saved with ``load_in_8bit`` (``*.safetensors`` +
     ``config.json``), one ``.safetensors`` file, or a state dict. Every layer with ``<name>.SCB``
     becomes an ``llm_int8`` QuantLinear (threshold from ``config.json``'s ``llm_int8_threshold``
-    unless given, else 6.0); all other tensors load as they are. The legacy ``<name>.weight_format``
-    entries must say row-major (0 or "row"). Validates everything before changing the model.
+    unless given, else 6.0); all other tensors load as they are (float tensors in the skeleton's
+    float dtype, as ``load_quantized``). The legacy ``<name>.weight_format`` entries must say
+    row-major (0). Validates everything (names, shapes, dtypes, SCB finite and >= 0, a bias where
+    the model's layer has one) before changing the model: a damaged checkpoint raises
+    :class:`CheckpointError` and leaves the model as it was.
     Returns the model in eval mode (``model.eval()``), as ``from_pretrained`` does."""
     from .dispatch import check_backend
 
@@ -682,6 +717,9 @@ def load_bnb_int8(model: nn.Module, source, *, threshold: Optional[float] = None
     if threshold is not None:
         check_threshold("load_bnb_int8", threshold)
     tensors, cfg_thr, _ = _bnb_state_dict(source)
+    not_tensors = sorted(k for k, v in tensors.items() if not isinstance(v, Tensor))
+    if not_tensors:
+        raise _bnb_fail(f"{not_tensors[:5]} are not tensors (got {type(tensors[not_tensors[0]]).__name__})")
     if threshold is None and cfg_thr is not None:
         try:
             check_threshold("load_bnb_int8", cfg_thr)
@@ -690,29 +728,39 @@ def load_bnb_int8(model: nn.Module, source, *, threshold: Optional[float] = None
     thr = float(threshold if threshold is not None else (cfg_thr if cfg_thr is not None else 6.0))
     layers = sorted(k[: -len(".SCB")] for k in tensors if k.endswith(".SCB"))
     if not layers:
-        raise CheckpointError("quantkernels.load_bnb_int8: no '<layer>.SCB' tensor: not an 8-bit bitsandbytes "
-                              "checkpoint")
+        raise _bnb_fail("no '<layer>.SCB' tensor: not an 8-bit bitsandbytes checkpoint")
     new: Dict[str, QuantLinear] = {}
     for name in layers:
-        fmt = tensors.get(f"{name}.weight_format")
-        if fmt is not None and int(fmt.reshape(-1)[0]) != 0:
-            raise CheckpointError(f"quantkernels.load_bnb_int8: {name}.weight_format = {int(fmt.reshape(-1)[0])}: "
-                                  f"only the row-major layout (0) is supported (turing/ampere tile layouts are not)")
         try:
             old = model.get_submodule(name)
         except AttributeError:
-            raise CheckpointError(f"quantkernels.load_bnb_int8: the checkpoint has layer {name!r}, "
-                                  f"which this model does not have") from None
+            raise _bnb_fail(f"the checkpoint has layer {name!r}, which this model does not have") from None
+        if not (isinstance(old, (nn.Linear, QuantLinear)) or _is_hf_conv1d(old)):
+            raise _bnb_fail(f"the checkpoint quantizes {name!r}, a {type(old).__name__} in this model, "
+                            f"not a linear layer")
+        fmt = tensors.get(f"{name}.weight_format")
+        if fmt is not None:
+            _bnb_weight_format(name, fmt)
         w = tensors.get(f"{name}.weight")
         if w is None:
-            raise CheckpointError(f"quantkernels.load_bnb_int8: {name}.SCB without {name}.weight")
+            raise _bnb_fail(f"{name}.SCB without {name}.weight")
         K, N = _expected_linear_shape(old)
         if tuple(w.shape) != (N, K):
-            raise CheckpointError(f"quantkernels.load_bnb_int8: {name}.weight has shape {tuple(w.shape)}, the "
-                                  f"model's layer is [out={N}, in={K}]")
-        new[name] = bnb_int8_to_quantlinear(w, tensors[f"{name}.SCB"], tensors.get(f"{name}.bias"),
-                                            threshold=thr, backend=backend)
+            raise _bnb_fail(f"{name}.weight has shape {tuple(w.shape)}, the model's layer is [out={N}, in={K}]")
+        old_bias = getattr(old, "bias", None)
+        bias = tensors.get(f"{name}.bias")
+        if (bias is None) != (old_bias is None):
+            raise _bnb_fail(f"layer {name!r}: the checkpoint has {'no' if bias is None else 'a'} bias, the "
+                            f"model's layer has {'a' if old_bias is not None else 'no'} bias")
+        if bias is not None and bias.is_floating_point() and old_bias.is_floating_point():
+            bias = bias.to(old_bias.dtype)
+        new[name] = bnb_int8_to_quantlinear(w, tensors[f"{name}.SCB"], bias, threshold=thr, backend=backend)
     prefixes = tuple(n + "." for n in layers)
+    stray = sorted(k for k in tensors if k.startswith(prefixes) and k.rpartition(".")[2] not in BNB_LAYER_KEYS
+                   and k.rpartition(".")[0] in new)
+    stray += sorted(k for k in tensors if k.startswith(prefixes) and k.rpartition(".")[0] not in new)
+    if stray:
+        raise _bnb_fail(f"unexpected {stray[:5]} (a quantized layer holds only {list(BNB_LAYER_KEYS)})")
     rest = {k: v for k, v in tensors.items() if not k.startswith(prefixes)}
     expected = {k: v for k, v in model.state_dict().items() if not k.startswith(prefixes)}
     missing = sorted(set(expected) - set(rest))
@@ -720,17 +768,34 @@ def load_bnb_int8(model: nn.Module, source, *, threshold: Optional[float] = None
     missing = [k for k in missing if k not in tied_names]
     unexpected = sorted(set(rest) - set(expected))
     if missing or unexpected:
-        raise CheckpointError(f"quantkernels.load_bnb_int8: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise _bnb_fail(f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     for k, v in rest.items():
-        if tuple(v.shape) != tuple(expected[k].shape):
-            raise CheckpointError(f"quantkernels.load_bnb_int8: {k} has shape {tuple(v.shape)}, "
-                                  f"expected {tuple(expected[k].shape)}")
-    for name, q in new.items():
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, q)
-    model.load_state_dict(rest, strict=False, assign=True)
-    if tied_names and hasattr(model, "tie_weights"):
-        model.tie_weights()
+        ref = expected[k]
+        if tuple(v.shape) != tuple(ref.shape):
+            raise _bnb_fail(f"{k} has shape {tuple(v.shape)}, expected {tuple(ref.shape)}")
+        if v.is_floating_point() != ref.is_floating_point() or (not v.is_floating_point() and v.dtype != ref.dtype):
+            raise _bnb_fail(f"{k} has dtype {v.dtype}, the model's is {ref.dtype}")
+        if v.is_floating_point() and v.dtype != ref.dtype:
+            rest[k] = v.to(ref.dtype)  # the skeleton's float dtype, as load_quantized
+    # Commit. Everything above is checked, so this does not fail; if it does anyway, every module,
+    # parameter and buffer is put back as it was.
+    saved = {m: (dict(m._parameters), dict(m._buffers), dict(m._modules)) for m in model.modules()}
+    try:
+        for name, q in new.items():
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, q)
+        model.load_state_dict(rest, strict=False, assign=True)
+        if tied_names and hasattr(model, "tie_weights"):
+            model.tie_weights()
+    except Exception:
+        for m, (params, buffers, modules) in saved.items():
+            m._parameters.clear()
+            m._parameters.update(params)
+            m._buffers.clear()
+            m._buffers.update(buffers)
+            m._modules.clear()
+            m._modules.update(modules)
+        raise
     from .convert import QuantizationReport
 
     model.quantkernels_report = QuantizationReport("llm_int8", quantized=layers)

@@ -139,6 +139,35 @@ def layout(t: torch.Tensor, how: str) -> torch.Tensor:
     raise ValueError(how)
 
 
+def layout_any(t: torch.Tensor, how: str) -> torch.Tensor:
+    """``layout`` for tensors of any rank: a 1-D tensor is 'strided' as every other element of a
+    wider buffer and 'offset' as a view 3 elements into its storage ('transposed' leaves it)."""
+    if t.dim() != 1 or how in ("contig", "transposed"):
+        return layout(t, how)
+    if how == "strided":
+        wide = torch.zeros(2 * t.shape[0], dtype=t.dtype)
+        wide[::2] = t
+        return wide[::2]
+    if how == "offset":
+        buf = torch.full((3 + t.shape[0],), 77, dtype=t.dtype)
+        buf[3:] = t
+        return buf[3:]
+    raise ValueError(how)
+
+
+def relayout_args(draw, args, first: int = 2) -> tuple:
+    """``args`` with every tensor from position ``first`` on (scales, zero points, bias) in a drawn
+    memory layout: the kernels must not assume them contiguous or aligned."""
+    return tuple(layout_any(a, draw(st.sampled_from(LAYOUTS))) if isinstance(a, torch.Tensor) and i >= first else a
+                 for i, a in enumerate(args))
+
+
+@st.composite
+def relayout(draw, case, first: int = 2):
+    """The drawn ``case`` (a tuple of GEMM arguments) through ``relayout_args``."""
+    return relayout_args(draw, draw(case), first)
+
+
 def _nd(v: torch.Tensor, shape) -> torch.Tensor:
     # [rows, K] padded view -> [..., K] without copying (the leading dims split the row stride)
     strides, s = [], v.stride(0)
@@ -454,7 +483,7 @@ def prop_llm_int8(fn, check_ref: bool, x, b, sb, bias, threshold):
 
 @st.composite
 def w8a8_case(draw, near_bound=False, shape=None):
-    M, N, K = draw(near_bound_dims() if near_bound else shape or dims())
+    M, N, K = draw(near_bound_dims() if near_bound else shape if shape is not None else dims())
     seed = draw(seed_st)
     a = layout(int8_tensor((M, K), seed, draw(st.booleans())), draw(st.sampled_from(LAYOUTS)))
     b = layout(int8_tensor((N, K), seed + 1, draw(st.booleans())), draw(st.sampled_from(LAYOUTS)))
@@ -463,6 +492,19 @@ def w8a8_case(draw, near_bound=False, shape=None):
     sb = log_uniform(N, seed + 3, e - 2, e) / max(1, K) ** 0.5
     a, sa, bias, out_dtype = _int8_activation_extras(draw, a, sa, N, seed + 4, 0.1)
     return a, b, sa, sb, bias, out_dtype
+
+
+@st.composite
+def int8_gemm_case(draw, near_bound=False, shape=None):
+    """(a, b) of int8_gemm: int8 [M, K] and [N, K], -128 included, in any layout; near the int32
+    bound, sometimes all -128 (C = 2^14 K, just below 2^31)."""
+    M, N, K = draw(near_bound_dims() if near_bound else shape if shape is not None else dims(k_max=400))
+    seed = draw(seed_st)
+    a = layout(int8_tensor((M, K), seed, draw(st.booleans())), draw(st.sampled_from(LAYOUTS)))
+    b = layout(int8_tensor((N, K), seed + 1, draw(st.booleans())), draw(st.sampled_from(LAYOUTS)))
+    if near_bound and draw(st.booleans()):
+        a, b = torch.full_like(a, -128), torch.full_like(b, -128)
+    return a, b
 
 
 def _int8_activation_extras(draw, a, sa, N, seed, bias_scale):
@@ -507,7 +549,7 @@ def int4_weight(N, K, G, seed, signed, zero_kind="random"):
 @st.composite
 def w4a8_case(draw, shape=None, k_max_gk=600):
     K, G = draw(group_k(k_max_gk))
-    M, N, _ = draw(shape or dims())
+    M, N, _ = draw(shape if shape is not None else dims())
     seed = draw(seed_st)
     signed = draw(st.booleans())
     packed, sb, zero = int4_weight(N, K, G, seed, signed, draw(st.sampled_from(["random", "edges"])))
@@ -526,13 +568,13 @@ def _activation_kinds(draw, finite_only=False):
 
 
 @st.composite
-def weight_only_case(draw, int4: bool, flush_bf16_subnormals=False, shape=None, k_max_gk=600):
-    dtype = draw(dtype_st)
+def weight_only_case(draw, int4: bool, flush_bf16_subnormals=False, shape=None, k_max_gk=600, dtypes=FLOATS):
+    dtype = draw(st.sampled_from(dtypes))
     if int4:
         K, G = draw(group_k(k_max_gk))
-        M, N, _ = draw(shape or dims())
+        M, N, _ = draw(shape if shape is not None else dims())
     else:
-        M, N, K = draw(shape or dims())
+        M, N, K = draw(shape if shape is not None else dims())
     seed = draw(seed_st)
     x = float_rows((M, K), dtype, _activation_kinds(draw), seed, exp=draw(st.integers(-3, 1)),
                    tie_peak=7.0, flush_bf16_subnormals=flush_bf16_subnormals)
@@ -555,7 +597,7 @@ def weight_only_case(draw, int4: bool, flush_bf16_subnormals=False, shape=None, 
 @st.composite
 def llm_int8_case(draw, near_bound=False, flush_bf16_subnormals=False, shape=None):
     dtype = draw(dtype_st)
-    M, N, K = draw(near_bound_dims() if near_bound else shape or dims())
+    M, N, K = draw(near_bound_dims() if near_bound else shape if shape is not None else dims())
     seed = draw(seed_st)
     x = float_rows((M, K), dtype, _activation_kinds(draw), seed, exp=draw(st.integers(-2, 0)),
                    flush_bf16_subnormals=flush_bf16_subnormals)
@@ -580,7 +622,7 @@ def llm_int8_case(draw, near_bound=False, flush_bf16_subnormals=False, shape=Non
 @st.composite
 def quantize_input(draw, allow_3d=True, two_d=False, flush_bf16_subnormals=False, shape=None):
     dtype = draw(dtype_st)
-    M, _, K = draw(shape or dims())
+    M, _, K = draw(shape if shape is not None else dims())
     shape = (M, K)
     if allow_3d and not two_d and draw(st.booleans()):
         shape = (draw(st.integers(0, 3)), M, K) if draw(st.booleans()) else (K,)

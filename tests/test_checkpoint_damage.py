@@ -1,11 +1,13 @@
-"""Checkpoints under attack (issue 18): generated damage to our format and to the GPTQ import
-(truncation at random offsets, flipped bytes in the safetensors header, the JSON config and the
-tensor data, a header that claims more bytes than the file has) and crafted damage (wrong shapes
+"""Checkpoints under attack (issue 18): generated damage to our format and to the GPTQ and
+bitsandbytes int8 imports (truncation at random offsets, flipped bytes in the safetensors header,
+the JSON config and the tensor data, a header that claims more bytes than the file has) and crafted damage (wrong shapes
 and dtypes, a format version from the future, missing and extra tensors, a config naming layers
 the model lacks). Every load either raises CheckpointError and leaves the model exactly as it was,
 or (damage that changes nothing, e.g. one whitespace byte for another) loads a model identical to
-the one saved. Nothing else: no crash, no other exception, no silently different model. And
-nothing in the package unpickles."""
+the one saved. Nothing else: no crash, no other exception, no silently different model. (A
+bitsandbytes checkpoint carries no checksums: a flipped data byte, or a flipped digit of its
+config's threshold, can load as a model that differs in that one value -- never in its structure,
+and never with a non-finite or negative SCB.) And nothing in the package unpickles."""
 
 import ast
 import json
@@ -45,7 +47,8 @@ def fresh():
 
 
 def state(m):
-    return ({n: type(x).__name__ for n, x in m.named_modules()},
+    return ({n: (type(x).__name__, getattr(x, "threshold", None), getattr(x, "scheme", None))
+             for n, x in m.named_modules()},
             {k: v.detach().clone() for k, v in m.state_dict().items()})
 
 
@@ -54,30 +57,98 @@ def same(a, b) -> bool:
         a[1][k].dtype == b[1][k].dtype and torch.equal(a[1][k], b[1][k]) for k in a[1])
 
 
+BNB_THRESHOLD = 5.0
+
+
+def save_bnb_int8(model_fp: nn.Module, d: Path):
+    """``model_fp`` saved as transformers (``load_in_8bit=True``, ``save_pretrained``) saves it:
+    model.safetensors with every nn.Linear as bitsandbytes' Linear8bitLt state dict (``weight``
+    int8 [N, K], ``SCB`` fp32 [N], ``weight_format`` uint8 scalar, ``bias``) and config.json's
+    ``quantization_config``. By bitsandbytes itself when it is installed (its CPU backend quantizes
+    on ``.to("cpu")``), else in the same key / dtype / shape layout (test_bnb_layout_matches_bitsandbytes
+    compares the two where bitsandbytes is installed)."""
+    sd = bnb_state_dict_by_hand(model_fp)
+    try:
+        sd = bnb_state_dict_by_bitsandbytes(model_fp)
+    except (ImportError, RuntimeError):
+        pass
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(d / WEIGHTS_NAME), metadata={"format": "pt"})
+    (d / "config.json").write_text(json.dumps({
+        "architectures": ["Net"], "model_type": "net", "torch_dtype": "float32",
+        "quantization_config": {"_load_in_4bit": False, "_load_in_8bit": True, "bnb_4bit_compute_dtype": "float32",
+                                "bnb_4bit_quant_storage": "uint8", "bnb_4bit_quant_type": "fp4",
+                                "bnb_4bit_use_double_quant": False, "llm_int8_enable_fp32_cpu_offload": False,
+                                "llm_int8_has_fp16_weight": False, "llm_int8_skip_modules": None,
+                                "llm_int8_threshold": BNB_THRESHOLD, "load_in_4bit": False, "load_in_8bit": True,
+                                "quant_method": "bitsandbytes"}}, indent=2))
+
+
+def bnb_state_dict_by_hand(model_fp: nn.Module):
+    sd = {}
+    for k, v in model_fp.state_dict().items():
+        sd[k] = v.detach().clone()
+    for name, mod in model_fp.named_modules():
+        if isinstance(mod, nn.Linear):
+            w = mod.weight.detach().float()
+            scb = w.abs().amax(1)
+            sd[f"{name}.weight"] = torch.round(w * (127.0 / scb[:, None])).to(torch.int8)
+            sd[f"{name}.SCB"] = scb
+            sd[f"{name}.weight_format"] = torch.tensor(0, dtype=torch.uint8)
+    return sd
+
+
+def bnb_state_dict_by_bitsandbytes(model_fp: nn.Module):
+    import copy
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import bitsandbytes as bnb
+    m = copy.deepcopy(model_fp)
+    for name, mod in list(m.named_modules()):
+        if isinstance(mod, nn.Linear):
+            new = bnb.nn.Linear8bitLt(mod.in_features, mod.out_features, bias=mod.bias is not None,
+                                      has_fp16_weights=False, threshold=BNB_THRESHOLD)
+            new.load_state_dict(mod.state_dict())
+            setattr(m, name, new)
+    m = m.to("cpu")  # bitsandbytes quantizes here
+    sd = m.state_dict()
+    if sd["up.weight"].dtype != torch.int8:
+        raise RuntimeError(f"bitsandbytes {bnb.__version__} did not quantize on the CPU")
+    return {k: v.detach().clone() for k, v in sd.items()}
+
+
 FORMATS = {
     "quantkernels": (lambda m, d: qk.save_quantized(m, d), lambda m, d: qk.load_quantized(m, d), CONFIG_NAME),
     "gptq": (lambda m, d: qk.save_gptq_checkpoint(m, str(d), checkpoint_format="gptq_v2",
                                                   scale_dtype=torch.float32),
              lambda m, d: qk.load_gptq_checkpoint(m, str(d)), "quantize_config.json"),
+    # saved from the float model (bitsandbytes quantizes it), not from our quantized one
+    "bnb_int8": (save_bnb_int8, lambda m, d: qk.load_bnb_int8(m, d), "config.json"),
 }
+#: Formats without checksums, where a flipped data or config byte may load as a model that
+#: differs in one value (``attempt`` then returns "altered" and checks that nothing else differs).
+UNCHECKED = {"bnb_int8"}
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """{format: (directory, the saved quantized model's state)}"""
     torch.manual_seed(0)
+    float_model = Net().eval()
     model = qk.quantize_model(Net().eval(), "w4a16", group_size=32)
     out = {}
     for fmt, (save, load, _) in FORMATS.items():
         d = tmp_path_factory.mktemp(fmt)
-        save(model, d)
+        save(float_model if fmt == "bnb_int8" else model, d)
         ref = load(fresh(), d)  # what an intact load gives
         out[fmt] = (d, state(ref))
     return out
 
 
-def attempt(fmt, d, ref_state) -> str:
-    """Loads the (damaged) checkpoint into a fresh model: 'refused' or 'identical'; anything else fails."""
+def attempt(fmt, d, ref_state, allow_altered=False) -> str:
+    """Loads the (damaged) checkpoint into a fresh model: 'refused' or 'identical' (or, with
+    ``allow_altered``, 'altered': one value differs, see ``one_value_differs``); anything else fails."""
     load = FORMATS[fmt][1]
     m = fresh()
     before = state(m)
@@ -86,8 +157,33 @@ def attempt(fmt, d, ref_state) -> str:
     except CheckpointError:
         assert same(state(m), before), "a refused load changed the model"
         return "refused"
-    assert same(state(m), ref_state), "a damaged checkpoint loaded as a different model"
-    return "identical"
+    if same(state(m), ref_state):
+        return "identical"
+    assert allow_altered, "a damaged checkpoint loaded as a different model"
+    one_value_differs(state(m), ref_state)
+    return "altered"
+
+
+def one_value_differs(got, ref):
+    """The same modules, tensor names, dtypes and shapes, every weight_scale finite and >= 0, and at
+    most one value different (one flipped byte of one tensor, or the threshold of one config)."""
+    assert {n: t[0] for n, t in got[0].items()} == {n: t[0] for n, t in ref[0].items()}, "module types differ"
+    assert got[1].keys() == ref[1].keys(), "tensor names differ"
+    changed = [n for n in got[0] if got[0][n] != ref[0][n]]
+    for k in ref[1]:
+        a, b = got[1][k], ref[1][k]
+        assert a.dtype == b.dtype and a.shape == b.shape, (k, a.dtype, a.shape, b.dtype, b.shape)
+        if k.endswith("weight_scale"):
+            assert bool((torch.isfinite(a) & (a >= 0)).all()), f"{k}: a non-finite or negative scale loaded"
+        diff = ~((a == b) | (a.isnan() & b.isnan())) if a.is_floating_point() else a != b
+        if bool(diff.any()):
+            changed.append(f"{k}: {int(diff.sum())} value(s)")
+    # the threshold is one config value shared by every quantized layer
+    thresholds = {got[0][n][1] for n in got[0] if got[0][n][0] == "QuantLinear"}
+    assert len(thresholds) == 1, thresholds
+    tensor_changes = [c for c in changed if ":" in c]
+    assert len(tensor_changes) <= 1 and all(c.endswith(": 1 value(s)") for c in tensor_changes), changed
+    assert changed, "reported as altered, but nothing differs"
 
 
 def copy_ckpt(src: Path, dst: Path) -> Path:
@@ -131,17 +227,45 @@ def test_random_damage(saved, fmt, kind, tmp_path):
     cfg_name = FORMATS[fmt][2]
     raw, cfg = (d / WEIGHTS_NAME).read_bytes(), (d / cfg_name).read_bytes()
     rng = random.Random(f"{fmt}/{kind}")
-    outcomes = {"refused": 0, "identical": 0}
+    outcomes = {"refused": 0, "identical": 0, "altered": 0}
     for i in range(N_RANDOM):
         bad = copy_ckpt(d, tmp_path / str(i))
         new_raw, new_cfg = damage_random(kind, raw, cfg, rng)
         (bad / WEIGHTS_NAME).write_bytes(new_raw)
         (bad / cfg_name).write_bytes(new_cfg)
-        outcomes[attempt(fmt, bad, ref_state)] += 1
+        outcomes[attempt(fmt, bad, ref_state, allow_altered=fmt in UNCHECKED and kind in ("data byte",
+                                                                                       "config byte"))] += 1
     # data bytes are covered by the checksums, truncation by safetensors: always refused
     if kind in ("truncate", "data byte"):
         assert outcomes["identical"] == 0, outcomes
-    assert outcomes["refused"] >= N_RANDOM // 2, outcomes
+    if fmt in UNCHECKED and kind == "data byte":
+        # no checksums: a flipped weight byte is another valid int8 (refused only where it is -128,
+        # a non-finite or negative SCB, or a non-zero weight_format)
+        assert outcomes["refused"] + outcomes["altered"] == N_RANDOM, outcomes
+    else:
+        assert outcomes["refused"] >= N_RANDOM // 2, outcomes
+
+
+def test_bnb_random_scb_and_weight_format_bytes(saved, tmp_path):
+    """Random flipped bytes aimed at the bitsandbytes tensors the loader can check (SCB: finite and
+    >= 0; weight_format: 0): refused, or (a flip that leaves a valid positive SCB) one value
+    differs and every scale is finite and >= 0."""
+    d, ref_state = saved["bnb_int8"]
+    raw = (d / WEIGHTS_NAME).read_bytes()
+    h = header_len(raw)
+    header = json.loads(raw[8:8 + h])
+    spans = [(8 + h + v["data_offsets"][0], 8 + h + v["data_offsets"][1]) for k, v in header.items()
+             if k.endswith((".SCB", ".weight_format"))]
+    rng = random.Random("bnb_int8/scb")
+    outcomes = {"refused": 0, "identical": 0, "altered": 0}
+    for i in range(N_RANDOM):
+        lo, hi = spans[rng.randrange(len(spans))]
+        b = bytearray(raw)
+        b[rng.randrange(lo, hi)] ^= rng.randrange(1, 256)
+        bad = copy_ckpt(d, tmp_path / str(i))
+        (bad / WEIGHTS_NAME).write_bytes(bytes(b))
+        outcomes[attempt("bnb_int8", bad, ref_state, allow_altered=True)] += 1
+    assert outcomes["identical"] == 0 and outcomes["refused"] >= 5, outcomes
 
 
 def _edit_tensors(d: Path, fn):
@@ -215,6 +339,70 @@ CRAFTED = {
         "header claims more": (lambda d: _claim_more(d, 64), "corrupt or truncated"),
         "header claims far more": (lambda d: _claim_more(d, 2**40), "corrupt or truncated"),
     },
+    "bnb_int8": {
+        "wrong shape": (lambda d: _edit_tensors(d, lambda t: t.update({"up.weight": t["up.weight"][:, :32]
+                                                                       .contiguous()})),
+                        r"up.weight has shape \(128, 32\), the model's layer is \[out=128, in=64\]"),
+        "SCB wrong shape": (lambda d: _edit_tensors(d, lambda t: t.update({"up.SCB": t["up.SCB"][:5].contiguous()})),
+                            r"SCB must be a float tensor of shape \(128,\).*got torch.float32 \(5,\)"),
+        "weight as uint8": (lambda d: _edit_tensors(d, lambda t: t.update({"up.weight": t["up.weight"].view(
+            torch.uint8)})), r"weight must be int8 \[N, K\], got torch.uint8"),
+        "weight as float": (lambda d: _edit_tensors(d, lambda t: t.update({"up.weight": t["up.weight"].float()})),
+                            r"weight must be int8 \[N, K\], got torch.float32"),
+        "weight holds -128": (lambda d: _edit_tensors(d, lambda t: t["down.weight"].view(-1)[7:9].fill_(-128)),
+                              "weight holds -128"),
+        "SCB as int": (lambda d: _edit_tensors(d, lambda t: t.update({"up.SCB": t["up.SCB"].view(torch.int32)})),
+                       r"SCB must be a float tensor.*got torch.int32"),
+        "SCB NaN": (lambda d: _edit_tensors(d, lambda t: t["up.SCB"].__setitem__(3, float("nan"))),
+                    r"SCB \(the row absmax\) must be finite and >= 0, got nan"),
+        "SCB Inf": (lambda d: _edit_tensors(d, lambda t: t["down.SCB"].__setitem__(0, float("inf"))),
+                    r"must be finite and >= 0, got inf"),
+        "SCB negative": (lambda d: _edit_tensors(d, lambda t: t["up.SCB"].__setitem__(-1, -0.5)),
+                         r"must be finite and >= 0, got -0.5"),
+        "weight_format empty": (lambda d: _edit_tensors(d, lambda t: t.update(
+            {"up.weight_format": torch.empty(0, dtype=torch.uint8)})),
+            r"up.weight_format must hold one integer.*got torch.uint8 \(0,\)"),
+        "weight_format NaN": (lambda d: _edit_tensors(d, lambda t: t.update(
+            {"up.weight_format": torch.tensor(float("nan"))})), r"up.weight_format must hold one integer.*float32"),
+        "weight_format two values": (lambda d: _edit_tensors(d, lambda t: t.update(
+            {"up.weight_format": torch.zeros(2, dtype=torch.uint8)})), r"up.weight_format must hold one integer"),
+        "weight_format col_turing": (lambda d: _edit_tensors(d, lambda t: t.update(
+            {"down.weight_format": torch.tensor(2, dtype=torch.uint8)})), r"down.weight_format = 2: only the row"),
+        "float as int": (lambda d: _edit_tensors(d, lambda t: t.update({"norm.weight": t["norm.weight"].to(
+            torch.int32)})), r"norm.weight has dtype torch.int32, the model's is torch.float32"),
+        "bias as int": (lambda d: _edit_tensors(d, lambda t: t.update({"up.bias": t["up.bias"].to(torch.int32)})),
+                        r"bias must be a float tensor of shape \(128,\), got torch.int32"),
+        "bias wrong shape": (lambda d: _edit_tensors(d, lambda t: t.update({"up.bias": t["up.bias"][:3].contiguous()})),
+                             r"bias must be a float tensor of shape \(128,\), got torch.float32 \(3,\)"),
+        "missing bias": (lambda d: _edit_tensors(d, lambda t: t.pop("down.bias")),
+                         r"layer 'down': the checkpoint has no bias, the model's layer has a bias"),
+        "missing weight": (lambda d: _edit_tensors(d, lambda t: t.pop("up.weight")), r"up.SCB without up.weight"),
+        "missing tensor": (lambda d: _edit_tensors(d, lambda t: t.pop("norm.bias")), r"missing \['norm.bias'\]"),
+        "missing SCB": (lambda d: _edit_tensors(d, lambda t: t.pop("up.SCB")), r"unexpected \['up.weight_format'\]"),
+        "missing SCB and format": (lambda d: _edit_tensors(d, lambda t: (t.pop("up.SCB"), t.pop("up.weight_format"))),
+                                   r"up.weight has dtype torch.int8, the model's is torch.float32"),
+        "extra tensor": (lambda d: _edit_tensors(d, lambda t: t.update(extra=torch.zeros(3))),
+                         r"unexpected \['extra'\]"),
+        "extra tensor in a layer": (lambda d: _edit_tensors(d, lambda t: t.update({"up.junk": torch.zeros(3)})),
+                                    r"unexpected \['up.junk'\]"),
+        "layer the model lacks": (lambda d: _edit_tensors(d, lambda t: t.update(
+            {k.replace("down.", "gone."): t.pop(k) for k in [k for k in t if k.startswith("down.")]})),
+            "the checkpoint has layer 'gone', which this model does not have"),
+        "SCB on a non-linear layer": (lambda d: _edit_tensors(d, lambda t: t.update(
+            {"norm.SCB": torch.ones(64), "norm.weight": torch.ones(64, 64, dtype=torch.int8)})),
+            "quantizes 'norm', a LayerNorm in this model, not a linear layer"),
+        "threshold negative": (lambda d: _edit_json(d, "config.json", lambda c: c["quantization_config"].update(
+            llm_int8_threshold=-1.0)), r"threshold must be a number >= 0.*got -1.0 \(llm_int8_threshold"),
+        "threshold a string": (lambda d: _edit_json(d, "config.json", lambda c: c["quantization_config"].update(
+            llm_int8_threshold="6")), r"threshold must be a number >= 0.*got '6'"),
+        "config a list": (lambda d: (d / "config.json").write_text("[1, 2]"), "unreadable or corrupt JSON"),
+        "quantization_config a string": (lambda d: _edit_json(d, "config.json", lambda c: c.update(
+            quantization_config="bnb")), "unreadable or corrupt JSON"),
+        "no safetensors file": (lambda d: (d / WEIGHTS_NAME).unlink(), r"no \*.safetensors file"),
+        "header claims more": (lambda d: _claim_more(d, 64), "corrupt or truncated"),
+        "header claims far more": (lambda d: _claim_more(d, 2**40), "corrupt or truncated"),
+        "empty file": (lambda d: (d / WEIGHTS_NAME).write_bytes(b""), "corrupt or truncated"),
+    },
 }
 
 
@@ -244,6 +432,70 @@ def test_crafted_damage(saved, fmt, case, tmp_path):
 def test_intact_checkpoints_load_exactly(saved):
     for fmt, (d, ref_state) in saved.items():
         assert attempt(fmt, d, ref_state) == "identical"
+
+
+def test_bnb_layout_matches_bitsandbytes():
+    """The hand-built bitsandbytes checkpoint (used where bitsandbytes is not installed) has the
+    keys, dtypes and shapes bitsandbytes' Linear8bitLt writes, and its values up to bitsandbytes'
+    fp16 rounding of the weight before quantizing it."""
+    try:
+        theirs = bnb_state_dict_by_bitsandbytes(Net().eval())
+    except (ImportError, RuntimeError) as e:
+        pytest.skip(f"bitsandbytes cannot quantize here: {e}")
+    torch.manual_seed(0)
+    m = Net().eval()
+    theirs, ours = bnb_state_dict_by_bitsandbytes(m), bnb_state_dict_by_hand(m)
+    assert {k: (v.dtype, tuple(v.shape)) for k, v in theirs.items()} == \
+        {k: (v.dtype, tuple(v.shape)) for k, v in ours.items()}
+    for k in ours:  # bitsandbytes takes the row absmax of the fp16-rounded weight
+        if k.endswith(".SCB"):
+            torch.testing.assert_close(theirs[k], ours[k], rtol=2.0**-10, atol=0)
+        else:
+            torch.testing.assert_close(theirs[k], ours[k], rtol=0, atol=0 if theirs[k].dtype != torch.int8 else 1)
+
+
+def test_bnb_state_dict_source_damage():
+    """The state-dict form of the import (no file): a value that is not a tensor, and the crafted
+    damage above that needs no file, refused the same way."""
+    sd = bnb_state_dict_by_hand(Net().eval())
+    for bad, msg in ((dict(sd, **{"up.SCB": [1.0] * 128}), r"\['up.SCB'\] are not tensors \(got list\)"),
+                     (dict(sd, **{"up.weight_format": torch.tensor([], dtype=torch.uint8)}), "must hold one integer"),
+                     (dict(sd, **{"norm.weight": sd["norm.weight"].to(torch.int64)}), "norm.weight has dtype")):
+        m = fresh()
+        before = state(m)
+        with pytest.raises(CheckpointError, match=msg):
+            qk.load_bnb_int8(m, bad)
+        assert same(state(m), before)
+
+
+def test_bnb_failure_during_commit_puts_everything_back(saved):
+    """The safety net behind the checks: a failure after the layer swap (here load_state_dict
+    itself raising) puts every module, parameter and buffer back."""
+    d, _ = saved["bnb_int8"]
+    m = fresh()
+    before = state(m)
+    params = {n: p for n, p in m.named_parameters()}
+
+    def boom(*a, **k):
+        raise RuntimeError("simulated failure in load_state_dict")
+
+    m.load_state_dict = boom
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        qk.load_bnb_int8(m, d)
+    assert same(state(m), before)
+    assert all(p is params[n] for n, p in m.named_parameters())
+
+
+def test_bnb_float_tensors_take_the_skeleton_dtype(saved, tmp_path):
+    """An fp16 checkpoint's float tensors (bias, norm) loaded into an fp32 skeleton come out fp32,
+    as load_quantized does; the int8 weights and their scales are kept as stored."""
+    d, ref_state = saved["bnb_int8"]
+    bad = copy_ckpt(d, tmp_path / "fp16")
+    _edit_tensors(bad, lambda t: t.update({k: v.half() for k, v in t.items() if v.dtype == torch.float32
+                                           and not k.endswith(".SCB")}))
+    m = qk.load_bnb_int8(fresh(), bad)
+    assert all(v.dtype == ref_state[1][k].dtype for k, v in m.state_dict().items())
+    torch.testing.assert_close(m.up.weight_scale, ref_state[1]["up.weight_scale"], rtol=0, atol=0)
 
 
 def test_foreign_gptq_checkpoint_without_checksums_still_loads(saved, tmp_path):

@@ -167,25 +167,14 @@ def test_dequantize_int4(backend, case):
 # --------------------------------------------------------------------------- GEMMs
 
 
-@st.composite
-def int8_gemm_case(draw, near_bound=False):
-    M, N, K = draw(F.near_bound_dims() if near_bound else F.dims(k_max=400))
-    seed = draw(F.seed_st)
-    a = F.layout(F.int8_tensor((M, K), seed, draw(st.booleans())), draw(st.sampled_from(F.LAYOUTS)))
-    b = F.layout(F.int8_tensor((N, K), seed + 1, draw(st.booleans())), draw(st.sampled_from(F.LAYOUTS)))
-    if near_bound and draw(st.booleans()):
-        a, b = torch.full_like(a, -128), torch.full_like(b, -128)   # C = 2^14 K, just below 2^31
-    return a, b
-
-
 @W(1.0)
-@given(case=int8_gemm_case())
+@given(case=F.int8_gemm_case())
 def test_int8_gemm(backend, case):
     F.prop_int8_gemm(kernel("int8_gemm", backend)[0], True, *case)
 
 
 @W(0.1)
-@given(case=int8_gemm_case(near_bound=True), w8a8=F.w8a8_case(near_bound=True),
+@given(case=F.int8_gemm_case(near_bound=True), w8a8=F.w8a8_case(near_bound=True),
        llm=F.llm_int8_case(near_bound=True))
 def test_int8_gemms_k_at_int32_bound(backend, case, w8a8, llm):
     """K within 40 of 131,071 (s.4), -128 included: int32 accumulation must stay exact."""

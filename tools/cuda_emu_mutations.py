@@ -1,10 +1,10 @@
 """Seeded bugs in the CUDA kernel sources, one at a time: which emulator test catches each.
 
-    python tools/cuda_emu_mutations.py [--out bench/results/cuda_emu_mutations.md]
+    python tools/cuda_emu_mutations.py [--out bench/results/cuda_emu_mutations.md] [--tests FILE]
 
 Copies the tracked files of this checkout to a temporary directory, applies one mutation to a
 csrc/cuda/ file there, rebuilds the emulator (incrementally) and runs tests/test_cuda_emu.py's
-default suite with -x; records the first failing test and the first line of its error. The
+default suite (or ``--tests``, e.g. the fuzz file tests/test_fuzz_cuda_emu.py) with -x; records the first failing test and the first line of its error. The
 checkout itself is never modified. Takes a few minutes (one kernel file recompiles per mutation).
 """
 
@@ -120,9 +120,9 @@ def copy_tree(dst: pathlib.Path):
         shutil.copy2(so, dst / "quantkernels" / so.name)
 
 
-def run_tests(work: pathlib.Path, env) -> tuple[str, str, float]:
+def run_tests(work: pathlib.Path, env, tests: str = "tests/test_cuda_emu.py") -> tuple[str, str, float]:
     t0 = time.time()
-    r = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "tests/test_cuda_emu.py"],
+    r = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", tests],
                        cwd=work, env=env, capture_output=True, text=True)
     dt = time.time() - t0
     out = r.stdout + r.stderr
@@ -137,13 +137,15 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "cuda_emu_mutations.md"))
     ap.add_argument("--only", type=int, nargs="*", help="indices of MUTATIONS to run")
+    ap.add_argument("--tests", default="tests/test_cuda_emu.py",
+                    help="the test file that must catch each mutation (e.g. tests/test_fuzz_cuda_emu.py)")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="qk-mut-") as tmp:
         work = pathlib.Path(tmp)
         copy_tree(work)
         env = dict(os.environ, PYTHONPATH=str(work), QUANTKERNELS_CUDA_EMU_BUILD=str(work / "build" / "cuda_emu"))
-        failed, msg, dt = run_tests(work, env)  # baseline (and the first, full build)
+        failed, msg, dt = run_tests(work, env, args.tests)  # baseline (and the first, full build)
         if failed:
             sys.exit(f"the unmutated sources fail: {failed}: {msg}")
         print(f"baseline: {msg} in {dt:.0f} s", flush=True)
@@ -158,7 +160,7 @@ def main():
                 text = text.replace(o, n)
             path.write_text(text)
             try:
-                failed, msg, dt = run_tests(work, env)
+                failed, msg, dt = run_tests(work, env, args.tests)
             finally:
                 path.write_text(orig)
             caught = bool(failed)
@@ -168,7 +170,7 @@ def main():
         "# CUDA emulator: seeded bugs and the test that catches each",
         "",
         "`python tools/cuda_emu_mutations.py` (issue 15): each mutation alone, applied to a copy of the",
-        "sources, then `pytest -x tests/test_cuda_emu.py` (the default suite `make test` runs). The",
+        f"sources, then `pytest -x {args.tests}` (as `make test` runs it). The",
         "first failing test and the first line of its error are recorded. Regenerate after changing",
         "the kernels or the emulator.",
         "",
