@@ -197,6 +197,8 @@ def test_eval_causal_lm_table(tmp_path, capsys):
     res = json.loads((tmp_path / "res" / "eval_m.json").read_text())
     by = {r["scheme"]: r for r in res["rows"] if not r["lm_head"]}
     assert by["fp32"]["tokens"] == 199  # 200 tokens, no BOS in this tokenizer: 199 predicted
+    assert "| prefill tok/s | forward tok/s (all logits) |" in out
+    assert all(r["prefill_tok_s"] > 0 and r["forward_all_logits_tok_s"] > 0 for r in res["rows"])
     assert by["bf16"]["dtype"] == "bfloat16" and abs(by["bf16"]["ppl"] / by["fp32"]["ppl"] - 1) < 0.05
     head = [r for r in res["rows"] if r["lm_head"]]
     assert len(head) == 1 and head[0]["scheme"] == "w8a16" and head[0]["quantized"] == by["w8a16"]["quantized"] + 1
