@@ -267,11 +267,9 @@ def _keeps_last_logits(model) -> bool:
 def prefill_tokens_per_s(model, ids: torch.Tensor, runs: int = 3, all_logits: bool = False) -> float:
     """Tokens/s of one forward over the prompt ``ids``. By default as ``generate``'s prefill runs it:
     KV cache filled, logits of the last position only (``logits_to_keep=1`` where the model takes it);
-    ``all_logits=True``: the logits of every position, as a perplexity pass (for Gemma-3-270M the
-    [128, 262144] ``lm_head`` GEMM is then about half of a bf16 model's time)."""
+    ``all_logits=True``: ``model(ids)``, the logits of every position, as a perplexity pass (for
+    Gemma-3-270M the [128, 262144] ``lm_head`` GEMM is then about half of a bf16 model's time)."""
     kw = {} if all_logits or not _keeps_last_logits(model) else {"logits_to_keep": 1, "use_cache": True}
-    if all_logits:
-        kw["use_cache"] = False
     model(ids, **kw)  # warm-up
     times = []
     for _ in range(runs):

@@ -279,7 +279,7 @@ class QuantLinear(nn.Module):
             y = quant_linear(x2, qweight, scale, zero, bias, self.scheme, self.threshold, self.backend)
         else:
             y = _run_scheme(self.scheme, x2, qweight, scale, zero, bias, self.threshold, self.backend)
-        return y if nd == 2 else y.view(*x.shape[:-1], self.out_features)
+        return y if nd == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         parts = [f"in_features={self.in_features}", f"out_features={self.out_features}",

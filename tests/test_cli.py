@@ -205,3 +205,34 @@ def test_eval_causal_lm_table(tmp_path, capsys):
     for s in ("w8a8", "w8a16"):   # the auto backend agrees with the contract (reference) within 0.5%
         assert abs(by[s]["ppl"] / by[s]["ppl_reference"] - 1) < 0.005, by[s]
         assert abs(by[s]["ppl"] / by["fp32"]["ppl"] - 1) < 0.05, by[s]   # random weights: tiny quantization effect
+
+
+def test_prefill_timing_runs_the_prompt_as_generate_does():
+    """prefill_tokens_per_s: last-position logits with the KV cache (logits_to_keep=1) where the
+    model takes it, plain model(ids) for all_logits=True and for models without logits_to_keep."""
+    class LM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def forward(self, ids, use_cache=None, logits_to_keep=0):
+            self.calls.append((use_cache, logits_to_keep))
+
+    class Plain(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def forward(self, ids):
+            self.calls += 1
+
+    ids = torch.zeros(1, 8, dtype=torch.long)
+    lm = LM()
+    assert models.prefill_tokens_per_s(lm, ids, runs=2) > 0
+    assert lm.calls == [(True, 1)] * 3  # warm-up + 2 timed
+    lm.calls.clear()
+    models.prefill_tokens_per_s(lm, ids, runs=1, all_logits=True)
+    assert lm.calls == [(None, 0)] * 2
+    plain = Plain()
+    models.prefill_tokens_per_s(plain, ids, runs=1)
+    assert plain.calls == 2
