@@ -37,6 +37,8 @@ def _scheme_ops(scheme: str, backend: str, device: torch.device) -> tuple:
     if fns is None:
         fns = tuple(dispatch.resolve(backend, op, device) for op in dispatch.SCHEME_OPS[scheme])
         if backend != "triton":
+            if _OPS_CACHE and next(iter(_OPS_CACHE))[3] != dispatch.GENERATION:
+                _OPS_CACHE.clear()  # entries of an earlier dispatch.refresh() are dead
             _OPS_CACHE[key] = fns
     return fns
 
