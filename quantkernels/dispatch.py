@@ -41,6 +41,8 @@ _NATIVE: Dict[str, Set[str]] = {"CPU": set(), "CUDA": set()}
 _TRITON: Set[str] = set()
 _NATIVE_REASON: str | None = "quantkernels._C was not loaded"  # None once it is
 _ENV_BACKEND = None
+#: Bumped by every ``refresh()``: callers that cache what ``resolve`` returned key their cache on it.
+GENERATION = 0
 
 
 class BackendUnavailable(RuntimeError):
@@ -51,7 +53,8 @@ def refresh(native_reason: str | None = None) -> None:
     """Re-reads which native and Triton kernels are registered (called at import).
 
     ``native_reason``: why ``quantkernels._C`` is missing, or None when it loaded."""
-    global _NATIVE_REASON, _ENV_BACKEND
+    global _NATIVE_REASON, _ENV_BACKEND, GENERATION
+    GENERATION += 1
     for key in _NATIVE:
         _NATIVE[key] = {
             op for op in OP_NAMES

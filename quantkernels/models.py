@@ -16,6 +16,7 @@ Wonderland, the Gettysburg Address and the Declaration of Independence.
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import math
 import os
@@ -253,13 +254,27 @@ def perplexity(model, windows: List[torch.Tensor], desc: str = "perplexity") -> 
     return math.exp(nll / n), n
 
 
+def _keeps_last_logits(model) -> bool:
+    """Whether ``model.forward`` takes ``logits_to_keep`` (transformers' causal LMs do, as ``generate``'s
+    prefill uses it: only the last position's logits)."""
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 @torch.inference_mode()
-def prefill_tokens_per_s(model, ids: torch.Tensor, runs: int = 3) -> float:
-    model(ids)  # warm-up
+def prefill_tokens_per_s(model, ids: torch.Tensor, runs: int = 3, all_logits: bool = False) -> float:
+    """Tokens/s of one forward over the prompt ``ids``. By default as ``generate``'s prefill runs it:
+    KV cache filled, logits of the last position only (``logits_to_keep=1`` where the model takes it);
+    ``all_logits=True``: ``model(ids)``, the logits of every position, as a perplexity pass (for
+    Gemma-3-270M the [128, 262144] ``lm_head`` GEMM is then about half of a bf16 model's time)."""
+    kw = {} if all_logits or not _keeps_last_logits(model) else {"logits_to_keep": 1, "use_cache": True}
+    model(ids, **kw)  # warm-up
     times = []
     for _ in range(runs):
         t0 = time.perf_counter()
-        model(ids)
+        model(ids, **kw)
         times.append(time.perf_counter() - t0)
     return ids.numel() / statistics.median(times)
 
@@ -341,6 +356,7 @@ def eval_causal(path: Path, schemes: List[str], *, group_size: int = 128, thresh
             set_backend(model, "auto")
             same = False
         prefill = prefill_tokens_per_s(model, prefill_ids, runs)
+        forward_all = prefill_tokens_per_s(model, prefill_ids, runs, all_logits=True)
         ids, text, decode = greedy(model, tok, PROMPT, new_tokens)
         if scheme == "fp32":
             fp32_ids = ids
@@ -349,10 +365,12 @@ def eval_causal(path: Path, schemes: List[str], *, group_size: int = 128, thresh
         rep = getattr(model, "quantkernels_report", None)
         rows.append(dict(scheme=scheme, lm_head=head, dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
                          group_size=group_size if scheme in ("w4a16", "w4a8") else None,
-                         memory_mib=mem / 2**20, prefill_tok_s=prefill, decode_tok_s=decode, ppl=ppl,
+                         memory_mib=mem / 2**20, prefill_tok_s=prefill, forward_all_logits_tok_s=forward_all,
+                         decode_tok_s=decode, ppl=ppl,
                          ppl_reference=ppl_ref, reference_is_same_kernels=same, tokens=n, generation=text,
                          same_prefix_as_fp32=match, quantized=len(rep.quantized) if rep else 0))
-        print(f"{spec}: ppl {ppl:.3f} (reference {'not run' if ppl_ref is None else f'{ppl_ref:.3f}'}), {mem / 2**20:.0f} MiB, prefill {prefill:.0f} tok/s, "
+        print(f"{spec}: ppl {ppl:.3f} (reference {'not run' if ppl_ref is None else f'{ppl_ref:.3f}'}), "
+              f"{mem / 2**20:.0f} MiB, prefill {prefill:.0f} tok/s (all logits {forward_all:.0f}), "
               f"decode {decode:.1f} tok/s: {text!r}", file=sys.stderr)
         if model is not base:
             del model
@@ -366,9 +384,9 @@ def format_causal(res: Dict, model_name: str) -> str:
     lines = [f"{model_name}: perplexity on {res['tokens']} tokens of public-domain English "
              f"(quantkernels/data/eval_text.txt, {res['windows']} windows of <= {WINDOW}); "
              f"greedy continuation of {res['prompt']!r}; torch {torch.__version__}, {res['threads']} threads", "",
-             "| scheme | memory MiB | prefill tok/s | decode tok/s | perplexity | vs fp32 | reference (contract) "
-             "| auto vs reference | generation (same tokens as fp32) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| scheme | memory MiB | prefill tok/s | forward tok/s (all logits) | decode tok/s | perplexity | vs fp32 "
+             "| reference (contract) | auto vs reference | generation (same tokens as fp32) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         name = r["scheme"] + (f" g{r['group_size']}" if r["group_size"] else "")
         if r.get("lm_head"):
@@ -386,7 +404,9 @@ def format_causal(res: Dict, model_name: str) -> str:
             ref, delta = f"{r['ppl_reference']:.3f}", f"{(r['ppl'] / r['ppl_reference'] - 1) * 100:+.3f}%"
         same = "" if r["same_prefix_as_fp32"] is None or r is fp else f" ({r['same_prefix_as_fp32']})"
         gen = r["generation"].replace("\n", " ").replace("|", "\\|").strip()
-        lines.append(f"| {name} | {r['memory_mib']:.0f} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} "
+        fwd = r.get("forward_all_logits_tok_s")
+        fwd = "-" if fwd is None else f"{fwd:.0f}"
+        lines.append(f"| {name} | {r['memory_mib']:.0f} | {r['prefill_tok_s']:.0f} | {fwd} | {r['decode_tok_s']:.1f} "
                      f"| {r['ppl']:.3f} | {vs} | {ref} | {delta} | {gen}{same} |")
     return "\n".join(lines)
 

@@ -197,9 +197,42 @@ def test_eval_causal_lm_table(tmp_path, capsys):
     res = json.loads((tmp_path / "res" / "eval_m.json").read_text())
     by = {r["scheme"]: r for r in res["rows"] if not r["lm_head"]}
     assert by["fp32"]["tokens"] == 199  # 200 tokens, no BOS in this tokenizer: 199 predicted
+    assert "| prefill tok/s | forward tok/s (all logits) |" in out
+    assert all(r["prefill_tok_s"] > 0 and r["forward_all_logits_tok_s"] > 0 for r in res["rows"])
     assert by["bf16"]["dtype"] == "bfloat16" and abs(by["bf16"]["ppl"] / by["fp32"]["ppl"] - 1) < 0.05
     head = [r for r in res["rows"] if r["lm_head"]]
     assert len(head) == 1 and head[0]["scheme"] == "w8a16" and head[0]["quantized"] == by["w8a16"]["quantized"] + 1
     for s in ("w8a8", "w8a16"):   # the auto backend agrees with the contract (reference) within 0.5%
         assert abs(by[s]["ppl"] / by[s]["ppl_reference"] - 1) < 0.005, by[s]
         assert abs(by[s]["ppl"] / by["fp32"]["ppl"] - 1) < 0.05, by[s]   # random weights: tiny quantization effect
+
+
+def test_prefill_timing_runs_the_prompt_as_generate_does():
+    """prefill_tokens_per_s: last-position logits with the KV cache (logits_to_keep=1) where the
+    model takes it, plain model(ids) for all_logits=True and for models without logits_to_keep."""
+    class LM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def forward(self, ids, use_cache=None, logits_to_keep=0):
+            self.calls.append((use_cache, logits_to_keep))
+
+    class Plain(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def forward(self, ids):
+            self.calls += 1
+
+    ids = torch.zeros(1, 8, dtype=torch.long)
+    lm = LM()
+    assert models.prefill_tokens_per_s(lm, ids, runs=2) > 0
+    assert lm.calls == [(True, 1)] * 3  # warm-up + 2 timed
+    lm.calls.clear()
+    models.prefill_tokens_per_s(lm, ids, runs=1, all_logits=True)
+    assert lm.calls == [(None, 0)] * 2
+    plain = Plain()
+    models.prefill_tokens_per_s(plain, ids, runs=1)
+    assert plain.calls == 2

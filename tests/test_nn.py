@@ -236,3 +236,33 @@ def test_torch_compile_fullgraph_matches_eager(scheme):
     eager = model(x)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x), eager, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_forward_caches_resolved_ops_until_backend_or_refresh_changes(scheme, monkeypatch):
+    """QuantLinear.forward resolves its ops once per (scheme, backend, device) and again after
+    dispatch.refresh() or a backend change, with the same output as the composed ops."""
+    lin = make_linear(K=128, N=64, dtype=torch.bfloat16)
+    ql = qk.QuantLinear.from_linear(lin, scheme)
+    x = torch.randn(3, 5, 128).to(torch.bfloat16)
+    calls = []
+    real = dispatch.resolve
+    monkeypatch.setattr(dispatch, "resolve", lambda b, op, d: calls.append((b, op)) or real(b, op, d))
+    dispatch.refresh(dispatch._NATIVE_REASON)  # a fresh generation: nothing cached for it yet
+    with torch.inference_mode():
+        y = ql(x)
+        n = len(calls)
+        assert n == len(dispatch.SCHEME_OPS[scheme]) and all(b == "auto" for b, _ in calls)
+        assert torch.equal(ql(x), y) and len(calls) == n  # cached
+        ql.backend = "reference"
+        yr = ql(x)
+        assert len(calls) == 2 * n and calls[-1][0] == "reference"
+        ql.backend = "auto"
+        dispatch.refresh(dispatch._NATIVE_REASON)
+        assert torch.equal(ql(x), y) and len(calls) == 3 * n
+        assert torch.equal(y, expected(ql, x))
+        ql.backend = "reference"
+        assert torch.equal(yr, expected(ql, x))
+    ql.backend = "triton"  # resolved (and refused) on every call on the CPU
+    with pytest.raises(dispatch.BackendUnavailable, match="backend 'triton'"):
+        ql(x)
