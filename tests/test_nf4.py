@@ -1,0 +1,322 @@
+"""NF4 / FP4 (bitsandbytes' 4-bit formats, docs/numerics.md s.11): the reference ops against an
+independent numpy spec (tests/_spec.py), bit-compatibility with bitsandbytes' own
+``quantize_4bit`` / ``dequantize_4bit`` (skipped with a message where it is not installed),
+argument contracts and torch.compile."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import _spec as S
+import quantkernels  # noqa: F401  (registers the ops)
+from quantkernels import _ops as O
+from quantkernels import reference as R
+
+ops = torch.ops.quantkernels
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+QTYPES = ("nf4", "fp4")
+INPUT_ERRORS = (TypeError, ValueError, RuntimeError)
+
+
+def _bnb():
+    try:
+        import bitsandbytes
+        import bitsandbytes.functional as BF
+    except Exception as e:  # absent, or a build that does not load here
+        pytest.skip(f"bitsandbytes is not usable here ({type(e).__name__}: {e}); "
+                    "install it with `pip install -c requirements/constraints.txt bitsandbytes`")
+    return bitsandbytes, BF
+
+
+def _weight(shape, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g) * 0.05
+    if shape[0] > 2:
+        w[1] = 0.0                          # an all-zero row (whole blocks of zeros when K >= blocksize)
+        w[2, ::3] *= 40.0                   # a row with large values
+    return w.to(dtype)
+
+
+def _ours(w, qt, bs, dq):
+    packed, absmax = O.quantize_4bit(w, qt, bs)
+    if not dq:
+        return packed, absmax, None, None
+    q, nested, offset = O.double_quantize_absmax(absmax)
+    return packed, q, nested, offset
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def test_tables_match_spec_text():
+    np.testing.assert_array_equal(S.f32(R.NF4_CODE), S.NF4_TABLE)
+    np.testing.assert_array_equal(S.f32(R.FP4_CODE), S.FP4_TABLE)
+    assert R.FP4_CODE[8] == 0 and not bool(R.FP4_CODE[8].signbit()) and R.FP4_CODE[0] == 0
+    np.testing.assert_array_equal(S.f32(R.DYNAMIC_CODE), S.dynamic_code())
+    assert R.DYNAMIC_CODE.shape == (256,) and bool((R.DYNAMIC_CODE.diff() > 0).all())
+
+
+def test_tables_match_bitsandbytes():
+    bnb, BF = _bnb()
+    for qt, ours in R.CODES_4BIT.items():
+        theirs = BF.get_4bit_type(qt, device="cpu")
+        assert torch.equal(theirs, ours) and torch.equal(theirs.signbit(), ours.signbit()), qt
+    assert torch.equal(BF.create_dynamic_map(), R.DYNAMIC_CODE)
+
+
+# ----------------------------------------------------------------------------- bitsandbytes bit-compatibility
+
+COMPAT_CASES = [
+    # (shape, blocksize): odd N, K not a multiple of the block (blocks span rows), partial last block
+    ((5, 38), 32), ((13, 70), 64), ((3, 130), 128), ((1, 2), 64), ((33, 64), 64), ((7, 300), 256),
+    ((4, 1000), 512), ((9, 1030), 1024), ((3, 4096), 2048), ((2, 6000), 4096),
+    ((67, 520), 32),                    # 1089 blocks: five nested blocks of 256 under double quant, the last partial
+]
+
+
+@pytest.mark.parametrize("dq", [False, True], ids=["plain", "double"])
+@pytest.mark.parametrize("qt", QTYPES)
+@pytest.mark.parametrize("shape,bs", COMPAT_CASES, ids=[f"{s[0]}x{s[1]}-b{b}" for s, b in COMPAT_CASES])
+def test_bitsandbytes_bit_compatible(shape, bs, qt, dq):
+    bnb, BF = _bnb()
+    dtype = (torch.float32, torch.float16, torch.bfloat16)[(shape[0] + bs) % 3]
+    w = _weight(shape, dtype, seed=shape[1])
+    p_ref, st = BF.quantize_4bit(w, blocksize=bs, quant_type=qt, compress_statistics=dq)
+    packed, absmax, nested, offset = _ours(w, qt, bs, dq)
+    plain = O.quantize_4bit(w, qt, bs)[1]
+    assert torch.equal(packed.reshape(-1), p_ref.reshape(-1)), "packed codes differ from bitsandbytes"
+    if dq:
+        assert torch.equal(nested, st.state2.absmax), "nested absmax differs"
+        assert torch.equal(offset, st.offset), "offset (mean) differs"
+        assert torch.equal(st.state2.code, R.DYNAMIC_CODE) and st.state2.blocksize == R.NESTED_BLOCKSIZE
+        _assert_nested_codes(absmax, st.absmax, plain, nested, offset)
+        absmax = st.absmax             # dequantization below: bit-exact from bitsandbytes' own codes
+    else:
+        assert torch.equal(absmax, st.absmax), "absmax differs from bitsandbytes"
+    for out_dtype in FLOAT_DTYPES:
+        st.dtype = out_dtype
+        d_ref = BF.dequantize_4bit(p_ref, st)
+        got = O.dequantize_4bit(packed, absmax, qt, bs, nested, offset, out_dtype=out_dtype)
+        assert got.dtype == out_dtype and got.shape == shape
+        assert torch.equal(got, d_ref.reshape(shape)), f"dequantized {out_dtype} values differ from bitsandbytes"
+
+
+def _assert_nested_codes(ours, theirs, plain_absmax, nested, offset):
+    """Double-quantized absmax codes: equal to bitsandbytes', except where its CPU 8-bit quantizer (a
+    bucketed table search, not an exact nearest-value search) takes the other neighbour of a value
+    within 2^-10 (relative to the gap between the two codes) of their midpoint (s.11)."""
+    diff = (ours != theirs).nonzero().flatten()
+    assert diff.numel() <= max(1, ours.numel() // 100), f"{diff.numel()} of {ours.numel()} codes differ"
+    code = R.DYNAMIC_CODE.double()
+    for i in diff.tolist():
+        a, b = int(ours[i]), int(theirs[i])
+        assert abs(a - b) == 1, f"code {i}: ours {a}, bitsandbytes {b}: not neighbours"
+        x = (float(plain_absmax[i]) - float(offset)) / float(nested[i // 256])
+        lo, hi = code[min(a, b)], code[max(a, b)]
+        mid, gap = float(lo + hi) / 2, float(hi - lo)
+        assert abs(x - mid) <= gap * 2**-10, f"code {i}: {x} is not a near-tie between {float(lo)} and {float(hi)}"
+        assert abs(x - float(code[a])) <= abs(x - float(code[b])), f"code {i}: ours is not the nearer"
+
+
+@pytest.mark.parametrize("qt", QTYPES)
+def test_bitsandbytes_edge_values(qt):
+    """Zeros, exact boundaries, subnormals, +-Inf and NaN: the same codes and absmax as bitsandbytes."""
+    bnb, BF = _bnb()
+    w = _hostile(qt)
+    p_ref, st = BF.quantize_4bit(w, blocksize=32, quant_type=qt)
+    packed, absmax = O.quantize_4bit(w, qt, 32)
+    assert torch.equal(packed.reshape(-1), p_ref.reshape(-1))
+    assert torch.equal(absmax, st.absmax, ) or bool(((absmax == st.absmax) | (absmax.isnan() & st.absmax.isnan())).all())
+    d_ref = BF.dequantize_4bit(p_ref, st).reshape(w.shape)
+    got = O.dequantize_4bit(packed, absmax, qt, 32)
+    same = (got == d_ref) | (got.isnan() & d_ref.isnan())
+    assert bool(same.all())
+
+
+# ----------------------------------------------------------------------------- the numpy spec
+
+
+def _hostile(qt, K=64):
+    """Rows of 32-value blocks: random, zero, exact decision boundaries (ties), subnormal, Inf, NaN."""
+    g = torch.Generator().manual_seed(7)
+    rows = [torch.randn(K, generator=g), torch.zeros(K)]
+    order = R._ORDER[qt]
+    sc = R.CODES_4BIT[qt][order]
+    bounds = (sc[:-1] + sc[1:]) / 2
+    tie = torch.zeros(K)
+    tie[0] = 1.0                                               # absmax 1: scaled values are the values
+    tie[1:16] = bounds                                         # exactly on each boundary
+    tie[16:31] = bounds.nextafter(torch.tensor(2.0))           # just above
+    tie[32] = -1.0
+    tie[33:48] = bounds.nextafter(torch.tensor(-2.0))          # just below
+    rows.append(tie)
+    sub = torch.randn(K, generator=g) * 1e-40                  # subnormal blocks (absmax < 1e-38)
+    rows.append(sub)
+    inf = torch.randn(K, generator=g)
+    inf[3], inf[40] = float("inf"), float("-inf")
+    rows.append(inf)
+    nan = torch.randn(K, generator=g)
+    nan[5] = float("nan")
+    rows.append(nan)
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("qt", QTYPES)
+@pytest.mark.parametrize("bs", [32, 64, 256])
+@pytest.mark.parametrize("shape", [(6, 64), (5, 38), (11, 96)])
+def test_quantize_matches_spec(shape, bs, qt, device):
+    w = _weight(shape, torch.float32, seed=bs) if shape != (6, 64) else _hostile(qt)
+    packed, absmax = ops.quantize_4bit(w.to(device), qt, bs)
+    nib, am = S.quant_4bit(S.f32(w), qt, bs)
+    S.assert_int_equal(packed, S.pack_4bit(nib), "packed")
+    got_am = S.f64(absmax)
+    np.testing.assert_array_equal(got_am, am.astype(np.float64))
+    deq = ops.dequantize_4bit(packed, absmax, qt, bs)
+    np.testing.assert_array_equal(S.f32(deq), S.dequant_4bit(nib, am, qt, bs))
+
+
+def test_ties_go_to_the_lower_code():
+    for qt in QTYPES:
+        w = _hostile(qt)[2:3]
+        packed, _ = O.quantize_4bit(w, qt, 64)
+        code = R.CODES_4BIT[qt]
+        deq = O.dequantize_4bit(packed, torch.ones(1), qt, 64)[0]
+        order = R._ORDER[qt]
+        lower, upper = code[order[:-1]], code[order[1:]]
+        assert torch.equal(deq[1:16], lower), qt                 # on a boundary: the lower neighbour
+        assert torch.equal(deq[16:31], upper), qt                # one ulp above: the upper one
+        assert torch.equal(deq[33:48], lower), qt
+
+
+def test_nonfinite_and_zero_blocks():
+    for qt in QTYPES:
+        w = _hostile(qt)
+        packed, absmax = O.quantize_4bit(w, qt, 32)
+        deq = O.dequantize_4bit(packed, absmax, qt, 32)
+        assert bool((deq[1] == 0).all()) and bool((absmax[2:4] == 0).all())        # zero blocks: absmax 0
+        assert bool(torch.isfinite(deq[[0, 2, 3]]).all())
+        assert bool(torch.isinf(absmax[8:10]).all()) and not bool(torch.isfinite(deq[4]).all())
+        assert bool(torch.isnan(absmax[10])) and bool(torch.isnan(deq[5, :32]).all())
+        assert bool(torch.isfinite(deq[5, 32:]).all())                             # the other block of that row
+
+
+@pytest.mark.parametrize("n", [1, 5, 256, 300, 1089])
+def test_double_quant_matches_spec(n):
+    g = torch.Generator().manual_seed(n)
+    absmax = torch.rand(n, generator=g) * 0.3
+    if n > 5:
+        absmax[3] = 0.0
+    q, nested, offset = O.double_quantize_absmax(absmax)
+    assert offset.shape == () and nested.shape == (-(-n // 256),)
+    S.assert_scale(offset, np.mean(S.f64(absmax)), "offset")             # a float32 mean: order unspecified
+    sq, sn = S.double_quant(S.f32(absmax), S.f32(offset))               # the rest exactly, given the offset
+    np.testing.assert_array_equal(S.f32(nested), sn)
+    S.assert_int_equal(q, sq, "double-quantized codes")
+    back = R._absmax_4bit(q, nested, offset)
+    np.testing.assert_array_equal(S.f32(back), S.undouble_quant(sq, sn, S.f32(offset)))
+    assert float((back - absmax).abs().max()) <= 0.3 * 0.02 + 1e-7
+
+
+def test_double_quant_rejects_nonfinite():
+    with pytest.raises(ValueError, match=r"double_quantize_absmax: absmax holds the non-finite value inf at flat index 2"):
+        O.double_quantize_absmax(torch.tensor([1.0, 2.0, float("inf")]))
+
+
+@pytest.mark.parametrize("qt", QTYPES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("dq", [False, True], ids=["plain", "double"])
+def test_gemm_4bit_matches_spec(qt, dtype, dq, device):
+    N, K, M = 24, 96, 7
+    w = _weight((N, K), torch.float32, seed=3)
+    packed, absmax, nested, offset = (t.to(device) if t is not None else None for t in _ours(w, qt, 64, dq))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(M, K, generator=g).to(dtype)
+    bias = torch.randn(N, generator=g).to(dtype)
+    got = ops.gemm_4bit(x.to(device), packed, absmax, qt, 64, nested, offset, bias.to(device))
+    wf = S.f32(ops.dequantize_4bit(packed, absmax, qt, 64, nested, offset))
+    nib = S.i64(ops.unpack_int4(packed.cpu(), False))
+    nib = np.stack([nib[:, 1::2], nib[:, 0::2]], -1).reshape(N, K)        # high nibble first
+    am = S.f32(R._absmax_4bit(absmax.cpu(), None if nested is None else nested.cpu(), None if offset is None else offset.cpu()))
+    np.testing.assert_array_equal(wf, S.dequant_4bit(nib, am, qt, 64))
+    exact, mag = S.weight_only(S.f32(x), S.round_to(wf, dtype), S.f32(bias))
+    S.assert_float_output(got, exact, mag, dtype, f"gemm_4bit {qt} {dtype}", underflow_terms=K + 1)
+
+
+def test_gemm_4bit_sqnr():
+    """Quality floor: NF4 beats FP4 on Gaussian weights, both near their design values."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 1024, generator=g)
+    w = torch.randn(256, 1024, generator=g) * 0.02
+    ref = x.double() @ w.double().t()
+    got = {}
+    for qt in QTYPES:
+        p, a = O.quantize_4bit(w, qt, 64)
+        got[qt] = S.sqnr(ref.numpy(), O.gemm_4bit(x, p, a, qt, 64).double().numpy())
+    assert 19.0 < got["nf4"] < 23.0 and 16.0 < got["fp4"] < got["nf4"], got
+
+
+# ----------------------------------------------------------------------------- contracts
+
+
+def test_argument_errors():
+    w = torch.randn(4, 64)
+    with pytest.raises(ValueError, match=r"quantize_4bit: quant_type must be one of \('nf4', 'fp4'\), got 'int4'"):
+        O.quantize_4bit(w, "int4")
+    with pytest.raises(ValueError, match=r"blocksize must be one of .* got 48"):
+        O.quantize_4bit(w, "nf4", 48)
+    with pytest.raises(ValueError, match=r"blocksize .* got 64.5"):
+        O.quantize_4bit(w, "nf4", 64.5)
+    with pytest.raises(ValueError, match=r"K = 63 must be even"):
+        O.quantize_4bit(torch.randn(4, 63))
+    with pytest.raises(TypeError, match=r"w must have dtype"):
+        O.quantize_4bit(w.to(torch.int8))
+    with pytest.raises(ValueError, match=r"w must be 2-D"):
+        O.quantize_4bit(torch.randn(2, 4, 64))
+    p, a = O.quantize_4bit(w, "nf4", 64)
+    q, n2, off = O.double_quantize_absmax(a)
+    x = torch.randn(3, 64)
+    with pytest.raises(ValueError, match=r"gemm_4bit: absmax must have shape \(4,\) \(one per block of 64"):
+        O.gemm_4bit(x, p, a[:3])
+    with pytest.raises(ValueError, match=r"absmax must have shape \(8,\)"):
+        O.gemm_4bit(x, p, torch.ones(4), blocksize=32)
+    with pytest.raises(TypeError, match=r"absmax must have dtype .*uint8"):
+        O.gemm_4bit(x, p, a, nested_absmax=n2, offset=off)
+    with pytest.raises(ValueError, match=r"nested_absmax and offset go together"):
+        O.gemm_4bit(x, p, q, nested_absmax=n2)
+    with pytest.raises(ValueError, match=r"offset must have shape \(\)"):
+        O.gemm_4bit(x, p, q, nested_absmax=n2, offset=off.reshape(1))
+    with pytest.raises(ValueError, match=r"x has K = 32 columns but the weight has K = 64"):
+        O.gemm_4bit(x[:, :32], p, a)
+    with pytest.raises(ValueError, match=r"bias must have shape \(4,\)"):
+        O.gemm_4bit(x, p, a, bias=torch.ones(5))
+    with pytest.raises(TypeError, match=r"out_dtype must be one of"):
+        O.dequantize_4bit(p, a, out_dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"quant_type .* got 'NF4'"):
+        O.dequantize_4bit(p, a, "NF4")
+    with pytest.raises(INPUT_ERRORS, match=r"quant_type"):
+        ops.gemm_4bit(x, p, a, "af4", 64)                     # through the dispatcher: the contract checks too
+
+
+def test_empty_weight_and_batch():
+    p, a = O.quantize_4bit(torch.randn(0, 64))
+    assert p.shape == (0, 32) and a.shape == (0,)
+    p, a = O.quantize_4bit(torch.randn(3, 64))
+    assert O.gemm_4bit(torch.randn(0, 64), p, a).shape == (0, 3)
+
+
+@pytest.mark.parametrize("dq", [False, True], ids=["plain", "double"])
+def test_compile_fullgraph(dq):
+    w = _weight((16, 128), torch.float32)
+    x = torch.randn(5, 128, dtype=torch.bfloat16)
+
+    def f(x, w):
+        p, a = ops.quantize_4bit(w, "nf4", 64)
+        if dq:
+            q, n2, off = ops.double_quantize_absmax(a)
+            return ops.gemm_4bit(x, p, q, "nf4", 64, n2, off, None)
+        return ops.gemm_4bit(x, p, a, "nf4", 64, None, None, None)
+
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(x, w)
+    assert torch.equal(got, f(x, w))
