@@ -320,3 +320,32 @@ def test_compile_fullgraph(dq):
 
     got = torch.compile(f, fullgraph=True, backend="aot_eager")(x, w)
     assert torch.equal(got, f(x, w))
+
+
+# ----------------------------------------------------------------------------- backward (s.10)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("dq", [False, True], ids=["plain", "double"])
+def test_gemm_4bit_backward(dtype, dq):
+    """grad_X = grad_Y @ to_x(W) (fp32 accumulation), grad_bias = sum_m grad_Y; absmax etc. frozen."""
+    N, K, M = 40, 128, 6
+    w = _weight((N, K), torch.float32, seed=5)
+    packed, absmax, nested, offset = _ours(w, "nf4", 64, dq)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(M, K, generator=g).to(dtype).requires_grad_()
+    bias = torch.randn(N, generator=g).to(dtype).requires_grad_()
+    gy = torch.randn(M, N, generator=g).to(dtype)
+    y = O.gemm_4bit(x, packed, absmax, "nf4", 64, nested, offset, bias)
+    y.backward(gy)
+    wx = S.round_to(S.f32(O.dequantize_4bit(packed, absmax, "nf4", 64, nested, offset)), dtype)
+    gy64 = S.f64(gy)
+    S.assert_float_output(x.grad, gy64 @ wx.astype(np.float64), np.abs(gy64) @ np.abs(wx.astype(np.float64)),
+                          dtype, "grad_x", underflow_terms=N)
+    S.assert_float_output(bias.grad, gy64.sum(0), np.abs(gy64).sum(0), dtype, "grad_bias", underflow_terms=M)
+    if not dq:
+        a = absmax.clone().requires_grad_()
+        with pytest.raises(quantkernels.autograd.NoBackwardError, match=r"gemm_4bit: no gradient with respect to absmax"):
+            O.gemm_4bit(x.detach(), packed, a, "nf4", 64).sum().backward()
+        with pytest.raises(quantkernels.autograd.NoBackwardError, match=r"quantize_4bit has no backward"):
+            O.quantize_4bit(w.clone().requires_grad_())[1].sum().backward()
