@@ -132,7 +132,8 @@ def verify_checksums(tensors: Mapping[str, Tensor], checksums: Any, fail) -> Non
 def _module_entry(m: QuantLinear) -> Dict[str, Any]:
     return {"scheme": m.scheme, "weight_format": m.weight_format.value, "group_size": m.group_size,
             "threshold": m.threshold, "in_features": m.in_features, "out_features": m.out_features,
-            "bias": m.bias is not None, "input_scale": m.input_scale is not None}
+            "bias": m.bias is not None, "input_scale": m.input_scale is not None,
+            **({"double_quant": m.double_quant} if m.double_quant else {})}
 
 
 def _common(entries: Dict[str, Dict[str, Any]], key: str):
@@ -325,6 +326,10 @@ def validate_config(cfg: Any, where) -> None:
             raise _err(cfg_path, f"modules[{name!r}]: threshold must be a number >= 0, got {e['threshold']!r}")
         if not isinstance(e["bias"], bool):
             raise _err(cfg_path, f"modules[{name!r}]: bias must be true or false, got {e['bias']!r}")
+        if not isinstance(e.get("double_quant", False), bool) or (e.get("double_quant") and e["scheme"] not in
+                                                                  ("nf4", "fp4")):
+            raise _err(cfg_path, f"modules[{name!r}]: double_quant must be true or false, and true only for nf4 / "
+                                 f"fp4, got {e.get('double_quant')!r} with scheme {e['scheme']!r}")
         why = unsupported_reason(e["scheme"], e["in_features"], e["out_features"], e["group_size"]) \
             if all(isinstance(e[k], int) for k in ("in_features", "out_features", "group_size")) \
             else "in_features, out_features and group_size must be integers"
@@ -435,7 +440,8 @@ def build_quant_layers(model: nn.Module, mods: Mapping[str, Dict[str, Any]], bac
                               f"{'a' if old_bias is not None else 'no'} bias")
         q = QuantLinear(K, N, bias=e["bias"], scheme=e["scheme"], group_size=e["group_size"],
                         threshold=e["threshold"], backend=backend, device="meta",
-                        dtype=old_bias.dtype if old_bias is not None else torch.float32)
+                        dtype=old_bias.dtype if old_bias is not None else torch.float32,
+                        double_quant=e.get("double_quant", False))
         if e.get("input_scale", False):  # SmoothQuant scales that could not be folded (float32 [K])
             q.input_scale = torch.empty(K, dtype=torch.float32, device="meta")
         new_modules[name] = q

@@ -18,7 +18,7 @@ from quantkernels.autograd import NoBackwardError
 
 import _spec as S
 
-SCHEMES = ("w8a8", "w4a8", "llm_int8", "w8a16", "w4a16")
+SCHEMES = ("w8a8", "w4a8", "llm_int8", "w8a16", "w4a16", "nf4", "fp4")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BACKENDS = ("reference", "cpu")
 K, N, G = 256, 96, 64
@@ -40,12 +40,18 @@ def _layer(scheme, backend="auto", bias=True, dtype=torch.float32, group_size=G)
         lin.weight.normal_(0, 0.05)
         if bias:
             lin.bias.normal_(0, 0.1)
+    if backend == "cpu" and scheme in ("nf4", "fp4"):
+        pytest.skip(f"{scheme}: no native CPU kernel yet (issue 17, step 4); the reference backend is tested")
     return qk.QuantLinear.from_linear(lin.to(dtype), scheme, group_size=group_size, backend=backend)
 
 
 def _spec_weight(q: qk.QuantLinear, dtype: torch.dtype) -> np.ndarray:
     """s.10's W' (float64 [N, K]) from the spec's dequantization, not from the package's."""
-    if q.scheme in ("w4a16", "w4a8"):
+    if q.scheme in ("nf4", "fp4"):
+        b = S.i64(q.qweight)
+        nib = np.stack([b >> 4, b & 15], -1).reshape(q.out_features, q.in_features)   # high nibble first
+        w = S.dequant_4bit(nib, S.f32(q.weight_scale), q.scheme, q.group_size)
+    elif q.scheme in ("w4a16", "w4a8"):
         codes = S.unpack(S.i64(q.qweight), signed=q.weight_zero is None)
         zero = None if q.weight_zero is None else S.i64(q.weight_zero)
         w = S.dequant_int4_f32(codes, S.f32(q.weight_scale), zero)

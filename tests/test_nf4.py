@@ -349,3 +349,120 @@ def test_gemm_4bit_backward(dtype, dq):
             O.gemm_4bit(x.detach(), packed, a, "nf4", 64).sum().backward()
         with pytest.raises(quantkernels.autograd.NoBackwardError, match=r"quantize_4bit has no backward"):
             O.quantize_4bit(w.clone().requires_grad_())[1].sum().backward()
+
+
+# ----------------------------------------------------------------------------- the module layer
+
+
+class _Toy(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(64, 96)
+        self.up = torch.nn.Linear(96, 200)
+        self.down = torch.nn.Linear(200, 96, bias=False)     # N*K = 19200: blocks span rows for B = 128
+        self.lm_head = torch.nn.Linear(96, 64, bias=False)
+        self.lm_head.weight = self.embed.weight
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        return self.lm_head(h + self.down(torch.relu(self.up(h))))
+
+
+IDS = torch.tensor([[1, 5, 9, 33, 63], [0, 2, 4, 6, 8]])
+
+
+def _quantized_toy(qt, dq, bs=128, exclude=()):
+    torch.manual_seed(0)
+    return quantkernels.quantize_model(_Toy().eval(), qt, group_size=bs, double_quant=dq, exclude=exclude)
+
+
+@pytest.mark.parametrize("dq", [False, True], ids=["plain", "double"])
+@pytest.mark.parametrize("qt", QTYPES)
+def test_quantize_model_buffers_forward_and_tied_embedding(qt, dq):
+    torch.manual_seed(0)
+    ref_model = _Toy().eval()
+    m = _quantized_toy(qt, dq)
+    up = m.up
+    assert isinstance(up, quantkernels.QuantLinear) and up.scheme == qt and up.group_size == 128
+    assert up.weight_format.value == qt and up.double_quant == dq
+    nb = -(-200 * 96 // 128)
+    assert up.qweight.shape == (200, 48) and up.qweight.dtype == torch.uint8
+    assert up.weight_scale.shape == (nb,) and up.weight_scale.dtype == (torch.uint8 if dq else torch.float32)
+    if dq:
+        assert up.nested_absmax.shape == (1,) and up.absmax_offset.shape == ()
+    else:
+        assert up.nested_absmax is None and up.absmax_offset is None
+    # the buffers are exactly the ops' output for the float weight
+    p, a, n2, off = _ours(ref_model.up.weight.detach(), qt, 128, dq)
+    assert torch.equal(up.qweight, p) and torch.equal(up.weight_scale, a)
+    x = torch.randn(2, 3, 96)
+    want = O.gemm_4bit(x.reshape(6, 96), p, a, qt, 128, n2, off, ref_model.up.bias.detach()).reshape(2, 3, 200)
+    assert torch.equal(up(x), want)
+    # the tied lm_head serves the embedding from its nf4 rows
+    assert isinstance(m.embed, quantkernels.QuantEmbedding)
+    rows = O.dequantize_4bit(m.lm_head.qweight, m.lm_head.weight_scale, qt, 128, m.lm_head.nested_absmax,
+                             m.lm_head.absmax_offset)
+    assert torch.equal(m.embed(IDS), rows[IDS])
+    assert "nf4" in repr(m.up) or "fp4" in repr(m.up)
+    assert bool(torch.isfinite(m(IDS)).all())
+
+
+@pytest.mark.parametrize("dq", [False, True], ids=["plain", "double"])
+def test_cast_keeps_quantized_buffers(dq):
+    m = _quantized_toy("nf4", dq)
+    before = {k: v.clone() for k, v in m.state_dict().items() if k.startswith(("up.", "down."))}
+    m.to(torch.bfloat16)
+    for k, v in before.items():
+        now = m.state_dict()[k]
+        if k.endswith("bias"):
+            assert now.dtype == torch.bfloat16
+        else:
+            assert now.dtype == v.dtype and torch.equal(now, v), k
+    assert m(IDS).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dq", [False, True], ids=["plain", "double"])
+def test_save_load_round_trip(tmp_path, dq):
+    pytest.importorskip("safetensors")
+    m = _quantized_toy("fp4", dq, exclude=("lm_head",))
+    ref = m(IDS)
+    quantkernels.save_quantized(m, tmp_path)
+    cfg = __import__("json").loads((tmp_path / "quantization_config.json").read_text())
+    assert cfg["modules"]["up"].get("double_quant", False) == dq and cfg["modules"]["up"]["scheme"] == "fp4"
+    assert ("up.nested_absmax" in cfg["checksums"]["tensors"]) == dq      # v2 per-tensor SHA-256
+    with quantkernels.init_empty_weights():
+        sk = _Toy().eval()
+    quantkernels.load_quantized(sk, tmp_path)
+    assert sk.up.double_quant == dq
+    for k, v in m.state_dict().items():
+        assert torch.equal(sk.state_dict()[k], v), k
+    assert torch.equal(sk(IDS), ref)
+
+
+def test_module_argument_errors():
+    lin = torch.nn.Linear(64, 8)
+    with pytest.raises(ValueError, match=r"double_quant applies to \('nf4', 'fp4'\) only, not to scheme 'w4a16'"):
+        quantkernels.QuantLinear.from_linear(lin, "w4a16", group_size=32, double_quant=True)
+    with pytest.raises(ValueError, match=r"double_quant applies to .* not to scheme 'w8a8'"):
+        quantkernels.quantize_model(torch.nn.Sequential(lin), "w8a8", double_quant=True)
+    with pytest.raises(TypeError, match=r"double_quant must be True or False, got 1"):
+        quantkernels.QuantLinear.from_linear(lin, "nf4", double_quant=1)
+    with pytest.raises(ValueError, match=r"group_size \(the block size\) must be one of .* for nf4, got 48"):
+        quantkernels.QuantLinear.from_linear(lin, "nf4", group_size=48)
+    with pytest.raises(ValueError, match=r"in_features = 63 is odd"):
+        quantkernels.QuantLinear.from_linear(torch.nn.Linear(63, 8), "fp4", group_size=64)
+    q = quantkernels.QuantLinear.from_linear(lin, "nf4", group_size=64)
+    with pytest.raises(TypeError, match=r"cannot convert qweight"):
+        q.type(torch.float16)
+
+
+def test_peft_dequantized_weight_and_merge():
+    pytest.importorskip("peft")
+    from quantkernels import peft as qpeft
+
+    lin = torch.nn.Linear(128, 32)
+    q = quantkernels.QuantLinear.from_linear(lin, "nf4", group_size=64, double_quant=True)
+    w = qpeft.dequantized_weight(q)
+    assert torch.equal(w, O.dequantize_4bit(q.qweight, q.weight_scale, "nf4", 64, q.nested_absmax, q.absmax_offset))
+    rel = float((w - lin.weight.detach()).norm() / lin.weight.detach().norm())
+    assert rel < 0.15, rel
