@@ -28,6 +28,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from . import _validate as V
 from .formats import WeightFormat
 from .nn import SCHEMES, QuantEmbedding, QuantLinear, _is_hf_conv1d, check_threshold, unsupported_reason
 
@@ -618,7 +619,7 @@ def _retie(model: nn.Module, tied: Mapping[str, str]) -> None:
 # --------------------------------------------------------------------------- bitsandbytes import
 
 
-def _bnb_state_dict(source) -> Tuple[Dict[str, Tensor], Optional[float], List[str]]:
+def _bnb_state_dict(source, op: str = "load_bnb_int8") -> Tuple[Dict[str, Tensor], Optional[float], List[str]]:
     """(tensors, llm_int8_threshold from config.json or None, skip modules) of a bnb checkpoint."""
     if isinstance(source, Mapping):
         return dict(source), None, []
@@ -632,18 +633,18 @@ def _bnb_state_dict(source) -> Tuple[Dict[str, Tensor], Optional[float], List[st
                 threshold = qc.get("llm_int8_threshold")
                 skip = list(qc.get("llm_int8_skip_modules") or [])
             except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError) as e:
-                raise CheckpointError(f"quantkernels.load_bnb_int8: {cfg_file}: unreadable or corrupt JSON "
+                raise CheckpointError(f"quantkernels.{op}: {cfg_file}: unreadable or corrupt JSON "
                                       f"({type(e).__name__}: {e})") from None
         files = sorted(p.glob("*.safetensors"))
         if not files:
-            raise CheckpointError(f"quantkernels.load_bnb_int8: no *.safetensors file in {p}")
+            raise CheckpointError(f"quantkernels.{op}: no *.safetensors file in {p}")
     elif p.is_file():
         files = [p]
     else:
-        raise CheckpointError(f"quantkernels.load_bnb_int8: {p} does not exist")
+        raise CheckpointError(f"quantkernels.{op}: {p} does not exist")
     out: Dict[str, Tensor] = {}
     for f in files:
-        out.update(read_safetensors(f, lambda msg: CheckpointError(f"quantkernels.load_bnb_int8: {msg}"))[0])
+        out.update(read_safetensors(f, lambda msg: CheckpointError(f"quantkernels.{op}: {msg}"))[0])
     return out, threshold, skip
 
 
@@ -718,6 +719,14 @@ def load_bnb_int8(model: nn.Module, source, *, threshold: Optional[float] = None
                                   f"model's layer is [out={N}, in={K}]")
         new[name] = bnb_int8_to_quantlinear(w, tensors[f"{name}.SCB"], tensors.get(f"{name}.bias"),
                                             threshold=thr, backend=backend)
+    return _install_bnb_layers(model, tensors, new, "load_bnb_int8", "llm_int8")
+
+
+def _install_bnb_layers(model: nn.Module, tensors: Mapping[str, Tensor], new: Dict[str, QuantLinear], op: str,
+                        scheme: str) -> nn.Module:
+    """Checks the non-quantized rest of a bitsandbytes checkpoint against ``model``, then swaps the
+    QuantLinear layers ``new`` in and loads the rest (nothing changes before every check passed)."""
+    layers = sorted(new)
     prefixes = tuple(n + "." for n in layers)
     rest = {k: v for k, v in tensors.items() if not k.startswith(prefixes)}
     expected = {k: v for k, v in model.state_dict().items() if not k.startswith(prefixes)}
@@ -726,10 +735,10 @@ def load_bnb_int8(model: nn.Module, source, *, threshold: Optional[float] = None
     missing = [k for k in missing if k not in tied_names]
     unexpected = sorted(set(rest) - set(expected))
     if missing or unexpected:
-        raise CheckpointError(f"quantkernels.load_bnb_int8: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise CheckpointError(f"quantkernels.{op}: missing {missing[:5]}, unexpected {unexpected[:5]}")
     for k, v in rest.items():
         if tuple(v.shape) != tuple(expected[k].shape):
-            raise CheckpointError(f"quantkernels.load_bnb_int8: {k} has shape {tuple(v.shape)}, "
+            raise CheckpointError(f"quantkernels.{op}: {k} has shape {tuple(v.shape)}, "
                                   f"expected {tuple(expected[k].shape)}")
     for name, q in new.items():
         parent_name, _, child = name.rpartition(".")
@@ -739,5 +748,127 @@ def load_bnb_int8(model: nn.Module, source, *, threshold: Optional[float] = None
         model.tie_weights()
     from .convert import QuantizationReport
 
-    model.quantkernels_report = QuantizationReport("llm_int8", quantized=layers)
+    model.quantkernels_report = QuantizationReport(scheme, quantized=layers)
     return model.eval()  # inference mode, as from_pretrained: no live dropout
+
+
+_BNB4_STATE = ".weight.quant_state.bitsandbytes__"
+
+
+def _bnb4_layer(name: str, qt: str, tensors: Mapping[str, Tensor], K: int, N: int, backend: str) -> QuantLinear:
+    """One bitsandbytes ``Linear4bit`` of a checkpoint as an nf4 / fp4 QuantLinear, its bytes as they
+    are (docs/numerics.md s.11); raises CheckpointError for anything s.11 cannot represent."""
+    from .reference import CODES_4BIT, DYNAMIC_CODE, NESTED_BLOCKSIZE
+
+    def fail(msg):
+        return CheckpointError(f"quantkernels.load_bnb_4bit: layer {name!r}: {msg}")
+
+    def get(key):
+        t = tensors.get(f"{name}.{key}")
+        if t is None:
+            raise fail(f"the checkpoint has no {name}.{key}")
+        return t
+
+    raw = get(f"weight.quant_state.bitsandbytes__{qt}")
+    try:
+        if raw.dtype != torch.uint8 or raw.dim() != 1:
+            raise ValueError(f"a {raw.dtype} tensor of shape {tuple(raw.shape)}, not 1-D uint8")
+        st = json.loads(bytes(raw.tolist()).decode("utf-8"))
+        if not isinstance(st, dict):
+            raise ValueError(f"JSON {type(st).__name__}, not an object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise fail(f"unreadable quant_state ({type(e).__name__}: {e})") from None
+    if st.get("quant_type") != qt:
+        raise fail(f"quant_state says quant_type {st.get('quant_type')!r} under the key of {qt!r}")
+    bs = st.get("blocksize")
+    if isinstance(bs, bool) or bs not in V.BLOCKSIZES_4BIT:
+        raise fail(f"blocksize {bs!r} is not one of {V.BLOCKSIZES_4BIT}")
+    if st.get("shape") != [N, K]:
+        raise fail(f"quant_state shape {st.get('shape')!r}, but the model's layer is [out={N}, in={K}]")
+    if K % 2:
+        raise fail(f"in_features = {K} is odd: bitsandbytes packs such a weight across rows, which the "
+                   f"[N, K/2] layout of s.11 cannot represent")
+    w = get("weight")
+    if w.dtype != torch.uint8:
+        raise fail(f"weight is {w.dtype}: only bitsandbytes' default quant_storage=torch.uint8 is supported")
+    if w.numel() != N * K // 2:
+        raise fail(f"weight holds {w.numel()} bytes, [{N}, {K}] needs {N * K // 2}")
+    qmap = get("weight.quant_map")
+    if qmap.dtype != torch.float32 or qmap.shape != (16,) or not torch.equal(qmap, CODES_4BIT[qt]):
+        raise fail(f"quant_map is not bitsandbytes' {qt} table (s.11.1): a custom code cannot be represented")
+    nb = -(-(N * K) // bs)
+    absmax = get("weight.absmax")
+    nested = "nested_offset" in st or f"{name}.weight.nested_absmax" in tensors
+    sd = {"qweight": w.reshape(N, K // 2).contiguous()}
+    if nested:
+        if st.get("nested_blocksize") != NESTED_BLOCKSIZE:
+            raise fail(f"nested_blocksize {st.get('nested_blocksize')!r}; only {NESTED_BLOCKSIZE} is supported")
+        off = st.get("nested_offset")
+        if isinstance(off, bool) or not isinstance(off, (int, float)) or not math.isfinite(off):
+            raise fail(f"nested_offset must be a finite number, got {off!r}")
+        n2 = get("weight.nested_absmax")
+        nmap = get("weight.nested_quant_map")
+        if nmap.dtype != torch.float32 or nmap.shape != (256,) or not torch.equal(nmap, DYNAMIC_CODE):
+            raise fail("nested_quant_map is not bitsandbytes' 8-bit dynamic map (s.11.5)")
+        if absmax.dtype != torch.uint8 or absmax.shape != (nb,):
+            raise fail(f"absmax must be uint8 [{nb}] under double quantization, got {absmax.dtype} "
+                       f"{tuple(absmax.shape)}")
+        if n2.dtype != torch.float32 or n2.shape != (-(-nb // NESTED_BLOCKSIZE),):
+            raise fail(f"nested_absmax must be float32 [{-(-nb // NESTED_BLOCKSIZE)}], got {n2.dtype} {tuple(n2.shape)}")
+        sd.update(weight_scale=absmax.contiguous(), nested_absmax=n2.contiguous(),
+                  absmax_offset=torch.tensor(off, dtype=torch.float32))
+    else:
+        if absmax.dtype != torch.float32 or absmax.shape != (nb,):
+            raise fail(f"absmax must be float32 [{nb}], got {absmax.dtype} {tuple(absmax.shape)}")
+        sd["weight_scale"] = absmax.contiguous()
+    bias = tensors.get(f"{name}.bias")
+    if bias is not None:
+        sd["bias"] = bias
+    q = QuantLinear(K, N, bias=bias is not None, scheme=qt, group_size=bs, backend=backend, device="meta",
+                    dtype=bias.dtype if bias is not None else torch.float32, double_quant=nested)
+    q.load_state_dict(sd, strict=True, assign=True)
+    return q
+
+
+def load_bnb_4bit(model: nn.Module, source, *, backend: str = "auto") -> nn.Module:
+    """Loads a 4-bit bitsandbytes checkpoint (``load_in_4bit``, NF4 or FP4, with or without double
+    quantization) into the float skeleton ``model`` (in place), without re-quantizing.
+
+    ``source``: a Hugging Face model directory (``*.safetensors``), one ``.safetensors`` file, or a
+    state dict. Every layer with ``<name>.weight.quant_state.bitsandbytes__nf4`` (or ``__fp4``)
+    becomes an nf4 / fp4 QuantLinear holding the checkpoint's packed codes, ``absmax`` (and
+    ``nested_absmax`` / ``nested_offset``) bit for bit (docs/numerics.md s.9.4, s.11); all other
+    tensors load as they are. Refused with CheckpointError: odd in_features, a quant_storage other
+    than uint8, custom code tables, a nested block size other than 256, and any tensor whose dtype
+    or shape does not match. Never unpickles. Validates everything before changing the model and
+    returns it in eval mode."""
+    from .dispatch import check_backend
+
+    check_backend(backend)
+    tensors, _, _ = _bnb_state_dict(source, "load_bnb_4bit")
+    found = {}
+    for k in tensors:
+        if _BNB4_STATE in k:
+            name, _, qt = k.partition(_BNB4_STATE)
+            if qt not in ("nf4", "fp4"):
+                raise CheckpointError(f"quantkernels.load_bnb_4bit: {k}: unknown 4-bit type {qt!r} (nf4, fp4)")
+            if name in found:
+                raise CheckpointError(f"quantkernels.load_bnb_4bit: layer {name!r} has two quant_state entries")
+            found[name] = qt
+    if not found:
+        raise CheckpointError("quantkernels.load_bnb_4bit: no '<layer>.weight.quant_state.bitsandbytes__nf4' (or "
+                              "__fp4) tensor: not a 4-bit bitsandbytes checkpoint")
+    new: Dict[str, QuantLinear] = {}
+    for name, qt in sorted(found.items()):
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(f"quantkernels.load_bnb_4bit: the checkpoint has layer {name!r}, "
+                                  f"which this model does not have") from None
+        if not isinstance(old, (nn.Linear, QuantLinear)):
+            raise CheckpointError(f"quantkernels.load_bnb_4bit: layer {name!r} is a {type(old).__name__} in this "
+                                  f"model, not a torch.nn.Linear")
+        K, N = _expected_linear_shape(old)
+        new[name] = _bnb4_layer(name, qt, tensors, K, N, backend)
+    schemes = sorted(set(found.values()))
+    return _install_bnb_layers(model, tensors, new, "load_bnb_4bit", schemes[0] if len(schemes) == 1 else "mixed")

@@ -5,6 +5,9 @@ argument contracts and torch.compile."""
 
 from __future__ import annotations
 
+import copy
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -466,3 +469,175 @@ def test_peft_dequantized_weight_and_merge():
     assert torch.equal(w, O.dequantize_4bit(q.qweight, q.weight_scale, "nf4", 64, q.nested_absmax, q.absmax_offset))
     rel = float((w - lin.weight.detach()).norm() / lin.weight.detach().norm())
     assert rel < 0.15, rel
+
+
+# ----------------------------------------------------------------------------- load_bnb_4bit
+
+
+class _Two(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(64, 128)
+        self.norm = torch.nn.LayerNorm(128)
+        self.b = torch.nn.Linear(128, 31, bias=False)    # 3968 values: blocks of 256 span rows, the last is partial
+
+    def forward(self, x):
+        return self.b(self.norm(self.a(x)))
+
+
+def _bnb_layout(name, w, qt, bs, dq, bias=None):
+    """The tensors transformers / bitsandbytes save for one Linear4bit, written from the s.11 ops."""
+    N, K = w.shape
+    packed, absmax = O.quantize_4bit(w, qt, bs)
+    st = {"quant_type": qt, "blocksize": bs, "dtype": "float32", "shape": [N, K]}
+    sd = {f"{name}.weight": packed.reshape(-1, 1), f"{name}.weight.quant_map": R.CODES_4BIT[qt].clone()}
+    if dq:
+        q, nested, offset = O.double_quantize_absmax(absmax)
+        st.update(nested_blocksize=256, nested_dtype="float32", nested_offset=float(offset))
+        sd.update({f"{name}.weight.absmax": q, f"{name}.weight.nested_absmax": nested,
+                   f"{name}.weight.nested_quant_map": R.DYNAMIC_CODE.clone()})
+    else:
+        sd[f"{name}.weight.absmax"] = absmax
+    sd[f"{name}.weight.quant_state.bitsandbytes__{qt}"] = torch.tensor(list(json.dumps(st).encode()), dtype=torch.uint8)
+    if bias is not None:
+        sd[f"{name}.bias"] = bias
+    return sd
+
+
+def _skeleton():
+    with quantkernels.init_empty_weights():
+        return _Two().eval()
+
+
+@pytest.mark.parametrize("dq", [False, True], ids=["plain", "double"])
+def test_load_bnb_4bit_documented_layout(tmp_path, dq):
+    torch.manual_seed(0)
+    src = _Two().eval()
+    sd = {"norm.weight": src.norm.weight.detach(), "norm.bias": src.norm.bias.detach()}
+    sd.update(_bnb_layout("a", src.a.weight.detach(), "nf4", 64, dq, src.a.bias.detach()))
+    sd.update(_bnb_layout("b", src.b.weight.detach(), "fp4", 256, dq))
+    sk = quantkernels.load_bnb_4bit(_skeleton(), sd)
+    assert sk.a.scheme == "nf4" and sk.b.scheme == "fp4" and sk.a.double_quant == dq and sk.b.group_size == 256
+    ref = quantkernels.quantize_model(copy.deepcopy(src), "nf4", group_size=64, double_quant=dq, include=("a",))
+    for k in ("qweight", "weight_scale", "nested_absmax", "absmax_offset", "bias"):
+        a, b = getattr(sk.a, k), getattr(ref.a, k)
+        assert (a is None and b is None) or torch.equal(a, b), k
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        y = sk(x)
+    assert y.shape == (5, 31) and bool(torch.isfinite(y).all())
+    assert quantkernels.save_quantized is not None and sk.quantkernels_report.quantized == ["a", "b"]
+
+
+def test_load_bnb_4bit_refuses_what_it_cannot_represent():
+    torch.manual_seed(0)
+    src = _Two().eval()
+    base = {"norm.weight": src.norm.weight.detach(), "norm.bias": src.norm.bias.detach()}
+    base.update(_bnb_layout("a", src.a.weight.detach(), "nf4", 64, True, src.a.bias.detach()))
+    base.update(_bnb_layout("b", src.b.weight.detach(), "fp4", 64, False))
+
+    def refused(mutate, match):
+        sd = dict(base)
+        mutate(sd)
+        sk = _skeleton()
+        before = {k: (v.device.type, v.dtype) for k, v in sk.state_dict().items()}
+        with pytest.raises(quantkernels.CheckpointError, match=match):
+            quantkernels.load_bnb_4bit(sk, sd)
+        assert isinstance(sk.a, torch.nn.Linear) and {k: (v.device.type, v.dtype) for k, v in
+                                                      sk.state_dict().items()} == before
+
+    def state(sd, name, qt, **kw):
+        key = f"{name}.weight.quant_state.bitsandbytes__{qt}"
+        st = json.loads(bytes(sd[key].tolist()).decode())
+        st.update(kw)
+        sd[key] = torch.tensor(list(json.dumps(st).encode()), dtype=torch.uint8)
+
+    def custom_map(sd):
+        sd["b.weight.quant_map"] = sd["b.weight.quant_map"] * 0.5
+
+    refused(custom_map, r"layer 'b': quant_map is not bitsandbytes' fp4 table")
+    refused(lambda sd: sd.__setitem__("a.weight.nested_quant_map", torch.linspace(-1, 1, 256)),
+            r"nested_quant_map is not bitsandbytes' 8-bit dynamic map")
+    refused(lambda sd: state(sd, "b", "fp4", blocksize=48), r"blocksize 48 is not one of")
+    refused(lambda sd: state(sd, "b", "fp4", shape=[31, 96]), r"quant_state shape \[31, 96\], but the model's layer")
+    refused(lambda sd: state(sd, "a", "nf4", nested_blocksize=128), r"nested_blocksize 128")
+    refused(lambda sd: state(sd, "a", "nf4", nested_offset=float("nan")), r"nested_offset must be a finite number")
+    refused(lambda sd: sd.__setitem__("b.weight", sd["b.weight"].view(torch.int8)), r"weight is torch.int8")
+    refused(lambda sd: sd.__setitem__("b.weight.absmax", sd["b.weight.absmax"][:-1]), r"absmax must be float32 \[62\]")
+    refused(lambda sd: sd.__setitem__("b.weight.quant_state.bitsandbytes__fp4", torch.tensor([1, 2, 255],
+                                                                                             dtype=torch.uint8)),
+            r"unreadable quant_state")
+    refused(lambda sd: sd.pop("a.weight.absmax"), r"the checkpoint has no a.weight.absmax")
+    refused(lambda sd: sd.pop("norm.bias"), r"missing \['norm.bias'\]")
+    with pytest.raises(quantkernels.CheckpointError, match=r"not a 4-bit bitsandbytes checkpoint"):
+        quantkernels.load_bnb_4bit(_skeleton(), {"norm.weight": torch.ones(96)})
+
+
+@pytest.mark.parametrize("dq", [False, True], ids=["plain", "double"])
+def test_load_bnb_4bit_real_checkpoint(tmp_path, dq):
+    """A checkpoint written by bitsandbytes itself (its CPU backend quantizes on .to("cpu")): the
+    same bytes, and outputs equal to bitsandbytes' Linear4bit within docs/numerics.md s.6."""
+    bnb, BF = _bnb()
+    safetensors = pytest.importorskip("safetensors.torch")
+    torch.manual_seed(0)
+    src = _Two().eval()
+    m = torch.nn.Module()
+    m.a = bnb.nn.Linear4bit(64, 128, bias=True, compute_dtype=torch.float32, compress_statistics=dq, quant_type="nf4")
+    m.norm = torch.nn.LayerNorm(128)
+    m.b = bnb.nn.Linear4bit(128, 31, bias=False, compute_dtype=torch.float32, compress_statistics=dq,
+                            quant_type="fp4", quant_storage=torch.uint8)
+    m.load_state_dict(src.state_dict())
+    m = m.to("cpu")                                        # bitsandbytes quantizes here
+    if m.a.weight.dtype != torch.uint8:
+        pytest.skip(f"bitsandbytes {bnb.__version__} did not quantize on the CPU")
+    sd = {k: v.contiguous() for k, v in m.state_dict().items()}
+    safetensors.save_file(sd, str(tmp_path / "model.safetensors"))
+    sk = quantkernels.load_bnb_4bit(_skeleton(), tmp_path)
+    assert torch.equal(sk.a.qweight.reshape(-1), sd["a.weight"].reshape(-1))
+    assert torch.equal(sk.a.weight_scale, sd["a.weight.absmax"]) and torch.equal(sk.b.weight_scale, sd["b.weight.absmax"])
+    g = torch.Generator().manual_seed(3)
+    for layer, ours, K in ((m.a, sk.a, 64), (m.b, sk.b, 128)):
+        # bitsandbytes' own dequantization of its state = ours, bit for bit
+        st = layer.weight.quant_state
+        w_theirs = BF.dequantize_4bit(layer.weight, st)
+        w_ours = O.dequantize_4bit(ours.qweight, ours.weight_scale, ours.scheme, ours.group_size, ours.nested_absmax,
+                                   ours.absmax_offset)
+        assert torch.equal(w_ours, w_theirs.reshape(w_ours.shape))
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(7, K, generator=g).to(dtype)
+            with torch.no_grad():
+                theirs = _bnb_forward(layer, x)
+                got = ours(x)
+            wx = S.round_to(S.f32(w_ours), dtype)
+            bias = None if ours.bias is None else S.f32(ours.bias)
+            exact, mag = S.weight_only(S.f32(x), wx, bias)
+            S.assert_float_output(got, exact, mag, dtype, f"ours {ours.scheme} {dtype}", underflow_terms=K + 1)
+            if dtype == torch.float32:   # bitsandbytes in fp32: within the same contract
+                S.assert_float_output(theirs, exact, mag, dtype, f"bitsandbytes {ours.scheme}", underflow_terms=K + 1)
+            else:                        # its bf16 path rounds more (bf16 GEMM / bias): two bf16 steps of the magnitude
+                assert theirs.dtype == dtype
+                err = np.abs(S.f64(got) - S.f64(theirs))
+                assert (err <= 2.0**-7 * mag).all(), float((err / mag).max())
+
+
+def test_bitsandbytes_cpu_dequant_when_blocks_span_rows():
+    """K not a multiple of the block size (blocks span rows): bitsandbytes' pure-PyTorch backend
+    dequantizes its own codes as s.11 says (= ours); its CPU C++ kernel does not for some such
+    shapes (s.11.6), so those are compared with the former."""
+    bnb, BF = _bnb()
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+
+    for shape, bs, qt in (((4, 96), 64, "nf4"), ((30, 96), 64, "fp4"), ((3, 160), 128, "nf4")):
+        w = _weight(shape, torch.float32, seed=shape[1])
+        p, st = BF.quantize_4bit(w, blocksize=bs, quant_type=qt)
+        want = _dequantize_4bit_compute(p.reshape(-1), st.absmax, BF.get_4bit_type(qt, device="cpu"), bs, shape,
+                                        torch.float32)
+        packed, absmax = O.quantize_4bit(w, qt, bs)
+        assert torch.equal(packed.reshape(-1), p.reshape(-1)) and torch.equal(absmax, st.absmax)
+        assert torch.equal(O.dequantize_4bit(packed, absmax, qt, bs), want)
+
+
+def _bnb_forward(layer, x):
+    # Linear4bit computes in its compute_dtype; give it the activation's
+    layer.compute_dtype = x.dtype
+    return layer(x)
