@@ -72,9 +72,10 @@ def main():
             cands["bnb"] = lambda: nxt(bnb_layers)(x)
         with torch.no_grad():
             t = _cpu.interleaved(cands, a.rounds, inner=max(1, 8 // M), warmup=2)
-        tb = t.get("bnb")
-        print(f"| {M} | {t['nf4']:.3f} | {t['w4a16']:.3f} | {'-' if tb is None else f'{tb:.3f}'} | "
-              f"{t['nf4'] / t['w4a16']:.2f} | {'-' if tb is None else f'{tb / t['nf4']:.2f}'} |")
+        tb, tn, tw = t.get("bnb"), t["nf4"], t["w4a16"]
+        bnb_ms = "-" if tb is None else f"{tb:.3f}"
+        bnb_ratio = "-" if tb is None else f"{tb / tn:.2f}"
+        print(f"| {M} | {tn:.3f} | {tw:.3f} | {bnb_ms} | {tn / tw:.2f} | {bnb_ratio} |")
     print(f"\n- load average at end: {os.getloadavg()}")
 
 

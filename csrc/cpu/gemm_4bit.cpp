@@ -9,13 +9,15 @@
 //     activation row (x de-interleaved into even / odd columns, matching the nibble order); needs
 //     K % 32 == 0 (so a 32-value chunk never straddles a block: every block size is a multiple of 32),
 //     otherwise the scalar loop runs;
-//   tiled (M > kGemvMaxM): panels of kPanelRows weight rows are decoded to fp32 (the values rounded to
-//     x's dtype, as the contract says) and multiplied by at::mm in fp32; at most one panel exists.
+//   tiled (M > kGemvMaxM, K % 32 == 0): blocks of 16 weight rows decoded to a thread-local fp32 panel (the
+//     values rounded to x's dtype, as the contract says), then register tiles of FMAs (4 x 4 zmm / 4 x 2 ymm);
+//   otherwise (portable, or K % 32 != 0): panels of kPanelRows rows decoded by the scalar loop, at::mm in fp32.
 // Double quantization: the block absmax values are first decoded to fp32 (s.11.5, the same formula).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <string>
@@ -216,6 +218,76 @@ QK_TARGET_AVX512 void decode_rows_avx512(const W4& w, float* panel, int64_t n0, 
     }
   }
 }
+// Tiled (M > kGemvMaxM): rows [n0, n1) in blocks of kTileRows decoded to a thread-local fp32 panel,
+// then 4 x 4 (m, n) register tiles of zmm FMAs over K. Tails reuse the last valid row (results dropped).
+constexpr int64_t kTileRows = 16;
+
+QK_TARGET_AVX512 void tiled_rows_avx512(const W4& w, const float* X, int64_t M, float* y, int64_t n0, int64_t n1,
+                                        float* panel) {
+  const int64_t K = w.K;
+  for (int64_t nb = n0; nb < n1; nb += kTileRows) {
+    const int64_t nr = std::min(kTileRows, n1 - nb);
+    decode_rows_avx512(w, panel, nb, nb + nr);
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      const float* xr[4];
+      for (int i = 0; i < 4; ++i) xr[i] = X + std::min(m0 + i, M - 1) * K;
+      for (int64_t j0 = 0; j0 < nr; j0 += 4) {
+        const float* wr[4];
+        for (int j = 0; j < 4; ++j) wr[j] = panel + std::min(j0 + j, nr - 1) * K;
+        __m512 acc[4][4];
+        for (int i = 0; i < 4; ++i)
+          for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
+        for (int64_t k = 0; k < K; k += 16) {
+          const __m512 w0 = _mm512_loadu_ps(wr[0] + k), w1 = _mm512_loadu_ps(wr[1] + k);
+          const __m512 w2 = _mm512_loadu_ps(wr[2] + k), w3 = _mm512_loadu_ps(wr[3] + k);
+          for (int i = 0; i < 4; ++i) {
+            const __m512 xv = _mm512_loadu_ps(xr[i] + k);
+            acc[i][0] = _mm512_fmadd_ps(xv, w0, acc[i][0]);
+            acc[i][1] = _mm512_fmadd_ps(xv, w1, acc[i][1]);
+            acc[i][2] = _mm512_fmadd_ps(xv, w2, acc[i][2]);
+            acc[i][3] = _mm512_fmadd_ps(xv, w3, acc[i][3]);
+          }
+        }
+        for (int i = 0; i < 4 && m0 + i < M; ++i)
+          for (int j = 0; j < 4 && j0 + j < nr; ++j) y[(m0 + i) * w.N + nb + j0 + j] = _mm512_reduce_add_ps(acc[i][j]);
+      }
+    }
+  }
+}
+
+// The same with ymm: 4 x 2 tiles (8 accumulators, 16 registers in all).
+QK_TARGET_4B_AVX2 void tiled_rows_avx2(const W4& w, const float* X, int64_t M, float* y, int64_t n0, int64_t n1,
+                                       float* panel) {
+  const int64_t K = w.K;
+  for (int64_t nb = n0; nb < n1; nb += kTileRows) {
+    const int64_t nr = std::min(kTileRows, n1 - nb);
+    decode_rows_avx2(w, panel, nb, nb + nr);
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      const float* xr[4];
+      for (int i = 0; i < 4; ++i) xr[i] = X + std::min(m0 + i, M - 1) * K;
+      for (int64_t j0 = 0; j0 < nr; j0 += 2) {
+        const float* w0p = panel + j0 * K;
+        const float* w1p = panel + std::min(j0 + 1, nr - 1) * K;
+        __m256 acc[4][2];
+        for (int i = 0; i < 4; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+        for (int64_t k = 0; k < K; k += 8) {
+          const __m256 w0 = _mm256_loadu_ps(w0p + k), w1 = _mm256_loadu_ps(w1p + k);
+          for (int i = 0; i < 4; ++i) {
+            const __m256 xv = _mm256_loadu_ps(xr[i] + k);
+            acc[i][0] = _mm256_fmadd_ps(xv, w0, acc[i][0]);
+            acc[i][1] = _mm256_fmadd_ps(xv, w1, acc[i][1]);
+          }
+        }
+        for (int i = 0; i < 4 && m0 + i < M; ++i)
+          for (int j = 0; j < 2 && j0 + j < nr; ++j) {
+            alignas(32) float t[8];
+            _mm256_store_ps(t, acc[i][j]);
+            y[(m0 + i) * w.N + nb + j0 + j] = ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
+          }
+      }
+    }
+  }
+}
 #pragma GCC diagnostic pop
 #endif  // QK_X86
 
@@ -327,18 +399,22 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& x_in, const at::Tensor& packed, const
 #endif
       gemm_rows_portable(w, X, M, Y, n0, n1);
     });
+  } else if (vec) {
+    const float* X = xf.data_ptr<float>();
+    at::parallel_for(0, N, kTileRows, [&](int64_t n0, int64_t n1) {
+      std::vector<float> panel(static_cast<size_t>(kTileRows * K));
+#if QK_X86
+      if (path == Path::Avx512) return tiled_rows_avx512(w, X, M, Y, n0, n1, panel.data());
+      tiled_rows_avx2(w, X, M, Y, n0, n1, panel.data());
+#endif
+    });
   } else {
     at::Tensor panel = at::empty({std::min(kPanelRows, N), K}, xf.options());
     for (int64_t p0 = 0; p0 < N; p0 += kPanelRows) {
       const int64_t p1 = std::min(N, p0 + kPanelRows);
       float* P = panel.data_ptr<float>();
       at::parallel_for(p0, p1, 8, [&](int64_t n0, int64_t n1) {
-        float* dst = P + (n0 - p0) * K;
-#if QK_X86
-        if (vec && path == Path::Avx512) return decode_rows_avx512(w, dst, n0, n1);
-        if (vec) return decode_rows_avx2(w, dst, n0, n1);
-#endif
-        decode_rows_portable(w, dst, n0, n1);
+        decode_rows_portable(w, P + (n0 - p0) * K, n0, n1);
       });
       acc.slice(1, p0, p1).copy_(at::mm(xf, panel.slice(0, 0, p1 - p0).t()));
     }
@@ -350,8 +426,10 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& x_in, const at::Tensor& packed, const
 
 const bool gemm_4bit_variant_registered = register_variant("gemm_4bit", [](Isa isa) -> const char* {
   if (isa_has_avx512(isa))
-    return "avx512: vpermps 16-entry table decode in zmm; GEMV (M <= 8, K % 32 == 0) / fp32 panels + at::mm";
-  return isa_has_avx2(isa) ? "avx2: two-half vpermps table decode in ymm; GEMV (M <= 8, K % 32 == 0) / fp32 panels"
+    return "avx512: vpermps 16-entry table decode in zmm; GEMV (M <= 8) / 4x4 zmm FMA tiles on 16-row panels "
+           "(K % 32 == 0; else scalar decode + at::mm)";
+  return isa_has_avx2(isa) ? "avx2: two-half vpermps table decode in ymm; GEMV (M <= 8) / 4x2 ymm FMA tiles "
+                             "(K % 32 == 0; else scalar decode + at::mm)"
                            : "portable: scalar table lookup";
 });
 
