@@ -1,8 +1,8 @@
 """C++ CPU kernel of quantkernels::gemm_4bit (csrc/cpu/gemm_4bit.cpp; NF4 / FP4, docs/numerics.md s.11).
 
 The op (torch.ops.quantkernels.gemm_4bit) is the C++ kernel once quantkernels._C is loaded. Every
-case runs on every ISA level (tests/_isa.py; the levels this CPU lacks are skipped) at 1 and 2
-threads; the output is held to docs/numerics.md s.6 against the numpy spec's float64 product with
+case runs on every ISA level (tests/_isa.py; the levels this CPU lacks are skipped), the sweep
+alternating 1 and 2 threads between cases and test_threads_agree running both; the output is held to docs/numerics.md s.6 against the numpy spec's float64 product with
 the weight rounded to x's dtype (the dequantized weight itself is checked bit-exactly through the
 tiled path, which decodes it). Shapes cover the GEMV (M <= 8) and the tiled path, K % 32 == 0
 (decoded in registers) and not (scalar), blocks that span rows, and double quantization."""
@@ -24,6 +24,24 @@ if not _native.load():
 
 OPS = torch.ops.quantkernels
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture
+def set_threads():
+    old = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(old)
+
+
+def test_threads_agree(isa, threads):  # noqa: F811
+    """The same result at 1 and 2 threads on both paths (rows are split across threads, sums are not)."""
+    for M in (1, 9, 40):
+        x, packed, absmax, nested, offset, bias = _case(M, 70, 128, "nf4", 64, True, torch.bfloat16, seed=M)
+        got = OPS.gemm_4bit(x, packed, absmax, "nf4", 64, nested, offset, bias)
+        torch.set_num_threads(1)
+        one = OPS.gemm_4bit(x, packed, absmax, "nf4", 64, nested, offset, bias)
+        torch.set_num_threads(threads)
+        assert torch.equal(got, one), (isa, threads, M)
 
 
 def test_native_kernel_is_registered_for_cpu():
@@ -65,8 +83,9 @@ CASES = [
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("case", CASES, ids=[f"M{c[0]}-N{c[1]}-K{c[2]}-{c[3]}-b{c[4]}{'-dq' if c[5] else ''}"
                                              for c in CASES])
-def test_gemm_4bit_matches_spec(isa, threads, case, dtype):  # noqa: F811
+def test_gemm_4bit_matches_spec(isa, set_threads, case, dtype):  # noqa: F811
     M, N, K, qt, bs, dq = case
+    set_threads(1 + (CASES.index(case) + DTYPES.index(dtype)) % 2)  # half the cases at 1 thread, half at 2
     x, packed, absmax, nested, offset, bias = _case(M, N, K, qt, bs, dq, dtype, seed=M * 1000 + K,
                                                     noncontig=(N % 2 == 1))
     got = OPS.gemm_4bit(x, packed, absmax, qt, bs, nested, offset, bias)
