@@ -11,7 +11,8 @@ from typing import Dict, Iterable, List, Optional, Union
 from torch import nn
 
 from . import dispatch
-from .nn import (FLOAT4_SCHEMES, INT4_SCHEMES, QuantEmbedding, QuantLinear, _check_scheme, _embedding_scale, _is_hf_conv1d,
+from .nn import (FLOAT4_SCHEMES, INT4_SCHEMES, QuantEmbedding, QuantLinear, _check_scheme, _embedding_scale,
+                 _is_hf_conv1d,
                  check_threshold, quantizable_weight, unsupported_reason)
 
 Patterns = Optional[Union[str, Iterable[str]]]

@@ -814,7 +814,8 @@ def _bnb4_layer(name: str, qt: str, tensors: Mapping[str, Tensor], K: int, N: in
             raise fail(f"absmax must be uint8 [{nb}] under double quantization, got {absmax.dtype} "
                        f"{tuple(absmax.shape)}")
         if n2.dtype != torch.float32 or n2.shape != (-(-nb // NESTED_BLOCKSIZE),):
-            raise fail(f"nested_absmax must be float32 [{-(-nb // NESTED_BLOCKSIZE)}], got {n2.dtype} {tuple(n2.shape)}")
+            raise fail(f"nested_absmax must be float32 [{-(-nb // NESTED_BLOCKSIZE)}], got {n2.dtype} "
+                       f"{tuple(n2.shape)}")
         sd.update(weight_scale=absmax.contiguous(), nested_absmax=n2.contiguous(),
                   absmax_offset=torch.tensor(off, dtype=torch.float32))
     else:

@@ -2,10 +2,11 @@
 
 The op (torch.ops.quantkernels.gemm_4bit) is the C++ kernel once quantkernels._C is loaded. Every
 case runs on every ISA level (tests/_isa.py; the levels this CPU lacks are skipped), the sweep
-alternating 1 and 2 threads between cases and test_threads_agree running both; the output is held to docs/numerics.md s.6 against the numpy spec's float64 product with
-the weight rounded to x's dtype (the dequantized weight itself is checked bit-exactly through the
-tiled path, which decodes it). Shapes cover the GEMV (M <= 8) and the tiled path, K % 32 == 0
-(decoded in registers) and not (scalar), blocks that span rows, and double quantization."""
+alternating 1 and 2 threads between cases and test_threads_agree running both. The output is held
+to docs/numerics.md s.6 against the numpy spec's float64 product with the weight rounded to x's
+dtype (the dequantized weight itself is checked bit-exactly through both paths). Shapes cover
+the GEMV (M <= 8) and the tiled path, K % 32 == 0 (decoded in registers) and not (scalar), blocks
+that span rows, and double quantization."""
 
 import numpy as np
 import pytest
@@ -134,3 +135,13 @@ def test_nonfinite_absmax_propagates(isa):  # noqa: F811
 def test_variant_named_per_isa(isa):  # noqa: F811
     v = _native.cpu_kernel_variants()["gemm_4bit"]
     assert v.startswith("portable" if isa == "portable" else ("avx2" if isa in ("avx2", "avx_vnni") else "avx512")), v
+
+
+def test_dynamic_table_matches_reference(isa):  # noqa: F811
+    """The C++ copy of the 8-bit dynamic map (s.11.5): every entry, through absmax codes 0..255."""
+    q = torch.arange(256, dtype=torch.uint8)                   # one block of 32 values per row
+    packed = torch.full((256, 16), 0xFF, dtype=torch.uint8)    # nibble 15: NF4 code 1.0
+    x = torch.zeros(1, 32)
+    x[0, 3] = 1.0
+    y = OPS.gemm_4bit(x, packed, q, "nf4", 32, torch.ones(1), torch.zeros(()), None)[0]
+    assert torch.equal(y, R.DYNAMIC_CODE), (y - R.DYNAMIC_CODE).abs().max()
