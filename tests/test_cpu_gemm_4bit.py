@@ -145,3 +145,16 @@ def test_dynamic_table_matches_reference(isa):  # noqa: F811
     x[0, 3] = 1.0
     y = OPS.gemm_4bit(x, packed, q, "nf4", 32, torch.ones(1), torch.zeros(()), None)[0]
     assert torch.equal(y, R.DYNAMIC_CODE), (y - R.DYNAMIC_CODE).abs().max()
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-20, 1e-36], ids=["normal", "tiny", "near-underflow"])
+def test_bf16_tiles_and_underflow(isa, scale):  # noqa: F811
+    """bf16 x at M > 8: vdpbf16ps tiles at avx512_bf16 (which flush subnormals) only when no product can
+    underflow; tiny activations take the fp32 tiles. Both within s.6 of the float64 product."""
+    M, N, K = 20, 48, 128
+    x, packed, absmax, nested, offset, bias = _case(M, N, K, "nf4", 64, False, torch.bfloat16, seed=11, bias=False)
+    x = (x.float() * scale).to(torch.bfloat16)
+    got = OPS.gemm_4bit(x, packed, absmax, "nf4", 64, None, None, None)
+    wx = S.round_to(_spec_weight(packed, absmax, None, None, "nf4", 64, N, K), torch.bfloat16)
+    exact, mag = S.weight_only(S.f32(x), wx, None)
+    S.assert_float_output(got, exact, mag, torch.bfloat16, f"bf16 tiles [{isa}] x{scale}", underflow_terms=K + 1)
