@@ -4,6 +4,8 @@
 //   avx512 (and above): vpermps of the table (_mm512_permutexvar_ps), 16 codes per instruction;
 //   avx2: two vpermps halves (_mm256_permutevar8x32_ps) blended on the nibble's bit 3;
 //   portable: a scalar table lookup.
+// Per block, the 16-entry table is first scaled by the block's absmax and rounded to x's dtype (the
+// contract's to_x(code[v] * absmax), computed once per entry), so a value's decode is one permute.
 // Paths (the active ISA level is read once per call, cpu_isa.h):
 //   GEMV (M <= kGemvMaxM): per weight row, 32 values at a time decoded once and multiplied into every
 //     activation row (x de-interleaved into even / odd columns, matching the nibble order); needs
@@ -190,11 +192,19 @@ QK_TARGET_4B_AVX2 void gemv_rows_avx2(const W4& w, const float* xe, const float*
     __m256 acc[kGemvMaxM];
     for (int64_t m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
     const uint8_t* row = w.q + n * K2;
+    int64_t blk = -1;
+    __m256 slo = tlo, shi = thi;
     for (int64_t j = 0; j < K2; j += 8) {  // 8 bytes = 16 values, inside one block (B >= 32, K % 32 == 0)
-      const __m256 a = _mm256_set1_ps(w.absmax[(n * w.K + 2 * j) / w.B]);
+      const int64_t bi = (n * w.K + 2 * j) / w.B;
+      if (bi != blk) {  // the block's table: to_x(code[v] * absmax)
+        blk = bi;
+        const __m256 a = _mm256_set1_ps(w.absmax[bi]);
+        slo = round8(_mm256_mul_ps(tlo, a), w.rnd);
+        shi = round8(_mm256_mul_ps(thi, a), w.rnd);
+      }
       const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + j)));
-      const __m256 we = round8(_mm256_mul_ps(lookup8(_mm256_srli_epi32(b, 4), tlo, thi), a), w.rnd);
-      const __m256 wo = round8(_mm256_mul_ps(lookup8(_mm256_and_si256(b, _mm256_set1_epi32(15)), tlo, thi), a), w.rnd);
+      const __m256 we = lookup8(_mm256_srli_epi32(b, 4), slo, shi);
+      const __m256 wo = lookup8(_mm256_and_si256(b, _mm256_set1_epi32(15)), slo, shi);
       for (int64_t m = 0; m < M; ++m) {
         acc[m] = _mm256_fmadd_ps(_mm256_loadu_ps(xe + m * K2 + j), we, acc[m]);
         acc[m] = _mm256_fmadd_ps(_mm256_loadu_ps(xo + m * K2 + j), wo, acc[m]);
@@ -216,11 +226,19 @@ QK_TARGET_4B_AVX2 void decode_rows_avx2(const W4& w, float* panel, int64_t n0,
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = w.q + n * K2;
     float* out = panel + (n - n0) * w.K;
+    int64_t blk = -1;
+    __m256 slo = tlo, shi = thi;
     for (int64_t j = 0; j < K2; j += 8) {
-      const __m256 a = _mm256_set1_ps(w.absmax[(n * w.K + 2 * j) / w.B]);
+      const int64_t bi = (n * w.K + 2 * j) / w.B;
+      if (bi != blk) {
+        blk = bi;
+        const __m256 a = _mm256_set1_ps(w.absmax[bi]);
+        slo = round8(_mm256_mul_ps(tlo, a), w.rnd);
+        shi = round8(_mm256_mul_ps(thi, a), w.rnd);
+      }
       const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + j)));
-      const __m256 we = round8(_mm256_mul_ps(lookup8(_mm256_srli_epi32(b, 4), tlo, thi), a), w.rnd);
-      const __m256 wo = round8(_mm256_mul_ps(lookup8(_mm256_and_si256(b, _mm256_set1_epi32(15)), tlo, thi), a), w.rnd);
+      const __m256 we = lookup8(_mm256_srli_epi32(b, 4), slo, shi);
+      const __m256 wo = lookup8(_mm256_and_si256(b, _mm256_set1_epi32(15)), slo, shi);
       // interleave: out[2j + 2i] = we[i], out[2j + 2i + 1] = wo[i]
       const __m256 l = _mm256_unpacklo_ps(we, wo), h = _mm256_unpackhi_ps(we, wo);
       _mm256_storeu_ps(out + 2 * j, _mm256_permute2f128_ps(l, h, 0x20));
@@ -250,11 +268,17 @@ QK_TARGET_AVX512 void gemv_rows_avx512(const W4& w, const float* xe, const float
     __m512 acc[kGemvMaxM];
     for (int64_t m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
     const uint8_t* row = w.q + n * K2;
+    int64_t blk = -1;
+    __m512 st = tab;
     for (int64_t j = 0; j < K2; j += 16) {  // 16 bytes = 32 values, inside one block
-      const __m512 a = _mm512_set1_ps(w.absmax[(n * w.K + 2 * j) / w.B]);
+      const int64_t bi = (n * w.K + 2 * j) / w.B;
+      if (bi != blk) {  // the block's table: to_x(code[v] * absmax), 16 values decoded once per block
+        blk = bi;
+        st = round16(_mm512_mul_ps(tab, _mm512_set1_ps(w.absmax[bi])), w.rnd);
+      }
       const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + j)));
-      const __m512 we = round16(_mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), tab), a), w.rnd);
-      const __m512 wo = round16(_mm512_mul_ps(_mm512_permutexvar_ps(b, tab), a), w.rnd);  // low 4 bits index
+      const __m512 we = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), st);
+      const __m512 wo = _mm512_permutexvar_ps(b, st);  // low 4 bits index
       for (int64_t m = 0; m < M; ++m) {
         acc[m] = _mm512_fmadd_ps(_mm512_loadu_ps(xe + m * K2 + j), we, acc[m]);
         acc[m] = _mm512_fmadd_ps(_mm512_loadu_ps(xo + m * K2 + j), wo, acc[m]);
@@ -272,11 +296,17 @@ QK_TARGET_AVX512 void decode_rows_avx512(const W4& w, float* panel, int64_t n0, 
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = w.q + n * K2;
     float* out = panel + (n - n0) * w.K;
+    int64_t blk = -1;
+    __m512 st = tab;
     for (int64_t j = 0; j < K2; j += 16) {
-      const __m512 a = _mm512_set1_ps(w.absmax[(n * w.K + 2 * j) / w.B]);
+      const int64_t bi = (n * w.K + 2 * j) / w.B;
+      if (bi != blk) {
+        blk = bi;
+        st = round16(_mm512_mul_ps(tab, _mm512_set1_ps(w.absmax[bi])), w.rnd);
+      }
       const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + j)));
-      const __m512 we = round16(_mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), tab), a), w.rnd);
-      const __m512 wo = round16(_mm512_mul_ps(_mm512_permutexvar_ps(b, tab), a), w.rnd);
+      const __m512 we = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), st);
+      const __m512 wo = _mm512_permutexvar_ps(b, st);
       _mm512_storeu_ps(out + 2 * j, _mm512_permutex2var_ps(we, ilo, wo));
       _mm512_storeu_ps(out + 2 * j + 16, _mm512_permutex2var_ps(we, ihi, wo));
     }
@@ -332,11 +362,17 @@ QK_TARGET_AVX512BF16 void tiled_rows_avx512bf16(const W4& w, const uint16_t* X, 
     const int64_t nr = std::min(kTileRows, n1 - nb);
     for (int64_t r = 0; r < nr; ++r) {  // decode to bf16 pairs (k even in the low half, as x's memory)
       const uint8_t* row = w.q + (nb + r) * K2;
+      int64_t blk = -1;
+      __m512 st = tab;
       for (int64_t j = 0; j < K2; j += 16) {
-        const __m512 a = _mm512_set1_ps(w.absmax[((nb + r) * w.K + 2 * j) / w.B]);
+        const int64_t bi = ((nb + r) * w.K + 2 * j) / w.B;
+        if (bi != blk) {
+          blk = bi;
+          st = round16(_mm512_mul_ps(tab, _mm512_set1_ps(w.absmax[bi])), Rnd::BF16);
+        }
         const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + j)));
-        const __m512 we = round16(_mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), tab), a), Rnd::BF16);
-        const __m512 wo = round16(_mm512_mul_ps(_mm512_permutexvar_ps(b, tab), a), Rnd::BF16);
+        const __m512 we = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), st);
+        const __m512 wo = _mm512_permutexvar_ps(b, st);
         const __m512i pair = _mm512_or_si512(_mm512_srli_epi32(_mm512_castps_si512(we), 16),
                                              _mm512_and_si512(_mm512_castps_si512(wo), hi16));
         _mm512_storeu_si512(panel + r * K2 + j, pair);
