@@ -20,7 +20,8 @@ from .nn import SCHEMES, QuantEmbedding, QuantLinear
 from . import calibration, peft
 from .gptq import gptq_quantize_model, load_gptq_checkpoint, save_gptq_checkpoint
 from .smoothquant import smoothquant_quantize_model
-from .serialization import CheckpointError, init_empty_weights, load_bnb_int8, load_quantized, save_quantized
+from .serialization import (CheckpointError, init_empty_weights, load_bnb_4bit, load_bnb_int8, load_quantized,
+                            save_quantized)
 from . import _hf_hook
 
 __version__ = "0.1.0"
@@ -49,6 +50,6 @@ __all__ = [
     "SCHEMES", "BACKENDS", "ops", "reference", "dispatch", "autograd", "__version__",
     "calibration", "peft", "gptq_quantize_model", "smoothquant_quantize_model", "save_gptq_checkpoint",
     "load_gptq_checkpoint",
-    "save_quantized", "load_quantized", "load_bnb_int8", "init_empty_weights", "CheckpointError",
+    "save_quantized", "load_quantized", "load_bnb_int8", "load_bnb_4bit", "init_empty_weights", "CheckpointError",
     "QuantKernelsConfig",
 ]

@@ -196,3 +196,69 @@ def llm_int8_linear(x, b, scale_b, bias, threshold) -> Tuple[int, int]:
     V.bias(op, bias, N, x)
     _threshold(op, threshold)
     return x.shape[0], N
+
+
+# --------------------------------------------------------------------------- NF4 / FP4 (docs/numerics.md s.11)
+
+
+def quantize_4bit(w: Tensor, quant_type: str, blocksize: int) -> Tuple[int, int]:
+    op = "quantize_4bit"
+    V.float_rows(op, "w", w, min_dim=2)
+    V.ndim_is(op, "w", w, 2, "[N, K] weight")
+    N, K = w.shape
+    V.check(K % 2 == 0, op, lambda: f"K = {K} must be even to pack two 4-bit codes per byte (w shape {tuple(w.shape)})")
+    V.quant_type_4bit(op, quant_type)
+    V.blocksize_4bit(op, blocksize)
+    return N, K
+
+
+def double_quantize_absmax(absmax: Tensor) -> int:
+    op = "double_quantize_absmax"
+    V.dtype_in(op, "absmax", absmax, (torch.float32,))
+    V.ndim_is(op, "absmax", absmax, 1, "[n_blocks] vector of block absmax values")
+    V.check(absmax.numel() > 0, op, "absmax must hold at least one value, got an empty tensor")
+    V.all_finite(op, "absmax", absmax, "double quantization needs finite absmax values (their mean is subtracted)")
+    return -(-absmax.numel() // 256)
+
+
+def weight_4bit(op: str, packed: Tensor, absmax: Tensor, quant_type: str, blocksize: int,
+                nested_absmax: Optional[Tensor], offset: Optional[Tensor]) -> Tuple[int, int]:
+    """A packed NF4/FP4 weight: uint8 [N, K/2], block absmax (fp32, or uint8 codes with nested_absmax
+    and offset under double quantization); returns N, K."""
+    V.quant_type_4bit(op, quant_type)
+    V.blocksize_4bit(op, blocksize)
+    V.dtype_in(op, "packed", packed, (torch.uint8,))
+    V.ndim_is(op, "packed", packed, 2, "[N, K/2] (two 4-bit codes per byte along K)")
+    N, K = packed.shape[0], packed.shape[1] * 2
+    nb = -(-(N * K) // blocksize)
+    V.check((nested_absmax is None) == (offset is None), op,
+            lambda: "nested_absmax and offset go together (double quantization): got "
+                    f"nested_absmax={'None' if nested_absmax is None else 'a tensor'}, "
+                    f"offset={'None' if offset is None else 'a tensor'}")
+    if nested_absmax is None:
+        V.dtype_in(op, "absmax", absmax, (torch.float32,))
+    else:
+        V.dtype_in(op, "absmax", absmax, (torch.uint8,))
+        V.dtype_in(op, "nested_absmax", nested_absmax, (torch.float32,))
+        V.shape_is(op, "nested_absmax", nested_absmax, (-(-nb // 256),),
+                   f"(one scale per 256 blocks of {blocksize} values)")
+        V.dtype_in(op, "offset", offset, (torch.float32,))
+        V.shape_is(op, "offset", offset, (), "(the 0-D mean subtracted from the absmax values)")
+    V.shape_is(op, "absmax", absmax, (nb,), f"(one per block of {blocksize} values of the flattened [{N}, {K}] weight)")
+    V.same_device(op, packed=packed, absmax=absmax, nested_absmax=nested_absmax, offset=offset)
+    return N, K
+
+
+def dequantize_4bit(packed, absmax, quant_type, blocksize, nested_absmax, offset, out_dtype):
+    op = "dequantize_4bit"
+    N, K = weight_4bit(op, packed, absmax, quant_type, blocksize, nested_absmax, offset)
+    return N, K, V.out_dtype(op, out_dtype)
+
+
+def gemm_4bit(x, packed, absmax, quant_type, blocksize, nested_absmax, offset, bias) -> Tuple[int, int]:
+    op = "gemm_4bit"
+    N, K = weight_4bit(op, packed, absmax, quant_type, blocksize, nested_absmax, offset)
+    weight_only_x(op, x, K)
+    V.same_device(op, x=x, packed=packed)
+    V.bias(op, bias, N, x)
+    return x.shape[0], N

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from . import _contracts as C
+from . import _validate as V
 from . import reference as R
 
 NAMESPACE = "quantkernels"
@@ -40,6 +41,12 @@ SCHEMAS = {
     "w8a16_gemm": "(Tensor x, Tensor b, Tensor scale_b, Tensor? bias=None) -> Tensor",
     "w4a16_gemm": "(Tensor x, Tensor b_packed, Tensor scale_b, Tensor? zero_b=None, Tensor? bias=None) -> Tensor",
     "llm_int8_linear": "(Tensor x, Tensor b, Tensor scale_b, Tensor? bias=None, float threshold=6.0) -> Tensor",
+    "quantize_4bit": "(Tensor w, str quant_type, int blocksize) -> (Tensor packed, Tensor absmax)",
+    "double_quantize_absmax": "(Tensor absmax) -> (Tensor q, Tensor nested_absmax, Tensor offset)",
+    "dequantize_4bit": "(Tensor packed, Tensor absmax, str quant_type, int blocksize, Tensor? nested_absmax=None, "
+                       "Tensor? offset=None, ScalarType? out_dtype=None) -> Tensor",
+    "gemm_4bit": "(Tensor x, Tensor packed, Tensor absmax, str quant_type, int blocksize, "
+                 "Tensor? nested_absmax=None, Tensor? offset=None, Tensor? bias=None) -> Tensor",
 }
 
 _lib = torch.library.Library(NAMESPACE, "DEF")
@@ -153,6 +160,30 @@ def _(x, b_packed, scale_b, zero_b=None, bias=None):
 @_fake("llm_int8_linear")
 def _(x, b, scale_b, bias=None, threshold=6.0):
     return _empty(x, C.llm_int8_linear(x, b, scale_b, bias, threshold), x.dtype)
+
+
+@_fake("quantize_4bit")
+def _(w, quant_type, blocksize):
+    N, K = C.quantize_4bit(w, quant_type, blocksize)
+    return _empty(w, (N, K // 2), torch.uint8), _empty(w, (-(-(N * K) // blocksize),), torch.float32)
+
+
+@_fake("double_quantize_absmax")
+def _(absmax):
+    nb2 = C.double_quantize_absmax(absmax)
+    return (_empty(absmax, absmax.shape, torch.uint8), _empty(absmax, (nb2,), torch.float32),
+            _empty(absmax, (), torch.float32))
+
+
+@_fake("dequantize_4bit")
+def _(packed, absmax, quant_type, blocksize, nested_absmax=None, offset=None, out_dtype=None):
+    N, K, dt = C.dequantize_4bit(packed, absmax, quant_type, blocksize, nested_absmax, offset, out_dtype)
+    return _empty(packed, (N, K), dt)
+
+
+@_fake("gemm_4bit")
+def _(x, packed, absmax, quant_type, blocksize, nested_absmax=None, offset=None, bias=None):
+    return _empty(x, C.gemm_4bit(x, packed, absmax, quant_type, blocksize, nested_absmax, offset, bias), x.dtype)
 
 
 # --------------------------------------------------------------------------- typed wrappers
@@ -333,6 +364,62 @@ def llm_int8_linear(x: Tensor, b: Tensor, scale_b: Tensor, bias: Optional[Tensor
         ``[M, N]`` in x's dtype.
     """
     return _ops.llm_int8_linear(x, b, scale_b, bias, float(threshold))
+
+
+def _check_4bit_args(op: str, quant_type, blocksize):
+    # before the dispatcher, so that a float or string block size gets our message, not a schema error
+    V.quant_type_4bit(op, quant_type)
+    V.blocksize_4bit(op, blocksize)
+
+
+def quantize_4bit(w: Tensor, quant_type: str = "nf4", blocksize: int = 64) -> Tuple[Tensor, Tensor]:
+    """NF4 / FP4 block-wise quantization of a weight, bit-compatible with bitsandbytes (docs/numerics.md s.11).
+
+    Args:
+        w: float16/bfloat16/float32 ``[N, K]``, K even. Blocks of ``blocksize`` consecutive values
+            of the row-major flattened weight (a block may span rows; the last may be partial).
+        quant_type: ``"nf4"`` or ``"fp4"``.
+        blocksize: 32, 64, 128, 256, 512, 1024, 2048 or 4096.
+    Returns:
+        ``packed``: uint8 ``[N, K/2]``, ``byte = code[2i] << 4 | code[2i+1]`` (high nibble first);
+        ``absmax``: float32 ``[ceil(N*K / blocksize)]``.
+    """
+    _check_4bit_args("quantize_4bit", quant_type, blocksize)
+    return _ops.quantize_4bit(w, quant_type, int(blocksize))
+
+
+def double_quantize_absmax(absmax: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Double quantization of 4-bit block absmax values (bitsandbytes' ``compress_statistics``, s.11).
+
+    Returns:
+        ``q``: uint8 codes of the 8-bit dynamic map (``reference.DYNAMIC_CODE``), like ``absmax``;
+        ``nested_absmax``: float32 ``[ceil(n / 256)]``; ``offset``: 0-D float32, the mean subtracted.
+    """
+    return _ops.double_quantize_absmax(absmax)
+
+
+def dequantize_4bit(packed: Tensor, absmax: Tensor, quant_type: str = "nf4", blocksize: int = 64,
+                    nested_absmax: Optional[Tensor] = None, offset: Optional[Tensor] = None,
+                    out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """``code[nibble] * absmax[block]`` -> ``[N, K]`` in ``out_dtype`` (default float32), s.11.
+
+    With double quantization ``absmax`` is the uint8 output of :func:`double_quantize_absmax` and
+    ``nested_absmax`` / ``offset`` must be given."""
+    _check_4bit_args("dequantize_4bit", quant_type, blocksize)
+    return _ops.dequantize_4bit(packed, absmax, quant_type, int(blocksize), nested_absmax, offset, out_dtype)
+
+
+def gemm_4bit(x: Tensor, packed: Tensor, absmax: Tensor, quant_type: str = "nf4", blocksize: int = 64,
+              nested_absmax: Optional[Tensor] = None, offset: Optional[Tensor] = None,
+              bias: Optional[Tensor] = None) -> Tensor:
+    """Weight-only NF4/FP4: ``Y = x @ dequantize_4bit(...)^T + bias`` in x's dtype (s.4 and s.11).
+
+    Args:
+        x: float16/bfloat16/float32 ``[M, K]``; the weight as returned by :func:`quantize_4bit`
+        (and :func:`double_quantize_absmax`); bias: optional ``[N]``.
+    """
+    _check_4bit_args("gemm_4bit", quant_type, blocksize)
+    return _ops.gemm_4bit(x, packed, absmax, quant_type, int(blocksize), nested_absmax, offset, bias)
 
 
 OP_NAMES = tuple(SCHEMAS)

@@ -155,3 +155,29 @@ def zero_points(op: str, name: str, z: Optional[torch.Tensor]):
         return
     mx = int(z.max())
     check(mx <= MAX_ZERO_INT4, op, lambda: f"{name} must hold int4 zero points in [0, {MAX_ZERO_INT4}], got {mx}")
+
+
+#: The 4-bit float formats (docs/numerics.md s.11) and their block sizes.
+QUANT_TYPES_4BIT = ("nf4", "fp4")
+BLOCKSIZES_4BIT = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+def quant_type_4bit(op: str, quant_type):
+    check(quant_type in QUANT_TYPES_4BIT, op,
+          lambda: f"quant_type must be one of {QUANT_TYPES_4BIT}, got {quant_type!r}")
+
+
+def blocksize_4bit(op: str, blocksize):
+    check(blocksize in BLOCKSIZES_4BIT, op,
+          lambda: f"blocksize must be one of {BLOCKSIZES_4BIT} (a power of two from 32 to 4096), got {blocksize!r}")
+
+
+def all_finite(op: str, name: str, t: torch.Tensor, why: str):
+    """Eager-only (like zero_points): rejects a tensor holding NaN or +-Inf."""
+    if t.numel() == 0 or not _values_readable(t):
+        return
+    bad = ~torch.isfinite(t)
+    if bool(bad.any()):
+        i = int(bad.reshape(-1).nonzero()[0])
+        v = float(t.reshape(-1)[i])
+        _fail(op, f"{name} holds the non-finite value {v} at flat index {i}; {why}")

@@ -261,6 +261,29 @@ _QUANTIZER_WHY = ("its outputs are integer codes (the rounding has zero derivati
 _DEQUANT_WHY = "quantized weights and their scales are frozen (docs/numerics.md s.10)"
 
 
+def _setup_gemm_4bit(ctx, inputs, output):
+    x, packed, absmax, quant_type, blocksize = inputs[:5]
+    nested, offset, bias = (_arg(inputs, i) for i in (5, 6, 7))
+    ctx.n_inputs, ctx.x_dtype, ctx.qt, ctx.bs = len(inputs), x.dtype, quant_type, blocksize
+    ctx.save_for_backward(packed, absmax, nested, offset, bias)
+
+
+def _gemm_4bit_backward(ctx, grad_y):
+    """grad_X = grad_Y @ to_x(W) with fp32 products and accumulation (docs/numerics.md s.10, s.11)."""
+    packed, absmax, nested, offset, bias = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    for i, name in ((2, "absmax"), (5, "nested_absmax"), (6, "offset")):
+        if _arg(need, i):
+            raise _frozen("gemm_4bit", name)
+    grads = [None] * ctx.n_inputs
+    if need[0]:
+        w = torch.ops.quantkernels.dequantize_4bit(packed, absmax, ctx.qt, ctx.bs, nested, offset, ctx.x_dtype)
+        grads[0] = (grad_y.float() @ w.float()).to(ctx.x_dtype)
+    if _arg(need, 7) and bias is not None:
+        grads[7] = _bias_grad(grad_y, bias)
+    return tuple(grads)
+
+
 def _registrations():
     """(op, setup_context, backward) for every op that takes a float tensor."""
     regs = [
@@ -276,7 +299,10 @@ def _registrations():
     for name in ("quantize_int8_rowwise", "quantize_int8_tensor", "quantize_int8_rowwise_outliers",
                  "quantize_int8_asym", "quantize_int4_sym", "quantize_uint4_asym"):
         regs.append((name, _setup_none, _raising_backward(name, _QUANTIZER_WHY)))
-    for name in ("dequantize_int8", "dequantize_int4"):
+    regs.append(("gemm_4bit", _setup_gemm_4bit, _gemm_4bit_backward))
+    for name in ("quantize_4bit", "double_quantize_absmax"):
+        regs.append((name, _setup_none, _raising_backward(name, _QUANTIZER_WHY)))
+    for name in ("dequantize_int8", "dequantize_int4", "dequantize_4bit"):
         regs.append((name, _setup_none, _raising_backward(name, _DEQUANT_WHY)))
     return regs
 

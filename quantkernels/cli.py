@@ -198,6 +198,10 @@ def check_args(a) -> None:
     if any(s in INT4_SCHEMES for s in schemes) and gs != -1 and gs not in INT4_GROUP_SIZES:
         raise UsageError(f"--group-size must be one of {', '.join(map(str, INT4_GROUP_SIZES))} or -1 (per channel) "
                          f"for the int4 schemes, got {gs}")
+    from ._validate import BLOCKSIZES_4BIT
+    if any(s in ("nf4", "fp4") for s in schemes) and gs not in BLOCKSIZES_4BIT:
+        raise UsageError(f"--group-size is the block size of nf4 / fp4: one of "
+                         f"{', '.join(map(str, BLOCKSIZES_4BIT))}, got {gs}")
     if math.isnan(a.threshold) or a.threshold < 0:
         raise UsageError(f"--threshold must be a number >= 0 (0 disables the llm_int8 outlier columns), "
                          f"got {a.threshold}")

@@ -11,7 +11,8 @@ from typing import Dict, Iterable, List, Optional, Union
 from torch import nn
 
 from . import dispatch
-from .nn import (INT4_SCHEMES, QuantEmbedding, QuantLinear, _check_scheme, _embedding_scale, _is_hf_conv1d,
+from .nn import (FLOAT4_SCHEMES, INT4_SCHEMES, QuantEmbedding, QuantLinear, _check_scheme, _embedding_scale,
+                 _is_hf_conv1d,
                  check_threshold, quantizable_weight, unsupported_reason)
 
 Patterns = Optional[Union[str, Iterable[str]]]
@@ -81,14 +82,17 @@ def _match(name: str, patterns) -> Optional[str]:
 
 def quantize_model(model: nn.Module, scheme: str = "w8a8", *, include: Patterns = None,
                    exclude: Patterns = ("lm_head",), group_size: int = 128, threshold: float = 6.0,
-                   backend: str = "auto", progress: bool = False) -> nn.Module:
+                   backend: str = "auto", progress: bool = False, double_quant: bool = False) -> nn.Module:
     """Replaces every ``nn.Linear`` and Hugging Face ``Conv1D`` of ``model`` by a QuantLinear.
 
     Args:
-        scheme: ``"w8a8"``, ``"llm_int8"``, ``"w8a16"``, ``"w4a16"`` or ``"w4a8"``.
+        scheme: ``"w8a8"``, ``"llm_int8"``, ``"w8a16"``, ``"w4a16"``, ``"w4a8"``, ``"nf4"`` or ``"fp4"``.
         include: module-name patterns to quantize (None: every linear layer).
         exclude: module-name patterns to leave in float (default ``("lm_head",)``).
-        group_size, threshold, backend: passed to ``QuantLinear.from_linear``.
+        group_size, threshold, backend: passed to ``QuantLinear.from_linear``. For nf4 / fp4
+            ``group_size`` is bitsandbytes' block size (32 .. 4096; its default is 64, pass it).
+        double_quant: nf4 / fp4 only: also quantize the block absmax values (bitsandbytes'
+            ``compress_statistics``, docs/numerics.md s.11).
         progress: show a tqdm progress bar over the linear layers (when tqdm is installed) and
             print ``report.summary()`` (replaced, kept and why, memory saved) to stderr.
     Layers whose shape the scheme cannot serve (e.g. K not a multiple of the group size) stay
@@ -110,6 +114,11 @@ def quantize_model(model: nn.Module, scheme: str = "w8a8", *, include: Patterns 
     check_threshold("quantize_model", threshold)
     if isinstance(group_size, bool) or not isinstance(group_size, int):
         raise TypeError(f"quantkernels.quantize_model: group_size must be an int, got {group_size!r}")
+    if not isinstance(double_quant, bool):
+        raise TypeError(f"quantkernels.quantize_model: double_quant must be True or False, got {double_quant!r}")
+    if double_quant and scheme not in FLOAT4_SCHEMES:
+        raise ValueError(f"quantkernels.quantize_model: double_quant applies to {FLOAT4_SCHEMES} only, "
+                         f"not to scheme {scheme!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantkernels.quantize_model: model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, QuantLinear):
@@ -158,7 +167,8 @@ def quantize_model(model: nn.Module, scheme: str = "w8a8", *, include: Patterns 
             pass
     # 2. Replace.
     for name, mod, tied in plan:
-        new = QuantLinear.from_linear(mod, scheme, group_size=group_size, threshold=threshold, backend=backend)
+        new = QuantLinear.from_linear(mod, scheme, group_size=group_size, threshold=threshold, backend=backend,
+                                      double_quant=double_quant)
         new.train(mod.training)
         _replace(model, name, new)
         report.quantized.append(name)
@@ -180,7 +190,7 @@ def quantize_model(model: nn.Module, scheme: str = "w8a8", *, include: Patterns 
 def _nothing_to_do(model: nn.Module, scheme: str, group_size: int, report: QuantizationReport) -> str:
     """The error of a quantize_model call that would quantize no layer at all."""
     head = f"quantkernels.quantize_model: scheme {scheme!r}"
-    if scheme in INT4_SCHEMES:
+    if scheme in INT4_SCHEMES or scheme in FLOAT4_SCHEMES:
         head += f" with group_size={group_size}"
     done = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
     if report.skipped:

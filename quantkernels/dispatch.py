@@ -35,6 +35,8 @@ SCHEME_OPS: Dict[str, Tuple[str, ...]] = {
     "w8a16": ("w8a16_gemm",),
     "w4a16": ("w4a16_gemm",),
     "w4a8": ("quantize_int8_rowwise", "w4a8_gemm"),
+    "nf4": ("gemm_4bit",),
+    "fp4": ("gemm_4bit",),
 }
 
 _NATIVE: Dict[str, Set[str]] = {"CPU": set(), "CUDA": set()}

@@ -16,4 +16,8 @@ class WeightFormat(str, enum.Enum):
     INT4_PLAIN = "int4_plain"
     #: as INT4_PLAIN with *unsigned* nibbles in [0, 15] and uint8 zero points ``[N, K/G]``.
     UINT4_PLAIN = "uint4_plain"
+    #: bitsandbytes' 4-bit float codes (docs/numerics.md s.11): uint8 ``[N, K/2]``, two codes per byte,
+    #: the first of each pair in the *high* nibble; blocks of ``group_size`` over the flattened weight.
+    NF4 = "nf4"
+    FP4 = "fp4"
 

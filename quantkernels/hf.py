@@ -49,7 +49,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin  # no
 
 from . import _validate as V  # noqa: E402
 from .convert import QuantizationReport, _match, quantize_model  # noqa: E402
-from .nn import (SCHEMES, QuantEmbedding, QuantLinear, _embedding_scale, _is_hf_conv1d,  # noqa: E402
+from .nn import (FLOAT4_SCHEMES, SCHEMES, QuantEmbedding, QuantLinear, _embedding_scale, _is_hf_conv1d,  # noqa: E402
                  all_finite, unsupported_reason)
 from .serialization import (QUANT_METHOD, build_quant_layers, checkpoint_config, tied_embedding_modules,  # noqa: E402
                             validate_config)
@@ -67,9 +67,12 @@ class QuantKernelsConfig(QuantizationConfigMixin):
     """How ``from_pretrained`` quantizes a model with quantkernels.
 
     Args:
-        scheme: ``"w8a8"``, ``"llm_int8"``, ``"w8a16"``, ``"w4a16"`` or ``"w4a8"`` (``SCHEMES``).
-        group_size: int4 group size, one of 32, 64, 128, 256, or -1 (per output channel); the int8
-            schemes are always per channel and ignore it.
+        scheme: ``"w8a8"``, ``"llm_int8"``, ``"w8a16"``, ``"w4a16"``, ``"w4a8"``, ``"nf4"`` or ``"fp4"``
+            (``SCHEMES``).
+        group_size: int4 group size, one of 32, 64, 128, 256, or -1 (per output channel); for nf4 /
+            fp4 the block size, 32 .. 4096 (no double quantization through this config: use
+            ``quantize_model(..., double_quant=True)``); the int8 schemes are always per channel
+            and ignore it.
         threshold: ``llm_int8`` outlier threshold (a number >= 0; ``inf``: no outliers).
         modules_to_not_convert: module-name globs kept in float, matched as ``quantize_model``'s
             ``exclude`` (``"lm_head"`` matches ``lm_head`` and ``model.lm_head``), and a match on a
@@ -126,7 +129,10 @@ class QuantKernelsConfig(QuantizationConfigMixin):
         if self.scheme not in SCHEMES:
             raise _err(f"scheme must be one of {tuple(SCHEMES)}, got {self.scheme!r}")
         g = self.group_size
-        if isinstance(g, bool) or not isinstance(g, int) or (g != -1 and g not in V.INT4_GROUP_SIZES):
+        if self.scheme in FLOAT4_SCHEMES:
+            if isinstance(g, bool) or g not in V.BLOCKSIZES_4BIT:
+                raise _err(f"group_size is the block size for {self.scheme}: one of {V.BLOCKSIZES_4BIT}, got {g!r}")
+        elif isinstance(g, bool) or not isinstance(g, int) or (g != -1 and g not in V.INT4_GROUP_SIZES):
             raise _err(f"group_size must be one of {V.INT4_GROUP_SIZES} or -1 (per channel), got {g!r}")
         t = self.threshold
         if isinstance(t, bool) or not isinstance(t, (int, float)) or math.isnan(t) or t < 0:

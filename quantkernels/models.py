@@ -364,7 +364,7 @@ def eval_causal(path: Path, schemes: List[str], *, group_size: int = 128, thresh
                                                    min(len(ids), len(fp32_ids)))
         rep = getattr(model, "quantkernels_report", None)
         rows.append(dict(scheme=scheme, lm_head=head, dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
-                         group_size=group_size if scheme in ("w4a16", "w4a8") else None,
+                         group_size=group_size if scheme in ("w4a16", "w4a8", "nf4", "fp4") else None,
                          memory_mib=mem / 2**20, prefill_tok_s=prefill, forward_all_logits_tok_s=forward_all,
                          decode_tok_s=decode, ppl=ppl,
                          ppl_reference=ppl_ref, reference_is_same_kernels=same, tokens=n, generation=text,

@@ -21,8 +21,12 @@ SCHEMES = {
     "w8a16": (WeightFormat.INT8_PLAIN, "int8 weights (per-channel), float activations"),
     "w4a16": (WeightFormat.UINT4_PLAIN, "asymmetric uint4 group-wise weights, float activations"),
     "w4a8": (WeightFormat.INT4_PLAIN, "symmetric int4 group-wise weights x int8 activations"),
+    "nf4": (WeightFormat.NF4, "NF4 4-bit float codes, block-wise absmax (bitsandbytes), float activations"),
+    "fp4": (WeightFormat.FP4, "FP4 4-bit float codes, block-wise absmax (bitsandbytes), float activations"),
 }
 INT4_SCHEMES = ("w4a16", "w4a8")
+#: bitsandbytes' 4-bit float formats (docs/numerics.md s.11); group_size is their block size.
+FLOAT4_SCHEMES = ("nf4", "fp4")
 
 
 #: (scheme, backend, device, dispatch.GENERATION) -> the op callables of that scheme (dispatch.resolve)
@@ -75,7 +79,13 @@ def unsupported_reason(scheme: str, in_features: int, out_features: int, group_s
     K = in_features
     if K < 1 or out_features < 1:
         return f"empty weight [{out_features}, {in_features}]"
-    if scheme in INT4_SCHEMES:
+    if scheme in FLOAT4_SCHEMES:
+        if group_size not in V.BLOCKSIZES_4BIT:
+            return (f"group_size (the block size) must be one of {V.BLOCKSIZES_4BIT} for {scheme}, "
+                    f"got {group_size}")
+        if K % 2:
+            return f"in_features = {K} is odd; {scheme} packs two values per byte"
+    elif scheme in INT4_SCHEMES:
         if group_size != -1 and group_size != K and group_size not in V.INT4_GROUP_SIZES:
             return (f"group_size must be one of {V.INT4_GROUP_SIZES}, -1 or K (= {K}) for per-channel, "
                     f"got {group_size}")
@@ -134,7 +144,7 @@ def quantizable_weight(linear: nn.Module, where: str = "QuantLinear.from_linear"
 
 #: QuantLinear buffers whose dtype is part of the format (docs/numerics.md s.8): ``.to(dtype)``,
 #: ``.half()`` ... move them between devices but never convert them.
-_FIXED_DTYPE_BUFFERS = ("qweight", "weight_scale", "weight_zero", "input_scale")
+_FIXED_DTYPE_BUFFERS = ("qweight", "weight_scale", "weight_zero", "input_scale", "nested_absmax", "absmax_offset")
 
 
 def _device_only(fn, t: Tensor, owner: str, name: str) -> Tensor:
@@ -156,6 +166,10 @@ class QuantLinear(nn.Module):
       - ``qweight``: int8 ``[N, K]`` (int8 schemes) or uint8 ``[N, K/2]`` (int4, PLAIN packing);
       - ``weight_scale``: float32 ``[N]`` (int8) or ``[N, K/G]`` (int4 group-wise);
       - ``weight_zero``: uint8 ``[N, K/G]`` zero points (w4a16 only);
+      - nf4 / fp4 (docs/numerics.md s.11): ``qweight`` uint8 ``[N, K/2]`` (high nibble first),
+        ``weight_scale`` the block absmax, float32 ``[ceil(N*K/G)]``, or with ``double_quant`` its
+        uint8 codes, then with ``nested_absmax`` float32 ``[ceil(nb/256)]`` and ``absmax_offset``
+        (0-D float32); both None otherwise;
       - ``bias``: ``[N]`` in the original layer's dtype, or None;
       - ``input_scale``: float32 ``[K]`` or None (default): when set (SmoothQuant, where the
         smoothing cannot be folded into a preceding layer) forward computes ``x / input_scale``
@@ -165,8 +179,10 @@ class QuantLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, scheme: str = "w8a8",
                  group_size: int = 128, threshold: float = 6.0, backend: str = "auto",
-                 device=None, dtype: torch.dtype = torch.float32):
+                 device=None, dtype: torch.dtype = torch.float32, double_quant: bool = False):
         super().__init__()
+        if not isinstance(double_quant, bool):
+            raise TypeError(f"quantkernels.QuantLinear: double_quant must be True or False, got {double_quant!r}")
         for name, v in (("in_features", in_features), ("out_features", out_features), ("group_size", group_size)):
             if isinstance(v, bool) or not isinstance(v, int):
                 raise TypeError(f"quantkernels.QuantLinear: {name} must be an int, got {v!r}")
@@ -179,8 +195,25 @@ class QuantLinear(nn.Module):
         self.backend = dispatch.check_backend(backend)
         self.threshold = float(threshold)
         self.weight_format = SCHEMES[scheme][0]
+        if double_quant and scheme not in FLOAT4_SCHEMES:
+            raise ValueError(f"quantkernels.QuantLinear: double_quant applies to {FLOAT4_SCHEMES} only, "
+                             f"not to scheme {scheme!r}")
+        self.double_quant = double_quant
         K, N = in_features, out_features
-        if scheme in INT4_SCHEMES:
+        self.register_buffer("nested_absmax", None)
+        self.register_buffer("absmax_offset", None)
+        if scheme in FLOAT4_SCHEMES:
+            self.group_size = group_size
+            nb = -(-(N * K) // group_size)
+            self.register_buffer("qweight", torch.zeros(N, K // 2, dtype=torch.uint8, device=device))
+            self.register_buffer("weight_zero", None)
+            if double_quant:
+                self.register_buffer("weight_scale", torch.zeros(nb, dtype=torch.uint8, device=device))
+                self.nested_absmax = torch.ones(-(-nb // 256), dtype=torch.float32, device=device)
+                self.absmax_offset = torch.zeros((), dtype=torch.float32, device=device)
+            else:
+                self.register_buffer("weight_scale", torch.ones(nb, dtype=torch.float32, device=device))
+        elif scheme in INT4_SCHEMES:
             self.group_size = K if group_size == -1 else group_size
             ng = K // self.group_size
             self.register_buffer("qweight", torch.zeros(N, K // 2, dtype=torch.uint8, device=device))
@@ -217,13 +250,14 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Module, scheme: str = "w8a8", *, group_size: int = 128,
-                    threshold: float = 6.0, backend: str = "auto") -> "QuantLinear":
+                    threshold: float = 6.0, backend: str = "auto", double_quant: bool = False) -> "QuantLinear":
         """Quantizes an ``nn.Linear`` (or a Hugging Face GPT-2 ``Conv1D``) into a new QuantLinear."""
         weight = quantizable_weight(linear)
         N, K = weight.shape
         b = linear.bias
         mod = cls(K, N, bias=b is not None, scheme=scheme, group_size=group_size, threshold=threshold,
-                  backend=backend, device=weight.device, dtype=b.dtype if b is not None else weight.dtype)
+                  backend=backend, device=weight.device, dtype=b.dtype if b is not None else weight.dtype,
+                  double_quant=double_quant)
         with torch.no_grad():
             for name, t in mod.quantize_weight(weight).items():
                 setattr(mod, name, t)
@@ -237,9 +271,15 @@ class QuantLinear(nn.Module):
 
     @torch.no_grad()
     def quantize_weight(self, weight: Tensor) -> dict:
-        """The buffers (``qweight``, ``weight_scale`` and, for w4a16, ``weight_zero``) that hold the
-        float ``weight [N, K]`` in this layer's scheme and group size (docs/numerics.md s.1-3)."""
-        if self.scheme == "w4a16":
+        """The buffers (``qweight``, ``weight_scale`` and, for w4a16, ``weight_zero``; for nf4 / fp4
+        with double_quant also ``nested_absmax``, ``absmax_offset``) that hold the float
+        ``weight [N, K]`` in this layer's scheme and group size (docs/numerics.md s.1-3, s.11)."""
+        if self.scheme in FLOAT4_SCHEMES:
+            # QUANTIZE_ROWS * K is a multiple of every block size (<= 4096), so the chunks' blocks are
+            # the whole weight's; the double quantization needs all absmax values (their mean)
+            names = ("qweight", "weight_scale")
+            fn = lambda w: ops.quantize_4bit(w, self.scheme, self.group_size)  # noqa: E731
+        elif self.scheme == "w4a16":
             names = ("qweight", "weight_scale", "weight_zero")
             fn = lambda w: ops.quantize_uint4_asym(w, self.group_size)  # noqa: E731
         elif self.scheme == "w4a8":
@@ -248,8 +288,13 @@ class QuantLinear(nn.Module):
             names, fn = ("qweight", "weight_scale"), ops.quantize_int8_rowwise
         parts = [fn(weight[i:i + self.QUANTIZE_ROWS]) for i in range(0, weight.shape[0], self.QUANTIZE_ROWS)]
         if len(parts) == 1:
-            return dict(zip(names, parts[0]))
-        return {n: torch.cat([p[j] for p in parts]) for j, n in enumerate(names)}
+            out = dict(zip(names, parts[0]))
+        else:
+            out = {n: torch.cat([p[j] for p in parts]) for j, n in enumerate(names)}
+        if self.scheme in FLOAT4_SCHEMES and self.double_quant:
+            q, nested, offset = ops.double_quantize_absmax(out["weight_scale"])
+            out.update(weight_scale=q, nested_absmax=nested, absmax_offset=offset)
+        return out
 
     # ------------------------------------------------------------------ forward
 
@@ -276,7 +321,12 @@ class QuantLinear(nn.Module):
         if input_scale is not None:
             x2 = (x2.float() / input_scale).to(x.dtype)
         scale, zero, bias = buf["weight_scale"], buf["weight_zero"], buf["bias"]
-        if torch.compiler.is_compiling() or _needs_autograd(x2, bias, scale, zero):
+        if self.scheme in FLOAT4_SCHEMES:
+            # gemm_4bit has its own backward (docs/numerics.md s.10)
+            y = dispatch.resolve(self.backend, "gemm_4bit", x2.device)(
+                x2, qweight, scale, self.scheme, self.group_size, buf["nested_absmax"],
+                buf["absmax_offset"], bias)
+        elif torch.compiler.is_compiling() or _needs_autograd(x2, bias, scale, zero):
             # One op with a backward (docs/numerics.md s.10) when autograd records.
             y = quant_linear(x2, qweight, scale, zero, bias, self.scheme, self.threshold, self.backend)
         else:
@@ -286,7 +336,9 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         parts = [f"in_features={self.in_features}", f"out_features={self.out_features}",
                  f"bias={self.bias is not None}", f"scheme={self.scheme}"]
-        if self.scheme in INT4_SCHEMES:
+        if self.scheme in FLOAT4_SCHEMES:
+            parts.append(f"blocksize={self.group_size}, double_quant={self.double_quant}")
+        elif self.scheme in INT4_SCHEMES:
             parts.append(f"group_size={self.group_size}")
         else:
             parts.append("group_size=per-channel")
@@ -296,6 +348,19 @@ class QuantLinear(nn.Module):
             parts.append("input_scale=True")
         parts += [f"format={self.weight_format.value}", f"backend={self.backend}"]
         return ", ".join(parts)
+
+
+def _float4_rows(lin: "QuantLinear", rows: Tensor, packed_rows: Tensor) -> Tensor:
+    """fp32 rows ``rows`` of an nf4 / fp4 weight (docs/numerics.md s.11): a block may span rows, so
+    each value finds its absmax through its flat index ``row * K + k``."""
+    from .reference import CODES_4BIT, _absmax_4bit
+
+    K = lin.in_features
+    b = packed_rows.to(torch.int64)
+    nib = torch.stack((b >> 4, b & 0xF), dim=-1).reshape(rows.shape[0], K)
+    absmax = _absmax_4bit(lin.weight_scale, lin.nested_absmax, lin.absmax_offset)
+    flat = rows.unsqueeze(1) * K + torch.arange(K, device=rows.device)
+    return CODES_4BIT[lin.scheme].to(packed_rows.device)[nib] * absmax[flat // lin.group_size]
 
 
 def _embedding_scale(embedding: nn.Module) -> Optional[Tensor]:
@@ -367,12 +432,14 @@ class QuantEmbedding(nn.Module):
             raise IndexError(f"quantkernels.QuantEmbedding: index {bad} is out of range for "
                              f"{self.num_embeddings} embeddings")
         q = lin.qweight.index_select(0, flat)
-        s = lin.weight_scale.index_select(0, flat)
-        if lin.scheme in INT4_SCHEMES:
+        if lin.scheme in FLOAT4_SCHEMES:
+            rows = _float4_rows(lin, flat, q)
+        elif lin.scheme in INT4_SCHEMES:
+            s = lin.weight_scale.index_select(0, flat)
             z = None if lin.weight_zero is None else lin.weight_zero.index_select(0, flat)
             rows = ops.dequantize_int4(q, s, z, torch.float32)
         else:
-            rows = ops.dequantize_int8(q, s, None, torch.float32)
+            rows = ops.dequantize_int8(q, lin.weight_scale.index_select(0, flat), None, torch.float32)
         rows = rows.to(self.dtype)
         if self.embed_scale is not None:
             rows = rows * self.embed_scale.to(self.dtype)

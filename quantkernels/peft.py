@@ -30,7 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from .autograd import _dequant_panel
-from .nn import INT4_SCHEMES, QuantLinear
+from . import _ops as ops
+from .nn import FLOAT4_SCHEMES, INT4_SCHEMES, QuantLinear
 
 __all__ = ["enable", "LoraQuantLinear", "QuantMergeWarning"]
 
@@ -40,9 +41,12 @@ class QuantMergeWarning(UserWarning):
 
 
 def dequantized_weight(layer: QuantLinear) -> Tensor:
-    """The fp32 ``[N, K]`` weight a QuantLinear's buffers hold (docs/numerics.md s.1-3)."""
+    """The fp32 ``[N, K]`` weight a QuantLinear's buffers hold (docs/numerics.md s.1-3, s.11)."""
     if not isinstance(layer, QuantLinear):
         raise TypeError(f"quantkernels.peft.dequantized_weight: layer must be a QuantLinear, got {type(layer).__name__}")
+    if layer.scheme in FLOAT4_SCHEMES:
+        return ops.dequantize_4bit(layer.qweight, layer.weight_scale, layer.scheme, layer.group_size,
+                                   layer.nested_absmax, layer.absmax_offset, torch.float32)
     int4 = layer.scheme in INT4_SCHEMES
     K = layer.in_features
     return _dequant_panel(layer.qweight, layer.weight_scale, layer.weight_zero, int4, layer.group_size, 0, K,
@@ -123,16 +127,18 @@ def _make_class():
             with torch.no_grad():
                 lin.weight.copy_(target)
             merged = QuantLinear.from_linear(lin, base.scheme, group_size=base.group_size, threshold=base.threshold,
-                                             backend=base.backend)
+                                             backend=base.backend, double_quant=base.double_quant)
             if "quantkernels_unmerged" not in self._caches:
                 self._caches["quantkernels_unmerged"] = (base.qweight, base.weight_scale, base.weight_zero,
-                                                        None if base.bias is None else base.bias.detach().clone())
+                                                        None if base.bias is None else base.bias.detach().clone(),
+                                                        base.nested_absmax, base.absmax_offset)
             err = dequantized_weight(merged) - target
             report = {"rel_fro": float(err.norm() / target.norm().clamp_min(1e-30)), "max_abs": float(err.abs().max()),
                       "delta_rel_fro": float((target - w).norm() / w.norm().clamp_min(1e-30))}
             with torch.no_grad():
                 base.qweight, base.weight_scale, base.weight_zero = merged.qweight, merged.weight_scale, \
                     merged.weight_zero
+                base.nested_absmax, base.absmax_offset = merged.nested_absmax, merged.absmax_offset
                 if new_bias is not None:
                     base.bias.copy_(new_bias.to(base.bias.dtype))
             base.lora_merge_error = report
@@ -148,9 +154,10 @@ def _make_class():
                 warnings.warn("Already unmerged. Nothing to do.")
                 return
             base = self.get_base_layer()
-            qweight, scale, zero, bias = self._caches.pop("quantkernels_unmerged")
+            qweight, scale, zero, bias, nested, offset = self._caches.pop("quantkernels_unmerged")
             with torch.no_grad():
                 base.qweight, base.weight_scale, base.weight_zero = qweight, scale, zero
+                base.nested_absmax, base.absmax_offset = nested, offset
                 if bias is not None:
                     base.bias.copy_(bias)
             if hasattr(base, "lora_merge_error"):

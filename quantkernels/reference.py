@@ -248,3 +248,130 @@ def llm_int8_linear(x: Tensor, b: Tensor, scale_b: Tensor, bias: Optional[Tensor
     w_deq = b.float() * scale_b.unsqueeze(1)
     acc = acc + x_out @ w_deq.t()
     return _epilogue(acc, bias, x.dtype)
+
+
+# --------------------------------------------------------------------------- NF4 / FP4 (docs/numerics.md s.11)
+# bitsandbytes' 4-bit float formats: a 16-entry code table, block-wise absmax over the
+# row-major flattened weight, nearest code with the tie rule of s.11, two codes per byte
+# (high nibble first), and optional double quantization of the absmax values.
+
+#: NF4: quantiles of N(0, 1) normalised to [-1, 1] (the literal float32 values bitsandbytes uses).
+NF4_CODE = torch.tensor([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0], dtype=torch.float32)
+
+#: FP4 (1 sign, 2 exponent, 1 mantissa bit, bitsandbytes' bias): the raw values in nibble order,
+#: divided by their absmax 12 in float32. Nibble 8 (the sign bit alone) is +0.0, as in bitsandbytes' table.
+FP4_CODE = torch.tensor([0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0,
+                         0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0],
+                        dtype=torch.float32) / torch.tensor(12.0)
+
+#: Nibbles in ascending order of their code value (the two zeros, nibbles 0 and 8: nibble 0 first).
+_ORDER = {"nf4": torch.arange(16), "fp4": torch.tensor([11, 10, 13, 12, 15, 14, 9, 0, 8, 1, 6, 7, 4, 5, 2, 3])}
+CODES_4BIT = {"nf4": NF4_CODE, "fp4": FP4_CODE}
+
+
+def _decision_bounds(quant_type: str) -> Tuple[Tensor, Tensor]:
+    code, order = CODES_4BIT[quant_type], _ORDER[quant_type]
+    sc = code[order]
+    return (sc[:-1] + sc[1:]) / torch.tensor(2.0), order
+
+
+_BOUNDS_4BIT = {qt: _decision_bounds(qt) for qt in CODES_4BIT}
+
+
+def _dynamic_map() -> Tensor:
+    """The signed 8-bit dynamic code of the double quantization (256 sorted float32 values)."""
+    data = []
+    for i in range(7):
+        edges = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
+        mids = (edges[:-1] + edges[1:]) / 2.0
+        data += ((10 ** (-6 + i)) * mids).tolist()
+        data += (-(10 ** (-6 + i)) * mids).tolist()
+    data += [0.0, 1.0]
+    return torch.tensor(sorted(data), dtype=torch.float32)
+
+
+#: 8-bit dynamic code for the absmax values under double quantization.
+DYNAMIC_CODE = _dynamic_map()
+#: Block size of the double quantization (absmax values per second-level scale).
+NESTED_BLOCKSIZE = 256
+
+
+def _on(t: Tensor, like: Tensor) -> Tensor:
+    return t.to(like.device)
+
+
+def quantize_4bit(w: Tensor, quant_type: str, blocksize: int) -> Tuple[Tensor, Tensor]:
+    N, K = C.quantize_4bit(w, quant_type, blocksize)
+    flat = w.reshape(-1).float()
+    n = N * K
+    rem = n % blocksize
+    full = n - rem
+    blocks = flat[:full].reshape(full // blocksize, blocksize)
+    absmax = blocks.abs().amax(dim=-1)
+    scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38).unsqueeze(-1)), -1, 1).reshape(-1)
+    if rem:
+        # the last, partial block: a true division, and its absmax stored clamped (s.11)
+        am = flat[full:].abs().amax().clamp(min=1e-38)
+        absmax = torch.cat([absmax, am.reshape(1)])
+        scaled = torch.cat([scaled, torch.clamp(flat[full:] / am, -1, 1)])
+    bounds, order = _BOUNDS_4BIT[quant_type]
+    q = _on(order, w)[torch.bucketize(scaled, _on(bounds, w))].to(torch.int32)
+    packed = (q[0::2] << 4) | q[1::2]
+    return packed.to(torch.uint8).reshape(N, K // 2), absmax
+
+
+def double_quantize_absmax(absmax: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    C.double_quantize_absmax(absmax)
+    offset = absmax.mean()
+    v = absmax - offset
+    n = v.numel()
+    nb = -(-n // NESTED_BLOCKSIZE)
+    padded = torch.cat([v, v.new_zeros(nb * NESTED_BLOCKSIZE - n)]).reshape(nb, NESTED_BLOCKSIZE)
+    absmax2 = padded.abs().amax(dim=-1)
+    normed = (padded / absmax2.unsqueeze(-1)).reshape(-1)[:n]
+    code = _on(DYNAMIC_CODE, absmax)
+    left = (torch.searchsorted(code, normed, right=True) - 1).clamp(0, 255)
+    right = (left + 1).clamp(max=255)
+    take_right = (normed - code[right]).abs() < (normed - code[left]).abs()
+    idx = torch.where(take_right, right, left)
+    idx = torch.where(torch.isnan(normed), torch.zeros_like(idx), idx)
+    return idx.to(torch.uint8), absmax2, offset
+
+
+def _absmax_4bit(absmax: Tensor, nested_absmax: Optional[Tensor], offset: Optional[Tensor]) -> Tensor:
+    if nested_absmax is None:
+        return absmax
+    code = _on(DYNAMIC_CODE, absmax)[absmax.long()]
+    scale2 = nested_absmax.repeat_interleave(NESTED_BLOCKSIZE)[: absmax.numel()]
+    return code * scale2 + offset
+
+
+def _weight_4bit_float(packed: Tensor, absmax: Tensor, nested_absmax: Optional[Tensor], offset: Optional[Tensor],
+                       quant_type: str, blocksize: int) -> Tensor:
+    """fp32 [N, K]: code[nibble] * absmax[block] (s.11)."""
+    N, K = packed.shape[0], packed.shape[1] * 2
+    b = packed.reshape(-1).to(torch.int64)
+    nib = torch.stack((b >> 4, b & 0xF), dim=-1).reshape(-1)
+    vals = _on(CODES_4BIT[quant_type], packed)[nib]
+    am = _absmax_4bit(absmax, nested_absmax, offset)
+    scale = am.repeat_interleave(blocksize)[: N * K]
+    return (vals * scale).reshape(N, K)
+
+
+def dequantize_4bit(packed: Tensor, absmax: Tensor, quant_type: str, blocksize: int,
+                    nested_absmax: Optional[Tensor] = None, offset: Optional[Tensor] = None,
+                    out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    _, _, dt = C.dequantize_4bit(packed, absmax, quant_type, blocksize, nested_absmax, offset, out_dtype)
+    return _weight_4bit_float(packed, absmax, nested_absmax, offset, quant_type, blocksize).to(dt)
+
+
+def gemm_4bit(x: Tensor, packed: Tensor, absmax: Tensor, quant_type: str, blocksize: int,
+              nested_absmax: Optional[Tensor] = None, offset: Optional[Tensor] = None,
+              bias: Optional[Tensor] = None) -> Tensor:
+    C.gemm_4bit(x, packed, absmax, quant_type, blocksize, nested_absmax, offset, bias)
+    w = _weight_4bit_float(packed, absmax, nested_absmax, offset, quant_type, blocksize)
+    return _weight_only(x, w, bias)

@@ -28,6 +28,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from . import _validate as V
 from .formats import WeightFormat
 from .nn import SCHEMES, QuantEmbedding, QuantLinear, _is_hf_conv1d, check_threshold, unsupported_reason
 
@@ -132,7 +133,8 @@ def verify_checksums(tensors: Mapping[str, Tensor], checksums: Any, fail) -> Non
 def _module_entry(m: QuantLinear) -> Dict[str, Any]:
     return {"scheme": m.scheme, "weight_format": m.weight_format.value, "group_size": m.group_size,
             "threshold": m.threshold, "in_features": m.in_features, "out_features": m.out_features,
-            "bias": m.bias is not None, "input_scale": m.input_scale is not None}
+            "bias": m.bias is not None, "input_scale": m.input_scale is not None,
+            **({"double_quant": m.double_quant} if m.double_quant else {})}
 
 
 def _common(entries: Dict[str, Dict[str, Any]], key: str):
@@ -325,6 +327,10 @@ def validate_config(cfg: Any, where) -> None:
             raise _err(cfg_path, f"modules[{name!r}]: threshold must be a number >= 0, got {e['threshold']!r}")
         if not isinstance(e["bias"], bool):
             raise _err(cfg_path, f"modules[{name!r}]: bias must be true or false, got {e['bias']!r}")
+        if not isinstance(e.get("double_quant", False), bool) or (e.get("double_quant") and e["scheme"] not in
+                                                                  ("nf4", "fp4")):
+            raise _err(cfg_path, f"modules[{name!r}]: double_quant must be true or false, and true only for nf4 / "
+                                 f"fp4, got {e.get('double_quant')!r} with scheme {e['scheme']!r}")
         why = unsupported_reason(e["scheme"], e["in_features"], e["out_features"], e["group_size"]) \
             if all(isinstance(e[k], int) for k in ("in_features", "out_features", "group_size")) \
             else "in_features, out_features and group_size must be integers"
@@ -435,7 +441,8 @@ def build_quant_layers(model: nn.Module, mods: Mapping[str, Dict[str, Any]], bac
                               f"{'a' if old_bias is not None else 'no'} bias")
         q = QuantLinear(K, N, bias=e["bias"], scheme=e["scheme"], group_size=e["group_size"],
                         threshold=e["threshold"], backend=backend, device="meta",
-                        dtype=old_bias.dtype if old_bias is not None else torch.float32)
+                        dtype=old_bias.dtype if old_bias is not None else torch.float32,
+                        double_quant=e.get("double_quant", False))
         if e.get("input_scale", False):  # SmoothQuant scales that could not be folded (float32 [K])
             q.input_scale = torch.empty(K, dtype=torch.float32, device="meta")
         new_modules[name] = q
@@ -612,7 +619,7 @@ def _retie(model: nn.Module, tied: Mapping[str, str]) -> None:
 # --------------------------------------------------------------------------- bitsandbytes import
 
 
-def _bnb_state_dict(source) -> Tuple[Dict[str, Tensor], Optional[float], List[str]]:
+def _bnb_state_dict(source, op: str = "load_bnb_int8") -> Tuple[Dict[str, Tensor], Optional[float], List[str]]:
     """(tensors, llm_int8_threshold from config.json or None, skip modules) of a bnb checkpoint."""
     if isinstance(source, Mapping):
         return dict(source), None, []
@@ -626,18 +633,18 @@ def _bnb_state_dict(source) -> Tuple[Dict[str, Tensor], Optional[float], List[st
                 threshold = qc.get("llm_int8_threshold")
                 skip = list(qc.get("llm_int8_skip_modules") or [])
             except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError) as e:
-                raise CheckpointError(f"quantkernels.load_bnb_int8: {cfg_file}: unreadable or corrupt JSON "
+                raise CheckpointError(f"quantkernels.{op}: {cfg_file}: unreadable or corrupt JSON "
                                       f"({type(e).__name__}: {e})") from None
         files = sorted(p.glob("*.safetensors"))
         if not files:
-            raise CheckpointError(f"quantkernels.load_bnb_int8: no *.safetensors file in {p}")
+            raise CheckpointError(f"quantkernels.{op}: no *.safetensors file in {p}")
     elif p.is_file():
         files = [p]
     else:
-        raise CheckpointError(f"quantkernels.load_bnb_int8: {p} does not exist")
+        raise CheckpointError(f"quantkernels.{op}: {p} does not exist")
     out: Dict[str, Tensor] = {}
     for f in files:
-        out.update(read_safetensors(f, lambda msg: CheckpointError(f"quantkernels.load_bnb_int8: {msg}"))[0])
+        out.update(read_safetensors(f, lambda msg: CheckpointError(f"quantkernels.{op}: {msg}"))[0])
     return out, threshold, skip
 
 
@@ -755,12 +762,25 @@ def load_bnb_int8(model: nn.Module, source, *, threshold: Optional[float] = None
         if bias is not None and bias.is_floating_point() and old_bias.is_floating_point():
             bias = bias.to(old_bias.dtype)
         new[name] = bnb_int8_to_quantlinear(w, tensors[f"{name}.SCB"], bias, threshold=thr, backend=backend)
+    return _install_bnb_layers(model, tensors, new, "load_bnb_int8", "llm_int8", BNB_LAYER_KEYS)
+
+
+def _install_bnb_layers(model: nn.Module, tensors: Mapping[str, Tensor], new: Dict[str, QuantLinear], op: str,
+                        scheme: str, layer_keys: Tuple[str, ...]) -> nn.Module:
+    """Checks the non-quantized rest of a bitsandbytes checkpoint against ``model`` (and that each
+    quantized layer holds only ``layer_keys``), then swaps the QuantLinear layers ``new`` in and
+    loads the rest: nothing changes before every check passed, and a failing commit is rolled back."""
+
+    def fail(msg: str) -> CheckpointError:
+        return CheckpointError(f"quantkernels.{op}: {msg}")
+
+    layers = sorted(new)
     prefixes = tuple(n + "." for n in layers)
-    stray = sorted(k for k in tensors if k.startswith(prefixes) and k.rpartition(".")[2] not in BNB_LAYER_KEYS
-                   and k.rpartition(".")[0] in new)
-    stray += sorted(k for k in tensors if k.startswith(prefixes) and k.rpartition(".")[0] not in new)
+    # quantized layers are leaf modules: a key under one belongs to exactly that layer
+    stray = sorted(k for k in tensors if k.startswith(prefixes)
+                   and not any(k.startswith(n + ".") and k[len(n) + 1:] in layer_keys for n in layers))
     if stray:
-        raise _bnb_fail(f"unexpected {stray[:5]} (a quantized layer holds only {list(BNB_LAYER_KEYS)})")
+        raise fail(f"unexpected {stray[:5]} (a quantized layer holds only {list(layer_keys)})")
     rest = {k: v for k, v in tensors.items() if not k.startswith(prefixes)}
     expected = {k: v for k, v in model.state_dict().items() if not k.startswith(prefixes)}
     missing = sorted(set(expected) - set(rest))
@@ -768,13 +788,13 @@ def load_bnb_int8(model: nn.Module, source, *, threshold: Optional[float] = None
     missing = [k for k in missing if k not in tied_names]
     unexpected = sorted(set(rest) - set(expected))
     if missing or unexpected:
-        raise _bnb_fail(f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise fail(f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     for k, v in rest.items():
         ref = expected[k]
         if tuple(v.shape) != tuple(ref.shape):
-            raise _bnb_fail(f"{k} has shape {tuple(v.shape)}, expected {tuple(ref.shape)}")
+            raise fail(f"{k} has shape {tuple(v.shape)}, expected {tuple(ref.shape)}")
         if v.is_floating_point() != ref.is_floating_point() or (not v.is_floating_point() and v.dtype != ref.dtype):
-            raise _bnb_fail(f"{k} has dtype {v.dtype}, the model's is {ref.dtype}")
+            raise fail(f"{k} has dtype {v.dtype}, the model's is {ref.dtype}")
         if v.is_floating_point() and v.dtype != ref.dtype:
             rest[k] = v.to(ref.dtype)  # the skeleton's float dtype, as load_quantized
     # Commit. Everything above is checked, so this does not fail; if it does anyway, every module,
@@ -798,5 +818,141 @@ def load_bnb_int8(model: nn.Module, source, *, threshold: Optional[float] = None
         raise
     from .convert import QuantizationReport
 
-    model.quantkernels_report = QuantizationReport("llm_int8", quantized=layers)
+    model.quantkernels_report = QuantizationReport(scheme, quantized=layers)
     return model.eval()  # inference mode, as from_pretrained: no live dropout
+
+
+_BNB4_STATE = ".weight.quant_state.bitsandbytes__"
+#: The tensors bitsandbytes' ``Linear4bit`` saves per layer (the nested ones with double quantization).
+BNB4_LAYER_KEYS = ("weight", "bias", "weight.absmax", "weight.quant_map", "weight.nested_absmax",
+                   "weight.nested_quant_map", "weight.quant_state.bitsandbytes__nf4",
+                   "weight.quant_state.bitsandbytes__fp4")
+
+
+def _bnb4_layer(name: str, qt: str, tensors: Mapping[str, Tensor], K: int, N: int, backend: str) -> QuantLinear:
+    """One bitsandbytes ``Linear4bit`` of a checkpoint as an nf4 / fp4 QuantLinear, its bytes as they
+    are (docs/numerics.md s.11); raises CheckpointError for anything s.11 cannot represent."""
+    from .reference import CODES_4BIT, DYNAMIC_CODE, NESTED_BLOCKSIZE
+
+    def fail(msg):
+        return CheckpointError(f"quantkernels.load_bnb_4bit: layer {name!r}: {msg}")
+
+    def get(key):
+        t = tensors.get(f"{name}.{key}")
+        if t is None:
+            raise fail(f"the checkpoint has no {name}.{key}")
+        return t
+
+    raw = get(f"weight.quant_state.bitsandbytes__{qt}")
+    try:
+        if raw.dtype != torch.uint8 or raw.dim() != 1:
+            raise ValueError(f"a {raw.dtype} tensor of shape {tuple(raw.shape)}, not 1-D uint8")
+        st = json.loads(bytes(raw.tolist()).decode("utf-8"))
+        if not isinstance(st, dict):
+            raise ValueError(f"JSON {type(st).__name__}, not an object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise fail(f"unreadable quant_state ({type(e).__name__}: {e})") from None
+    if st.get("quant_type") != qt:
+        raise fail(f"quant_state says quant_type {st.get('quant_type')!r} under the key of {qt!r}")
+    bs = st.get("blocksize")
+    if isinstance(bs, bool) or bs not in V.BLOCKSIZES_4BIT:
+        raise fail(f"blocksize {bs!r} is not one of {V.BLOCKSIZES_4BIT}")
+    if st.get("shape") != [N, K]:
+        raise fail(f"quant_state shape {st.get('shape')!r}, but the model's layer is [out={N}, in={K}]")
+    if K % 2:
+        raise fail(f"in_features = {K} is odd: bitsandbytes packs such a weight across rows, which the "
+                   f"[N, K/2] layout of s.11 cannot represent")
+    w = get("weight")
+    if w.dtype != torch.uint8:
+        raise fail(f"weight is {w.dtype}: only bitsandbytes' default quant_storage=torch.uint8 is supported")
+    if w.numel() != N * K // 2:
+        raise fail(f"weight holds {w.numel()} bytes, [{N}, {K}] needs {N * K // 2}")
+    qmap = get("weight.quant_map")
+    if qmap.dtype != torch.float32 or qmap.shape != (16,) or not torch.equal(qmap, CODES_4BIT[qt]):
+        raise fail(f"quant_map is not bitsandbytes' {qt} table (s.11.1): a custom code cannot be represented")
+    nb = -(-(N * K) // bs)
+    absmax = get("weight.absmax")
+    nested = "nested_offset" in st or f"{name}.weight.nested_absmax" in tensors
+    sd = {"qweight": w.reshape(N, K // 2).contiguous()}
+    if nested:
+        if st.get("nested_blocksize") != NESTED_BLOCKSIZE:
+            raise fail(f"nested_blocksize {st.get('nested_blocksize')!r}; only {NESTED_BLOCKSIZE} is supported")
+        off = st.get("nested_offset")
+        if isinstance(off, bool) or not isinstance(off, (int, float)) or not math.isfinite(off):
+            raise fail(f"nested_offset must be a finite number, got {off!r}")
+        n2 = get("weight.nested_absmax")
+        nmap = get("weight.nested_quant_map")
+        if nmap.dtype != torch.float32 or nmap.shape != (256,) or not torch.equal(nmap, DYNAMIC_CODE):
+            raise fail("nested_quant_map is not bitsandbytes' 8-bit dynamic map (s.11.5)")
+        if absmax.dtype != torch.uint8 or absmax.shape != (nb,):
+            raise fail(f"absmax must be uint8 [{nb}] under double quantization, got {absmax.dtype} "
+                       f"{tuple(absmax.shape)}")
+        if n2.dtype != torch.float32 or n2.shape != (-(-nb // NESTED_BLOCKSIZE),):
+            raise fail(f"nested_absmax must be float32 [{-(-nb // NESTED_BLOCKSIZE)}], got {n2.dtype} "
+                       f"{tuple(n2.shape)}")
+        sd.update(weight_scale=absmax.contiguous(), nested_absmax=n2.contiguous(),
+                  absmax_offset=torch.tensor(off, dtype=torch.float32))
+    else:
+        if absmax.dtype != torch.float32 or absmax.shape != (nb,):
+            raise fail(f"absmax must be float32 [{nb}], got {absmax.dtype} {tuple(absmax.shape)}")
+        sd["weight_scale"] = absmax.contiguous()
+    bias = tensors.get(f"{name}.bias")
+    if bias is not None:
+        sd["bias"] = bias
+    q = QuantLinear(K, N, bias=bias is not None, scheme=qt, group_size=bs, backend=backend, device="meta",
+                    dtype=bias.dtype if bias is not None else torch.float32, double_quant=nested)
+    q.load_state_dict(sd, strict=True, assign=True)
+    return q
+
+
+def load_bnb_4bit(model: nn.Module, source, *, backend: str = "auto") -> nn.Module:
+    """Loads a 4-bit bitsandbytes checkpoint (``load_in_4bit``, NF4 or FP4, with or without double
+    quantization) into the float skeleton ``model`` (in place), without re-quantizing.
+
+    ``source``: a Hugging Face model directory (``*.safetensors``), one ``.safetensors`` file, or a
+    state dict. Every layer with ``<name>.weight.quant_state.bitsandbytes__nf4`` (or ``__fp4``)
+    becomes an nf4 / fp4 QuantLinear holding the checkpoint's packed codes, ``absmax`` (and
+    ``nested_absmax`` / ``nested_offset``) bit for bit (docs/numerics.md s.9.4, s.11); all other
+    tensors load as they are. Refused with CheckpointError: odd in_features, a quant_storage other
+    than uint8, custom code tables, a nested block size other than 256, and any tensor whose dtype
+    or shape does not match. Never unpickles. Validates everything before changing the model and
+    returns it in eval mode."""
+    from .dispatch import check_backend
+
+    check_backend(backend)
+    tensors, _, _ = _bnb_state_dict(source, "load_bnb_4bit")
+    found = {}
+    for k in tensors:
+        if _BNB4_STATE in k:
+            name, _, qt = k.partition(_BNB4_STATE)
+            if qt not in ("nf4", "fp4"):
+                raise CheckpointError(f"quantkernels.load_bnb_4bit: {k}: unknown 4-bit type {qt!r} (nf4, fp4)")
+            if name in found:
+                raise CheckpointError(f"quantkernels.load_bnb_4bit: layer {name!r} has two quant_state entries")
+            found[name] = qt
+    if not found:
+        raise CheckpointError("quantkernels.load_bnb_4bit: no '<layer>.weight.quant_state.bitsandbytes__nf4' (or "
+                              "__fp4) tensor: not a 4-bit bitsandbytes checkpoint")
+    new: Dict[str, QuantLinear] = {}
+    for name, qt in sorted(found.items()):
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(f"quantkernels.load_bnb_4bit: the checkpoint has layer {name!r}, "
+                                  f"which this model does not have") from None
+        if not isinstance(old, (nn.Linear, QuantLinear)):
+            raise CheckpointError(f"quantkernels.load_bnb_4bit: layer {name!r} is a {type(old).__name__} in this "
+                                  f"model, not a torch.nn.Linear")
+        K, N = _expected_linear_shape(old)
+        bias = tensors.get(f"{name}.bias")
+        if (bias is None) != (getattr(old, "bias", None) is None):
+            raise CheckpointError(f"quantkernels.load_bnb_4bit: layer {name!r}: the checkpoint has "
+                                  f"{'no' if bias is None else 'a'} bias, the model's layer has "
+                                  f"{'no' if getattr(old, 'bias', None) is None else 'a'} bias")
+        if bias is not None and (not bias.is_floating_point() or tuple(bias.shape) != (N,)):
+            raise CheckpointError(f"quantkernels.load_bnb_4bit: layer {name!r}: bias must be a float tensor of "
+                                  f"shape ({N},), got {bias.dtype} {tuple(bias.shape)}")
+        new[name] = _bnb4_layer(name, qt, tensors, K, N, backend)
+    schemes = sorted(set(found.values()))
+    return _install_bnb_layers(model, tensors, new, "load_bnb_4bit", schemes[0] if len(schemes) == 1 else "mixed",
+                               BNB4_LAYER_KEYS)

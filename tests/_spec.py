@@ -344,3 +344,99 @@ def assert_float_output(got: torch.Tensor, exact: np.ndarray, mag: np.ndarray, d
             f"{what} ({dtype}): {int(bad.sum())}/{bad.size} elements out of tolerance; first at {i}: got {g[i]!r}, "
             f"expected {e[i]!r} (exact {exact[i]!r}, tol {tol[i]:.3g}); worst at {tuple(int(j) for j in w)}: "
             f"got {g[w]!r}, expected {e[w]!r}, tol {tol[w]:.3g}")
+
+
+# --------------------------------------------------------------------------- NF4 / FP4 (s.11)
+
+#: The code tables of s.11, from the text: NF4 as listed, FP4 as raw values / 12 in float32.
+NF4_TABLE = np.array([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0], F32)
+FP4_TABLE = (np.array([0, 0.0625, 8, 12, 4, 6, 2, 3, 0.0, -0.0625, -8, -12, -4, -6, -2, -3], F32) / F32(12))
+TABLES_4BIT = {"nf4": NF4_TABLE, "fp4": FP4_TABLE}
+
+
+def _ascending(table: np.ndarray) -> np.ndarray:
+    # nibbles by ascending value; of equal values (the zeros of FP4, nibbles 0 and 8) the lower nibble first
+    return np.array(sorted(range(16), key=lambda i: (float(table[i]), i)))
+
+
+def quant_4bit(w: np.ndarray, quant_type: str, blocksize: int):
+    """s.11 quantization of a float32 [N, K] array -> (nibbles int64 [N, K], absmax float32 [n_blocks])."""
+    table = TABLES_4BIT[quant_type]
+    order = _ascending(table)
+    st = table[order]
+    bounds = ((st[:-1] + st[1:]) / F32(2)).astype(F32)
+    flat = np.asarray(w, F32).reshape(-1)
+    n = flat.size
+    nb = -(-n // blocksize)
+    absmax = np.empty(nb, F32)
+    scaled = np.empty(n, F32)
+    with np.errstate(all="ignore"):
+        for b in range(nb):
+            v = flat[b * blocksize:(b + 1) * blocksize]
+            am = F32(np.max(np.abs(v))) if not np.isnan(v).any() else F32(np.nan)
+            safe = np.maximum(am, F32(1e-38)) if not np.isnan(am) else am
+            if v.size == blocksize:
+                absmax[b] = am
+                s = v * (F32(1) / safe)            # a reciprocal, then one product
+            else:
+                absmax[b] = safe                   # the partial last block stores the clamped value
+                s = v / safe                       # and uses a true division
+            scaled[b * blocksize:b * blocksize + v.size] = np.clip(s, F32(-1), F32(1))
+    # the nearest code, ties (and values equal to a boundary) to the lower one; NaN -> the top
+    idx = np.where(np.isnan(scaled), 15, np.searchsorted(bounds, scaled, side="left"))
+    return order[idx].reshape(np.shape(w)), absmax
+
+
+def pack_4bit(nib: np.ndarray) -> np.ndarray:
+    """Two codes per byte, the first of each pair in the high nibble."""
+    nib = np.asarray(nib, np.int64)
+    return ((nib[..., 0::2] << 4) | nib[..., 1::2]).astype(np.uint8)
+
+
+def dequant_4bit(nib: np.ndarray, absmax: np.ndarray, quant_type: str, blocksize: int) -> np.ndarray:
+    """float32 code[nibble] * absmax[block] over the flattened weight."""
+    flat = np.asarray(nib, np.int64).reshape(-1)
+    scale = np.repeat(np.asarray(absmax, F32), blocksize)[: flat.size]
+    with np.errstate(all="ignore"):
+        return (TABLES_4BIT[quant_type][flat] * scale).astype(F32).reshape(np.shape(nib))
+
+
+def dynamic_code() -> np.ndarray:
+    """The 8-bit dynamic map of s.11: for e = 0..6, the 2^e midpoints of 2^e + 1 float32 points evenly
+    spaced on [0.1, 1], times +-10^(e-6) (in float32), plus 0 and 1; sorted. The points are
+    torch.linspace's float32 ones (which s.11 names; numpy's differ in the last bit)."""
+    vals = [0.0, 1.0]
+    for e in range(7):
+        pts = torch.linspace(0.1, 1, 2**e + 1, dtype=torch.float32).numpy()
+        mids = ((pts[:-1] + pts[1:]) / F32(2)).astype(F32)
+        for sgn in (1, -1):
+            vals += list((F32(sgn * 10.0 ** (e - 6)) * mids).astype(F32))
+    return np.sort(np.array(vals, F32))
+
+
+def double_quant(absmax: np.ndarray, offset: np.float32):
+    """s.11 double quantization given the mean ``offset``: (codes int64, nested_absmax float32)."""
+    code = dynamic_code()
+    v = (np.asarray(absmax, F32) - F32(offset)).astype(F32)
+    nb = -(-v.size // 256)
+    nested = np.array([np.max(np.abs(v[i * 256:(i + 1) * 256])) for i in range(nb)], F32)
+    q = np.empty(v.size, np.int64)
+    with np.errstate(all="ignore"):
+        for i, x in enumerate(v):
+            r = F32(x / nested[i // 256])
+            if np.isnan(r):
+                q[i] = 0
+                continue
+            dist = np.abs((r - code).astype(F32))
+            best = np.flatnonzero(dist == dist.min())
+            q[i] = best[0]                         # equally near: the lower code
+    return q, nested
+
+
+def undouble_quant(q: np.ndarray, nested: np.ndarray, offset) -> np.ndarray:
+    scale = np.repeat(np.asarray(nested, F32), 256)[: np.size(q)]
+    return ((dynamic_code()[np.asarray(q, np.int64)] * scale).astype(F32) + F32(offset)).astype(F32)

@@ -18,7 +18,7 @@ from quantkernels.autograd import NoBackwardError
 
 import _spec as S
 
-SCHEMES = ("w8a8", "w4a8", "llm_int8", "w8a16", "w4a16")
+SCHEMES = ("w8a8", "w4a8", "llm_int8", "w8a16", "w4a16", "nf4", "fp4")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BACKENDS = ("reference", "cpu")
 K, N, G = 256, 96, 64
@@ -45,7 +45,11 @@ def _layer(scheme, backend="auto", bias=True, dtype=torch.float32, group_size=G)
 
 def _spec_weight(q: qk.QuantLinear, dtype: torch.dtype) -> np.ndarray:
     """s.10's W' (float64 [N, K]) from the spec's dequantization, not from the package's."""
-    if q.scheme in ("w4a16", "w4a8"):
+    if q.scheme in ("nf4", "fp4"):
+        b = S.i64(q.qweight)
+        nib = np.stack([b >> 4, b & 15], -1).reshape(q.out_features, q.in_features)   # high nibble first
+        w = S.dequant_4bit(nib, S.f32(q.weight_scale), q.scheme, q.group_size)
+    elif q.scheme in ("w4a16", "w4a8"):
         codes = S.unpack(S.i64(q.qweight), signed=q.weight_zero is None)
         zero = None if q.weight_zero is None else S.i64(q.weight_zero)
         w = S.dequant_int4_f32(codes, S.f32(q.weight_scale), zero)
@@ -251,7 +255,10 @@ def test_weights_are_frozen(scheme):
         q.qweight.requires_grad_(True)  # PyTorch: integer tensors cannot require grad
     q.weight_scale.requires_grad_(True)
     x = torch.randn(3, K, requires_grad=True)
-    with pytest.raises(NoBackwardError, match=r"quant_linear: no gradient with respect to weight_scale"):
+    # nf4 / fp4 layers call gemm_4bit, whose weight_scale is its absmax argument
+    want = (r"gemm_4bit: no gradient with respect to absmax" if scheme in ("nf4", "fp4")
+            else r"quant_linear: no gradient with respect to weight_scale")
+    with pytest.raises(NoBackwardError, match=want):
         q(x).sum().backward()
 
 

@@ -49,6 +49,9 @@ def expected(ql: qk.QuantLinear, x: torch.Tensor) -> torch.Tensor:
         y = op("llm_int8_linear")(x2, ql.qweight, ql.weight_scale, ql.bias, ql.threshold)
     elif s == "w8a16":
         y = op("w8a16_gemm")(x2, ql.qweight, ql.weight_scale, ql.bias)
+    elif s in ("nf4", "fp4"):
+        y = op("gemm_4bit")(x2, ql.qweight, ql.weight_scale, s, ql.group_size, ql.nested_absmax, ql.absmax_offset,
+                            ql.bias)
     else:
         y = op("w4a16_gemm")(x2, ql.qweight, ql.weight_scale, ql.weight_zero, ql.bias)
     return y.reshape(*x.shape[:-1], -1)
@@ -57,7 +60,7 @@ def expected(ql: qk.QuantLinear, x: torch.Tensor) -> torch.Tensor:
 # scheme -> SQNR floor (dB) of the module output vs F.linear on N(0,1) inputs, K=256
 # (docs/numerics.md s.6 measures 38.2 / 41.2 / 20.0 / 18.6 at K=4096; int8 schemes are
 # per-channel, int4 ones g128 here; floors sit ~2-3 dB below what this test measures).
-FLOORS = {"w8a8": 35.0, "llm_int8": 35.0, "w8a16": 38.0, "w4a16": 17.5, "w4a8": 16.5}
+FLOORS = {"w8a8": 35.0, "llm_int8": 35.0, "w8a16": 38.0, "w4a16": 17.5, "w4a8": 16.5, "nf4": 18.5, "fp4": 16.0}
 
 
 @pytest.mark.parametrize("scheme,dtype,bias", list(itertools.product(SCHEMES, DTYPES, (True, False))),

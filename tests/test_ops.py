@@ -735,6 +735,17 @@ def _opcheck_cases():
                             (torch.randint(0, 256, (37, 32), dtype=torch.uint8), pos_scale((37, 2), 0.003),
                              torch.randint(0, 16, (37, 2), dtype=torch.uint8), bf16)],
     }
+    w4 = x(37, 96) * 0.02
+    p4, a4 = quantkernels._ops.quantize_4bit(w4, "nf4", 64)
+    q4, n4, o4 = quantkernels._ops.double_quantize_absmax(a4)
+    pf, af = quantkernels._ops.quantize_4bit(w4, "fp4", 32)
+    cases.update({
+        "quantize_4bit": [(w4, "nf4", 64), (x(5, 70, dt=bf16), "fp4", 32)],
+        "double_quantize_absmax": [(a4,), (pos_scale(300, 0.1),)],
+        "dequantize_4bit": [(p4, a4, "nf4", 64, None, None, None), (p4, q4, "nf4", 64, n4, o4, bf16)],
+        "gemm_4bit": [(x(13, 96), p4, q4, "nf4", 64, n4, o4, None),
+                      (x(3, 96, dt=f16), pf, af, "fp4", 32, None, None, torch.randn(37).half())],
+    })
     for op in GEMM_OPS:
         cases[op] = [_gemm_inputs(op, 13, dtype=torch.float32, asym=False, bias=False),
                      _gemm_inputs(op, 3, dtype=f16, asym=True, bias=True)]

@@ -9,7 +9,7 @@ from torch import nn
 import quantkernels as qk
 from quantkernels import _ops as ops
 
-SCHEMES = ["w8a8", "llm_int8", "w8a16", "w4a16", "w4a8"]
+SCHEMES = ["w8a8", "llm_int8", "w8a16", "w4a16", "w4a8", "nf4", "fp4"]
 
 
 class TinyLM(nn.Module):
@@ -26,6 +26,9 @@ class TinyLM(nn.Module):
 
 
 def _dequantized_rows(lin):
+    if lin.scheme in ("nf4", "fp4"):
+        return ops.dequantize_4bit(lin.qweight, lin.weight_scale, lin.scheme, lin.group_size, lin.nested_absmax,
+                                   lin.absmax_offset, torch.float32)
     if lin.scheme in ("w4a16", "w4a8"):
         return ops.dequantize_int4(lin.qweight, lin.weight_scale, lin.weight_zero, torch.float32)
     return ops.dequantize_int8(lin.qweight, lin.weight_scale, None, torch.float32)

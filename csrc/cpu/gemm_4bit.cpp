@@ -1,0 +1,617 @@
+// NF4 / FP4 weight-only GEMM on the CPU (docs/numerics.md s.11): Y = x @ to_x(code[v] * absmax[blk])^T + bias,
+// fp32 products and accumulation, output in x's dtype. The weight stays packed (two codes per byte, the
+// first in the high nibble); each value is decoded by a 16-entry table lookup in registers:
+//   avx512 (and above): vpermps of the table (_mm512_permutexvar_ps), 16 codes per instruction;
+//   avx2: two vpermps halves (_mm256_permutevar8x32_ps) blended on the nibble's bit 3;
+//   portable: a scalar table lookup.
+// Per block, the 16-entry table is first scaled by the block's absmax and rounded to x's dtype (the
+// contract's to_x(code[v] * absmax), computed once per entry), so a value's decode is one permute.
+// Paths (the active ISA level is read once per call, cpu_isa.h):
+//   GEMV (M <= kGemvMaxM): per weight row, 32 values at a time decoded once and multiplied into every
+//     activation row (x de-interleaved into even / odd columns, matching the nibble order); needs
+//     K % 32 == 0 (so a 32-value chunk never straddles a block: every block size is a multiple of 32),
+//     otherwise the scalar loop runs;
+//   tiled (M > kGemvMaxM, K % 32 == 0): blocks of 16 weight rows decoded to a thread-local fp32 panel (the
+//     values rounded to x's dtype, as the contract says), then register tiles of FMAs (4 x 4 zmm / 4 x 2 ymm);
+//   otherwise (portable, or K % 32 != 0): panels of kPanelRows rows decoded by the scalar loop, at::mm in fp32.
+// Double quantization: the block absmax values are first decoded to fp32 (s.11.5, the same formula).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "cpu_isa.h"
+#include "qk_checks.h"
+
+namespace quantkernels {
+namespace cpu {
+namespace {
+
+using checks::shape_str;
+
+constexpr int64_t kGemvMaxM = 8;
+constexpr int64_t kPanelRows = 128;
+
+// s.11.1: NF4 as bitsandbytes lists it; FP4 = raw / 12 in float32 (computed once below).
+const float kNF4[16] = {-1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
+                        -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
+                        0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
+                        0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
+const float kFP4Raw[16] = {0.0f, 0.0625f, 8.0f, 12.0f, 4.0f, 6.0f, 2.0f, 3.0f,
+                           0.0f, -0.0625f, -8.0f, -12.0f, -4.0f, -6.0f, -2.0f, -3.0f};
+
+// s.11.5: bitsandbytes' 8-bit dynamic map (reference.DYNAMIC_CODE; tests/test_cpu_gemm_4bit.py checks equality).
+const float kDynamic[256] = {
+    -0x1.fc66660000000p-1f, -0x1.f533340000000p-1f, -0x1.ee00000000000p-1f, -0x1.e6cccc0000000p-1f,
+    -0x1.df999a0000000p-1f, -0x1.d866660000000p-1f, -0x1.d133340000000p-1f, -0x1.ca00000000000p-1f,
+    -0x1.c2cccc0000000p-1f, -0x1.bb999a0000000p-1f, -0x1.b466660000000p-1f, -0x1.ad33340000000p-1f,
+    -0x1.a600000000000p-1f, -0x1.9ecccc0000000p-1f, -0x1.97999a0000000p-1f, -0x1.9066660000000p-1f,
+    -0x1.8933340000000p-1f, -0x1.8200000000000p-1f, -0x1.7acccc0000000p-1f, -0x1.73999a0000000p-1f,
+    -0x1.6c66680000000p-1f, -0x1.6533340000000p-1f, -0x1.5e00000000000p-1f, -0x1.56cccc0000000p-1f,
+    -0x1.4f999a0000000p-1f, -0x1.4866680000000p-1f, -0x1.4133340000000p-1f, -0x1.3a00000000000p-1f,
+    -0x1.32cccc0000000p-1f, -0x1.2b999a0000000p-1f, -0x1.2466680000000p-1f, -0x1.1d33340000000p-1f,
+    -0x1.1600000000000p-1f, -0x1.0ecccc0000000p-1f, -0x1.0799980000000p-1f, -0x1.0066660000000p-1f,
+    -0x1.f266640000000p-2f, -0x1.e400000000000p-2f, -0x1.d599980000000p-2f, -0x1.c733340000000p-2f,
+    -0x1.b8cccc0000000p-2f, -0x1.aa66660000000p-2f, -0x1.9c00000000000p-2f, -0x1.8d99980000000p-2f,
+    -0x1.7f33340000000p-2f, -0x1.70cccc0000000p-2f, -0x1.6266660000000p-2f, -0x1.5400000000000p-2f,
+    -0x1.4599980000000p-2f, -0x1.3733340000000p-2f, -0x1.28cccc0000000p-2f, -0x1.1a66680000000p-2f,
+    -0x1.0c00000000000p-2f, -0x1.fb33320000000p-3f, -0x1.de66660000000p-3f, -0x1.c1999a0000000p-3f,
+    -0x1.a4cccc0000000p-3f, -0x1.8800000000000p-3f, -0x1.6b33340000000p-3f, -0x1.4e66660000000p-3f,
+    -0x1.31999a0000000p-3f, -0x1.14cccc0000000p-3f, -0x1.f000000000000p-4f, -0x1.b666680000000p-4f,
+    -0x1.93d70a0000000p-4f, -0x1.8851ee0000000p-4f, -0x1.7cccce0000000p-4f, -0x1.7147ae0000000p-4f,
+    -0x1.65c2900000000p-4f, -0x1.5a3d700000000p-4f, -0x1.4eb8540000000p-4f, -0x1.4333340000000p-4f,
+    -0x1.37ae140000000p-4f, -0x1.2c28f60000000p-4f, -0x1.20a3d60000000p-4f, -0x1.151eba0000000p-4f,
+    -0x1.09999a0000000p-4f, -0x1.fc28f60000000p-5f, -0x1.e51eba0000000p-5f, -0x1.ce147a0000000p-5f,
+    -0x1.b70a3e0000000p-5f, -0x1.a000000000000p-5f, -0x1.88f5c20000000p-5f, -0x1.71eb860000000p-5f,
+    -0x1.5ae1460000000p-5f, -0x1.43d70a0000000p-5f, -0x1.2cccce0000000p-5f, -0x1.15c2900000000p-5f,
+    -0x1.fd70a40000000p-6f, -0x1.cf5c2a0000000p-6f, -0x1.a147ae0000000p-6f, -0x1.7333340000000p-6f,
+    -0x1.451eba0000000p-6f, -0x1.170a3e0000000p-6f, -0x1.d1eb860000000p-7f, -0x1.75c2900000000p-7f,
+    -0x1.3e76c80000000p-7f, -0x1.2c08300000000p-7f, -0x1.19999a0000000p-7f, -0x1.072b020000000p-7f,
+    -0x1.e978d40000000p-8f, -0x1.c49ba60000000p-8f, -0x1.9fbe760000000p-8f, -0x1.7ae1480000000p-8f,
+    -0x1.56041a0000000p-8f, -0x1.3126e80000000p-8f, -0x1.0c49ba0000000p-8f, -0x1.ced9140000000p-9f,
+    -0x1.851eb80000000p-9f, -0x1.3b645a0000000p-9f, -0x1.e353f80000000p-10f, -0x1.4fdf3a0000000p-10f,
+    -0x1.eecbfe0000000p-11f, -0x1.b3d07c0000000p-11f, -0x1.78d5000000000p-11f, -0x1.3dd9820000000p-11f,
+    -0x1.02de020000000p-11f, -0x1.8fc5060000000p-12f, -0x1.19ce0a0000000p-12f, -0x1.47ae160000000p-13f,
+    -0x1.743e960000000p-14f, -0x1.15df660000000p-14f, -0x1.6f00680000000p-15f, -0x1.64840c0000000p-16f,
+    -0x1.040bfe0000000p-17f, -0x1.b435280000000p-19f, -0x1.27476e0000000p-21f, 0x0.0p+0f,
+    0x1.27476e0000000p-21f, 0x1.b435280000000p-19f, 0x1.040bfe0000000p-17f, 0x1.64840c0000000p-16f,
+    0x1.6f00680000000p-15f, 0x1.15df660000000p-14f, 0x1.743e960000000p-14f, 0x1.47ae160000000p-13f,
+    0x1.19ce0a0000000p-12f, 0x1.8fc5060000000p-12f, 0x1.02de020000000p-11f, 0x1.3dd9820000000p-11f,
+    0x1.78d5000000000p-11f, 0x1.b3d07c0000000p-11f, 0x1.eecbfe0000000p-11f, 0x1.4fdf3a0000000p-10f,
+    0x1.e353f80000000p-10f, 0x1.3b645a0000000p-9f, 0x1.851eb80000000p-9f, 0x1.ced9140000000p-9f,
+    0x1.0c49ba0000000p-8f, 0x1.3126e80000000p-8f, 0x1.56041a0000000p-8f, 0x1.7ae1480000000p-8f,
+    0x1.9fbe760000000p-8f, 0x1.c49ba60000000p-8f, 0x1.e978d40000000p-8f, 0x1.072b020000000p-7f,
+    0x1.19999a0000000p-7f, 0x1.2c08300000000p-7f, 0x1.3e76c80000000p-7f, 0x1.75c2900000000p-7f,
+    0x1.d1eb860000000p-7f, 0x1.170a3e0000000p-6f, 0x1.451eba0000000p-6f, 0x1.7333340000000p-6f,
+    0x1.a147ae0000000p-6f, 0x1.cf5c2a0000000p-6f, 0x1.fd70a40000000p-6f, 0x1.15c2900000000p-5f,
+    0x1.2cccce0000000p-5f, 0x1.43d70a0000000p-5f, 0x1.5ae1460000000p-5f, 0x1.71eb860000000p-5f,
+    0x1.88f5c20000000p-5f, 0x1.a000000000000p-5f, 0x1.b70a3e0000000p-5f, 0x1.ce147a0000000p-5f,
+    0x1.e51eba0000000p-5f, 0x1.fc28f60000000p-5f, 0x1.09999a0000000p-4f, 0x1.151eba0000000p-4f,
+    0x1.20a3d60000000p-4f, 0x1.2c28f60000000p-4f, 0x1.37ae140000000p-4f, 0x1.4333340000000p-4f,
+    0x1.4eb8540000000p-4f, 0x1.5a3d700000000p-4f, 0x1.65c2900000000p-4f, 0x1.7147ae0000000p-4f,
+    0x1.7cccce0000000p-4f, 0x1.8851ee0000000p-4f, 0x1.93d70a0000000p-4f, 0x1.b666680000000p-4f,
+    0x1.f000000000000p-4f, 0x1.14cccc0000000p-3f, 0x1.31999a0000000p-3f, 0x1.4e66660000000p-3f,
+    0x1.6b33340000000p-3f, 0x1.8800000000000p-3f, 0x1.a4cccc0000000p-3f, 0x1.c1999a0000000p-3f,
+    0x1.de66660000000p-3f, 0x1.fb33320000000p-3f, 0x1.0c00000000000p-2f, 0x1.1a66680000000p-2f,
+    0x1.28cccc0000000p-2f, 0x1.3733340000000p-2f, 0x1.4599980000000p-2f, 0x1.5400000000000p-2f,
+    0x1.6266660000000p-2f, 0x1.70cccc0000000p-2f, 0x1.7f33340000000p-2f, 0x1.8d99980000000p-2f,
+    0x1.9c00000000000p-2f, 0x1.aa66660000000p-2f, 0x1.b8cccc0000000p-2f, 0x1.c733340000000p-2f,
+    0x1.d599980000000p-2f, 0x1.e400000000000p-2f, 0x1.f266640000000p-2f, 0x1.0066660000000p-1f,
+    0x1.0799980000000p-1f, 0x1.0ecccc0000000p-1f, 0x1.1600000000000p-1f, 0x1.1d33340000000p-1f,
+    0x1.2466680000000p-1f, 0x1.2b999a0000000p-1f, 0x1.32cccc0000000p-1f, 0x1.3a00000000000p-1f,
+    0x1.4133340000000p-1f, 0x1.4866680000000p-1f, 0x1.4f999a0000000p-1f, 0x1.56cccc0000000p-1f,
+    0x1.5e00000000000p-1f, 0x1.6533340000000p-1f, 0x1.6c66680000000p-1f, 0x1.73999a0000000p-1f,
+    0x1.7acccc0000000p-1f, 0x1.8200000000000p-1f, 0x1.8933340000000p-1f, 0x1.9066660000000p-1f,
+    0x1.97999a0000000p-1f, 0x1.9ecccc0000000p-1f, 0x1.a600000000000p-1f, 0x1.ad33340000000p-1f,
+    0x1.b466660000000p-1f, 0x1.bb999a0000000p-1f, 0x1.c2cccc0000000p-1f, 0x1.ca00000000000p-1f,
+    0x1.d133340000000p-1f, 0x1.d866660000000p-1f, 0x1.df999a0000000p-1f, 0x1.e6cccc0000000p-1f,
+    0x1.ee00000000000p-1f, 0x1.f533340000000p-1f, 0x1.fc66660000000p-1f, 0x1.0000000000000p+0f};
+
+struct Table {
+  alignas(64) float v[16];
+};
+
+Table code_table(bool nf4) {
+  Table t;
+  volatile float twelve = 12.0f;  // a true IEEE division, as the reference's tensor / tensor(12.0)
+  for (int i = 0; i < 16; ++i) t.v[i] = nf4 ? kNF4[i] : kFP4Raw[i] / twelve;
+  return t;
+}
+
+enum class Rnd { None, BF16, F16 };
+
+inline float round_to(float v, Rnd r) {
+  if (r == Rnd::BF16) return static_cast<float>(c10::BFloat16(v));
+  if (r == Rnd::F16) return static_cast<float>(c10::Half(v));
+  return v;
+}
+
+struct W4 {
+  const uint8_t* q;      // [N, K/2]
+  const float* absmax;   // [nb], fp32 (decoded under double quantization)
+  int64_t N, K, B;
+  Table tab;
+  Rnd rnd;
+};
+
+// One weight value, s.11.6: to_x(fp32(code[v] * absmax[blk])).
+inline float weight_at(const W4& w, int64_t n, int64_t k) {
+  const int64_t i = n * w.K + k;
+  const uint8_t byte = w.q[i >> 1];
+  const int v = (i & 1) ? (byte & 0xF) : (byte >> 4);
+  return round_to(w.tab.v[v] * w.absmax[i / w.B], w.rnd);
+}
+
+// ----------------------------------------------------------------------------- portable
+
+void gemm_rows_portable(const W4& w, const float* x, int64_t M, float* y, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t m = 0; m < M; ++m) {
+      float acc = 0.f;
+      for (int64_t k = 0; k < w.K; ++k) acc += x[m * w.K + k] * weight_at(w, n, k);
+      y[m * w.N + n] = acc;
+    }
+}
+
+#if QK_X86
+// GCC 12's AVX-512 intrinsic headers start from _mm512_undefined_epi32() (a self-initialised
+// variable) and warn about it at every use (a known false positive); see also w4a8.cpp.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// ----------------------------------------------------------------------------- avx2
+
+#define QK_TARGET_4B_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+QK_TARGET_4B_AVX2 inline __m256 round8(__m256 v, Rnd r) {
+  if (r == Rnd::BF16) {  // round to nearest even on the upper 16 bits (NaN and Inf keep their class)
+    __m256i u = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    u = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb));
+    return _mm256_castsi256_ps(_mm256_and_si256(u, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  }
+  if (r == Rnd::F16) return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  return v;
+}
+
+QK_TARGET_4B_AVX2 inline __m256 lookup8(__m256i idx, __m256 lo, __m256 hi) {
+  const __m256 a = _mm256_permutevar8x32_ps(lo, idx), b = _mm256_permutevar8x32_ps(hi, idx);
+  return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));  // bit 3 -> sign
+}
+
+// xe / xo: [M, K/2] even / odd columns of x. K % 32 == 0.
+QK_TARGET_4B_AVX2 void gemv_rows_avx2(const W4& w, const float* xe, const float* xo,
+                                                                   int64_t M, float* y, int64_t n0, int64_t n1) {
+  const int64_t K2 = w.K / 2;
+  const __m256 tlo = _mm256_load_ps(w.tab.v), thi = _mm256_load_ps(w.tab.v + 8);
+  for (int64_t n = n0; n < n1; ++n) {
+    __m256 acc[kGemvMaxM];
+    for (int64_t m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+    const uint8_t* row = w.q + n * K2;
+    int64_t blk = -1;
+    __m256 slo = tlo, shi = thi;
+    for (int64_t j = 0; j < K2; j += 8) {  // 8 bytes = 16 values, inside one block (B >= 32, K % 32 == 0)
+      const int64_t bi = (n * w.K + 2 * j) / w.B;
+      if (bi != blk) {  // the block's table: to_x(code[v] * absmax)
+        blk = bi;
+        const __m256 a = _mm256_set1_ps(w.absmax[bi]);
+        slo = round8(_mm256_mul_ps(tlo, a), w.rnd);
+        shi = round8(_mm256_mul_ps(thi, a), w.rnd);
+      }
+      const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + j)));
+      const __m256 we = lookup8(_mm256_srli_epi32(b, 4), slo, shi);
+      const __m256 wo = lookup8(_mm256_and_si256(b, _mm256_set1_epi32(15)), slo, shi);
+      for (int64_t m = 0; m < M; ++m) {
+        acc[m] = _mm256_fmadd_ps(_mm256_loadu_ps(xe + m * K2 + j), we, acc[m]);
+        acc[m] = _mm256_fmadd_ps(_mm256_loadu_ps(xo + m * K2 + j), wo, acc[m]);
+      }
+    }
+    for (int64_t m = 0; m < M; ++m) {
+      alignas(32) float t[8];
+      _mm256_store_ps(t, acc[m]);
+      y[m * w.N + n] = ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
+    }
+  }
+}
+
+// Decodes weight rows [n0, n1) into panel [n1 - n0, K] (fp32 values rounded to x's dtype). K % 32 == 0.
+QK_TARGET_4B_AVX2 void decode_rows_avx2(const W4& w, float* panel, int64_t n0,
+                                                                     int64_t n1) {
+  const int64_t K2 = w.K / 2;
+  const __m256 tlo = _mm256_load_ps(w.tab.v), thi = _mm256_load_ps(w.tab.v + 8);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w.q + n * K2;
+    float* out = panel + (n - n0) * w.K;
+    int64_t blk = -1;
+    __m256 slo = tlo, shi = thi;
+    for (int64_t j = 0; j < K2; j += 8) {
+      const int64_t bi = (n * w.K + 2 * j) / w.B;
+      if (bi != blk) {
+        blk = bi;
+        const __m256 a = _mm256_set1_ps(w.absmax[bi]);
+        slo = round8(_mm256_mul_ps(tlo, a), w.rnd);
+        shi = round8(_mm256_mul_ps(thi, a), w.rnd);
+      }
+      const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + j)));
+      const __m256 we = lookup8(_mm256_srli_epi32(b, 4), slo, shi);
+      const __m256 wo = lookup8(_mm256_and_si256(b, _mm256_set1_epi32(15)), slo, shi);
+      // interleave: out[2j + 2i] = we[i], out[2j + 2i + 1] = wo[i]
+      const __m256 l = _mm256_unpacklo_ps(we, wo), h = _mm256_unpackhi_ps(we, wo);
+      _mm256_storeu_ps(out + 2 * j, _mm256_permute2f128_ps(l, h, 0x20));
+      _mm256_storeu_ps(out + 2 * j + 8, _mm256_permute2f128_ps(l, h, 0x31));
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------- avx512
+
+QK_TARGET_AVX512 inline __m512 round16(__m512 v, Rnd r) {
+  if (r == Rnd::BF16) {
+    __m512i u = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb));
+    return _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  }
+  if (r == Rnd::F16) return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  return v;
+}
+
+QK_TARGET_AVX512 void gemv_rows_avx512(const W4& w, const float* xe, const float* xo, int64_t M, float* y,
+                                       int64_t n0, int64_t n1) {
+  const int64_t K2 = w.K / 2;
+  const __m512 tab = _mm512_load_ps(w.tab.v);
+  for (int64_t n = n0; n < n1; ++n) {
+    __m512 acc[kGemvMaxM];
+    for (int64_t m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+    const uint8_t* row = w.q + n * K2;
+    int64_t blk = -1;
+    __m512 st = tab;
+    for (int64_t j = 0; j < K2; j += 16) {  // 16 bytes = 32 values, inside one block
+      const int64_t bi = (n * w.K + 2 * j) / w.B;
+      if (bi != blk) {  // the block's table: to_x(code[v] * absmax), 16 values decoded once per block
+        blk = bi;
+        st = round16(_mm512_mul_ps(tab, _mm512_set1_ps(w.absmax[bi])), w.rnd);
+      }
+      const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + j)));
+      const __m512 we = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), st);
+      const __m512 wo = _mm512_permutexvar_ps(b, st);  // low 4 bits index
+      for (int64_t m = 0; m < M; ++m) {
+        acc[m] = _mm512_fmadd_ps(_mm512_loadu_ps(xe + m * K2 + j), we, acc[m]);
+        acc[m] = _mm512_fmadd_ps(_mm512_loadu_ps(xo + m * K2 + j), wo, acc[m]);
+      }
+    }
+    for (int64_t m = 0; m < M; ++m) y[m * w.N + n] = _mm512_reduce_add_ps(acc[m]);
+  }
+}
+
+QK_TARGET_AVX512 void decode_rows_avx512(const W4& w, float* panel, int64_t n0, int64_t n1) {
+  const int64_t K2 = w.K / 2;
+  const __m512 tab = _mm512_load_ps(w.tab.v);
+  const __m512i ilo = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i ihi = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w.q + n * K2;
+    float* out = panel + (n - n0) * w.K;
+    int64_t blk = -1;
+    __m512 st = tab;
+    for (int64_t j = 0; j < K2; j += 16) {
+      const int64_t bi = (n * w.K + 2 * j) / w.B;
+      if (bi != blk) {
+        blk = bi;
+        st = round16(_mm512_mul_ps(tab, _mm512_set1_ps(w.absmax[bi])), w.rnd);
+      }
+      const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + j)));
+      const __m512 we = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), st);
+      const __m512 wo = _mm512_permutexvar_ps(b, st);
+      _mm512_storeu_ps(out + 2 * j, _mm512_permutex2var_ps(we, ilo, wo));
+      _mm512_storeu_ps(out + 2 * j + 16, _mm512_permutex2var_ps(we, ihi, wo));
+    }
+  }
+}
+// Tiled (M > kGemvMaxM): rows [n0, n1) in blocks of kTileRows decoded to a thread-local fp32 panel,
+// then 4 x 4 (m, n) register tiles of zmm FMAs over K. Tails reuse the last valid row (results dropped).
+constexpr int64_t kTileRows = 16;
+
+QK_TARGET_AVX512 void tiled_rows_avx512(const W4& w, const float* X, int64_t M, float* y, int64_t n0, int64_t n1,
+                                        float* panel) {
+  const int64_t K = w.K;
+  for (int64_t nb = n0; nb < n1; nb += kTileRows) {
+    const int64_t nr = std::min(kTileRows, n1 - nb);
+    decode_rows_avx512(w, panel, nb, nb + nr);
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      const float* xr[4];
+      for (int i = 0; i < 4; ++i) xr[i] = X + std::min(m0 + i, M - 1) * K;
+      for (int64_t j0 = 0; j0 < nr; j0 += 4) {
+        const float* wr[4];
+        for (int j = 0; j < 4; ++j) wr[j] = panel + std::min(j0 + j, nr - 1) * K;
+        __m512 acc[4][4];
+        for (int i = 0; i < 4; ++i)
+          for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
+        for (int64_t k = 0; k < K; k += 16) {
+          const __m512 w0 = _mm512_loadu_ps(wr[0] + k), w1 = _mm512_loadu_ps(wr[1] + k);
+          const __m512 w2 = _mm512_loadu_ps(wr[2] + k), w3 = _mm512_loadu_ps(wr[3] + k);
+          for (int i = 0; i < 4; ++i) {
+            const __m512 xv = _mm512_loadu_ps(xr[i] + k);
+            acc[i][0] = _mm512_fmadd_ps(xv, w0, acc[i][0]);
+            acc[i][1] = _mm512_fmadd_ps(xv, w1, acc[i][1]);
+            acc[i][2] = _mm512_fmadd_ps(xv, w2, acc[i][2]);
+            acc[i][3] = _mm512_fmadd_ps(xv, w3, acc[i][3]);
+          }
+        }
+        for (int i = 0; i < 4 && m0 + i < M; ++i)
+          for (int j = 0; j < 4 && j0 + j < nr; ++j) y[(m0 + i) * w.N + nb + j0 + j] = _mm512_reduce_add_ps(acc[i][j]);
+      }
+    }
+  }
+}
+
+// avx512_bf16, bf16 x: the same tiles with vdpbf16ps (two bf16 products per lane). The weight rounded to
+// bf16 is exact in bf16, x is bf16 already: the products are those of the fp32 path. vdpbf16ps flushes
+// subnormal inputs and results, so the caller takes this path only when every nonzero product is at least
+// 2^-100 (a flushed partial sum is then below 2^-24 of any product: within s.6's fp32 tolerance).
+QK_TARGET_AVX512BF16 void tiled_rows_avx512bf16(const W4& w, const uint16_t* X, int64_t M, float* y, int64_t n0,
+                                                int64_t n1, uint32_t* panel) {
+  const int64_t K2 = w.K / 2;
+  const __m512 tab = _mm512_load_ps(w.tab.v);
+  const __m512i hi16 = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  for (int64_t nb = n0; nb < n1; nb += kTileRows) {
+    const int64_t nr = std::min(kTileRows, n1 - nb);
+    for (int64_t r = 0; r < nr; ++r) {  // decode to bf16 pairs (k even in the low half, as x's memory)
+      const uint8_t* row = w.q + (nb + r) * K2;
+      int64_t blk = -1;
+      __m512 st = tab;
+      for (int64_t j = 0; j < K2; j += 16) {
+        const int64_t bi = ((nb + r) * w.K + 2 * j) / w.B;
+        if (bi != blk) {
+          blk = bi;
+          st = round16(_mm512_mul_ps(tab, _mm512_set1_ps(w.absmax[bi])), Rnd::BF16);
+        }
+        const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + j)));
+        const __m512 we = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), st);
+        const __m512 wo = _mm512_permutexvar_ps(b, st);
+        const __m512i pair = _mm512_or_si512(_mm512_srli_epi32(_mm512_castps_si512(we), 16),
+                                             _mm512_and_si512(_mm512_castps_si512(wo), hi16));
+        _mm512_storeu_si512(panel + r * K2 + j, pair);
+      }
+    }
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      const uint16_t* xr[4];
+      for (int i = 0; i < 4; ++i) xr[i] = X + std::min(m0 + i, M - 1) * w.K;
+      for (int64_t j0 = 0; j0 < nr; j0 += 4) {
+        const uint32_t* wr[4];
+        for (int j = 0; j < 4; ++j) wr[j] = panel + std::min(j0 + j, nr - 1) * K2;
+        __m512 acc[4][4];
+        for (int i = 0; i < 4; ++i)
+          for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
+        for (int64_t k = 0; k < K2; k += 16) {
+          const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wr[0] + k), w1 = (__m512bh)_mm512_loadu_si512(wr[1] + k);
+          const __m512bh w2 = (__m512bh)_mm512_loadu_si512(wr[2] + k), w3 = (__m512bh)_mm512_loadu_si512(wr[3] + k);
+          for (int i = 0; i < 4; ++i) {
+            const __m512bh xv = (__m512bh)_mm512_loadu_si512(xr[i] + 2 * k);
+            acc[i][0] = _mm512_dpbf16_ps(acc[i][0], xv, w0);
+            acc[i][1] = _mm512_dpbf16_ps(acc[i][1], xv, w1);
+            acc[i][2] = _mm512_dpbf16_ps(acc[i][2], xv, w2);
+            acc[i][3] = _mm512_dpbf16_ps(acc[i][3], xv, w3);
+          }
+        }
+        for (int i = 0; i < 4 && m0 + i < M; ++i)
+          for (int j = 0; j < 4 && j0 + j < nr; ++j) y[(m0 + i) * w.N + nb + j0 + j] = _mm512_reduce_add_ps(acc[i][j]);
+      }
+    }
+  }
+}
+
+// The same with ymm: 4 x 2 tiles (8 accumulators, 16 registers in all).
+QK_TARGET_4B_AVX2 void tiled_rows_avx2(const W4& w, const float* X, int64_t M, float* y, int64_t n0, int64_t n1,
+                                       float* panel) {
+  const int64_t K = w.K;
+  for (int64_t nb = n0; nb < n1; nb += kTileRows) {
+    const int64_t nr = std::min(kTileRows, n1 - nb);
+    decode_rows_avx2(w, panel, nb, nb + nr);
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      const float* xr[4];
+      for (int i = 0; i < 4; ++i) xr[i] = X + std::min(m0 + i, M - 1) * K;
+      for (int64_t j0 = 0; j0 < nr; j0 += 2) {
+        const float* w0p = panel + j0 * K;
+        const float* w1p = panel + std::min(j0 + 1, nr - 1) * K;
+        __m256 acc[4][2];
+        for (int i = 0; i < 4; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+        for (int64_t k = 0; k < K; k += 8) {
+          const __m256 w0 = _mm256_loadu_ps(w0p + k), w1 = _mm256_loadu_ps(w1p + k);
+          for (int i = 0; i < 4; ++i) {
+            const __m256 xv = _mm256_loadu_ps(xr[i] + k);
+            acc[i][0] = _mm256_fmadd_ps(xv, w0, acc[i][0]);
+            acc[i][1] = _mm256_fmadd_ps(xv, w1, acc[i][1]);
+          }
+        }
+        for (int i = 0; i < 4 && m0 + i < M; ++i)
+          for (int j = 0; j < 2 && j0 + j < nr; ++j) {
+            alignas(32) float t[8];
+            _mm256_store_ps(t, acc[i][j]);
+            y[(m0 + i) * w.N + nb + j0 + j] = ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
+          }
+      }
+    }
+  }
+}
+#pragma GCC diagnostic pop
+#endif  // QK_X86
+
+void decode_rows_portable(const W4& w, float* panel, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t k = 0; k < w.K; ++k) panel[(n - n0) * w.K + k] = weight_at(w, n, k);
+}
+
+enum class Path { Portable, Avx2, Avx512 };
+
+Path use_path() {
+  const Isa isa = active_isa();
+  if (isa_has_avx512(isa)) return Path::Avx512;
+  return isa_has_avx2(isa) ? Path::Avx2 : Path::Portable;
+}
+
+// ----------------------------------------------------------------------------- checks (= _contracts.weight_4bit)
+
+void check_4bit(const char* op, const at::Tensor& packed, const at::Tensor& absmax, const std::string& qt,
+                int64_t bs, const std::optional<at::Tensor>& nested, const std::optional<at::Tensor>& offset) {
+  TORCH_CHECK_VALUE(qt == "nf4" || qt == "fp4", "quantkernels.", op,
+                    ": quant_type must be one of ('nf4', 'fp4'), got '", qt, "'");
+  TORCH_CHECK_VALUE(bs >= 32 && bs <= 4096 && (bs & (bs - 1)) == 0, "quantkernels.", op,
+                    ": blocksize must be one of (32, 64, 128, 256, 512, 1024, 2048, 4096) (a power of two from 32 "
+                    "to 4096), got ", bs);
+  checks::dtype_is(op, "packed", packed, at::kByte);
+  checks::ndim_is(op, "packed", packed, 2, "[N, K/2] (two 4-bit codes per byte along K)");
+  const int64_t N = packed.size(0), K = packed.size(1) * 2, nb = (N * K + bs - 1) / bs;
+  TORCH_CHECK_VALUE(nested.has_value() == offset.has_value(), "quantkernels.", op,
+                    ": nested_absmax and offset go together (double quantization): got nested_absmax=",
+                    nested.has_value() ? "a tensor" : "None", ", offset=", offset.has_value() ? "a tensor" : "None");
+  if (!nested.has_value()) {
+    checks::dtype_is(op, "absmax", absmax, at::kFloat);
+  } else {
+    checks::dtype_is(op, "absmax", absmax, at::kByte);
+    checks::dtype_is(op, "nested_absmax", *nested, at::kFloat);
+    const int64_t s2[1] = {(nb + 255) / 256};
+    const std::string what = "(one scale per 256 blocks of " + std::to_string(bs) + " values)";
+    checks::shape_is(op, "nested_absmax", *nested, s2, what.c_str());
+    checks::dtype_is(op, "offset", *offset, at::kFloat);
+    checks::shape_is(op, "offset", *offset, at::IntArrayRef{}, "(the 0-D mean subtracted from the absmax values)");
+  }
+  const int64_t s1[1] = {nb};
+  const std::string what = "(one per block of " + std::to_string(bs) + " values of the flattened [" +
+                           std::to_string(N) + ", " + std::to_string(K) + "] weight)";
+  checks::shape_is(op, "absmax", absmax, s1, what.c_str());
+  checks::same_device(op, "absmax", absmax, "packed", packed);
+  if (nested.has_value()) {
+    checks::same_device(op, "nested_absmax", *nested, "packed", packed);
+    checks::same_device(op, "offset", *offset, "packed", packed);
+  }
+}
+
+// fp32 [nb] block absmax: as given, or decoded from the double quantization (s.11.5).
+at::Tensor absmax_f32(const at::Tensor& absmax, const std::optional<at::Tensor>& nested,
+                      const std::optional<at::Tensor>& offset) {
+  if (!nested.has_value()) return absmax.contiguous();
+  const at::Tensor q = absmax.contiguous(), n2 = nested->contiguous();
+  const float off = offset->item<float>();
+  at::Tensor out = at::empty({q.numel()}, q.options().dtype(at::kFloat));
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  const float* sp = n2.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  for (int64_t i = 0; i < q.numel(); ++i) {
+    const float prod = kDynamic[qp[i]] * sp[i / 256];  // two separately rounded fp32 operations
+    op[i] = prod + off;
+  }
+  return out;
+}
+
+// Whether vdpbf16ps's flushing of subnormals stays within s.6: every nonzero |x| * |W'| >= 2^-100.
+bool bf16_dot_safe(const at::Tensor& xf, const at::Tensor& am, const W4& w) {
+  float min_code = 1.f;
+  for (int i = 0; i < 16; ++i)
+    if (w.tab.v[i] != 0.f) min_code = std::min(min_code, std::fabs(w.tab.v[i]));
+  const at::Tensor ax = xf.abs(), aa = am.abs();
+  const at::Tensor nzx = ax.masked_select(ax > 0), nza = aa.masked_select(aa > 0);
+  if (nzx.numel() == 0 || nza.numel() == 0) return true;  // every product is an exact zero
+  const double lo = double(nzx.min().item<float>()) * double(nza.min().item<float>()) * double(min_code);
+  return lo >= std::ldexp(1.0, -100);  // NaN / Inf need no care: vdpbf16ps propagates them
+}
+
+at::Tensor gemm_4bit_cpu(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& absmax,
+                         c10::string_view quant_type, int64_t blocksize, const std::optional<at::Tensor>& nested,
+                         const std::optional<at::Tensor>& offset, const std::optional<at::Tensor>& bias_in) {
+  const char* op = "gemm_4bit";
+  const std::string qt(quant_type);
+  check_4bit(op, packed, absmax, qt, blocksize, nested, offset);
+  const int64_t N = packed.size(0), K = packed.size(1) * 2;
+  checks::float_rows(op, "x", x_in, 2);
+  checks::ndim_is(op, "x", x_in, 2, "[M, K] activation");
+  TORCH_CHECK_VALUE(x_in.size(1) == K, "quantkernels.", op, ": x has K = ", x_in.size(1),
+                    " columns but the weight has K = ", K, " (x shape ", shape_str(x_in.sizes()), ")");
+  checks::same_device(op, "packed", packed, "x", x_in);
+  checks::bias(op, bias_in, N, x_in);
+  const Path path = use_path();
+  const int64_t M = x_in.size(0);
+  const at::ScalarType xt = x_in.scalar_type();
+  at::Tensor y = at::empty({M, N}, x_in.options());
+  if (M == 0 || N == 0) return y;
+
+  const at::Tensor q = packed.contiguous(), am = absmax_f32(absmax, nested, offset);
+  W4 w{q.data_ptr<uint8_t>(), am.data_ptr<float>(), N, K, blocksize, code_table(qt == "nf4"),
+       xt == at::kBFloat16 ? Rnd::BF16 : (xt == at::kHalf ? Rnd::F16 : Rnd::None)};
+  const at::Tensor xf = x_in.to(at::kFloat).contiguous();
+  at::Tensor acc = at::empty({M, N}, x_in.options().dtype(at::kFloat));
+  float* Y = acc.data_ptr<float>();
+  const bool vec = path != Path::Portable && K % 32 == 0;
+
+  if (M <= kGemvMaxM) {
+    at::Tensor xe, xo;
+    if (vec) {
+      xe = xf.slice(1, 0, K, 2).contiguous();
+      xo = xf.slice(1, 1, K, 2).contiguous();
+    }
+    const float* X = xf.data_ptr<float>();
+    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+#if QK_X86
+      if (vec && path == Path::Avx512)
+        return gemv_rows_avx512(w, xe.data_ptr<float>(), xo.data_ptr<float>(), M, Y, n0, n1);
+      if (vec) return gemv_rows_avx2(w, xe.data_ptr<float>(), xo.data_ptr<float>(), M, Y, n0, n1);
+#endif
+      gemm_rows_portable(w, X, M, Y, n0, n1);
+    });
+  } else if (vec && isa_has_bf16dot(active_isa()) && xt == at::kBFloat16 && bf16_dot_safe(xf, am, w)) {
+    const at::Tensor xb = x_in.contiguous();
+    const uint16_t* X = reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>());
+    at::parallel_for(0, N, kTileRows, [&](int64_t n0, int64_t n1) {
+      std::vector<uint32_t> panel(static_cast<size_t>(kTileRows * K / 2));
+#if QK_X86
+      tiled_rows_avx512bf16(w, X, M, Y, n0, n1, panel.data());
+#endif
+    });
+  } else if (vec) {
+    const float* X = xf.data_ptr<float>();
+    at::parallel_for(0, N, kTileRows, [&](int64_t n0, int64_t n1) {
+      std::vector<float> panel(static_cast<size_t>(kTileRows * K));
+#if QK_X86
+      if (path == Path::Avx512) return tiled_rows_avx512(w, X, M, Y, n0, n1, panel.data());
+      tiled_rows_avx2(w, X, M, Y, n0, n1, panel.data());
+#endif
+    });
+  } else {
+    at::Tensor panel = at::empty({std::min(kPanelRows, N), K}, xf.options());
+    for (int64_t p0 = 0; p0 < N; p0 += kPanelRows) {
+      const int64_t p1 = std::min(N, p0 + kPanelRows);
+      float* P = panel.data_ptr<float>();
+      at::parallel_for(p0, p1, 8, [&](int64_t n0, int64_t n1) {
+        decode_rows_portable(w, P + (n0 - p0) * K, n0, n1);
+      });
+      acc.slice(1, p0, p1).copy_(at::mm(xf, panel.slice(0, 0, p1 - p0).t()));
+    }
+  }
+  if (bias_in.has_value()) acc.add_(bias_in->to(at::kFloat));
+  y.copy_(acc);  // one rounding to x's dtype (round half to even)
+  return y;
+}
+
+const bool gemm_4bit_variant_registered = register_variant("gemm_4bit", [](Isa isa) -> const char* {
+  if (isa_has_bf16dot(isa))
+    return "avx512_bf16: vpermps table decode; GEMV (M <= 8) / 4x4 zmm tiles: vdpbf16ps for bf16 x (when no product "
+           "can underflow), fp32 FMA otherwise (K % 32 == 0; else scalar decode + at::mm)";
+  if (isa_has_avx512(isa))
+    return "avx512: vpermps 16-entry table decode in zmm; GEMV (M <= 8) / 4x4 zmm FMA tiles on 16-row panels "
+           "(K % 32 == 0; else scalar decode + at::mm)";
+  return isa_has_avx2(isa) ? "avx2: two-half vpermps table decode in ymm; GEMV (M <= 8) / 4x2 ymm FMA tiles "
+                             "(K % 32 == 0; else scalar decode + at::mm)"
+                           : "portable: scalar table lookup";
+});
+
+}  // namespace
+}  // namespace cpu
+}  // namespace quantkernels
+
+TORCH_LIBRARY_IMPL(quantkernels, CPU, m) {
+  m.impl("gemm_4bit", &quantkernels::cpu::gemm_4bit_cpu);
+}

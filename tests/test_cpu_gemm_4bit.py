@@ -1,0 +1,160 @@
+"""C++ CPU kernel of quantkernels::gemm_4bit (csrc/cpu/gemm_4bit.cpp; NF4 / FP4, docs/numerics.md s.11).
+
+The op (torch.ops.quantkernels.gemm_4bit) is the C++ kernel once quantkernels._C is loaded. Every
+case runs on every ISA level (tests/_isa.py; the levels this CPU lacks are skipped), the sweep
+alternating 1 and 2 threads between cases and test_threads_agree running both. The output is held
+to docs/numerics.md s.6 against the numpy spec's float64 product with the weight rounded to x's
+dtype (the dequantized weight itself is checked bit-exactly through both paths). Shapes cover
+the GEMV (M <= 8) and the tiled path, K % 32 == 0 (decoded in registers) and not (scalar), blocks
+that span rows, and double quantization."""
+
+import numpy as np
+import pytest
+import torch
+
+import _spec as S
+import quantkernels._ops  # noqa: F401
+from quantkernels import _native
+from quantkernels import _ops as O
+from quantkernels import reference as R
+
+from _isa import isa, threads  # noqa: F401  (fixtures)
+
+if not _native.load():
+    pytest.skip(f"native extension quantkernels._C not available: {_native.REASON}", allow_module_level=True)
+
+OPS = torch.ops.quantkernels
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture
+def set_threads():
+    old = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(old)
+
+
+def test_threads_agree(isa, threads):  # noqa: F811
+    """The same result at 1 and 2 threads on both paths (rows are split across threads, sums are not)."""
+    for M in (1, 9, 40):
+        x, packed, absmax, nested, offset, bias = _case(M, 70, 128, "nf4", 64, True, torch.bfloat16, seed=M)
+        got = OPS.gemm_4bit(x, packed, absmax, "nf4", 64, nested, offset, bias)
+        torch.set_num_threads(1)
+        one = OPS.gemm_4bit(x, packed, absmax, "nf4", 64, nested, offset, bias)
+        torch.set_num_threads(threads)
+        assert torch.equal(got, one), (isa, threads, M)
+
+
+def test_native_kernel_is_registered_for_cpu():
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("quantkernels::gemm_4bit", "CPU")
+
+
+def _case(M, N, K, qt, bs, dq, dtype, seed, bias=True, noncontig=False):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(N, K, generator=g) * 0.05
+    w[N // 2] = 0.0
+    packed, absmax = O.quantize_4bit(w, qt, bs)
+    nested = offset = None
+    if dq:
+        absmax, nested, offset = O.double_quantize_absmax(absmax)
+    x = (torch.randn(M, K, generator=g) * 2.0).to(dtype)
+    if noncontig:
+        x = torch.empty(K, M, dtype=dtype).t().copy_(x)
+    b = torch.randn(N, generator=g).to(dtype) if bias else None
+    return x, packed, absmax, nested, offset, b
+
+
+def _spec_weight(packed, absmax, nested, offset, qt, bs, N, K):
+    b = S.i64(packed)
+    nib = np.stack([b >> 4, b & 15], -1).reshape(N, K)
+    am = S.f32(absmax) if nested is None else S.undouble_quant(S.i64(absmax), S.f32(nested), S.f32(offset))
+    return S.dequant_4bit(nib, am, qt, bs)
+
+
+CASES = [
+    # M, N, K, qt, bs, dq
+    (1, 37, 64, "nf4", 64, False), (1, 13, 96, "fp4", 64, True),      # K % 64 != 0: blocks span rows
+    (3, 40, 130, "nf4", 32, False),                                     # K % 32 != 0: scalar decode
+    (8, 19, 256, "fp4", 128, False), (9, 37, 96, "nf4", 32, True),      # GEMV / tiled boundary
+    (33, 130, 128, "fp4", 256, True), (17, 300, 192, "nf4", 64, False),  # several panels of 128 rows
+    (2, 5, 4096, "nf4", 4096, True), (0, 7, 64, "nf4", 64, False),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("case", CASES, ids=[f"M{c[0]}-N{c[1]}-K{c[2]}-{c[3]}-b{c[4]}{'-dq' if c[5] else ''}"
+                                             for c in CASES])
+def test_gemm_4bit_matches_spec(isa, set_threads, case, dtype):  # noqa: F811
+    M, N, K, qt, bs, dq = case
+    set_threads(1 + (CASES.index(case) + DTYPES.index(dtype)) % 2)  # half the cases at 1 thread, half at 2
+    x, packed, absmax, nested, offset, bias = _case(M, N, K, qt, bs, dq, dtype, seed=M * 1000 + K,
+                                                    noncontig=(N % 2 == 1))
+    got = OPS.gemm_4bit(x, packed, absmax, qt, bs, nested, offset, bias)
+    assert got.dtype == dtype and got.shape == (M, N)
+    if M == 0:
+        return
+    wx = S.round_to(_spec_weight(packed, absmax, nested, offset, qt, bs, N, K), dtype)
+    exact, mag = S.weight_only(S.f32(x), wx, S.f32(bias))
+    S.assert_float_output(got, exact, mag, dtype, f"gemm_4bit[{isa}] {case}", underflow_terms=K + 1)
+    ref = R.gemm_4bit(x, packed, absmax, qt, bs, nested, offset, bias)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("qt", ["nf4", "fp4"])
+def test_decoded_weight_is_bit_exact(isa, qt):  # noqa: F811
+    """x = identity rows through the tiled path: y = the weight rounded to x's dtype, exactly."""
+    N, K, bs = 40, 96, 32
+    for dq in (False, True):
+        _, packed, absmax, nested, offset, _ = _case(1, N, K, qt, bs, dq, torch.float32, seed=5)
+        want = R.dequantize_4bit(packed, absmax, qt, bs, nested, offset)
+        for dtype in DTYPES:
+            eye = torch.eye(K, dtype=dtype)                            # M = K = 96 > 8: the tiled path
+            got = OPS.gemm_4bit(eye, packed, absmax, qt, bs, nested, offset, None)
+            assert torch.equal(got.t(), want.to(dtype)), (isa, qt, dq, dtype)
+            one = torch.zeros(1, K, dtype=dtype)                       # M = 1: the GEMV path, one column at a time
+            for k in (0, 1, 31, 32, 95):
+                one.zero_()
+                one[0, k] = 1
+                col = OPS.gemm_4bit(one, packed, absmax, qt, bs, nested, offset, None)[0]
+                assert torch.equal(col, want[:, k].to(dtype)), (isa, qt, dq, dtype, k)
+
+
+def test_nonfinite_absmax_propagates(isa):  # noqa: F811
+    w = torch.randn(8, 64)
+    w[2, 5] = float("nan")
+    w[5, 1] = float("inf")
+    packed, absmax = O.quantize_4bit(w, "nf4", 32)
+    for M in (1, 12):
+        y = OPS.gemm_4bit(torch.randn(M, 64), packed, absmax, "nf4", 32, None, None, None)
+        ref = R.gemm_4bit(torch.randn(M, 64), packed, absmax, "nf4", 32)
+        assert bool(y[:, 2].isnan().all()) and not bool(y[:, 5].isfinite().any())
+        assert bool(y[:, [0, 1, 3, 4, 6, 7]].isfinite().all()) and bool(ref[:, [0, 1, 3, 4, 6, 7]].isfinite().all())
+
+
+def test_variant_named_per_isa(isa):  # noqa: F811
+    v = _native.cpu_kernel_variants()["gemm_4bit"]
+    assert v.startswith("portable" if isa == "portable" else ("avx2" if isa in ("avx2", "avx_vnni") else "avx512")), v
+
+
+def test_dynamic_table_matches_reference(isa):  # noqa: F811
+    """The C++ copy of the 8-bit dynamic map (s.11.5): every entry, through absmax codes 0..255."""
+    q = torch.arange(256, dtype=torch.uint8)                   # one block of 32 values per row
+    packed = torch.full((256, 16), 0xFF, dtype=torch.uint8)    # nibble 15: NF4 code 1.0
+    x = torch.zeros(1, 32)
+    x[0, 3] = 1.0
+    y = OPS.gemm_4bit(x, packed, q, "nf4", 32, torch.ones(1), torch.zeros(()), None)[0]
+    assert torch.equal(y, R.DYNAMIC_CODE), (y - R.DYNAMIC_CODE).abs().max()
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-20, 1e-36], ids=["normal", "tiny", "near-underflow"])
+def test_bf16_tiles_and_underflow(isa, scale):  # noqa: F811
+    """bf16 x at M > 8: vdpbf16ps tiles at avx512_bf16 (which flush subnormals) only when no product can
+    underflow; tiny activations take the fp32 tiles. Both within s.6 of the float64 product."""
+    M, N, K = 20, 48, 128
+    x, packed, absmax, nested, offset, bias = _case(M, N, K, "nf4", 64, False, torch.bfloat16, seed=11, bias=False)
+    x = (x.float() * scale).to(torch.bfloat16)
+    got = OPS.gemm_4bit(x, packed, absmax, "nf4", 64, None, None, None)
+    wx = S.round_to(_spec_weight(packed, absmax, None, None, "nf4", 64, N, K), torch.bfloat16)
+    exact, mag = S.weight_only(S.f32(x), wx, None)
+    S.assert_float_output(got, exact, mag, torch.bfloat16, f"bf16 tiles [{isa}] x{scale}", underflow_terms=K + 1)
