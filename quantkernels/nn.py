@@ -323,7 +323,7 @@ class QuantLinear(nn.Module):
         scale, zero, bias = buf["weight_scale"], buf["weight_zero"], buf["bias"]
         if self.scheme in FLOAT4_SCHEMES:
             # gemm_4bit has its own backward (docs/numerics.md s.10)
-            y = dispatch.resolve(self.backend, "gemm_4bit", x2.device)(
+            y = _scheme_ops(self.scheme, self.backend, x2.device)[0](
                 x2, qweight, scale, self.scheme, self.group_size, buf["nested_absmax"],
                 buf["absmax_offset"], bias)
         elif torch.compiler.is_compiling() or _needs_autograd(x2, bias, scale, zero):
