@@ -939,8 +939,9 @@ def load_bnb_4bit(model: nn.Module, source, *, backend: str = "auto") -> nn.Modu
     becomes an nf4 / fp4 QuantLinear holding the checkpoint's packed codes, ``absmax`` (and
     ``nested_absmax`` / ``nested_offset``) bit for bit (docs/numerics.md s.9.4, s.11); all other
     tensors load as they are. Refused with CheckpointError: odd in_features, a quant_storage other
-    than uint8, custom code tables, a nested block size other than 256, and any tensor whose dtype
-    or shape does not match. Never unpickles. Validates everything before changing the model and
+    than uint8, custom code tables, a nested block size other than 256, a non-finite or negative
+    absmax / nested absmax / nested offset, a quant_state that is not the JSON bitsandbytes writes,
+    and any tensor whose dtype or shape does not match. Never unpickles. Validates everything before changing the model and
     returns it in eval mode."""
     from .dispatch import check_backend
 
