@@ -941,8 +941,8 @@ def load_bnb_4bit(model: nn.Module, source, *, backend: str = "auto") -> nn.Modu
     tensors load as they are. Refused with CheckpointError: odd in_features, a quant_storage other
     than uint8, custom code tables, a nested block size other than 256, a non-finite or negative
     absmax / nested absmax / nested offset, a quant_state that is not the JSON bitsandbytes writes,
-    and any tensor whose dtype or shape does not match. Never unpickles. Validates everything before changing the model and
-    returns it in eval mode."""
+    and any tensor whose dtype or shape does not match. Never unpickles. Validates everything before
+    changing the model and returns it in eval mode."""
     from .dispatch import check_backend
 
     check_backend(backend)

@@ -1,5 +1,6 @@
 """Checkpoints under attack (issue 18): generated damage to our format and to the GPTQ,
-bitsandbytes int8 and bitsandbytes 4-bit (nf4 with double quant, fp4 without) imports (truncation at random offsets, flipped bytes in the safetensors header,
+bitsandbytes int8 and bitsandbytes 4-bit (nf4 with double quant, fp4 without) imports
+(truncation at random offsets, flipped bytes in the safetensors header,
 the JSON config and the tensor data, a header that claims more bytes than the file has) and crafted damage (wrong shapes
 and dtypes, a format version from the future, missing and extra tensors, a config naming layers
 the model lacks). Every load either raises CheckpointError and leaves the model exactly as it was,
