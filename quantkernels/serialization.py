@@ -622,7 +622,12 @@ def _retie(model: nn.Module, tied: Mapping[str, str]) -> None:
 def _bnb_state_dict(source, op: str = "load_bnb_int8") -> Tuple[Dict[str, Tensor], Optional[float], List[str]]:
     """(tensors, llm_int8_threshold from config.json or None, skip modules) of a bnb checkpoint."""
     if isinstance(source, Mapping):
-        return dict(source), None, []
+        out = dict(source)
+        not_tensors = sorted(k for k, v in out.items() if not isinstance(v, Tensor))
+        if not_tensors:
+            raise CheckpointError(f"quantkernels.{op}: {not_tensors[:5]} are not tensors "
+                                  f"(got {type(out[not_tensors[0]]).__name__})")
+        return out, None, []
     p = Path(source)
     threshold, skip = None, []
     if p.is_dir():
@@ -724,9 +729,6 @@ def load_bnb_int8(model: nn.Module, source, *, threshold: Optional[float] = None
     if threshold is not None:
         check_threshold("load_bnb_int8", threshold)
     tensors, cfg_thr, _ = _bnb_state_dict(source)
-    not_tensors = sorted(k for k, v in tensors.items() if not isinstance(v, Tensor))
-    if not_tensors:
-        raise _bnb_fail(f"{not_tensors[:5]} are not tensors (got {type(tensors[not_tensors[0]]).__name__})")
     if threshold is None and cfg_thr is not None:
         try:
             check_threshold("load_bnb_int8", cfg_thr)
@@ -829,6 +831,18 @@ BNB4_LAYER_KEYS = ("weight", "bias", "weight.absmax", "weight.quant_map", "weigh
                    "weight.quant_state.bitsandbytes__fp4")
 
 
+#: quant_state ``dtype`` values (the layer's float dtype as bitsandbytes writes it).
+_BNB4_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _bnb4_finite_nonneg(t: Tensor, what: str, fail) -> None:
+    """A block absmax (or the nested one) is finite and >= 0 (0: an all-zero block)."""
+    ok = torch.isfinite(t) & (t >= 0)
+    if not bool(ok.all()):
+        bad = t[~ok]
+        raise fail(f"{what} must be finite and >= 0, got {bad.reshape(-1)[0].item()!r} ({bad.numel()} such value(s))")
+
+
 def _bnb4_layer(name: str, qt: str, tensors: Mapping[str, Tensor], K: int, N: int, backend: str) -> QuantLinear:
     """One bitsandbytes ``Linear4bit`` of a checkpoint as an nf4 / fp4 QuantLinear, its bytes as they
     are (docs/numerics.md s.11); raises CheckpointError for anything s.11 cannot represent."""
@@ -850,15 +864,17 @@ def _bnb4_layer(name: str, qt: str, tensors: Mapping[str, Tensor], K: int, N: in
         st = json.loads(bytes(raw.tolist()).decode("utf-8"))
         if not isinstance(st, dict):
             raise ValueError(f"JSON {type(st).__name__}, not an object")
-    except (ValueError, UnicodeDecodeError) as e:
-        raise fail(f"unreadable quant_state ({type(e).__name__}: {e})") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: "[[[[..." nested too deep
+        raise fail(f"unreadable quant_state ({type(e).__name__}: {str(e)[:200]})") from None
     if st.get("quant_type") != qt:
         raise fail(f"quant_state says quant_type {st.get('quant_type')!r} under the key of {qt!r}")
     bs = st.get("blocksize")
-    if isinstance(bs, bool) or bs not in V.BLOCKSIZES_4BIT:
+    if type(bs) is not int or bs not in V.BLOCKSIZES_4BIT:
         raise fail(f"blocksize {bs!r} is not one of {V.BLOCKSIZES_4BIT}")
     if st.get("shape") != [N, K]:
         raise fail(f"quant_state shape {st.get('shape')!r}, but the model's layer is [out={N}, in={K}]")
+    if st.get("dtype") not in _BNB4_DTYPES:
+        raise fail(f"quant_state dtype {st.get('dtype')!r} is not one of {_BNB4_DTYPES}")
     if K % 2:
         raise fail(f"in_features = {K} is odd: bitsandbytes packs such a weight across rows, which the "
                    f"[N, K/2] layout of s.11 cannot represent")
@@ -877,9 +893,12 @@ def _bnb4_layer(name: str, qt: str, tensors: Mapping[str, Tensor], K: int, N: in
     if nested:
         if st.get("nested_blocksize") != NESTED_BLOCKSIZE:
             raise fail(f"nested_blocksize {st.get('nested_blocksize')!r}; only {NESTED_BLOCKSIZE} is supported")
+        if st.get("nested_dtype") != "float32":
+            raise fail(f"nested_dtype {st.get('nested_dtype')!r}; bitsandbytes writes 'float32'")
         off = st.get("nested_offset")
-        if isinstance(off, bool) or not isinstance(off, (int, float)) or not math.isfinite(off):
-            raise fail(f"nested_offset must be a finite number, got {off!r}")
+        # the offset is the mean of the (>= 0) block absmax: a finite number >= 0
+        if isinstance(off, bool) or not isinstance(off, (int, float)) or not (math.isfinite(off) and off >= 0):
+            raise fail(f"nested_offset must be a finite number >= 0, got {off!r}")
         n2 = get("weight.nested_absmax")
         nmap = get("weight.nested_quant_map")
         if nmap.dtype != torch.float32 or nmap.shape != (256,) or not torch.equal(nmap, DYNAMIC_CODE):
@@ -890,11 +909,17 @@ def _bnb4_layer(name: str, qt: str, tensors: Mapping[str, Tensor], K: int, N: in
         if n2.dtype != torch.float32 or n2.shape != (-(-nb // NESTED_BLOCKSIZE),):
             raise fail(f"nested_absmax must be float32 [{-(-nb // NESTED_BLOCKSIZE)}], got {n2.dtype} "
                        f"{tuple(n2.shape)}")
+        _bnb4_finite_nonneg(n2, "nested_absmax", fail)
         sd.update(weight_scale=absmax.contiguous(), nested_absmax=n2.contiguous(),
                   absmax_offset=torch.tensor(off, dtype=torch.float32))
     else:
         if absmax.dtype != torch.float32 or absmax.shape != (nb,):
             raise fail(f"absmax must be float32 [{nb}], got {absmax.dtype} {tuple(absmax.shape)}")
+        stray = [k for k in ("weight.nested_quant_map",) if f"{name}.{k}" in tensors]
+        if stray:
+            raise fail(f"{name}.{stray[0]} in a layer without double quantization (no nested_offset, "
+                       f"no nested_absmax)")
+        _bnb4_finite_nonneg(absmax, "absmax", fail)
         sd["weight_scale"] = absmax.contiguous()
     bias = tensors.get(f"{name}.bias")
     if bias is not None:
@@ -914,9 +939,10 @@ def load_bnb_4bit(model: nn.Module, source, *, backend: str = "auto") -> nn.Modu
     becomes an nf4 / fp4 QuantLinear holding the checkpoint's packed codes, ``absmax`` (and
     ``nested_absmax`` / ``nested_offset``) bit for bit (docs/numerics.md s.9.4, s.11); all other
     tensors load as they are. Refused with CheckpointError: odd in_features, a quant_storage other
-    than uint8, custom code tables, a nested block size other than 256, and any tensor whose dtype
-    or shape does not match. Never unpickles. Validates everything before changing the model and
-    returns it in eval mode."""
+    than uint8, custom code tables, a nested block size other than 256, a non-finite or negative
+    absmax / nested absmax / nested offset, a quant_state that is not the JSON bitsandbytes writes,
+    and any tensor whose dtype or shape does not match. Never unpickles. Validates everything before
+    changing the model and returns it in eval mode."""
     from .dispatch import check_backend
 
     check_backend(backend)

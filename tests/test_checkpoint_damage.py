@@ -1,5 +1,6 @@
-"""Checkpoints under attack (issue 18): generated damage to our format and to the GPTQ and
-bitsandbytes int8 imports (truncation at random offsets, flipped bytes in the safetensors header,
+"""Checkpoints under attack (issue 18): generated damage to our format and to the GPTQ,
+bitsandbytes int8 and bitsandbytes 4-bit (nf4 with double quant, fp4 without) imports
+(truncation at random offsets, flipped bytes in the safetensors header,
 the JSON config and the tensor data, a header that claims more bytes than the file has) and crafted damage (wrong shapes
 and dtypes, a format version from the future, missing and extra tensors, a config naming layers
 the model lacks). Every load either raises CheckpointError and leaves the model exactly as it was,
@@ -7,7 +8,10 @@ or (damage that changes nothing, e.g. one whitespace byte for another) loads a m
 the one saved. Nothing else: no crash, no other exception, no silently different model. (A
 bitsandbytes checkpoint carries no checksums: a flipped data byte, or a flipped digit of its
 config's threshold, can load as a model that differs in that one value -- never in its structure,
-and never with a non-finite or negative SCB.) And nothing in the package unpickles."""
+and never with a non-finite or negative SCB; likewise a 4-bit one, never with a non-finite or negative
+absmax, nested absmax or nested offset; a flipped byte of its quant_state JSON refuses, or loads identical
+(whitespace, a digit below float32 precision of the offset), or changes only the nested offset.) And
+nothing in the package unpickles."""
 
 import ast
 import json
@@ -22,6 +26,8 @@ from torch import nn
 
 import quantkernels as qk
 from quantkernels.serialization import CONFIG_NAME, WEIGHTS_NAME, CheckpointError
+
+from _bnb4 import bnb4_layout  # noqa: E402
 
 safetensors = pytest.importorskip("safetensors")
 from safetensors.torch import load_file, save_file  # noqa: E402
@@ -47,8 +53,8 @@ def fresh():
 
 
 def state(m):
-    return ({n: (type(x).__name__, getattr(x, "threshold", None), getattr(x, "scheme", None))
-             for n, x in m.named_modules()},
+    return ({n: (type(x).__name__, getattr(x, "threshold", None), getattr(x, "scheme", None),
+                 getattr(x, "group_size", None), getattr(x, "double_quant", None)) for n, x in m.named_modules()},
             {k: v.detach().clone() for k, v in m.state_dict().items()})
 
 
@@ -118,6 +124,66 @@ def bnb_state_dict_by_bitsandbytes(model_fp: nn.Module):
     return {k: v.detach().clone() for k, v in sd.items()}
 
 
+BNB4_BLOCKSIZE = 64  # Linear4bit's default
+
+
+def save_bnb_4bit(quant_type: str, double_quant: bool):
+    """A writer of ``model_fp`` as transformers (``load_in_4bit=True``, ``bnb_4bit_quant_type``,
+    ``bnb_4bit_use_double_quant``, ``save_pretrained``) saves it: every nn.Linear as bitsandbytes'
+    Linear4bit state dict (``weight`` packed uint8 [N*K/2, 1], ``weight.absmax``, ``weight.quant_map``,
+    with double quant ``weight.nested_absmax`` / ``weight.nested_quant_map``, and
+    ``weight.quant_state.bitsandbytes__<type>``: JSON bytes in a uint8 tensor) and config.json's
+    ``quantization_config``. By bitsandbytes itself when it is installed, else by hand from our ops
+    (test_bnb4_layout_matches_bitsandbytes compares the two)."""
+    def save(model_fp: nn.Module, d: Path):
+        try:
+            sd = bnb4_state_dict_by_bitsandbytes(model_fp, quant_type, double_quant)
+        except (ImportError, RuntimeError):
+            sd = bnb4_state_dict_by_hand(model_fp, quant_type, double_quant)
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(d / WEIGHTS_NAME), metadata={"format": "pt"})
+        (d / "config.json").write_text(json.dumps({
+            "architectures": ["Net"], "model_type": "net", "torch_dtype": "float32",
+            "quantization_config": {"_load_in_4bit": True, "_load_in_8bit": False,
+                                    "bnb_4bit_compute_dtype": "float32", "bnb_4bit_quant_storage": "uint8",
+                                    "bnb_4bit_quant_type": quant_type, "bnb_4bit_use_double_quant": double_quant,
+                                    "llm_int8_enable_fp32_cpu_offload": False, "llm_int8_has_fp16_weight": False,
+                                    "llm_int8_skip_modules": None, "llm_int8_threshold": 6.0, "load_in_4bit": True,
+                                    "load_in_8bit": False, "quant_method": "bitsandbytes"}}, indent=2))
+    return save
+
+
+def bnb4_state_dict_by_hand(model_fp: nn.Module, quant_type: str, double_quant: bool):
+    sd = {k: v.detach().clone() for k, v in model_fp.state_dict().items()}
+    for name, mod in model_fp.named_modules():
+        if isinstance(mod, nn.Linear):
+            del sd[f"{name}.weight"]
+            sd.update(bnb4_layout(name, mod.weight.detach().float(), quant_type, BNB4_BLOCKSIZE, double_quant,
+                                  None if mod.bias is None else mod.bias.detach().clone()))
+    return sd
+
+
+def bnb4_state_dict_by_bitsandbytes(model_fp: nn.Module, quant_type: str, double_quant: bool):
+    import copy
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import bitsandbytes as bnb
+    m = copy.deepcopy(model_fp)
+    for name, mod in list(m.named_modules()):
+        if isinstance(mod, nn.Linear):
+            new = bnb.nn.Linear4bit(mod.in_features, mod.out_features, bias=mod.bias is not None,
+                                    compute_dtype=torch.float32, compress_statistics=double_quant,
+                                    quant_type=quant_type, quant_storage=torch.uint8)
+            new.load_state_dict(mod.state_dict())
+            setattr(m, name, new)
+    m = m.to("cpu")  # bitsandbytes quantizes here
+    sd = m.state_dict()
+    if sd["up.weight"].dtype != torch.uint8:
+        raise RuntimeError(f"bitsandbytes {bnb.__version__} did not quantize on the CPU")
+    return {k: v.detach().clone() for k, v in sd.items()}
+
+
 FORMATS = {
     "quantkernels": (lambda m, d: qk.save_quantized(m, d), lambda m, d: qk.load_quantized(m, d), CONFIG_NAME),
     "gptq": (lambda m, d: qk.save_gptq_checkpoint(m, str(d), checkpoint_format="gptq_v2",
@@ -125,10 +191,15 @@ FORMATS = {
              lambda m, d: qk.load_gptq_checkpoint(m, str(d)), "quantize_config.json"),
     # saved from the float model (bitsandbytes quantizes it), not from our quantized one
     "bnb_int8": (save_bnb_int8, lambda m, d: qk.load_bnb_int8(m, d), "config.json"),
+    "bnb_nf4_dq": (save_bnb_4bit("nf4", True), lambda m, d: qk.load_bnb_4bit(m, d), "config.json"),
+    "bnb_fp4": (save_bnb_4bit("fp4", False), lambda m, d: qk.load_bnb_4bit(m, d), "config.json"),
 }
+#: Formats saved from the float model (bitsandbytes quantizes it), not from our quantized one.
+FROM_FLOAT = {"bnb_int8", "bnb_nf4_dq", "bnb_fp4"}
+BNB4 = ("bnb_nf4_dq", "bnb_fp4")
 #: Formats without checksums, where a flipped data or config byte may load as a model that
 #: differs in one value (``attempt`` then returns "altered" and checks that nothing else differs).
-UNCHECKED = {"bnb_int8"}
+UNCHECKED = {"bnb_int8", *BNB4}
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +211,7 @@ def saved(tmp_path_factory):
     out = {}
     for fmt, (save, load, _) in FORMATS.items():
         d = tmp_path_factory.mktemp(fmt)
-        save(float_model if fmt == "bnb_int8" else model, d)
+        save(float_model if fmt in FROM_FLOAT else model, d)
         ref = load(fresh(), d)  # what an intact load gives
         out[fmt] = (d, state(ref))
     return out
@@ -165,15 +236,18 @@ def attempt(fmt, d, ref_state, allow_altered=False) -> str:
 
 
 def one_value_differs(got, ref):
-    """The same modules, tensor names, dtypes and shapes, every weight_scale finite and >= 0, and at
-    most one value different (one flipped byte of one tensor, or the threshold of one config)."""
-    assert {n: t[0] for n, t in got[0].items()} == {n: t[0] for n, t in ref[0].items()}, "module types differ"
+    """The same modules (type, scheme, group size, double quant), tensor names, dtypes and shapes,
+    every float weight_scale (SCB / 127, 4-bit absmax), nested_absmax and absmax_offset finite and
+    >= 0, and at most one value different (one flipped byte of one tensor, or the threshold of one
+    config)."""
+    assert {n: t[:1] + t[2:] for n, t in got[0].items()} == {n: t[:1] + t[2:] for n, t in ref[0].items()}, \
+        "module structure differs"
     assert got[1].keys() == ref[1].keys(), "tensor names differ"
     changed = [n for n in got[0] if got[0][n] != ref[0][n]]
     for k in ref[1]:
         a, b = got[1][k], ref[1][k]
         assert a.dtype == b.dtype and a.shape == b.shape, (k, a.dtype, a.shape, b.dtype, b.shape)
-        if k.endswith("weight_scale"):
+        if k.endswith(("weight_scale", "nested_absmax", "absmax_offset")) and a.is_floating_point():
             assert bool((torch.isfinite(a) & (a >= 0)).all()), f"{k}: a non-finite or negative scale loaded"
         diff = ~((a == b) | (a.isnan() & b.isnan())) if a.is_floating_point() else a != b
         if bool(diff.any()):
@@ -228,22 +302,37 @@ def test_random_damage(saved, fmt, kind, tmp_path):
     raw, cfg = (d / WEIGHTS_NAME).read_bytes(), (d / cfg_name).read_bytes()
     rng = random.Random(f"{fmt}/{kind}")
     outcomes = {"refused": 0, "identical": 0, "altered": 0}
+    state_spans = tensor_spans(raw, ".weight.quant_state.")
     for i in range(N_RANDOM):
         bad = copy_ckpt(d, tmp_path / str(i))
         new_raw, new_cfg = damage_random(kind, raw, cfg, rng)
         (bad / WEIGHTS_NAME).write_bytes(new_raw)
         (bad / cfg_name).write_bytes(new_cfg)
-        outcomes[attempt(fmt, bad, ref_state, allow_altered=fmt in UNCHECKED and kind in ("data byte",
-                                                                                       "config byte"))] += 1
+        got = attempt(fmt, bad, ref_state, allow_altered=fmt in UNCHECKED and kind in ("data byte", "config byte"))
+        if got == "identical" and kind == "data byte":
+            # a 4-bit quant_state is JSON: a flip to other whitespace, or in a digit of the nested offset
+            # below float32 precision, changes nothing
+            at = next(j for j in range(len(raw)) if raw[j] != new_raw[j])
+            assert any(lo <= at < hi for lo, hi in state_spans), f"a flipped data byte at {at} changed nothing"
+        outcomes[got] += 1
     # data bytes are covered by the checksums, truncation by safetensors: always refused
-    if kind in ("truncate", "data byte"):
+    if kind == "truncate" or (kind == "data byte" and fmt not in BNB4):
         assert outcomes["identical"] == 0, outcomes
     if fmt in UNCHECKED and kind == "data byte":
-        # no checksums: a flipped weight byte is another valid int8 (refused only where it is -128,
-        # a non-finite or negative SCB, or a non-zero weight_format)
-        assert outcomes["refused"] + outcomes["altered"] == N_RANDOM, outcomes
+        # no checksums: a flipped weight byte is another valid int8 / pair of 4-bit codes (refused only
+        # where it is -128, a non-finite or negative SCB / absmax, a non-zero weight_format, a code table)
+        assert outcomes["refused"] + outcomes["altered"] + outcomes["identical"] == N_RANDOM, outcomes
+        assert outcomes["altered"] >= N_RANDOM // 2, outcomes
     else:
         assert outcomes["refused"] >= N_RANDOM // 2, outcomes
+
+
+def tensor_spans(raw: bytes, part: str):
+    """[lo, hi) file offsets of the data of every tensor whose name contains ``part``."""
+    h = header_len(raw)
+    header = json.loads(raw[8:8 + h])
+    return [(8 + h + v["data_offsets"][0], 8 + h + v["data_offsets"][1]) for k, v in header.items()
+            if k != "__metadata__" and part in k]
 
 
 def test_bnb_random_scb_and_weight_format_bytes(saved, tmp_path):
@@ -266,6 +355,74 @@ def test_bnb_random_scb_and_weight_format_bytes(saved, tmp_path):
         (bad / WEIGHTS_NAME).write_bytes(bytes(b))
         outcomes[attempt("bnb_int8", bad, ref_state, allow_altered=True)] += 1
     assert outcomes["identical"] == 0 and outcomes["refused"] >= 5, outcomes
+
+
+@pytest.mark.parametrize("fmt", BNB4)
+@pytest.mark.parametrize("part", ["absmax", "quant_state"])
+def test_bnb4_random_absmax_and_quant_state_bytes(saved, fmt, part, tmp_path):
+    """Random flipped bytes aimed at what the 4-bit loader can check: the absmax tensors (plain:
+    float32, finite and >= 0; double quant: uint8 codes and the float32 nested absmax) and the
+    quant_state JSON. Refused, or one value differs with every absmax finite and >= 0; a quant_state
+    flip refuses, loads identical, or changes only the nested offset (a digit of it)."""
+    d, ref_state = saved[fmt]
+    raw = (d / WEIGHTS_NAME).read_bytes()
+    spans = tensor_spans(raw, ".weight.quant_state." if part == "quant_state" else "absmax")
+    rng = random.Random(f"{fmt}/{part}")
+    outcomes = {"refused": 0, "identical": 0, "altered": 0}
+    for i in range(N_RANDOM):
+        lo, hi = spans[rng.randrange(len(spans))]
+        b = bytearray(raw)
+        b[rng.randrange(lo, hi)] ^= rng.randrange(1, 256)
+        bad = copy_ckpt(d, tmp_path / str(i))
+        (bad / WEIGHTS_NAME).write_bytes(bytes(b))
+        m = fresh()
+        got = attempt(fmt, bad, ref_state, allow_altered=True)
+        if got == "altered" and part == "quant_state":
+            qk.load_bnb_4bit(m, bad)
+            diff = [k for k, v in state(m)[1].items() if not torch.equal(v, ref_state[1][k])]
+            assert fmt == "bnb_nf4_dq" and len(diff) == 1 and diff[0].endswith(".absmax_offset"), diff
+        outcomes[got] += 1
+    if part == "absmax" and fmt == "bnb_fp4":
+        # float32 absmax: a flipped sign or exponent byte is caught
+        assert outcomes["identical"] == 0 and outcomes["refused"] >= 5, outcomes
+    if part == "quant_state":
+        assert outcomes["refused"] >= N_RANDOM // 2, outcomes
+
+
+@pytest.mark.parametrize("fmt", BNB4)
+def test_bnb4_every_quant_state_byte(saved, fmt):
+    """What a flipped quant_state byte may do (decided here): refuse; load identical (a space turned
+    into a tab, a digit of the nested offset below float32 precision); or change only that layer's
+    nested offset, to a finite value >= 0 (a digit of it). Every byte of one layer's quant_state,
+    each flipped three ways: x ^ 0x01 (a digit to its neighbour, a letter to another), x ^ 0x0d
+    (a space to '-') and x ^ 0x29 (a space to a tab)."""
+    d, ref_state = saved[fmt]
+    sd = load_file(str(d / WEIGHTS_NAME))
+    key = next(k for k in sd if k.startswith("up.weight.quant_state."))
+    outcomes = {"refused": 0, "identical": 0, "altered": 0}
+    for i in range(sd[key].numel()):
+        for x in (0x01, 0x0D, 0x29):
+            bad = dict(sd, **{key: sd[key].clone()})
+            bad[key][i] ^= x
+            m = fresh()
+            before = state(m)
+            try:
+                qk.load_bnb_4bit(m, bad)
+            except CheckpointError:
+                assert same(state(m), before)
+                outcomes["refused"] += 1
+                continue
+            got = state(m)
+            if same(got, ref_state):
+                outcomes["identical"] += 1
+                continue
+            one_value_differs(got, ref_state)
+            diff = [k for k, v in got[1].items() if not torch.equal(v, ref_state[1][k])]
+            assert diff == ["up.absmax_offset"], (i, x, diff)
+            outcomes["altered"] += 1
+    n = 3 * sd[key].numel()
+    assert outcomes["identical"] >= 3 and outcomes["refused"] >= n // 2, outcomes
+    assert (outcomes["altered"] > 0) == (fmt == "bnb_nf4_dq"), outcomes
 
 
 def _edit_tensors(d: Path, fn):
@@ -406,6 +563,146 @@ CRAFTED = {
 }
 
 
+def _edit_state(d: Path, layer: str, fn):
+    """Edits the parsed quant_state JSON of ``layer`` (``fn`` returns the new object, or bytes)."""
+    def edit(t):
+        key = next(k for k in t if k.startswith(f"{layer}.weight.quant_state."))
+        new = fn(json.loads(bytes(t[key].tolist())))
+        t[key] = torch.tensor(list(new if isinstance(new, bytes) else json.dumps(new).encode()), dtype=torch.uint8)
+    _edit_tensors(d, edit)
+
+
+def _set(t, key, i, v):
+    t[key].view(-1)[i] = v
+
+
+def _bnb4_crafted(fmt):
+    qt, dq = ("nf4", True) if fmt == "bnb_nf4_dq" else ("fp4", False)
+    qs = f"up.weight.quant_state.bitsandbytes__{qt}"
+    other = "fp4" if qt == "nf4" else "nf4"
+    c = {
+        "weight too short": (lambda d: _edit_tensors(d, lambda t: t.update({"up.weight": t["up.weight"][:100]
+                                                                           .contiguous()})),
+                             r"layer 'up': weight holds 100 bytes, \[128, 64\] needs 4096"),
+        "weight as int8": (lambda d: _edit_tensors(d, lambda t: t.update({"up.weight": t["up.weight"].view(
+            torch.int8)})), r"layer 'up': weight is torch.int8"),
+        "absmax wrong shape": (lambda d: _edit_tensors(d, lambda t: t.update(
+            {"down.weight.absmax": t["down.weight.absmax"][:-1].contiguous()})), r"layer 'down': absmax must be"),
+        "absmax wrong dtype": (lambda d: _edit_tensors(d, lambda t: t.update(
+            {"up.weight.absmax": t["up.weight.absmax"].to(torch.float16 if not dq else torch.int8)})),
+            r"layer 'up': absmax must be"),
+        "custom quant_map": (lambda d: _edit_tensors(d, lambda t: t["up.weight.quant_map"].mul_(0.5)),
+                             rf"quant_map is not bitsandbytes' {qt} table"),
+        "quant_state unreadable": (lambda d: _edit_state(d, "up", lambda st: b"\xff{"), "unreadable quant_state"),
+        "quant_state nested too deep": (lambda d: _edit_state(d, "up", lambda st: b"[" * 100_000),
+                                        r"unreadable quant_state \(RecursionError"),
+        "quant_state a list": (lambda d: _edit_state(d, "up", lambda st: [st]), r"JSON list, not an object"),
+        "quant_state 2-D": (lambda d: _edit_tensors(d, lambda t: t.update({qs: t[qs].reshape(-1, 1)})),
+                            "not 1-D uint8"),
+        "quant_type of the other key": (lambda d: _edit_state(d, "up", lambda st: dict(st, quant_type=other)),
+                                        rf"quant_type '{other}' under the key of '{qt}'"),
+        "blocksize not allowed": (lambda d: _edit_state(d, "up", lambda st: dict(st, blocksize=48)),
+                                  r"blocksize 48 is not one of"),
+        "blocksize a float": (lambda d: _edit_state(d, "up", lambda st: dict(st, blocksize=64.0)),
+                              r"blocksize 64.0 is not one of"),
+        "blocksize true": (lambda d: _edit_state(d, "up", lambda st: dict(st, blocksize=True)),
+                           r"blocksize True is not one of"),
+        "blocksize of another layout": (lambda d: _edit_state(d, "up", lambda st: dict(st, blocksize=128)),
+                                        r"layer 'up': absmax must be .*\[64\]"),
+        "shape transposed": (lambda d: _edit_state(d, "up", lambda st: dict(st, shape=[64, 128])),
+                             r"quant_state shape \[64, 128\], but the model's layer is \[out=128, in=64\]"),
+        "dtype unknown": (lambda d: _edit_state(d, "up", lambda st: dict(st, dtype="float8")),
+                          r"quant_state dtype 'float8' is not one of"),
+        "dtype missing": (lambda d: _edit_state(d, "up", lambda st: {k: v for k, v in st.items() if k != "dtype"}),
+                          r"quant_state dtype None"),
+        "two quant_states": (lambda d: _edit_tensors(d, lambda t: t.update(
+            {qs.replace(qt, other): t[qs].clone()})), "layer 'up' has two quant_state entries"),
+        "unknown 4-bit type": (lambda d: _edit_tensors(d, lambda t: t.update({qs.replace(qt, "int4"): t.pop(qs)})),
+                               r"unknown 4-bit type 'int4'"),
+        "missing weight": (lambda d: _edit_tensors(d, lambda t: t.pop("up.weight")), "has no up.weight$"),
+        "missing absmax": (lambda d: _edit_tensors(d, lambda t: t.pop("down.weight.absmax")),
+                           "has no down.weight.absmax"),
+        "missing quant_map": (lambda d: _edit_tensors(d, lambda t: t.pop("up.weight.quant_map")),
+                              "has no up.weight.quant_map"),
+        "missing quant_state": (lambda d: _edit_tensors(d, lambda t: t.pop(qs)),
+                                r"unexpected \['up.weight.absmax', "),
+        "missing bias": (lambda d: _edit_tensors(d, lambda t: t.pop("down.bias")),
+                         "layer 'down': the checkpoint has no bias, the model's layer has a bias"),
+        "bias as int": (lambda d: _edit_tensors(d, lambda t: t.update({"up.bias": t["up.bias"].to(torch.int32)})),
+                        r"bias must be a float tensor of shape \(128,\), got torch.int32"),
+        "bias wrong shape": (lambda d: _edit_tensors(d, lambda t: t.update({"up.bias": t["up.bias"][:3].contiguous()})),
+                             r"bias must be a float tensor of shape \(128,\), got torch.float32 \(3,\)"),
+        "float as int": (lambda d: _edit_tensors(d, lambda t: t.update({"norm.weight": t["norm.weight"].to(
+            torch.int32)})), r"norm.weight has dtype torch.int32, the model's is torch.float32"),
+        "missing tensor": (lambda d: _edit_tensors(d, lambda t: t.pop("norm.bias")), r"missing \['norm.bias'\]"),
+        "extra tensor": (lambda d: _edit_tensors(d, lambda t: t.update(extra=torch.zeros(3))),
+                         r"unexpected \['extra'\]"),
+        "extra tensor in a layer": (lambda d: _edit_tensors(d, lambda t: t.update({"up.junk": torch.zeros(3)})),
+                                    r"unexpected \['up.junk'\]"),
+        "layer the model lacks": (lambda d: _edit_tensors(d, lambda t: t.update(
+            {k.replace("down.", "gone."): t.pop(k) for k in [k for k in t if k.startswith("down.")]})),
+            "the checkpoint has layer 'gone', which this model does not have"),
+        "quant_state on a non-linear layer": (lambda d: _edit_tensors(d, lambda t: t.update(
+            {qs.replace("up.", "norm."): t[qs].clone()})), "layer 'norm' is a LayerNorm in this model"),
+        "config a list": (lambda d: (d / "config.json").write_text("[1, 2]"), "unreadable or corrupt JSON"),
+        "no safetensors file": (lambda d: (d / WEIGHTS_NAME).unlink(), r"no \*.safetensors file"),
+        "header claims more": (lambda d: _claim_more(d, 64), "corrupt or truncated"),
+        "header claims far more": (lambda d: _claim_more(d, 2**40), "corrupt or truncated"),
+        "empty file": (lambda d: (d / WEIGHTS_NAME).write_bytes(b""), "corrupt or truncated"),
+    }
+    if dq:
+        c.update({
+            "nested_absmax NaN": (lambda d: _edit_tensors(d, lambda t: _set(t, "up.weight.nested_absmax", 0,
+                                                                            float("nan"))),
+                                  r"nested_absmax must be finite and >= 0, got nan"),
+            "nested_absmax negative": (lambda d: _edit_tensors(d, lambda t: _set(t, "up.weight.nested_absmax", 0,
+                                                                                 -0.25)),
+                                       r"nested_absmax must be finite and >= 0, got -0.25"),
+            "nested_absmax wrong shape": (lambda d: _edit_tensors(d, lambda t: t.update(
+                {"up.weight.nested_absmax": torch.ones(2)})), r"nested_absmax must be float32 \[1\]"),
+            "nested_offset negative": (lambda d: _edit_state(d, "up", lambda st: dict(st, nested_offset=-0.1)),
+                                       r"nested_offset must be a finite number >= 0, got -0.1"),
+            "nested_offset a string": (lambda d: _edit_state(d, "up", lambda st: dict(st, nested_offset="0.1")),
+                                       r"nested_offset must be a finite number >= 0, got '0.1'"),
+            "nested_offset overflows": (lambda d: _edit_state(d, "up", lambda st: b'{"quant_type": "nf4", '
+                                                              b'"blocksize": 64, "dtype": "float32", "shape": '
+                                                              b'[128, 64], "nested_blocksize": 256, "nested_dtype": '
+                                                              b'"float32", "nested_offset": 1e999}'),
+                                        r"nested_offset must be a finite number >= 0, got inf"),
+            "nested_offset missing": (lambda d: _edit_state(d, "up", lambda st: {k: v for k, v in st.items()
+                                                                                  if k != "nested_offset"}),
+                                      r"nested_offset must be a finite number >= 0, got None"),
+            "nested_blocksize": (lambda d: _edit_state(d, "up", lambda st: dict(st, nested_blocksize=128)),
+                                 "nested_blocksize 128"),
+            "nested_dtype": (lambda d: _edit_state(d, "up", lambda st: dict(st, nested_dtype="float16")),
+                             "nested_dtype 'float16'"),
+            "custom nested_quant_map": (lambda d: _edit_tensors(d, lambda t: t["up.weight.nested_quant_map"].mul_(
+                0.5)), "nested_quant_map is not bitsandbytes' 8-bit dynamic map"),
+            "missing nested_absmax": (lambda d: _edit_tensors(d, lambda t: t.pop("up.weight.nested_absmax")),
+                                      "has no up.weight.nested_absmax"),
+            "missing nested_quant_map": (lambda d: _edit_tensors(d, lambda t: t.pop("up.weight.nested_quant_map")),
+                                         "has no up.weight.nested_quant_map"),
+        })
+    else:
+        c.update({
+            "absmax NaN": (lambda d: _edit_tensors(d, lambda t: _set(t, "up.weight.absmax", 5, float("nan"))),
+                           r"layer 'up': absmax must be finite and >= 0, got nan"),
+            "absmax Inf": (lambda d: _edit_tensors(d, lambda t: _set(t, "down.weight.absmax", 0, float("inf"))),
+                           r"layer 'down': absmax must be finite and >= 0, got inf"),
+            "absmax negative": (lambda d: _edit_tensors(d, lambda t: _set(t, "up.weight.absmax", -1, -0.5)),
+                                r"absmax must be finite and >= 0, got -0.5"),
+            "stray nested_quant_map": (lambda d: _edit_tensors(d, lambda t: t.update(
+                {"up.weight.nested_quant_map": t["up.weight.quant_map"].new_zeros(256)})),
+                "up.weight.nested_quant_map in a layer without double quantization"),
+            "stray nested_absmax": (lambda d: _edit_tensors(d, lambda t: t.update(
+                {"up.weight.nested_absmax": torch.ones(1)})), "nested_blocksize None"),
+        })
+    return c
+
+
+CRAFTED.update({fmt: _bnb4_crafted(fmt) for fmt in BNB4})
+
+
 def foreign(d: Path) -> Path:
     """The GPTQ checkpoint as another tool writes it: no quantkernels checksums (the crafted damage
     must then be caught by the loader's own checks)."""
@@ -466,6 +763,37 @@ def test_bnb_state_dict_source_damage():
         with pytest.raises(CheckpointError, match=msg):
             qk.load_bnb_int8(m, bad)
         assert same(state(m), before)
+
+
+@pytest.mark.parametrize("fmt", BNB4)
+def test_bnb4_layout_matches_bitsandbytes(fmt):
+    """The hand-built 4-bit checkpoint (used where bitsandbytes is not installed) is what
+    bitsandbytes' Linear4bit writes: the same keys, dtypes, shapes and bytes (s.11 is bit-compatible)."""
+    qt, dq = ("nf4", True) if fmt == "bnb_nf4_dq" else ("fp4", False)
+    torch.manual_seed(0)
+    m = Net().eval()
+    try:
+        theirs = bnb4_state_dict_by_bitsandbytes(m, qt, dq)
+    except (ImportError, RuntimeError) as e:
+        pytest.skip(f"bitsandbytes cannot quantize here: {e}")
+    ours = bnb4_state_dict_by_hand(m, qt, dq)
+    assert {k: (v.dtype, tuple(v.shape)) for k, v in theirs.items()} == \
+        {k: (v.dtype, tuple(v.shape)) for k, v in ours.items()}
+    for k in ours:
+        assert torch.equal(theirs[k], ours[k]), k
+
+
+def test_bnb4_state_dict_source_damage():
+    """The state-dict form of the 4-bit import: a value that is not a tensor (a bias, an absmax, the
+    quant_state) is refused with the key named, the model left as it was."""
+    sd = bnb4_state_dict_by_hand(Net().eval(), "nf4", True)
+    for key in ("up.bias", "up.weight.absmax", "down.weight.quant_state.bitsandbytes__nf4", "norm.weight"):
+        m = fresh()
+        before = state(m)
+        with pytest.raises(CheckpointError, match=rf"load_bnb_4bit: \['{key}'\] are not tensors \(got list\)"):
+            qk.load_bnb_4bit(m, dict(sd, **{key: sd[key].tolist()}))
+        assert same(state(m), before)
+    assert isinstance(qk.load_bnb_4bit(fresh(), sd).up, qk.QuantLinear)
 
 
 def test_bnb_failure_during_commit_puts_everything_back(saved):

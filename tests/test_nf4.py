@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import _spec as S
+from _bnb4 import bnb4_layout
 import quantkernels  # noqa: F401  (registers the ops)
 from quantkernels import _ops as O
 from quantkernels import reference as R
@@ -488,25 +489,6 @@ class _Two(torch.nn.Module):
         return self.b(self.norm(self.a(x)))
 
 
-def _bnb_layout(name, w, qt, bs, dq, bias=None):
-    """The tensors transformers / bitsandbytes save for one Linear4bit, written from the s.11 ops."""
-    N, K = w.shape
-    packed, absmax = O.quantize_4bit(w, qt, bs)
-    st = {"quant_type": qt, "blocksize": bs, "dtype": "float32", "shape": [N, K]}
-    sd = {f"{name}.weight": packed.reshape(-1, 1), f"{name}.weight.quant_map": R.CODES_4BIT[qt].clone()}
-    if dq:
-        q, nested, offset = O.double_quantize_absmax(absmax)
-        st.update(nested_blocksize=256, nested_dtype="float32", nested_offset=float(offset))
-        sd.update({f"{name}.weight.absmax": q, f"{name}.weight.nested_absmax": nested,
-                   f"{name}.weight.nested_quant_map": R.DYNAMIC_CODE.clone()})
-    else:
-        sd[f"{name}.weight.absmax"] = absmax
-    sd[f"{name}.weight.quant_state.bitsandbytes__{qt}"] = torch.tensor(list(json.dumps(st).encode()), dtype=torch.uint8)
-    if bias is not None:
-        sd[f"{name}.bias"] = bias
-    return sd
-
-
 def _skeleton():
     with quantkernels.init_empty_weights():
         return _Two().eval()
@@ -517,8 +499,8 @@ def test_load_bnb_4bit_documented_layout(tmp_path, dq):
     torch.manual_seed(0)
     src = _Two().eval()
     sd = {"norm.weight": src.norm.weight.detach(), "norm.bias": src.norm.bias.detach()}
-    sd.update(_bnb_layout("a", src.a.weight.detach(), "nf4", 64, dq, src.a.bias.detach()))
-    sd.update(_bnb_layout("b", src.b.weight.detach(), "fp4", 256, dq))
+    sd.update(bnb4_layout("a", src.a.weight.detach(), "nf4", 64, dq, src.a.bias.detach()))
+    sd.update(bnb4_layout("b", src.b.weight.detach(), "fp4", 256, dq))
     sk = quantkernels.load_bnb_4bit(_skeleton(), sd)
     assert sk.a.scheme == "nf4" and sk.b.scheme == "fp4" and sk.a.double_quant == dq and sk.b.group_size == 256
     ref = quantkernels.quantize_model(copy.deepcopy(src), "nf4", group_size=64, double_quant=dq, include=("a",))
@@ -536,8 +518,8 @@ def test_load_bnb_4bit_refuses_what_it_cannot_represent():
     torch.manual_seed(0)
     src = _Two().eval()
     base = {"norm.weight": src.norm.weight.detach(), "norm.bias": src.norm.bias.detach()}
-    base.update(_bnb_layout("a", src.a.weight.detach(), "nf4", 64, True, src.a.bias.detach()))
-    base.update(_bnb_layout("b", src.b.weight.detach(), "fp4", 64, False))
+    base.update(bnb4_layout("a", src.a.weight.detach(), "nf4", 64, True, src.a.bias.detach()))
+    base.update(bnb4_layout("b", src.b.weight.detach(), "fp4", 64, False))
 
     def refused(mutate, match):
         sd = dict(base)
