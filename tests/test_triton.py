@@ -564,7 +564,7 @@ def test_compile_fullgraph_no_graph_break_interp():
     torch.testing.assert_close(f(x), T.llm_int8_linear_triton(x, b, sb, None, 6.0), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("scheme", ["w8a8", "llm_int8", "w8a16", "w4a16", "w4a8"])
+@pytest.mark.parametrize("scheme", ["w8a8", "llm_int8", "w8a16", "w4a16", "w4a8", "nf4", "fp4"])
 def test_quantlinear_triton_backend_interp(scheme, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # dispatch serves CPU tensors with triton only then
     g = gen(3)
@@ -578,7 +578,7 @@ def test_quantlinear_triton_backend_interp(scheme, monkeypatch):
     assert_float(out, ref.double(), ref.double().abs() + 1.0, scheme)
 
 
-@pytest.mark.parametrize("scheme", ["w8a8", "llm_int8", "w8a16", "w4a16", "w4a8"])
+@pytest.mark.parametrize("scheme", ["w8a8", "llm_int8", "w8a16", "w4a16", "w4a8", "nf4", "fp4"])
 def test_backward_triton_backend_interp(scheme, monkeypatch):
     """docs/numerics.md s.10: the input gradient does not depend on the backend (QuantLinear), and
     the Triton ops carry the same backward as the base ops (or raise, for the quantizer)."""
