@@ -671,6 +671,25 @@ def test_llm_int8_cuda_graph_and_compile_cuda():
     torch.testing.assert_close(f(x), eager)
 
 
+
+@pytest.mark.parametrize("dtype", HALF, ids=ids)
+@pytest.mark.parametrize("M", CUDA_MS)
+def test_gemm_4bit_cuda(M, dtype):
+    for qt, B, double in (("nf4", 64, True), ("fp4", 64, False), ("nf4", 4096, False), ("fp4", 32, True)):
+        case_4bit(M, 4096, 4096, qt, B, double, dtype, True, "cuda")
+    case_4bit(M, 1000, 1000, "nf4", 64, True, dtype, False, "cuda")    # blocks spanning rows
+    case_4bit(M, 1000, 1536, "fp4", 128, False, dtype, True, "cuda", layout="transposed")
+
+
+def test_gemm_4bit_decode_exact_and_compile_cuda():
+    for qt, double in (("nf4", True), ("fp4", False)):
+        p, a, na, off = _weight_4bit(300, 1000, qt, 64, double, gen(11), "cuda")
+        y = T.gemm_4bit_triton(torch.eye(1000, device="cuda"), p, a, qt, 64, na, off, None)
+        assert torch.equal(y.t(), R.dequantize_4bit(p, a, qt, 64, na, off))
+        x = torch.randn(17, 1000, device="cuda", dtype=torch.float16)
+        f = torch.compile(lambda x: T.gemm_4bit_triton(x, p, a, qt, 64, na, off, None), fullgraph=True)
+        torch.testing.assert_close(f(x), T.gemm_4bit_triton(x, p, a, qt, 64, na, off, None), rtol=0, atol=0)
+
 for _name, _obj in list(globals().items()):
     if _name.startswith("test_") and _name.endswith("_cuda"):
         for _m in cuda:
