@@ -291,6 +291,40 @@ def case_llm_int8(M, N, K, dtype, threshold, bias, device, seed=0):
         assert o.any()
 
 
+def _weight_4bit(N, K, quant_type, blocksize, double, g, device):
+    w = randn(N, K, g=g, scale=0.05)
+    w[0, :3] = torch.tensor([0.0, 1.0, -1.0])   # exact codes at the block's absmax
+    p, a = R.quantize_4bit(w, quant_type, blocksize)
+    na = off = None
+    if double:
+        a, na, off = R.double_quantize_absmax(a)
+        na, off = na.to(device), off.to(device)
+    return p.to(device), a.to(device), na, off
+
+
+def case_4bit(M, N, K, quant_type, blocksize, double, dtype, bias, device, layout="contig", split_k=None, seed=0):
+    g = gen(seed)
+    p, a, na, off = _weight_4bit(N, K, quant_type, blocksize, double, g, device)
+    x = randn(M, K, g=g, dtype=dtype, device=device)
+    if layout == "strided":
+        x = torch.cat([x, x], dim=1)[:, ::2]       # [M, K] with strides (2K, 2)
+        assert not x.is_contiguous()
+    elif layout == "transposed":
+        x = x.t().contiguous().t()                 # [M, K] with strides (1, M)
+    bi = randn(N, g=g, dtype=dtype, device=device, scale=0.1) if bias else None
+    if split_k is None:
+        y = T.gemm_4bit_triton(x, p, a, quant_type, blocksize, na, off, bi)
+    else:
+        from quantkernels.triton import gemm_4bit
+        y = gemm_4bit.gemm(x, p, a, quant_type, blocksize, na, off, bi, split_k=split_k)
+    assert y.dtype == dtype and y.shape == (M, N)
+    w = R.dequantize_4bit(p, a, quant_type, blocksize, na, off, dtype)
+    assert_float(y, *_weight_only_exact(x, w, bi), f"gemm_4bit {quant_type} B={blocksize} double={double}")
+    torch.testing.assert_close(y, R.gemm_4bit(x, p, a, quant_type, blocksize, na, off, bi),
+                               rtol={torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype],
+                               atol=1e-4 if dtype == torch.float32 else 2e-3)
+
+
 # --------------------------------------------------------------------------- interpreter (CPU)
 
 MS = (1, 3, 17)
@@ -369,6 +403,85 @@ def test_weight_only_split_k_interp(split_k, dtype):
     case_w4a16(1, 33, 384, 128, True, dtype, True, "cpu", split_k=split_k)
 
 
+# (N, K, blocksize): K % B != 0 with blocks spanning rows (33 x 70 / 32, 5 x 96 / 64), K a multiple of B,
+# one partial last block (n % B != 0: 3 x 50 / 64), B larger than a row, and the largest B.
+SHAPES_4BIT = ((33, 70, 32), (5, 96, 64), (7, 128, 128), (3, 50, 64), (9, 34, 256), (2, 4096, 4096))
+
+
+@pytest.mark.parametrize("quant_type", ("nf4", "fp4"))
+@pytest.mark.parametrize("double", (False, True), ids=("plain", "double"))
+@pytest.mark.parametrize("N,K,blocksize", SHAPES_4BIT[:5])
+def test_gemm_4bit_decode_is_exact_interp(N, K, blocksize, quant_type, double):
+    """With x = I (fp32) every output is one product with 1 and exact zeros: Y^T is the decoded
+    weight, bit for bit equal to dequantize_4bit (s.11.6), blocks spanning rows included."""
+    p, a, na, off = _weight_4bit(N, K, quant_type, blocksize, double, gen(5), "cpu")
+    y = T.gemm_4bit_triton(torch.eye(K), p, a, quant_type, blocksize, na, off, None)
+    assert torch.equal(y.t(), R.dequantize_4bit(p, a, quant_type, blocksize, na, off))
+
+
+@pytest.mark.parametrize("quant_type", ("nf4", "fp4"))
+@pytest.mark.parametrize("double", (False, True), ids=("plain", "double"))
+@pytest.mark.parametrize("dtype", FLOATS, ids=ids)
+@pytest.mark.parametrize("M,shape", [(1, SHAPES_4BIT[0]), (17, SHAPES_4BIT[1]), (3, SHAPES_4BIT[2]),
+                                     (5, SHAPES_4BIT[3]), (2, SHAPES_4BIT[4])], ids=str)
+def test_gemm_4bit_interp(M, shape, dtype, double, quant_type):
+    N, K, B = shape
+    case_4bit(M, N, K, quant_type, B, double, dtype, bias=M != 3, device="cpu")
+
+
+@pytest.mark.parametrize("layout", ("strided", "transposed"))
+@pytest.mark.parametrize("dtype", FLOATS, ids=ids)
+def test_gemm_4bit_non_contiguous_x_interp(layout, dtype):
+    case_4bit(4, 9, 96, "nf4", 64, True, dtype, True, "cpu", layout=layout)
+
+
+@pytest.mark.parametrize("split_k", (1, 2, 3))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=ids)
+def test_gemm_4bit_split_k_interp(split_k, dtype):
+    case_4bit(1, 9, 384, "fp4", 32, True, dtype, True, "cpu", split_k=split_k)
+
+
+def test_gemm_4bit_largest_block_interp():
+    case_4bit(2, 2, 4096, "nf4", 4096, False, torch.float16, True, "cpu")
+
+
+def test_gemm_4bit_empty_and_nonfinite_interp():
+    p, a, _, _ = _weight_4bit(4, 64, "nf4", 64, False, gen(6), "cpu")
+    y = T.gemm_4bit_triton(torch.ones(0, 64), p, a, "nf4", 64, None, None, None)
+    assert y.shape == (0, 4)
+    a = a.clone()
+    a[2] = float("nan")                        # block 2 is row 2: only output column 2 is NaN
+    y = T.gemm_4bit_triton(torch.ones(3, 64), p, a, "nf4", 64, None, None, None)
+    assert y[:, 2].isnan().all() and not y[:, [0, 1, 3]].isnan().any()
+
+
+def test_gemm_4bit_errors_name_the_argument_interp():
+    p, a, na, off = _weight_4bit(4, 64, "nf4", 64, True, gen(7), "cpu")
+    with pytest.raises(ValueError, match=r"gemm_4bit: x must be 2-D \[M, K\] activation, got shape \(1, 2, 64\)"):
+        T.gemm_4bit_triton(torch.ones(1, 2, 64), p, a, "nf4", 64, na, off, None)
+    with pytest.raises(ValueError, match=r"gemm_4bit.*quant_type must be one of.*'int4'"):
+        T.gemm_4bit_triton(torch.ones(2, 64), p, a, "int4", 64, na, off, None)
+    with pytest.raises(ValueError, match=r"gemm_4bit.*blocksize must be one of.*got 48"):
+        T.gemm_4bit_triton(torch.ones(2, 64), p, a, "nf4", 48, na, off, None)
+    with pytest.raises(ValueError, match=r"gemm_4bit.*x has K = 62 columns but the weight has K = 64"):
+        T.gemm_4bit_triton(torch.ones(2, 62), p, a, "nf4", 64, na, off, None)
+    with pytest.raises(ValueError, match=r"gemm_4bit.*nested_absmax and offset go together"):
+        T.gemm_4bit_triton(torch.ones(2, 64), p, a, "nf4", 64, na, None, None)
+
+
+def test_gemm_4bit_dispatch_and_compile_interp(monkeypatch):
+    """The triton backend serves gemm_4bit (dispatch finds ``gemm_4bit_triton``); dynamo captures it
+    in one graph."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from quantkernels import dispatch
+    assert dispatch.kernel_table()["gemm_4bit"]["triton"]
+    p, a, na, off = _weight_4bit(6, 64, "fp4", 32, True, gen(8), "cpu")
+    x = randn(3, 64, g=gen(9))
+    f = torch.compile(lambda x: T.gemm_4bit_triton(x, p, a, "fp4", 32, na, off, None), fullgraph=True,
+                      backend="eager")
+    torch.testing.assert_close(f(x), T.gemm_4bit_triton(x, p, a, "fp4", 32, na, off, None), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("threshold", [6.0, 0.0])
 @pytest.mark.parametrize("dtype", FLOATS, ids=ids)
 @pytest.mark.parametrize("M", MS)
@@ -382,6 +495,7 @@ def _sample_args(op):
     a, b = randint8(3, 64, g=g), randint8(5, 64, g=g)
     sa, sb = torch.rand(3) + 0.1, torch.rand(5) + 0.1
     p, s, z = _int4_weight(5, 64, 32, True, g, "cpu")
+    p4, a4, na4, off4 = _weight_4bit(5, 64, "nf4", 32, True, g, "cpu")
     return {
         "quantize_int8_rowwise": (x,),
         "quantize_int8_rowwise_outliers": (x * 3, 6.0),
@@ -391,6 +505,7 @@ def _sample_args(op):
         "w8a16_gemm": (x, b, sb, None),
         "w4a16_gemm": (x, p, s, z, torch.randn(5)),
         "llm_int8_linear": (x * 3, b, sb * 0.01, None, 6.0),
+        "gemm_4bit": (x, p4, a4, "nf4", 32, na4, off4, torch.randn(5)),
     }[op]
 
 
@@ -399,7 +514,7 @@ TRITON_OPS = tuple(quantkernels.triton.OPS) if HAVE_TRITON else ()
 
 def test_every_op_has_a_triton_op_with_the_same_arguments():
     assert set(TRITON_OPS) == {"quantize_int8_rowwise", "quantize_int8_rowwise_outliers", "int8_gemm", "w8a8_gemm",
-                               "w4a8_gemm", "w8a16_gemm", "w4a16_gemm", "llm_int8_linear"}
+                               "w4a8_gemm", "w8a16_gemm", "w4a16_gemm", "llm_int8_linear", "gemm_4bit"}
     for op in TRITON_OPS:
         base = getattr(T, op).default._schema
         tri = getattr(T, f"{op}_triton").default._schema
@@ -449,7 +564,7 @@ def test_compile_fullgraph_no_graph_break_interp():
     torch.testing.assert_close(f(x), T.llm_int8_linear_triton(x, b, sb, None, 6.0), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("scheme", ["w8a8", "llm_int8", "w8a16", "w4a16", "w4a8"])
+@pytest.mark.parametrize("scheme", ["w8a8", "llm_int8", "w8a16", "w4a16", "w4a8", "nf4", "fp4"])
 def test_quantlinear_triton_backend_interp(scheme, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # dispatch serves CPU tensors with triton only then
     g = gen(3)
@@ -463,7 +578,7 @@ def test_quantlinear_triton_backend_interp(scheme, monkeypatch):
     assert_float(out, ref.double(), ref.double().abs() + 1.0, scheme)
 
 
-@pytest.mark.parametrize("scheme", ["w8a8", "llm_int8", "w8a16", "w4a16", "w4a8"])
+@pytest.mark.parametrize("scheme", ["w8a8", "llm_int8", "w8a16", "w4a16", "w4a8", "nf4", "fp4"])
 def test_backward_triton_backend_interp(scheme, monkeypatch):
     """docs/numerics.md s.10: the input gradient does not depend on the backend (QuantLinear), and
     the Triton ops carry the same backward as the base ops (or raise, for the quantizer)."""
@@ -555,6 +670,25 @@ def test_llm_int8_cuda_graph_and_compile_cuda():
     f = torch.compile(lambda x: T.llm_int8_linear_triton(x, b, sb, None, 6.0), fullgraph=True)
     torch.testing.assert_close(f(x), eager)
 
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=ids)
+@pytest.mark.parametrize("M", CUDA_MS)
+def test_gemm_4bit_cuda(M, dtype):
+    for qt, B, double in (("nf4", 64, True), ("fp4", 64, False), ("nf4", 4096, False), ("fp4", 32, True)):
+        case_4bit(M, 4096, 4096, qt, B, double, dtype, True, "cuda")
+    case_4bit(M, 1000, 1000, "nf4", 64, True, dtype, False, "cuda")    # blocks spanning rows
+    case_4bit(M, 1000, 1536, "fp4", 128, False, dtype, True, "cuda", layout="transposed")
+
+
+def test_gemm_4bit_decode_exact_and_compile_cuda():
+    for qt, double in (("nf4", True), ("fp4", False)):
+        p, a, na, off = _weight_4bit(300, 1000, qt, 64, double, gen(11), "cuda")
+        y = T.gemm_4bit_triton(torch.eye(1000, device="cuda"), p, a, qt, 64, na, off, None)
+        assert torch.equal(y.t(), R.dequantize_4bit(p, a, qt, 64, na, off))
+        x = torch.randn(17, 1000, device="cuda", dtype=torch.float16)
+        f = torch.compile(lambda x: T.gemm_4bit_triton(x, p, a, qt, 64, na, off, None), fullgraph=True)
+        torch.testing.assert_close(f(x), T.gemm_4bit_triton(x, p, a, qt, 64, na, off, None), rtol=0, atol=0)
 
 for _name, _obj in list(globals().items()):
     if _name.startswith("test_") and _name.endswith("_cuda"):

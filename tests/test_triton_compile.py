@@ -55,7 +55,7 @@ def _check(results):
 def test_default_configs_compile_for_sm80_sm90(tmp_path):
     results = _compile(tmp_path, "--quick")
     assert {r["name"] for r in results} >= {"int8_gemm", "w4a8_gemm", "w4a16_gemm", "w8a16_gemm",
-                                            "quantize_int8_rowwise", "quantize_int8_rowwise_outliers"}
+                                            "quantize_int8_rowwise", "quantize_int8_rowwise_outliers", "gemm_4bit"}
     _check(results)
 
 

@@ -2,7 +2,7 @@
 
 One module per kernel family: ``quantize`` (per-token int8 and LLM.int8 outlier
 quantization), ``int8_gemm`` (int8 GEMM, W8A8, LLM.int8), ``w4a8``, ``weight_only``
-(W8A16, W4A16). ``ops`` registers the ops; ``dispatch.py`` picks them for CUDA tensors
+(W8A16, W4A16), ``gemm_4bit`` (NF4 / FP4). ``ops`` registers the ops; ``dispatch.py`` picks them for CUDA tensors
 where no CUDA C++ kernel exists. ``compile_check`` compiles every kernel and autotune
 config for sm_80 / sm_90 without a GPU.
 

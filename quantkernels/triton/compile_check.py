@@ -25,7 +25,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 
 from . import _common as C
-from . import int8_gemm, quantize, w4a8, weight_only
+from . import gemm_4bit, int8_gemm, quantize, w4a8, weight_only
 
 # Argument types of each kernel (runtime args; constexprs are given per variant).
 _I8_GEMM_SIG = dict(a_ptr="*i8", b_ptr="*i8", c_ptr="*fp16", sa_ptr="*fp32", sb_ptr="*fp32", bias_ptr="*fp16",
@@ -40,6 +40,11 @@ _WO_SIG = dict(x_ptr="*fp16", b_ptr="*u8", s_ptr="*fp32", z_ptr="*u8", bias_ptr=
                M="i32", N="i32", K="i32", G="i32", M_BUCKET="i32", SPLIT_K="i32", K_PER_SPLIT="i32",
                stride_xm="i32", stride_xk="i32", stride_bn="i32", stride_bk="i32", stride_sn="i32",
                stride_sg="i32", stride_os="i32", stride_om="i32", stride_on="i32")
+_G4_SIG = dict(x_ptr="*fp16", p_ptr="*u8", a_ptr="*fp32", off_ptr="*fp32", bias_ptr="*fp16", out_ptr="*fp16",
+               M="i32", N="i32", K="i32", LOG2_B="i32", M_BUCKET="i32", SPLIT_K="i32", K_PER_SPLIT="i32",
+               stride_xm="i32", stride_xk="i32", stride_pn="i32", stride_pk="i32", stride_os="i32",
+               stride_om="i32", stride_on="i32")
+_NESTED_SIG = dict(q_ptr="*u8", dyn_ptr="*fp32", a2_ptr="*fp32", out_ptr="*fp32", NB="i32")
 _QUANT_SIG = dict(x_ptr="*fp16", q_ptr="*i8", s_ptr="*fp32", o_ptr="*u8", K="i32", stride_xm="i32",
                   stride_xk="i32", stride_qm="i32")
 _COLS_SIG = dict(x_ptr="*fp16", o_ptr="*u8", M="i32", K="i32", stride_xm="i32", stride_xk="i32", threshold="fp32")
@@ -54,7 +59,8 @@ def _jit(kernel):
 #: (kernel, variant) compiled with their default config by ``--quick`` (the CI test).
 QUICK = {("int8_gemm", "w8a8 fp16 out + bias"), ("int8_gemm", "llm_int8 fp16"), ("w4a8_gemm", "sym"),
          ("w4a16_gemm", "fp16 split-K (M<=16)"), ("w8a16_gemm", "fp16 tiled"), ("quantize_int8_rowwise", "one tile"),
-         ("quantize_int8_rowwise_outliers", "outlier columns")}
+         ("quantize_int8_rowwise_outliers", "outlier columns"), ("gemm_4bit", "nf4 fp16 split-K (M<=16)"),
+         ("gemm_4bit", "fp4 bf16 double tiled"), ("gemm_4bit", "double-quant absmax pre-pass")}
 
 
 def jobs(quick: bool = False) -> List[Dict]:
@@ -98,6 +104,17 @@ def jobs(quick: bool = False) -> List[Dict]:
             f"{var} split-K (M<=16)", main)
         add(name, weight_only._wo_kernel, sig, dict(const, PARTIAL=False), weight_only.LARGE_CONFIGS,
             f"{var} tiled", main)
+    for qt, double, dt in (("nf4", False, "fp16"), ("fp4", True, "bf16"), ("nf4", True, "fp32")):
+        sig = {**_G4_SIG, "x_ptr": f"*{dt}", "bias_ptr": f"*{dt}"}
+        var = f"{qt} {dt}{' double' if double else ''}"
+        main = dt == "fp16"
+        const = dict(base, QT=gemm_4bit.QUANT_TYPES[qt], DOUBLE=double, HAS_BIAS=True, X_FP32=dt == "fp32")
+        add("gemm_4bit", gemm_4bit._gemm_4bit_kernel, {**sig, "out_ptr": "*fp32"}, dict(const, PARTIAL=True),
+            gemm_4bit.SMALL_CONFIGS, f"{var} split-K (M<=16)", main)
+        add("gemm_4bit", gemm_4bit._gemm_4bit_kernel, {**sig, "out_ptr": f"*{dt}"}, dict(const, PARTIAL=False),
+            gemm_4bit.LARGE_CONFIGS, f"{var} tiled", main)
+    add("gemm_4bit", gemm_4bit._nested_kernel, _NESTED_SIG, dict(BLOCK=gemm_4bit.NESTED_BLOCK),
+        [C.config(num_warps=4, num_stages=1)], "double-quant absmax pre-pass", False)
     for one, block in ((True, 4096), (False, quantize.LOOP_BLOCK)):
         for mask in (False, True):
             add("quantize_int8_rowwise" + ("_outliers" if mask else ""), quantize._quant_rows_kernel, _QUANT_SIG,

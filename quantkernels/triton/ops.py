@@ -117,3 +117,13 @@ def llm_int8_linear_triton(x: Tensor, b: Tensor, scale_b: Tensor, bias: Optional
         return _mod("int8_gemm").gemm(q, b, sx, scale_b, bias, x.dtype, x=x, outliers=mask)
     q, sx = Q.quantize_rows(x)
     return _mod("int8_gemm").gemm(q, b, sx, scale_b, bias, x.dtype)
+
+
+@_register("gemm_4bit")
+def gemm_4bit_triton(x: Tensor, packed: Tensor, absmax: Tensor, quant_type: str, blocksize: int,
+                     nested_absmax: Optional[Tensor] = None, offset: Optional[Tensor] = None,
+                     bias: Optional[Tensor] = None) -> Tensor:
+    op = "gemm_4bit"
+    C.gemm_4bit(x, packed, absmax, quant_type, blocksize, nested_absmax, offset, bias)
+    _device_ok(op, x)
+    return _mod("gemm_4bit").gemm(x, packed, absmax, quant_type, int(blocksize), nested_absmax, offset, bias)
