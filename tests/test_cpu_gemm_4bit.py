@@ -158,3 +158,42 @@ def test_bf16_tiles_and_underflow(isa, scale):  # noqa: F811
     wx = S.round_to(_spec_weight(packed, absmax, None, None, "nf4", 64, N, K), torch.bfloat16)
     exact, mag = S.weight_only(S.f32(x), wx, None)
     S.assert_float_output(got, exact, mag, torch.bfloat16, f"bf16 tiles [{isa}] x{scale}", underflow_terms=K + 1)
+
+
+GEMV64_CASES = [
+    # M, N, K, qt, bs, dq: the 64-value GEMV steps (avx512, block >= 64, K % 64 == 0); N not a multiple of the
+    # 4 / 2 rows per tile (tails), blocks spanning rows (bs > K) and several blocks per row
+    (1, 7, 64, "nf4", 128, False), (2, 9, 192, "fp4", 64, True), (3, 5, 128, "nf4", 64, False),
+    (4, 11, 256, "nf4", 256, True), (5, 3, 64, "fp4", 64, False), (6, 7, 320, "nf4", 64, False),
+    (7, 6, 128, "nf4", 1024, True), (8, 13, 192, "fp4", 128, False),
+]
+
+
+@pytest.mark.parametrize("case", GEMV64_CASES, ids=[f"M{c[0]}-N{c[1]}-K{c[2]}-{c[3]}-b{c[4]}" for c in GEMV64_CASES])
+def test_gemv64_every_m(isa, set_threads, case):  # noqa: F811
+    """Every M of the GEMV (each is its own instantiation), all three dtypes, against s.6."""
+    M, N, K, qt, bs, dq = case
+    set_threads(1 + M % 2)
+    for dtype in DTYPES:
+        x, packed, absmax, nested, offset, bias = _case(M, N, K, qt, bs, dq, dtype, seed=M * 7 + K)
+        got = OPS.gemm_4bit(x, packed, absmax, qt, bs, nested, offset, bias)
+        wx = S.round_to(_spec_weight(packed, absmax, nested, offset, qt, bs, N, K), dtype)
+        exact, mag = S.weight_only(S.f32(x), wx, S.f32(bias))
+        S.assert_float_output(got, exact, mag, dtype, f"gemv64[{isa}] {case}", underflow_terms=K + 1)
+
+
+@pytest.mark.parametrize("bs", [64, 256])
+def test_gemv64_decoded_weight_is_bit_exact(isa, bs):  # noqa: F811
+    """One-hot rows through the GEMV at M = 1..8: every column of the weight (each of the four nibble
+    phases of a 64-value step, both halves of a byte) comes back exactly, in every row of the output."""
+    N, K = 9, 128
+    _, packed, absmax, nested, offset, _ = _case(1, N, K, "nf4", bs, True, torch.float32, seed=bs)
+    want = R.dequantize_4bit(packed, absmax, "nf4", bs, nested, offset)
+    for dtype in DTYPES:
+        for M in (1, 3, 8):
+            for k0 in range(0, K, M):
+                ks = [k for k in range(k0, k0 + M) if k < K]
+                one = torch.zeros(M, K, dtype=dtype)
+                one[torch.arange(len(ks)), torch.tensor(ks)] = 1
+                got = OPS.gemm_4bit(one, packed, absmax, "nf4", bs, nested, offset, None)
+                assert torch.equal(got[: len(ks)], want[:, ks].t().to(dtype)), (isa, bs, dtype, M, ks)

@@ -7,7 +7,10 @@
 // Per block, the 16-entry table is first scaled by the block's absmax and rounded to x's dtype (the
 // contract's to_x(code[v] * absmax), computed once per entry), so a value's decode is one permute.
 // Paths (the active ISA level is read once per call, cpu_isa.h):
-//   GEMV (M <= kGemvMaxM): per weight row, 32 values at a time decoded once and multiplied into every
+//   GEMV (M <= kGemvMaxM), avx512 with block >= 64 and K % 64 == 0: 64 values (32 bytes) per step, one
+//     vpmovzxwd then four shifts + vpermps (gemv64_tile_avx512), 4 (M <= 2) or 2 weight rows per step sharing
+//     the x loads (x pre-arranged in the nibble order), the block table rebuilt only when the block changes;
+//   GEMV otherwise: per weight row, 32 values at a time decoded once and multiplied into every
 //     activation row (x de-interleaved into even / odd columns, matching the nibble order); needs
 //     K % 32 == 0 (so a 32-value chunk never straddles a block: every block size is a multiple of 32),
 //     otherwise the scalar loop runs;
@@ -288,6 +291,85 @@ QK_TARGET_AVX512 void gemv_rows_avx512(const W4& w, const float* xe, const float
   }
 }
 
+// GEMV fast path (B >= 64, K % 64 == 0): 64 values (32 bytes) per step, so a step never straddles a block.
+// The 32 bytes are widened as 16 little-endian words (vpmovzxwd): lane i holds the four nibbles of values
+// 4i..4i+3, and vpermps reads only an index's low 4 bits, so the four shifts 0 / 4 / 8 / 12 of that one
+// register give the values 4i+1 / 4i / 4i+3 / 4i+2 of the 16 lanes (the high nibble of a byte is the even
+// value). x is pre-arranged the same way (xp: [M, K], per 64-value step four 16-float phases: value 4i+1,
+// 4i, 4i+3, 4i+2), so each x load serves NR weight rows. The block's scaled table (to_x(code * absmax),
+// block index by shift: B is a power of two) is rebuilt only when the block changes. Each row's sums are
+// made in the same order whatever NR, so the result does not depend on how threads split N.
+template <int M, int NR, Rnd R>
+QK_TARGET_AVX512 inline void gemv64_tile_avx512(const W4& w, const float* xp, float* y, int64_t n, int lb) {
+  const int64_t K = w.K, K2 = K / 2;
+  const __m512 tab = _mm512_load_ps(w.tab.v);
+  __m512 acc[NR][M];
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
+  const uint8_t* q0 = w.q + n * K2;  // row r at q0 + r * K2
+  int64_t blk[NR];
+  __m512 st[NR];
+  for (int r = 0; r < NR; ++r) {
+    blk[r] = -1;
+    st[r] = tab;
+  }
+  for (int64_t k = 0; k < K; k += 64) {
+    __m512 xv[M][4];
+    for (int m = 0; m < M; ++m)
+      for (int p = 0; p < 4; ++p) xv[m][p] = _mm512_loadu_ps(xp + m * K + k + 16 * p);
+    for (int r = 0; r < NR; ++r) {
+      const int64_t bi = ((n + r) * K + k) >> lb;
+      if (bi != blk[r]) {
+        blk[r] = bi;
+        st[r] = round16(_mm512_mul_ps(tab, _mm512_set1_ps(w.absmax[bi])), R);
+      }
+      const __m256i b16 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q0 + r * K2 + k / 2));
+      const __m512i b = _mm512_cvtepu16_epi32(b16);
+      const __m512 w1 = _mm512_permutexvar_ps(b, st[r]);
+      const __m512 w0 = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), st[r]);
+      const __m512 w3 = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 8), st[r]);
+      const __m512 w2 = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 12), st[r]);
+      for (int m = 0; m < M; ++m) {
+        acc[r][m] = _mm512_fmadd_ps(xv[m][0], w1, acc[r][m]);
+        acc[r][m] = _mm512_fmadd_ps(xv[m][1], w0, acc[r][m]);
+        acc[r][m] = _mm512_fmadd_ps(xv[m][2], w3, acc[r][m]);
+        acc[r][m] = _mm512_fmadd_ps(xv[m][3], w2, acc[r][m]);
+      }
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < M; ++m) y[m * w.N + n + r] = _mm512_reduce_add_ps(acc[r][m]);
+}
+
+template <int M, Rnd R>
+QK_TARGET_AVX512 void gemv64_rows_avx512_mr(const W4& w, const float* xp, float* y, int64_t n0, int64_t n1, int lb) {
+  constexpr int NR = M <= 2 ? 4 : 2;  // NR * M accumulators + 4 * M x registers + NR tables: ~32 zmm at M <= 4
+  int64_t n = n0;
+  for (; n + NR <= n1; n += NR) gemv64_tile_avx512<M, NR, R>(w, xp, y, n, lb);
+  for (; n < n1; ++n) gemv64_tile_avx512<M, 1, R>(w, xp, y, n, lb);
+}
+
+template <int M>
+QK_TARGET_AVX512 void gemv64_rows_avx512_m(const W4& w, const float* xp, float* y, int64_t n0, int64_t n1, int lb) {
+  if (w.rnd == Rnd::BF16) return gemv64_rows_avx512_mr<M, Rnd::BF16>(w, xp, y, n0, n1, lb);
+  if (w.rnd == Rnd::F16) return gemv64_rows_avx512_mr<M, Rnd::F16>(w, xp, y, n0, n1, lb);
+  gemv64_rows_avx512_mr<M, Rnd::None>(w, xp, y, n0, n1, lb);
+}
+
+QK_TARGET_AVX512 void gemv64_rows_avx512(const W4& w, const float* xp, int64_t M, float* y, int64_t n0, int64_t n1,
+                                         int lb) {
+  switch (M) {
+    case 1: return gemv64_rows_avx512_m<1>(w, xp, y, n0, n1, lb);
+    case 2: return gemv64_rows_avx512_m<2>(w, xp, y, n0, n1, lb);
+    case 3: return gemv64_rows_avx512_m<3>(w, xp, y, n0, n1, lb);
+    case 4: return gemv64_rows_avx512_m<4>(w, xp, y, n0, n1, lb);
+    case 5: return gemv64_rows_avx512_m<5>(w, xp, y, n0, n1, lb);
+    case 6: return gemv64_rows_avx512_m<6>(w, xp, y, n0, n1, lb);
+    case 7: return gemv64_rows_avx512_m<7>(w, xp, y, n0, n1, lb);
+    default: return gemv64_rows_avx512_m<8>(w, xp, y, n0, n1, lb);
+  }
+}
+
 QK_TARGET_AVX512 void decode_rows_avx512(const W4& w, float* panel, int64_t n0, int64_t n1) {
   const int64_t K2 = w.K / 2;
   const __m512 tab = _mm512_load_ps(w.tab.v);
@@ -547,7 +629,18 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& x_in, const at::Tensor& packed, const
   float* Y = acc.data_ptr<float>();
   const bool vec = path != Path::Portable && K % 32 == 0;
 
-  if (M <= kGemvMaxM) {
+  const bool gemv64 = vec && path == Path::Avx512 && blocksize >= 64 && K % 64 == 0;
+  if (M <= kGemvMaxM && gemv64) {
+    // x in the nibble order of gemv64_tile_avx512: per 64 values, phases (4i+1, 4i, 4i+3, 4i+2), i = 0..15
+    const at::Tensor ph = at::tensor({1, 0, 3, 2}, at::TensorOptions().dtype(at::kLong));
+    const at::Tensor xp = xf.view({M, K / 64, 16, 4}).index_select(3, ph).transpose(2, 3).contiguous();
+    const float* XP = xp.data_ptr<float>();
+    int lb = 0;
+    while ((int64_t{1} << lb) < blocksize) ++lb;
+#if QK_X86
+    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) { gemv64_rows_avx512(w, XP, M, Y, n0, n1, lb); });
+#endif
+  } else if (M <= kGemvMaxM) {
     at::Tensor xe, xo;
     if (vec) {
       xe = xf.slice(1, 0, K, 2).contiguous();
@@ -598,11 +691,12 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& x_in, const at::Tensor& packed, const
 
 const bool gemm_4bit_variant_registered = register_variant("gemm_4bit", [](Isa isa) -> const char* {
   if (isa_has_bf16dot(isa))
-    return "avx512_bf16: vpermps table decode; GEMV (M <= 8) / 4x4 zmm tiles: vdpbf16ps for bf16 x (when no product "
-           "can underflow), fp32 FMA otherwise (K % 32 == 0; else scalar decode + at::mm)";
+    return "avx512_bf16: vpermps table decode; GEMV (M <= 8; 64-value steps for block >= 64) / 4x4 zmm tiles: "
+           "vdpbf16ps for bf16 x (when no product can underflow), fp32 FMA otherwise (K % 32 == 0; else scalar "
+           "decode + at::mm)";
   if (isa_has_avx512(isa))
-    return "avx512: vpermps 16-entry table decode in zmm; GEMV (M <= 8) / 4x4 zmm FMA tiles on 16-row panels "
-           "(K % 32 == 0; else scalar decode + at::mm)";
+    return "avx512: vpermps 16-entry table decode in zmm; GEMV (M <= 8; 64-value steps for block >= 64) / 4x4 zmm "
+           "FMA tiles on 16-row panels (K % 32 == 0; else scalar decode + at::mm)";
   return isa_has_avx2(isa) ? "avx2: two-half vpermps table decode in ymm; GEMV (M <= 8) / 4x2 ymm FMA tiles "
                              "(K % 32 == 0; else scalar decode + at::mm)"
                            : "portable: scalar table lookup";
