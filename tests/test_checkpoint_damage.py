@@ -447,6 +447,19 @@ def _rename_layer(c):
     c["modules"]["gone"] = c["modules"].pop("down")
 
 
+#: Damage to the rest of a bitsandbytes checkpoint (int8 and 4-bit alike): the same refusals.
+BNB_STRUCTURE_CASES = {
+    "missing tensor": (lambda d: _edit_tensors(d, lambda t: t.pop("norm.bias")), r"missing \['norm.bias'\]"),
+    "extra tensor": (lambda d: _edit_tensors(d, lambda t: t.update(extra=torch.zeros(3))),
+                     r"unexpected \['extra'\]"),
+    "extra tensor in a layer": (lambda d: _edit_tensors(d, lambda t: t.update({"up.junk": torch.zeros(3)})),
+                                r"unexpected \['up.junk'\]"),
+    "layer the model lacks": (lambda d: _edit_tensors(d, lambda t: t.update(
+        {k.replace("down.", "gone."): t.pop(k) for k in [k for k in t if k.startswith("down.")]})),
+        "the checkpoint has layer 'gone', which this model does not have"),
+}
+
+
 CRAFTED = {
     "quantkernels": {
         "wrong shape": (lambda d: _edit_tensors(d, lambda t: t.update({"up.weight_scale": t["up.weight_scale"][:, :1]
@@ -534,17 +547,10 @@ CRAFTED = {
         "missing bias": (lambda d: _edit_tensors(d, lambda t: t.pop("down.bias")),
                          r"layer 'down': the checkpoint has no bias, the model's layer has a bias"),
         "missing weight": (lambda d: _edit_tensors(d, lambda t: t.pop("up.weight")), r"up.SCB without up.weight"),
-        "missing tensor": (lambda d: _edit_tensors(d, lambda t: t.pop("norm.bias")), r"missing \['norm.bias'\]"),
+        **BNB_STRUCTURE_CASES,
         "missing SCB": (lambda d: _edit_tensors(d, lambda t: t.pop("up.SCB")), r"unexpected \['up.weight_format'\]"),
         "missing SCB and format": (lambda d: _edit_tensors(d, lambda t: (t.pop("up.SCB"), t.pop("up.weight_format"))),
                                    r"up.weight has dtype torch.int8, the model's is torch.float32"),
-        "extra tensor": (lambda d: _edit_tensors(d, lambda t: t.update(extra=torch.zeros(3))),
-                         r"unexpected \['extra'\]"),
-        "extra tensor in a layer": (lambda d: _edit_tensors(d, lambda t: t.update({"up.junk": torch.zeros(3)})),
-                                    r"unexpected \['up.junk'\]"),
-        "layer the model lacks": (lambda d: _edit_tensors(d, lambda t: t.update(
-            {k.replace("down.", "gone."): t.pop(k) for k in [k for k in t if k.startswith("down.")]})),
-            "the checkpoint has layer 'gone', which this model does not have"),
         "SCB on a non-linear layer": (lambda d: _edit_tensors(d, lambda t: t.update(
             {"norm.SCB": torch.ones(64), "norm.weight": torch.ones(64, 64, dtype=torch.int8)})),
             "quantizes 'norm', a LayerNorm in this model, not a linear layer"),
@@ -634,14 +640,7 @@ def _bnb4_crafted(fmt):
                              r"bias must be a float tensor of shape \(128,\), got torch.float32 \(3,\)"),
         "float as int": (lambda d: _edit_tensors(d, lambda t: t.update({"norm.weight": t["norm.weight"].to(
             torch.int32)})), r"norm.weight has dtype torch.int32, the model's is torch.float32"),
-        "missing tensor": (lambda d: _edit_tensors(d, lambda t: t.pop("norm.bias")), r"missing \['norm.bias'\]"),
-        "extra tensor": (lambda d: _edit_tensors(d, lambda t: t.update(extra=torch.zeros(3))),
-                         r"unexpected \['extra'\]"),
-        "extra tensor in a layer": (lambda d: _edit_tensors(d, lambda t: t.update({"up.junk": torch.zeros(3)})),
-                                    r"unexpected \['up.junk'\]"),
-        "layer the model lacks": (lambda d: _edit_tensors(d, lambda t: t.update(
-            {k.replace("down.", "gone."): t.pop(k) for k in [k for k in t if k.startswith("down.")]})),
-            "the checkpoint has layer 'gone', which this model does not have"),
+        **BNB_STRUCTURE_CASES,
         "quant_state on a non-linear layer": (lambda d: _edit_tensors(d, lambda t: t.update(
             {qs.replace("up.", "norm."): t[qs].clone()})), "layer 'norm' is a LayerNorm in this model"),
         "config a list": (lambda d: (d / "config.json").write_text("[1, 2]"), "unreadable or corrupt JSON"),
