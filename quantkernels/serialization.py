@@ -361,9 +361,45 @@ def read_safetensors(f: Path, fail) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
         raise fail(f"{f}: corrupt or truncated safetensors file ({type(e).__name__}: {e})") from None
 
 
+def _merge_files(files: List[Path], fail) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
+    """The tensors (and merged metadata) of several safetensors files; a tensor name in two files is
+    refused (which copy is meant cannot be known; a silent last-wins would load either)."""
+    out: Dict[str, Tensor] = {}
+    where: Dict[str, Path] = {}
+    meta: Dict[str, str] = {}
+    for f in files:
+        t, m = read_safetensors(f, fail)
+        for k in t:
+            if k in where:
+                raise fail(f"tensor {k!r} is stored twice, in {where[k].name} and in {f.name}")
+            where[k] = f
+        out.update(t)
+        meta.update(m)
+    return out, meta
+
+
+def _shard_index(path: Path, index: Path) -> Dict[str, str]:
+    """``model.safetensors.index.json``'s weight_map (tensor name -> shard file name), checked: a
+    plain file name in ``path`` for every shard (no directories, no ``..``)."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError(f"weight_map is a {type(weight_map).__name__}, not an object")
+        for k, n in weight_map.items():
+            if not isinstance(n, str):
+                raise TypeError(f"weight_map[{k!r}] is {n!r}, not a file name")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise _err(index, f"corrupt shard index ({type(e).__name__}: {e})") from None
+    for k, n in weight_map.items():
+        if n in ("", ".", "..") or Path(n).name != n or "/" in n or "\\" in n:
+            raise _err(index, f"shard {n!r} of tensor {k!r} is not a file name in {path}")
+    return weight_map
+
+
 def _read_tensors(path: Path) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
     """(tensors, safetensors metadata) of a checkpoint: ``model.safetensors``, or the shards that
-    ``save_pretrained`` writes for a large model (``model.safetensors.index.json``)."""
+    ``save_pretrained`` writes for a large model (``model.safetensors.index.json``). Every shard must
+    hold exactly the tensors the index assigns to it."""
     fail = lambda msg: CheckpointError(f"quantkernels.load_quantized: {msg}")  # noqa: E731
     f = path / WEIGHTS_NAME
     index = path / (WEIGHTS_NAME + ".index.json")
@@ -371,18 +407,29 @@ def _read_tensors(path: Path) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
         return read_safetensors(f, fail)
     if not index.is_file():
         raise _err(path, f"no {WEIGHTS_NAME}")
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = [path / n for n in sorted(set(weight_map.values()))]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
-        raise _err(index, f"corrupt shard index ({type(e).__name__}: {e})") from None
+    weight_map = _shard_index(path, index)
     out: Dict[str, Tensor] = {}
     meta: Dict[str, str] = {}
-    for shard in files:
-        t, m = read_safetensors(shard, fail)
+    for name in sorted(set(weight_map.values())):
+        t, m = _merge_files([path / name], fail)
+        listed = {k for k, n in weight_map.items() if n == name}
+        if set(t) != listed:
+            extra, absent = sorted(set(t) - listed), sorted(listed - set(t))
+            raise _err(path / name, "does not match the shard index: "
+                       + "; ".join(([f"holds {extra[:3]} which the index puts elsewhere or nowhere"] if extra else [])
+                                   + ([f"lacks {absent[:3]} which the index puts here"] if absent else [])))
         out.update(t)
         meta.update(m)
     return out, meta
+
+
+def _checkpoint_files(path: Path) -> List[Path]:
+    """The safetensors file(s) of a checkpoint directory, as _read_tensors reads them."""
+    f = path / WEIGHTS_NAME
+    index = path / (WEIGHTS_NAME + ".index.json")
+    if f.exists() or not index.is_file():
+        return [f]
+    return [path / n for n in sorted(set(_shard_index(path, index).values()))]
 
 
 _SAFETENSORS_FLOATS = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
@@ -398,14 +445,15 @@ def stored_float_dtype(path: PathLike) -> Optional[torch.dtype]:
     cfg = read_config(p)
     qprefixes = tuple(n + "." for n in cfg["modules"])
     counts: Dict[torch.dtype, int] = {}
-    try:
-        with safe_open(str(p / WEIGHTS_NAME), framework="pt") as sf:
-            for k in sf.keys():
-                dt = _SAFETENSORS_FLOATS.get(sf.get_slice(k).get_dtype())
-                if dt is not None and (not k.startswith(qprefixes) or k.endswith(".bias")):
-                    counts[dt] = counts.get(dt, 0) + 1
-    except Exception as e:
-        raise _err(p / WEIGHTS_NAME, f"corrupt or truncated safetensors file ({type(e).__name__}: {e})") from None
+    for f in _checkpoint_files(p):
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                for k in sf.keys():
+                    dt = _SAFETENSORS_FLOATS.get(sf.get_slice(k).get_dtype())
+                    if dt is not None and (not k.startswith(qprefixes) or k.endswith(".bias")):
+                        counts[dt] = counts.get(dt, 0) + 1
+        except Exception as e:
+            raise _err(f, f"corrupt or truncated safetensors file ({type(e).__name__}: {e})") from None
     return max(counts, key=counts.get) if counts else None
 
 
@@ -647,9 +695,7 @@ def _bnb_state_dict(source, op: str = "load_bnb_int8") -> Tuple[Dict[str, Tensor
         files = [p]
     else:
         raise CheckpointError(f"quantkernels.{op}: {p} does not exist")
-    out: Dict[str, Tensor] = {}
-    for f in files:
-        out.update(read_safetensors(f, lambda msg: CheckpointError(f"quantkernels.{op}: {msg}"))[0])
+    out = _merge_files(files, lambda msg: CheckpointError(f"quantkernels.{op}: {msg}"))[0]
     return out, threshold, skip
 
 

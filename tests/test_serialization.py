@@ -223,6 +223,99 @@ def test_mismatched_model_fails_clearly(tmp_path):
         qk.load_quantized(skeleton(), tmp_path / "nope")
 
 
+INDEX = WEIGHTS_NAME + ".index.json"
+
+
+def _reshard(p, n_shards=3):
+    """Splits save_quantized's one file into shards + index, as save_pretrained(max_shard_size=...) does."""
+    import safetensors as st
+
+    with st.safe_open(str(p / WEIGHTS_NAME), "pt") as f:
+        meta = f.metadata()
+    t = load_file(str(p / WEIGHTS_NAME))
+    names = sorted(t)
+    weight_map = {}
+    for i in range(n_shards):
+        fn = f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
+        part = {k: t[k] for k in names[i::n_shards]}
+        save_file(part, str(p / fn), metadata=meta)
+        weight_map.update({k: fn for k in part})
+    (p / WEIGHTS_NAME).unlink()
+    (p / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return weight_map
+
+
+def test_sharded_checkpoint_loads_bit_exact(tmp_path):
+    m = quantized_toy("w4a16")
+    ref = m(IDS)
+    qk.save_quantized(m, tmp_path)
+    _reshard(tmp_path)
+    sk = skeleton()
+    qk.load_quantized(sk, tmp_path)
+    assert_same_state(sk, m)
+    torch.testing.assert_close(sk(IDS), ref, rtol=0, atol=0)
+    from quantkernels.serialization import stored_float_dtype
+    assert stored_float_dtype(tmp_path) == torch.float32  # reads the shards' headers
+
+
+def _dup_key(p, wm):  # a tensor stored in two shards: which copy is meant is unknown
+    a, b = sorted(set(wm.values()))[:2]
+    ta, tb = load_file(str(p / a)), load_file(str(p / b))
+    k = sorted(ta)[0]
+    tb[k] = torch.zeros_like(ta[k])
+    save_file(tb, str(p / b))
+
+
+def _edit_index(fn):
+    def corrupt(p, wm):
+        idx = json.loads((p / INDEX).read_text())
+        fn(idx["weight_map"])
+        (p / INDEX).write_text(json.dumps(idx))
+    return corrupt
+
+
+SHARD_DAMAGE = {
+    "tensor in two shards": (_dup_key, "does not match the shard index.*holds"),
+    "index names a tensor the shard lacks": (_edit_index(lambda w: w.update({"ghost.weight": sorted(w.values())[0]})),
+                                             r"lacks \['ghost.weight'\]"),
+    "index moves a tensor": (_edit_index(lambda w: w.update({"up.qweight": [v for v in sorted(set(w.values()))
+                                                                            if v != w["up.qweight"]][0]})),
+                             "does not match the shard index"),
+    "path in the index": (_edit_index(lambda w: w.update({"up.qweight": "../model.safetensors"})),
+                          "is not a file name in"),
+    "absolute path in the index": (_edit_index(lambda w: w.update({"up.qweight": "/etc/passwd"})),
+                                   "is not a file name in"),
+    "weight_map not an object": (lambda p, wm: (p / INDEX).write_text(json.dumps({"weight_map": [1, 2]})),
+                                 "corrupt shard index"),
+    "shard file name not a string": (_edit_index(lambda w: w.update({"up.qweight": 3})), "corrupt shard index"),
+    "shard missing": (lambda p, wm: (p / sorted(set(wm.values()))[1]).unlink(), "no such file"),
+    "shard truncated": (lambda p, wm: (p / sorted(set(wm.values()))[0]).write_bytes(b"\x00" * 10),
+                        "corrupt or truncated"),
+}
+
+
+@pytest.mark.parametrize("case", list(SHARD_DAMAGE))
+def test_damaged_shards_fail_clearly_and_leave_model_untouched(tmp_path, case):
+    qk.save_quantized(quantized_toy("w8a8"), tmp_path)
+    wm = _reshard(tmp_path)
+    corrupt, msg = SHARD_DAMAGE[case]
+    corrupt(tmp_path, wm)
+    sk = skeleton()
+    before = _snapshot(sk)
+    with pytest.raises(CheckpointError, match=msg):
+        qk.load_quantized(sk, tmp_path)
+    assert _snapshot(sk) == before
+
+
+def test_bnb_import_refuses_a_tensor_in_two_files(tmp_path):
+    src = Two()
+    sd = {f"a.{k}": v for k, v in bnb_style_state_dict(src.a, False).items()}
+    save_file(sd, str(tmp_path / "model-00001-of-00002.safetensors"))
+    save_file({"a.SCB": sd["a.SCB"] * 2}, str(tmp_path / "model-00002-of-00002.safetensors"))
+    with pytest.raises(CheckpointError, match="'a.SCB' is stored twice"):
+        qk.load_bnb_int8(copy.deepcopy(src), tmp_path)
+
+
 def test_save_refuses_float_model(tmp_path):
     with pytest.raises(ValueError, match="no QuantLinear"):
         qk.save_quantized(Toy(), tmp_path)
