@@ -19,6 +19,31 @@ import os
 import sys
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
+
+#: Run by Python at start-up from site-packages: lets transformers' from_pretrained load quantkernels
+#: checkpoints without `import quantkernels` (see _quantkernels_hf_autoload.py; well under 1 ms, imports nothing heavy).
+PTH_NAME = "quantkernels-hf.pth"
+PTH_LINE = "import _quantkernels_hf_autoload; _quantkernels_hf_autoload.install()\n"
+
+
+class build_py_with_pth(build_py):
+    """build_py that also writes PTH_NAME at the top of what gets installed: into build_lib for a
+    wheel, into the editable wheel's root for `pip install -e .` (build_py does not copy there)."""
+
+    def _pth_dir(self):
+        if getattr(self, "editable_mode", False):
+            return self.get_finalized_command("install").install_lib  # editable_wheel's unpacked wheel
+        return self.build_lib
+
+    def run(self):
+        super().run()
+        os.makedirs(self._pth_dir(), exist_ok=True)
+        with open(os.path.join(self._pth_dir(), PTH_NAME), "w") as f:
+            f.write(PTH_LINE)
+
+    def get_outputs(self, include_bytecode=1):
+        return super().get_outputs(include_bytecode) + [os.path.join(self._pth_dir(), PTH_NAME)]
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -91,11 +116,11 @@ def _extensions():
         extra_link_args=link_flags,
         py_limited_api=True,
     )
-    cmdclass = {"build_ext": cpp_extension.BuildExtension}
-    return [ext], cmdclass
+    return [ext], {"build_ext": cpp_extension.BuildExtension}
 
 
 ext_modules, cmdclass = _extensions()
+cmdclass["build_py"] = build_py_with_pth
 
 setup(
     ext_modules=ext_modules,

@@ -3,19 +3,23 @@ transformers when quantkernels is imported (that would add ~0.8 s to ``import qu
 
 ``install()`` (called by ``quantkernels/__init__.py``) registers at once when
 ``transformers.quantizers.auto`` (the module holding transformers' quantizer registry) is already
-imported; otherwise it puts a finder on ``sys.meta_path`` that registers right after that module
-is executed, which happens before any ``from_pretrained`` can run (``transformers.modeling_utils``
-imports it). Installing twice (a reload of quantkernels) keeps a single finder.
+imported; otherwise the finder of the top-level module ``_quantkernels_hf_autoload`` (on
+``sys.meta_path``) registers right after that module is executed, which happens before any
+``from_pretrained`` can run (``transformers.modeling_utils`` imports it). Installing twice (a reload
+of quantkernels) keeps a single finder. The same finder, started by the ``quantkernels-hf.pth`` file
+an install puts in site-packages, imports quantkernels when transformers' registry is first imported,
+so ``from_pretrained`` of a saved directory works without ``import quantkernels``.
 """
 
 from __future__ import annotations
 
-import importlib.abc
 import sys
 import warnings
 
-TARGET = "transformers.quantizers.auto"
-_MARK = "_quantkernels_hf_hook"
+import _quantkernels_hf_autoload as _autoload
+
+TARGET = _autoload.TARGET
+_MARK = _autoload._MARK
 
 
 def _register() -> None:
@@ -46,39 +50,5 @@ def _supported() -> bool:
         return True  # a development version: try, and warn if it fails
 
 
-class _Loader(importlib.abc.Loader):
-    def __init__(self, loader):
-        self._loader = loader
-
-    def create_module(self, spec):
-        return self._loader.create_module(spec)
-
-    def exec_module(self, module):
-        self._loader.exec_module(module)
-        _register()
-
-
-class _Finder(importlib.abc.MetaPathFinder):
-    def find_spec(self, fullname, path, target=None):
-        if fullname != TARGET:
-            return None
-        for finder in sys.meta_path:
-            if getattr(finder, _MARK, False) or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(fullname, path, target)
-            if spec is not None:
-                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
-                    spec.loader = _Loader(spec.loader)
-                return spec
-        return None
-
-
-setattr(_Finder, _MARK, True)
-
-
 def install() -> None:
-    if TARGET in sys.modules:
-        _register()
-        return
-    if not any(getattr(f, _MARK, False) for f in sys.meta_path):
-        sys.meta_path.insert(0, _Finder())
+    _autoload.on_target_import("quantkernels._hf_hook", _register)

@@ -5,6 +5,7 @@ save_quantized / load_quantized (either loads what the other wrote)."""
 import importlib
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -303,6 +304,43 @@ def test_lazy_registration_in_a_fresh_process(llama_dir, tmp_path):
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == "QuantLinear"
+
+
+def _site_packages_pth():
+    import site
+
+    return [Path(d) / "quantkernels-hf.pth" for d in site.getsitepackages() if (Path(d) / "quantkernels-hf.pth").exists()]
+
+
+def test_from_pretrained_without_import_quantkernels(llama_dir, tmp_path):
+    """The install's quantkernels-hf.pth makes a plain from_pretrained of a saved directory load our
+    layers without `import quantkernels` (transformers would otherwise warn and give random weights);
+    start-up imports nothing heavy; QUANTKERNELS_NO_AUTOLOAD=1 turns it off."""
+    if not _site_packages_pth():
+        pytest.skip("quantkernels-hf.pth is not installed in this environment's site-packages "
+                    "(quantkernels runs from a source tree without `pip install`)")
+    out = tmp_path / "saved"
+    AutoModelForCausalLM.from_pretrained(llama_dir, quantization_config=qk.QuantKernelsConfig("w8a16"),
+                                         dtype=torch.float32).save_pretrained(out)
+    ref = _logits(AutoModelForCausalLM.from_pretrained(out), torch.tensor([[1, 2, 3]]))
+    start = ("import sys\n"
+             "assert not {'torch', 'transformers', 'quantkernels'} & set(sys.modules), sorted(sys.modules)\n"
+             "assert any(getattr(f, '_quantkernels_hf_hook', False) for f in sys.meta_path)\n")
+    code = (start + "import torch\nfrom transformers import AutoModelForCausalLM\n"
+            f"m = AutoModelForCausalLM.from_pretrained({str(out)!r})\n"
+            "print(type(m.model.layers[0].mlp.up_proj).__name__)\n"
+            "with torch.no_grad():\n    print(m(torch.tensor([[1, 2, 3]])).logits.double().sum().item())\n")
+    env = {k: v for k, v in os.environ.items() if k != "QUANTKERNELS_NO_AUTOLOAD"}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                       env=env)
+    assert p.returncode == 0, p.stderr
+    kind, total = p.stdout.split()
+    assert kind == "QuantLinear"
+    assert float(total) == ref.double().sum().item()
+    p = subprocess.run([sys.executable, "-c", "import sys; assert not any(getattr(f, '_quantkernels_hf_hook', "
+                        "False) for f in sys.meta_path)"], capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                       env=dict(env, QUANTKERNELS_NO_AUTOLOAD="1"))
+    assert p.returncode == 0, p.stderr
 
 
 # --------------------------------------------------------------------------- the command line (issue 16's bug)
