@@ -191,10 +191,14 @@ def test_bad_checkpoint_fails_clearly_and_leaves_model_untouched(tmp_path, case)
     qk.save_quantized(quantized_toy("w8a8"), tmp_path)
     corrupt, msg = BAD[case]
     corrupt(tmp_path)
+    _assert_refused_untouched(tmp_path, msg)
+
+
+def _assert_refused_untouched(path, msg):
     sk = skeleton()
     before = _snapshot(sk)
     with pytest.raises(CheckpointError, match=msg):
-        qk.load_quantized(sk, tmp_path)
+        qk.load_quantized(sk, path)
     assert _snapshot(sk) == before
 
 
@@ -300,11 +304,7 @@ def test_damaged_shards_fail_clearly_and_leave_model_untouched(tmp_path, case):
     wm = _reshard(tmp_path)
     corrupt, msg = SHARD_DAMAGE[case]
     corrupt(tmp_path, wm)
-    sk = skeleton()
-    before = _snapshot(sk)
-    with pytest.raises(CheckpointError, match=msg):
-        qk.load_quantized(sk, tmp_path)
-    assert _snapshot(sk) == before
+    _assert_refused_untouched(tmp_path, msg)
 
 
 def test_bnb_import_refuses_a_tensor_in_two_files(tmp_path):
