@@ -161,7 +161,8 @@ def main(argv=None) -> Dict:
                machine=f"{_cpu.cpu_model()}, {os.cpu_count()} logical CPUs, {platform.machine()}",
                torch=torch.__version__, threads=torch.get_num_threads(),
                load=tuple(round(x, 1) for x in os.getloadavg()),
-               command="PYTHONPATH=. python bench/nf4_quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+               command="PYTHONPATH=. python bench/nf4_quality.py "
+               + " ".join(argv if argv is not None else sys.argv[1:]),
                max_tokens=a.max_tokens, rows=[list(r) for r in rows])
     if "minilm" in names:
         res["minilm"] = minilm_rows(rows)

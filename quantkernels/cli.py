@@ -234,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--group-size", type=int, default=128,
                    help="int4 group size (32, 64, 128, 256, -1 = per channel); nf4 / fp4: the block size (32 .. 4096)")
     q.add_argument("--double-quant", action="store_true",
-                   help="nf4 / fp4: also quantize the block absmax values to 8 bits (bitsandbytes' double quantization)")
+                   help="nf4 / fp4: also quantize the block absmax values to 8 bits "
+                        "(bitsandbytes' double quantization)")
     q.add_argument("--threshold", type=float, default=6.0, help="llm_int8 outlier threshold")
     q.add_argument("--exclude", nargs="*", default=["lm_head"], help="module-name globs kept in float")
     q.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="float dtype of the rest")

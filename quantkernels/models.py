@@ -366,7 +366,8 @@ def eval_causal(path: Path, schemes: List[str], *, group_size: int = 128, thresh
         rep = getattr(model, "quantkernels_report", None)
         rows.append(dict(scheme=scheme, lm_head=head, dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
                          group_size=group_size if scheme in ("w4a16", "w4a8", "nf4", "fp4") else None,
-                         double_quant=double_quant and scheme not in ("fp32", "bf16"), memory_mib=mem / 2**20, prefill_tok_s=prefill, forward_all_logits_tok_s=forward_all,
+                         double_quant=double_quant and scheme not in ("fp32", "bf16"),
+                         memory_mib=mem / 2**20, prefill_tok_s=prefill, forward_all_logits_tok_s=forward_all,
                          decode_tok_s=decode, ppl=ppl,
                          ppl_reference=ppl_ref, reference_is_same_kernels=same, tokens=n, generation=text,
                          same_prefix_as_fp32=match, quantized=len(rep.quantized) if rep else 0))
