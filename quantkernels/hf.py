@@ -149,6 +149,14 @@ class QuantKernelsConfig(QuantizationConfigMixin):
             raise _err(f"double_quant applies to {FLOAT4_SCHEMES} only (it quantizes their block absmax "
                        f"values), not to scheme {self.scheme!r}")
 
+    def to_dict(self) -> Dict[str, Any]:
+        """transformers' dict (``config.json``'s ``quantization_config``). ``double_quant`` is written
+        only when True, so a config without it reads as before in a quantkernels that predates it."""
+        d = super().to_dict()
+        if d.get("double_quant") is False:
+            del d["double_quant"]
+        return d
+
     def checkpoint_dict(self) -> Dict[str, Any]:
         """The checkpoint part (what ``quantization_config.json`` holds)."""
         d = self.to_dict()

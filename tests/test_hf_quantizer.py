@@ -153,6 +153,10 @@ def test_double_quant_off_is_plain_absmax(llama_dir):
     assert not up.double_quant and up.weight_scale.dtype == torch.float32 and up.nested_absmax is None
     assert model.config.quantization_config.double_quant is False
     assert all(e.get("double_quant", False) is False for e in model.config.quantization_config.modules.values())
+    # written only when True: a config.json without it reads as before in an older quantkernels
+    assert "double_quant" not in model.config.quantization_config.to_dict()
+    assert qk.QuantKernelsConfig("nf4", group_size=64, double_quant=True).to_dict()["double_quant"] is True
+    assert qk.QuantKernelsConfig.from_dict(qk.QuantKernelsConfig("fp4", group_size=64).to_dict()).double_quant is False
 
 
 def test_modules_to_not_convert_and_skipped_layers(llama_dir):
