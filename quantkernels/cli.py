@@ -162,7 +162,7 @@ def cmd_quantize(a) -> int:
     model, tok, kind = models.load_float_model(src, dtype=models.DTYPES[a.dtype])
     with torch.no_grad():
         qk.quantize_model(model, schemes[0], exclude=a.exclude or (), group_size=a.group_size,
-                          threshold=a.threshold, backend="auto", progress=not a.quiet)
+                          threshold=a.threshold, backend="auto", progress=not a.quiet, double_quant=a.double_quant)
     qk.save_quantized(model, out)
     models.copy_model_files(src, out, tok)
     print(f"wrote {out} ({sum(f.stat().st_size for f in out.iterdir() if f.is_file()) / 2**20:.1f} MiB): "
@@ -202,6 +202,13 @@ def check_args(a) -> None:
     if any(s in ("nf4", "fp4") for s in schemes) and gs not in BLOCKSIZES_4BIT:
         raise UsageError(f"--group-size is the block size of nf4 / fp4: one of "
                          f"{', '.join(map(str, BLOCKSIZES_4BIT))}, got {gs}")
+    if a.double_quant:  # never silently ignored: every quantization scheme given must take it
+        quantized = [s for s in schemes if s not in ("fp32", "bf16")]
+        other = [s for s in quantized if s not in ("nf4", "fp4")]
+        if other or not quantized:
+            raise UsageError(f"--double-quant applies to nf4 / fp4 only (it quantizes their block absmax values), "
+                             f"not to scheme {other[0]!r}" if other else
+                             "--double-quant applies to nf4 / fp4 only, and no nf4 / fp4 scheme was given")
     if math.isnan(a.threshold) or a.threshold < 0:
         raise UsageError(f"--threshold must be a number >= 0 (0 disables the llm_int8 outlier columns), "
                          f"got {a.threshold}")
@@ -224,7 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model", help="Hugging Face model directory, or gemma3-270m / minilm")
     q.add_argument("out", help="output directory")
     q.add_argument("--scheme", required=True, help=f"one of {', '.join(SCHEMES)}")
-    q.add_argument("--group-size", type=int, default=128, help="int4 group size (32, 64, 128, 256, -1 = per channel)")
+    q.add_argument("--group-size", type=int, default=128,
+                   help="int4 group size (32, 64, 128, 256, -1 = per channel); nf4 / fp4: the block size (32 .. 4096)")
+    q.add_argument("--double-quant", action="store_true",
+                   help="nf4 / fp4: also quantize the block absmax values to 8 bits "
+                        "(bitsandbytes' double quantization)")
     q.add_argument("--threshold", type=float, default=6.0, help="llm_int8 outlier threshold")
     q.add_argument("--exclude", nargs="*", default=["lm_head"], help="module-name globs kept in float")
     q.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="float dtype of the rest")
@@ -238,7 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "quantizes the lm_head (a tied embedding is then served from its quantized rows)")
     e.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
                    help="dtype of the quantized models' float parts and activations (default fp32)")
-    e.add_argument("--group-size", type=int, default=128)
+    e.add_argument("--group-size", type=int, default=128,
+                   help="int4 group size; nf4 / fp4: the block size (32 .. 4096)")
+    e.add_argument("--double-quant", action="store_true",
+                   help="nf4 / fp4 rows: also quantize the block absmax values to 8 bits; every quantization "
+                        "scheme given must then be nf4 or fp4 (fp32 / bf16 rows are fine)")
     e.add_argument("--threshold", type=float, default=6.0)
     e.add_argument("--max-tokens", type=int, default=None, help="evaluate on the first N tokens of the text")
     e.add_argument("--no-reference", action="store_true",

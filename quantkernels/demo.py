@@ -77,7 +77,7 @@ def _latency_ms(model, batch, runs: int) -> float:
 
 
 def run(schemes: List[str], backend: str = "auto", runs: int = 10, batch_size: int = 32,
-        group_size: int = 128) -> List[dict]:
+        group_size: int = 128, double_quant: bool = False) -> List[dict]:
     import quantkernels as qk
 
     tok, base = load_minilm()
@@ -88,12 +88,14 @@ def run(schemes: List[str], backend: str = "auto", runs: int = 10, batch_size: i
     rows = [dict(scheme="fp32", backend="torch", mb=fp32_bytes / 2**20, ratio=1.0,
                  ms=_latency_ms(base, batch, runs), cos_mean=1.0, cos_min=1.0, quantized=0, skipped=0)]
     for scheme in schemes:
-        model = qk.quantize_model(copy.deepcopy(base), scheme, group_size=group_size, backend=backend)
+        model = qk.quantize_model(copy.deepcopy(base), scheme, group_size=group_size, backend=backend,
+                                  double_quant=double_quant)
         emb = embed(model, batch)
         cos = (emb * ref).sum(-1)
         rep = model.quantkernels_report
         nbytes = qk.memory_footprint(model)
-        rows.append(dict(scheme=scheme, backend=backend, mb=nbytes / 2**20, ratio=nbytes / fp32_bytes,
+        rows.append(dict(scheme=scheme, double_quant=double_quant, backend=backend, mb=nbytes / 2**20,
+                         ratio=nbytes / fp32_bytes,
                          ms=_latency_ms(model, batch, runs), cos_mean=cos.mean().item(), cos_min=cos.min().item(),
                          quantized=len(rep.quantized), skipped=len(rep.skipped)))
     return rows
@@ -105,7 +107,8 @@ def format_table(rows: List[dict]) -> str:
              "| cosine to fp32 (mean / min) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['scheme']} | {r['backend']} | {r['quantized']} | {r['mb']:.1f} | {r['ratio']:.2f}x "
+        name = r["scheme"] + (" double quant" if r.get("double_quant") else "")
+        lines.append(f"| {name} | {r['backend']} | {r['quantized']} | {r['mb']:.1f} | {r['ratio']:.2f}x "
                      f"| {r['ms']:.1f} | {fp32_ms / r['ms']:.2f}x | {r['cos_mean']:.4f} / {r['cos_min']:.4f} |")
     return "\n".join(lines)
 
@@ -118,10 +121,15 @@ def main(argv=None):
     p.add_argument("--backend", default="auto", choices=qk.BACKENDS)
     p.add_argument("--runs", type=int, default=10, help="timed runs per model (median reported)")
     p.add_argument("--batch", type=int, default=32, help="sentences per batch")
-    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--group-size", type=int, default=128, help="int4 group size; nf4 / fp4: the block size")
+    p.add_argument("--double-quant", action="store_true",
+                   help="nf4 / fp4: also quantize the block absmax values (every scheme given must be nf4 / fp4)")
     a = p.parse_args(argv)
     schemes = [s for s in a.schemes.split(",") if s]
-    rows = run(schemes, a.backend, a.runs, a.batch, a.group_size)
+    other = [s for s in schemes if s not in ("nf4", "fp4")]
+    if a.double_quant and other:
+        p.error(f"--double-quant applies to nf4 / fp4 only, not to scheme {other[0]!r} (pass --schemes nf4,fp4)")
+    rows = run(schemes, a.backend, a.runs, a.batch, a.group_size, double_quant=a.double_quant)
     print(f"all-MiniLM-L6-v2 (6 layers, 384 hidden), batch of {a.batch} sentences; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
     kernels = qk.dispatch.kernel_table()

@@ -70,24 +70,28 @@ class QuantKernelsConfig(QuantizationConfigMixin):
         scheme: ``"w8a8"``, ``"llm_int8"``, ``"w8a16"``, ``"w4a16"``, ``"w4a8"``, ``"nf4"`` or ``"fp4"``
             (``SCHEMES``).
         group_size: int4 group size, one of 32, 64, 128, 256, or -1 (per output channel); for nf4 /
-            fp4 the block size, 32 .. 4096 (no double quantization through this config: use
-            ``quantize_model(..., double_quant=True)``); the int8 schemes are always per channel
-            and ignore it.
+            fp4 the block size, 32 .. 4096 (bitsandbytes' default is 64: pass it); the int8 schemes
+            are always per channel and ignore it.
         threshold: ``llm_int8`` outlier threshold (a number >= 0; ``inf``: no outliers).
         modules_to_not_convert: module-name globs kept in float, matched as ``quantize_model``'s
             ``exclude`` (``"lm_head"`` matches ``lm_head`` and ``model.lm_head``), and a match on a
             module keeps every linear layer under it (``"pooler"`` keeps ``pooler.dense``).
         quantize_lm_head: also quantize the output layer; when it is tied to the input embedding,
             the embedding is then served from the quantized rows (``QuantEmbedding``).
+        double_quant: nf4 / fp4 only: also quantize the block absmax values to 8 bits
+            (bitsandbytes' ``bnb_4bit_use_double_quant`` / ``compress_statistics``, docs/numerics.md
+            s.11.5), as ``quantize_model(..., double_quant=True)``. True with another scheme raises.
 
     A config read back from a saved checkpoint also holds the checkpoint's layer table
     (``modules``, ``kept_in_float``, ``tied``, ...; ``CHECKPOINT_KEYS``), which ``from_pretrained``
-    follows instead of re-quantizing. Bad values raise ``ValueError`` naming the argument.
+    follows instead of re-quantizing (there each layer's entry says whether it is double-quantized;
+    ``double_quant`` is then True when every layer is). Bad values raise ``ValueError`` naming the
+    argument.
     """
 
     def __init__(self, scheme: Optional[str] = None, group_size: int = 128, threshold: float = 6.0,
                  modules_to_not_convert: Optional[List[str]] = None, quantize_lm_head: bool = False,
-                 **checkpoint: Any):
+                 double_quant: bool = False, **checkpoint: Any):
         self.quant_method = QUANT_METHOD
         given = checkpoint.pop("quant_method", QUANT_METHOD)
         if given != QUANT_METHOD:
@@ -98,12 +102,14 @@ class QuantKernelsConfig(QuantizationConfigMixin):
         unknown = sorted(set(checkpoint) - set(CHECKPOINT_KEYS))
         if unknown:
             raise _err(f"unknown argument(s) {unknown}; known: scheme, group_size, threshold, "
-                       f"modules_to_not_convert, quantize_lm_head (and, from a saved checkpoint, {CHECKPOINT_KEYS})")
+                       f"modules_to_not_convert, quantize_lm_head, double_quant (and, from a saved checkpoint, "
+                       f"{CHECKPOINT_KEYS})")
         self.scheme = scheme
         self.group_size = group_size
         self.threshold = threshold
         self.modules_to_not_convert = modules_to_not_convert
         self.quantize_lm_head = quantize_lm_head
+        self.double_quant = double_quant
         for k in CHECKPOINT_KEYS:
             if k in checkpoint:
                 setattr(self, k, checkpoint[k])
@@ -123,6 +129,8 @@ class QuantKernelsConfig(QuantizationConfigMixin):
         self.modules_to_not_convert = None if m is None else list(m)
         if not isinstance(self.quantize_lm_head, bool):
             raise _err(f"quantize_lm_head must be True or False, got {self.quantize_lm_head!r}")
+        if not isinstance(self.double_quant, bool):
+            raise _err(f"double_quant must be True or False, got {self.double_quant!r}")
         if self.is_checkpoint:  # read back from config.json: its layer table decides, checked as load_quantized does
             validate_config(self.to_dict(), "config.json quantization_config")
             return
@@ -137,12 +145,24 @@ class QuantKernelsConfig(QuantizationConfigMixin):
         t = self.threshold
         if isinstance(t, bool) or not isinstance(t, (int, float)) or math.isnan(t) or t < 0:
             raise _err(f"threshold must be a number >= 0 (inf: no outlier columns), got {t!r}")
+        if self.double_quant and self.scheme not in FLOAT4_SCHEMES:
+            raise _err(f"double_quant applies to {FLOAT4_SCHEMES} only (it quantizes their block absmax "
+                       f"values), not to scheme {self.scheme!r}")
+
+    def to_dict(self) -> Dict[str, Any]:
+        """transformers' dict (``config.json``'s ``quantization_config``). ``double_quant`` is written
+        only when True, so a config without it reads as before in a quantkernels that predates it."""
+        d = super().to_dict()
+        if d.get("double_quant") is False:
+            del d["double_quant"]
+        return d
 
     def checkpoint_dict(self) -> Dict[str, Any]:
         """The checkpoint part (what ``quantization_config.json`` holds)."""
         d = self.to_dict()
         d.pop("modules_to_not_convert", None)
         d.pop("quantize_lm_head", None)
+        d.pop("double_quant", None)
         return d
 
 
@@ -267,7 +287,8 @@ class QuantKernelsHfQuantizer(HfQuantizer):
         for name in self._tied_lm_heads:  # quantize-on-load of a tied lm_head: now that its float rows are loaded
             quantize_model(model, self._report.scheme, include=(name,), exclude=(),
                            group_size=self.quantization_config.group_size,
-                           threshold=self.quantization_config.threshold)
+                           threshold=self.quantization_config.threshold,
+                           double_quant=self.quantization_config.double_quant)
             self._report.quantized.append(name)
             self._report.excluded.pop(name, None)
             self._report.tied_embeddings.update(model.quantkernels_report.tied_embeddings)
@@ -279,6 +300,7 @@ class QuantKernelsHfQuantizer(HfQuantizer):
         cfg = checkpoint_config(model)
         for k in CHECKPOINT_KEYS + ("scheme", "group_size", "threshold"):
             setattr(self.quantization_config, k, cfg[k])
+        self.quantization_config.double_quant = _all_double_quant(cfg["modules"])
         return model
 
     # ------------------------------------------------------------------ layer swaps (meta device)
@@ -311,7 +333,7 @@ class QuantKernelsHfQuantizer(HfQuantizer):
                 self._tied_lm_heads.append(name)
                 continue
             q = QuantLinear(K, N, bias=mod.bias is not None, scheme=cfg.scheme, group_size=cfg.group_size,
-                            threshold=cfg.threshold, device="meta",
+                            threshold=cfg.threshold, device="meta", double_quant=cfg.double_quant,
                             dtype=mod.bias.dtype if mod.bias is not None else mod.weight.dtype)
             # placeholder for the checkpoint's <name>.weight, dropped by QuantKernelsQuantize
             q.weight = nn.Parameter(torch.empty(tuple(mod.weight.shape), dtype=mod.weight.dtype, device="meta"),
@@ -352,10 +374,17 @@ class QuantKernelsHfQuantizer(HfQuantizer):
             lin_name = cfg["tied_embeddings"][emb_name]
             model.set_submodule(emb_name, QuantEmbedding(new[lin_name], emb).train(emb.training))
             _untie(model, (emb_name, lin_name))
+        self.quantization_config.double_quant = _all_double_quant(cfg["modules"])
         report = QuantizationReport(cfg.get("scheme") or "mixed", quantized=list(cfg["modules"]))
         report.excluded.update(cfg.get("kept_in_float", {}))
         report.tied_embeddings.update(cfg.get("tied_embeddings", {}))
         self._report = report
+
+
+def _all_double_quant(modules: Dict[str, Dict[str, Any]]) -> bool:
+    """Whether every layer of a checkpoint's table is double-quantized (nf4 / fp4 with
+    ``double_quant``): the ``double_quant`` a config read back from it reports."""
+    return bool(modules) and all(e.get("double_quant", False) is True for e in modules.values())
 
 
 def _excluded(name: str, patterns) -> Optional[str]:

@@ -318,14 +318,15 @@ def set_backend(model: nn.Module, backend: str) -> None:
 
 def eval_causal(path: Path, schemes: List[str], *, group_size: int = 128, threshold: float = 6.0,
                 max_tokens: Optional[int] = None, reference: bool = True, new_tokens: int = 24, runs: int = 3,
-                dtype: torch.dtype = torch.float32) -> Dict:
+                dtype: torch.dtype = torch.float32, double_quant: bool = False) -> Dict:
     """Every scheme's memory, prefill/decode tokens/s, perplexity (auto and reference backends)
     and greedy generation; returns {"rows": [...], "tokens": n, "prompt": PROMPT, "fp32_text": ...}.
 
     ``schemes`` holds ``"fp32"`` / ``"bf16"`` (the float model in that dtype), quantization schemes
     (the float parts of the model and its activations in ``dtype``, ``lm_head`` kept in float) and
     ``"<scheme>+head"`` (the ``lm_head`` quantized too; a tied input embedding is then served from
-    the same quantized rows, ``QuantEmbedding``)."""
+    the same quantized rows, ``QuantEmbedding``). ``double_quant``: nf4 / fp4 with their block absmax
+    values quantized too (``quantize_model``'s argument: it raises for any other scheme)."""
     import quantkernels as qk
 
     base, tok, _ = load_float_model(path, torch.float32)
@@ -344,7 +345,7 @@ def eval_causal(path: Path, schemes: List[str], *, group_size: int = 128, thresh
         else:
             model = copy.deepcopy(base).to(dtype)
             qk.quantize_model(model, scheme, group_size=group_size, threshold=threshold, progress=True,
-                              exclude=() if head else ("lm_head",))
+                              exclude=() if head else ("lm_head",), double_quant=double_quant)
         mem = qk.memory_footprint(model)
         ppl, n = perplexity(model, windows, desc=f"{scheme} perplexity")
         ppl_ref, same = ppl, True
@@ -365,6 +366,7 @@ def eval_causal(path: Path, schemes: List[str], *, group_size: int = 128, thresh
         rep = getattr(model, "quantkernels_report", None)
         rows.append(dict(scheme=scheme, lm_head=head, dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
                          group_size=group_size if scheme in ("w4a16", "w4a8", "nf4", "fp4") else None,
+                         double_quant=double_quant and scheme not in ("fp32", "bf16"),
                          memory_mib=mem / 2**20, prefill_tok_s=prefill, forward_all_logits_tok_s=forward_all,
                          decode_tok_s=decode, ppl=ppl,
                          ppl_reference=ppl_ref, reference_is_same_kernels=same, tokens=n, generation=text,
@@ -389,6 +391,8 @@ def format_causal(res: Dict, model_name: str) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         name = r["scheme"] + (f" g{r['group_size']}" if r["group_size"] else "")
+        if r.get("double_quant"):
+            name += " double quant"
         if r.get("lm_head"):
             name += " + lm_head"
         if r["scheme"] not in ("fp32", "bf16") and r.get("dtype", "float32") != "float32":
@@ -417,7 +421,8 @@ def cmd_eval(a, schemes: List[str]) -> int:
     if is_causal_lm(path):
         res = eval_causal(path, schemes, group_size=a.group_size, threshold=a.threshold,
                           max_tokens=a.max_tokens, reference=not a.no_reference, new_tokens=a.new_tokens,
-                          runs=a.runs, dtype=DTYPES[getattr(a, "dtype", "fp32")])
+                          runs=a.runs, dtype=DTYPES[getattr(a, "dtype", "fp32")],
+                          double_quant=getattr(a, "double_quant", False))
         table = format_causal(res, name)
     else:
         from .demo import format_table, run
@@ -427,7 +432,8 @@ def cmd_eval(a, schemes: List[str]) -> int:
             raise ValueError(f"quantkernels eval: {odd[0]!r} applies to causal LMs only; {name} is an encoder "
                              f"(its table compares every scheme with fp32)")
         qs = [s for s in schemes if s != "fp32"]
-        rows = run(qs, runs=a.runs, batch_size=a.batch, group_size=a.group_size)
+        rows = run(qs, runs=a.runs, batch_size=a.batch, group_size=a.group_size,
+                   double_quant=getattr(a, "double_quant", False))
         res = {"rows": rows}
         table = (f"{name} (encoder): sentence-embedding cosine to fp32, batch of {a.batch} sentences, "
                  f"median of {a.runs} runs; torch {torch.__version__}, {torch.get_num_threads()} threads\n\n"

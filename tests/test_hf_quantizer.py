@@ -67,7 +67,7 @@ def _float(path, dtype=torch.float32):
 
 def _quant_buffers(model):
     return {k: v for k, v in model.state_dict().items()
-            if k.endswith((".qweight", ".weight_scale", ".weight_zero"))}
+            if k.endswith((".qweight", ".weight_scale", ".weight_zero", ".nested_absmax", ".absmax_offset"))}
 
 
 # --------------------------------------------------------------------------- the issue's "done when"
@@ -108,6 +108,56 @@ def test_quantize_on_load_equals_quantize_model(llama_dir, ids, scheme, group_si
         assert torch.equal(loaded.state_dict()[k], v), k
     torch.testing.assert_close(_logits(loaded, ids), _logits(ref, ids), rtol=0, atol=0)
     assert loaded.quantkernels_report.quantized == ref.quantkernels_report.quantized
+
+
+@pytest.mark.parametrize("scheme,group_size,which,head", [("nf4", 32, "llama", False), ("fp4", 64, "gemma", True)])
+def test_double_quant_on_load_save_and_reload(llama_dir, gemma_dir, tmp_path, ids, scheme, group_size, which, head):
+    """QuantKernelsConfig(double_quant=True): the same buffers as quantize_model(..., double_quant=True)
+    (uint8 absmax codes, nested absmax, offset), also for a tied lm_head; save_pretrained records it
+    and a plain from_pretrained reads the same bits back."""
+    src = llama_dir if which == "llama" else gemma_dir
+    cfg = qk.QuantKernelsConfig(scheme, group_size=group_size, double_quant=True, quantize_lm_head=head)
+    assert qk.QuantKernelsConfig.from_dict(json.loads(cfg.to_json_string())).to_dict() == cfg.to_dict()
+    model = AutoModelForCausalLM.from_pretrained(src, quantization_config=cfg, dtype=torch.float32)
+    ref = qk.quantize_model(_float(src), scheme, group_size=group_size, double_quant=True,
+                            exclude=() if head else ("lm_head",))
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert layers and all(m.double_quant and m.weight_scale.dtype == torch.uint8 for m in layers)
+    assert isinstance(model.lm_head, QuantLinear) == head
+    want = _quant_buffers(ref)
+    assert any(k.endswith(".nested_absmax") for k in want) and _quant_buffers(model).keys() == want.keys()
+    for k, v in want.items():
+        assert torch.equal(model.state_dict()[k], v), k
+    torch.testing.assert_close(_logits(model, ids), _logits(ref, ids), rtol=0, atol=0)
+    assert model.config.quantization_config.double_quant is True
+
+    model.save_pretrained(tmp_path / "hf")
+    saved = json.loads((tmp_path / "hf" / "config.json").read_text())["quantization_config"]
+    assert saved["double_quant"] is True and saved["scheme"] == scheme
+    assert all(e["double_quant"] is True for e in saved["modules"].values())
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    for k, v in want.items():
+        assert torch.equal(reloaded.state_dict()[k], v), k
+    torch.testing.assert_close(_logits(reloaded, ids), _logits(ref, ids), rtol=0, atol=0)
+    assert reloaded.config.quantization_config.double_quant is True
+    # save_quantized's checkpoint (no top-level double_quant key) through from_pretrained: the table decides
+    qk.save_quantized(ref, tmp_path / "ours")
+    via_hf = AutoModelForCausalLM.from_pretrained(tmp_path / "ours")
+    assert via_hf.config.quantization_config.double_quant is True
+    torch.testing.assert_close(_logits(via_hf, ids), _logits(ref, ids), rtol=0, atol=0)
+
+
+def test_double_quant_off_is_plain_absmax(llama_dir):
+    model = AutoModelForCausalLM.from_pretrained(llama_dir, quantization_config=qk.QuantKernelsConfig(
+        "nf4", group_size=64), dtype=torch.float32)
+    up = model.model.layers[0].mlp.up_proj
+    assert not up.double_quant and up.weight_scale.dtype == torch.float32 and up.nested_absmax is None
+    assert model.config.quantization_config.double_quant is False
+    assert all(e.get("double_quant", False) is False for e in model.config.quantization_config.modules.values())
+    # written only when True: a config.json without it reads as before in an older quantkernels
+    assert "double_quant" not in model.config.quantization_config.to_dict()
+    assert qk.QuantKernelsConfig("nf4", group_size=64, double_quant=True).to_dict()["double_quant"] is True
+    assert qk.QuantKernelsConfig.from_dict(qk.QuantKernelsConfig("fp4", group_size=64).to_dict()).double_quant is False
 
 
 def test_modules_to_not_convert_and_skipped_layers(llama_dir):
@@ -221,6 +271,13 @@ def test_bf16_device_map_generate_and_compile(gemma_dir, tmp_path, ids):
     (dict(scheme="llm_int8", threshold="6"), "threshold must be a number"),
     (dict(scheme="w8a8", modules_to_not_convert=[1]), "modules_to_not_convert must be a list of module-name globs"),
     (dict(scheme="w8a8", quantize_lm_head="yes"), "quantize_lm_head must be True or False, got 'yes'"),
+    (dict(scheme="nf4", group_size=64, double_quant="yes"), "double_quant must be True or False, got 'yes'"),
+    (dict(scheme="nf4", group_size=64, double_quant=1), "double_quant must be True or False, got 1"),
+    (dict(scheme="fp4", group_size=64, double_quant=None), "double_quant must be True or False, got None"),
+    (dict(scheme="w4a16", group_size=64, double_quant=True),
+     "double_quant applies to ('nf4', 'fp4') only (it quantizes their block absmax values), not to scheme 'w4a16'"),
+    (dict(scheme="w8a8", double_quant=True), "not to scheme 'w8a8'"),
+    (dict(scheme="nf4", group_size=48, double_quant=True), "group_size is the block size for nf4"),
     (dict(scheme="w8a8", bits=4), "unknown argument(s) ['bits']"),
     (dict(scheme="w8a8", quant_method="bitsandbytes"), "quant_method must be 'quantkernels'"),
 ])
