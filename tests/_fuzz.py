@@ -468,6 +468,16 @@ def prop_w4a16(fn, check_ref: bool, x, packed, sb, zero, bias):
     _weight_only_check(y, x, w, bias, "w4a16_gemm")
 
 
+def prop_gemm_4bit(fn, check_ref: bool, x, packed, stats, quant_type, blocksize, bias, w_deq):
+    """NF4 / FP4 (s.11.6): against the reference and against x @ to_x(W)^T with W decoded by tests/_spec.py."""
+    from quantkernels import reference as R
+    absmax, nested, offset = stats
+    args = (x, packed, absmax, quant_type, blocksize, nested, offset, bias)
+    y = call(fn, *args)
+    _ref_compare(check_ref, y, R.gemm_4bit, args, "gemm_4bit", exact_class=False)
+    _weight_only_check(y, x, w_deq, bias, "gemm_4bit")
+
+
 def prop_llm_int8(fn, check_ref: bool, x, b, sb, bias, threshold):
     from quantkernels import reference as R
     y = call(fn, x, b, sb, bias, threshold)
@@ -565,6 +575,38 @@ def _activation_kinds(draw, finite_only=False):
     # no "huge" rows in a GEMM: a finite overflow in the fp32 accumulation is order-dependent
     kinds = [k for k in kinds if k != "huge" and not (finite_only and k in NONFINITE)] or ["normal"]
     return kinds
+
+
+@st.composite
+def gemm_4bit_case(draw, shape, flush_bf16_subnormals=False, dtypes=FLOATS, k_mult=2):
+    """NF4 / FP4 (docs/numerics.md s.11): the weight quantized by tests/_spec.py (blocks spanning rows
+    whenever K % B != 0), plain or double-quantized absmax, activations with hostile rows, any layout.
+    ``shape`` draws (M, N, K); K is rounded up to a multiple of ``k_mult`` (2: the format's own rule)."""
+    dtype = draw(st.sampled_from(dtypes))
+    M, N, K = draw(shape)
+    K += -K % k_mult
+    seed = draw(seed_st)
+    x = float_rows((M, K), dtype, _activation_kinds(draw), seed, exp=draw(st.integers(-3, 1)),
+                   tie_peak=7.0, flush_bf16_subnormals=flush_bf16_subnormals)
+    x = layout(x, draw(st.sampled_from(LAYOUTS)))
+    quant_type = draw(st.sampled_from(("nf4", "fp4")))
+    blocksize = draw(st.sampled_from((32, 64, 128, 256)))
+    w = (torch.randn(N, K, generator=gen(seed + 1)) * 10.0 ** draw(st.integers(-3, 1))).numpy()
+    if draw(st.booleans()):
+        w[draw(st.integers(0, N - 1))] = 0.0                  # a zero row: zero blocks decode to exact zeros
+    nib, absmax = S.quant_4bit(w, quant_type, blocksize)
+    packed = layout(torch.from_numpy(S.pack_4bit(nib)), draw(st.sampled_from(LAYOUTS)))
+    absmax = torch.from_numpy(absmax)
+    if draw(st.booleans()):
+        from quantkernels import reference as R
+        q, nested, offset = R.double_quantize_absmax(absmax)
+        scale = S.undouble_quant(S.i64(q), S.f32(nested), S.f32(offset))
+        stats = (q, nested, offset)
+    else:
+        scale, stats = absmax.numpy(), (absmax, None, None)
+    bias = draw(st.sampled_from((None,) + FLOATS))
+    bias = None if bias is None else torch.randn(N, generator=gen(seed + 3)).to(bias)
+    return x, packed, stats, quant_type, blocksize, bias, S.dequant_4bit(nib, scale, quant_type, blocksize)
 
 
 @st.composite

@@ -167,6 +167,21 @@ def test_weight_only_tensor_core_emu(int4, data, dev):
     on(dev, F.prop_w4a16 if int4 else F.prop_w8a16, "w4a16_gemm" if int4 else "w8a16_gemm", *case)
 
 
+@W(WEIGHT / 2)
+@given(case=F.gemm_4bit_case(shape=EMU_DIMS), dev=device_st)
+def test_gemm_4bit_emu(case, dev):
+    """NF4 / FP4: the GEMV (M <= 8, fp32, odd K, misaligned layouts) and, for larger M, the tensor cores."""
+    on(dev, F.prop_gemm_4bit, "gemm_4bit", *case)
+
+
+@W(WEIGHT / 2)
+@given(case=F.gemm_4bit_case(shape=TC_DIMS, dtypes=(torch.float16, torch.bfloat16), k_mult=32), dev=device_st)
+def test_gemm_4bit_tensor_core_emu(case, dev):
+    """NF4 / FP4 at the tensor-core kernel's shapes (K % 32 == 0): its three tiles, split-K, the code
+    table decode, flat blocks spanning rows, double quantization."""
+    on(dev, F.prop_gemm_4bit, "gemm_4bit", *case)
+
+
 @W(WEIGHT)
 @given(case=F.relayout(F.llm_int8_case(shape=EMU_DIMS)), dev=device_st)
 def test_llm_int8_linear_emu(case, dev):
@@ -250,7 +265,8 @@ def test_fuzz_reached_every_kernel_variant():
     assert not missing, f"never launched: {missing}\nlaunched:\n{log}"
     tiles = [f"imma_gemm_kernel<{t}, {i4}" for i4 in ("false", "true") for t in (
         "16, 64, 1, 4, 4", "64, 128, 2, 2, 4" if i4 == "false" else "64, 64, 2, 2, 4", "128, 128, 2, 4, 4")]
-    tiles += [r"weight_only_mma_kernel<\w+, \w+, 16, 2, 6>", r"weight_only_mma_kernel<\w+, \w+, 32, 2, 5>",
-              r"weight_only_mma_kernel<\w+, \w+, 64, 4, 4>"]
+    tiles += [rf"weight_only_mma_kernel<\w+, true, {t}, {code}>" for code in ("false", "true")
+              for t in ("16, 2, 6", "32, 2, 5", "64, 4, 4")]
+    tiles += [r"weight_only_mma_kernel<\w+, false, 16, 2, 6, false>", r"weight_only_gemv_kernel<\w+, true, true>"]
     missing = [t for t in tiles if not re.search(t, log)]
     assert not missing, f"tile configs never launched: {missing}\nlaunched:\n{log}"

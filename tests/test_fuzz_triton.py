@@ -86,42 +86,7 @@ def test_llm_int8_linear_triton(case):
     F.prop_llm_int8(op("llm_int8_linear"), True, *case)
 
 
-@st.composite
-def gemm_4bit_case(draw):
-    """NF4 / FP4 (docs/numerics.md s.11): the weight quantized by tests/_spec.py (blocks spanning rows
-    whenever K % B != 0), plain or double-quantized absmax, activations with hostile rows, any layout."""
-    dtype = draw(st.sampled_from(F.FLOATS))
-    M, N, K = draw(F.dims(m_max=9, n_max=20, k_max=96, even_k=True))
-    seed = draw(F.seed_st)
-    x = F.float_rows((M, K), dtype, F._activation_kinds(draw), seed, exp=draw(st.integers(-3, 1)),
-                     tie_peak=7.0, flush_bf16_subnormals=True)
-    x = F.layout(x, draw(st.sampled_from(F.LAYOUTS)))
-    quant_type = draw(st.sampled_from(("nf4", "fp4")))
-    blocksize = draw(st.sampled_from((32, 64, 128, 256)))
-    w = (torch.randn(N, K, generator=F.gen(seed + 1)) * 10.0 ** draw(st.integers(-3, 1))).numpy()
-    if draw(st.booleans()):
-        w[draw(st.integers(0, N - 1))] = 0.0                  # a zero row: zero blocks decode to exact zeros
-    nib, absmax = S.quant_4bit(w, quant_type, blocksize)
-    packed = F.layout(torch.from_numpy(S.pack_4bit(nib)), draw(st.sampled_from(F.LAYOUTS)))
-    absmax = torch.from_numpy(absmax)
-    if draw(st.booleans()):
-        from quantkernels import reference as R
-        q, nested, offset = R.double_quantize_absmax(absmax)
-        scale = S.undouble_quant(S.i64(q), S.f32(nested), S.f32(offset))
-        stats = (q, nested, offset)
-    else:
-        scale, stats = absmax.numpy(), (absmax, None, None)
-    bias = draw(st.sampled_from((None,) + F.FLOATS))
-    bias = None if bias is None else torch.randn(N, generator=F.gen(seed + 3)).to(bias)
-    return x, packed, stats, quant_type, blocksize, bias, S.dequant_4bit(nib, scale, quant_type, blocksize)
-
-
 @W(0.4)
-@given(case=gemm_4bit_case())
+@given(case=F.gemm_4bit_case(shape=F.dims(m_max=9, n_max=20, k_max=96, even_k=True), flush_bf16_subnormals=True))
 def test_gemm_4bit_triton(case):
-    from quantkernels import reference as R
-    x, packed, (absmax, nested, offset), quant_type, blocksize, bias, w_deq = case
-    args = (x, packed, absmax, quant_type, blocksize, nested, offset, bias)
-    y = F.call(op("gemm_4bit"), *args)
-    F._ref_compare(True, y, R.gemm_4bit, args, "gemm_4bit", exact_class=False)
-    F._weight_only_check(y, x, w_deq, bias, "gemm_4bit")
+    F.prop_gemm_4bit(op("gemm_4bit"), True, *case)
