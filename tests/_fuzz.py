@@ -595,8 +595,9 @@ def gemm_4bit_case(draw, shape, flush_bf16_subnormals=False, dtypes=FLOATS, k_mu
     if draw(st.booleans()):
         w[draw(st.integers(0, N - 1))] = 0.0                  # a zero row: zero blocks decode to exact zeros
     nib, absmax = S.quant_4bit(w, quant_type, blocksize)
-    packed = layout(torch.from_numpy(S.pack_4bit(nib)), draw(st.sampled_from(LAYOUTS)))
-    absmax = torch.from_numpy(absmax)
+    # clone(): torch-allocated memory (the CUDA emulator's out-of-bounds check knows only that)
+    packed = layout(torch.from_numpy(S.pack_4bit(nib)).clone(), draw(st.sampled_from(LAYOUTS)))
+    absmax = torch.from_numpy(absmax).clone()
     if draw(st.booleans()):
         from quantkernels import reference as R
         q, nested, offset = R.double_quantize_absmax(absmax)

@@ -487,7 +487,7 @@ def test_gemm_4bit_dequant_is_bitexact():
     """One nonzero activation per row selects one weight column: both kernels must give exactly
     to_x(fp32(code[v] * absmax)) (x 2), i.e. the decode and the double-quantized absmax
     (two roundings, no FMA) are bit for bit dequantize_4bit's."""
-    N, K, bs = 96, 512, 64
+    N, K, bs = 40, 256, 64
     for (M, dtype), qt, dq in itertools.product(((16, torch.float16), (16, torch.bfloat16), (5, torch.float16),
                                                  (5, torch.float32)), Q4_TYPES, (False, True)):
         packed, absmax, nested, offset = _w4bit(N, K, qt, bs, dq)
@@ -546,8 +546,9 @@ def test_gemm_4bit_empty_noncontiguous_and_errors():
         ops.gemm_4bit(x, d[0], d[1], "fp4", bs)  # uint8 codes without the double quantization
     with pytest.raises(ValueError, match=r"gemm_4bit: absmax must have shape \(160,\)"):
         ops.gemm_4bit(x, d[0], d[1][:-1].float(), "fp4", bs)
-    with pytest.raises(ValueError, match=r"is on cpu"):
-        ops.gemm_4bit(x, d[0], wq[1], "fp4", bs, d[2], d[3])
+    if DEV != "cpu":  # the emulator runs the CUDA bindings on CPU tensors
+        with pytest.raises(ValueError, match=r"is on cpu"):
+            ops.gemm_4bit(x, d[0], wq[1], "fp4", bs, d[2], d[3])
 
 
 def test_gemm_4bit_path_selection():

@@ -195,7 +195,7 @@ def _spoil(draw, op: str, args: list):
     """One argument of a valid call made invalid: a 3-D activation (the GEMMs take [M, K]), another
     dtype, a scale or bias of the wrong length, a weight with another K. Returns (args, what)."""
     kinds = ["3-D activation", "activation dtype", "weight K", "scale length", "scale dtype"]
-    if op in ("w8a8_gemm", "w4a8_gemm", "w8a16_gemm", "w4a16_gemm", "llm_int8_linear"):
+    if op in ("w8a8_gemm", "w4a8_gemm", "w8a16_gemm", "w4a16_gemm", "llm_int8_linear", "gemm_4bit"):
         kinds.append("bias length")
     kind = draw(st.sampled_from(kinds))
     a = list(args)
@@ -207,7 +207,7 @@ def _spoil(draw, op: str, args: list):
         a[1] = torch.cat([a[1], a[1][:, :1]], dim=1)
     else:
         si = {"int8_gemm": None, "w8a8_gemm": 3, "w4a8_gemm": 3, "w8a16_gemm": 2, "w4a16_gemm": 2,
-              "llm_int8_linear": 2}[op]
+              "llm_int8_linear": 2, "gemm_4bit": 2}[op]
         if si is None:
             kind = "weight K"
             a[1] = torch.cat([a[1], a[1][:, :1]], dim=1)
@@ -216,13 +216,15 @@ def _spoil(draw, op: str, args: list):
         elif kind == "scale dtype":
             a[si] = a[si].to(torch.float64)
         else:
-            bi = {"w8a8_gemm": 4, "w4a8_gemm": 5, "w8a16_gemm": 3, "w4a16_gemm": 4, "llm_int8_linear": 3}[op]
+            bi = {"w8a8_gemm": 4, "w4a8_gemm": 5, "w8a16_gemm": 3, "w4a16_gemm": 4, "llm_int8_linear": 3,
+                  "gemm_4bit": 7}[op]
             a[bi] = torch.ones(a[1].shape[0] + 1)
     return a, kind
 
 
 @W(WEIGHT / 3)
-@given(op=st.sampled_from(["int8_gemm", "w8a8_gemm", "w4a8_gemm", "w8a16_gemm", "w4a16_gemm", "llm_int8_linear"]),
+@given(op=st.sampled_from(["int8_gemm", "w8a8_gemm", "w4a8_gemm", "w8a16_gemm", "w4a16_gemm", "llm_int8_linear",
+                           "gemm_4bit"]),
        data=st.data())
 def test_bad_input_refused_like_the_reference_emu(op, data):
     """A call with one spoiled argument: the CUDA bindings refuse it with the reference's error
@@ -235,7 +237,9 @@ def test_bad_input_refused_like_the_reference_emu(op, data):
             "w4a8_gemm": lambda: F.w4a8_case(shape=small, k_max_gk=64),
             "w8a16_gemm": lambda: F.weight_only_case(int4=False, shape=small),
             "w4a16_gemm": lambda: F.weight_only_case(int4=True, shape=small, k_max_gk=64),
-            "llm_int8_linear": lambda: F.llm_int8_case(shape=small)}[op]
+            "llm_int8_linear": lambda: F.llm_int8_case(shape=small),
+            "gemm_4bit": lambda: F.gemm_4bit_case(shape=small).map(
+                lambda c: (c[0], c[1], c[2][0], c[3], c[4], c[2][1], c[2][2], c[5]))}[op]
     args, kind = _spoil(data.draw, op, list(data.draw(case())))
     if op == "llm_int8_linear" and kind == "activation dtype":
         args[0] = args[0].to(torch.int32)
