@@ -385,7 +385,8 @@ at::Tensor gemm_4bit_cuda(const at::Tensor& x_in, const at::Tensor& packed_in, c
   const at::Tensor nested_ref = nested.has_value() ? *nested : at::Tensor();
   const at::Tensor offset_ref = offset.has_value() ? *offset : at::Tensor();
   check_device(op, "x", x_in,
-               {{"packed", &packed_in}, {"absmax", &absmax_in}, {"nested_absmax", &nested_ref}, {"offset", &offset_ref}});
+               {{"packed", &packed_in}, {"absmax", &absmax_in}, {"nested_absmax", &nested_ref},
+                {"offset", &offset_ref}});
   QK_DEVICE_GUARD(x_in);
   const at::Tensor bias = bias_f32(op, bias_in, N, x_in);
   const at::Tensor x = x_in.contiguous(), packed = packed_in.contiguous();

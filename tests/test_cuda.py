@@ -694,6 +694,21 @@ def test_cuda_graph_w4a16_tensor_core(M):
     _graph_check(lambda x, p, s, z, b: ops.w4a16_gemm(x, p, s, z, b), make)
 
 
+@pytest.mark.parametrize("M", [3, 17])
+def test_cuda_graph_gemm_4bit(M):
+    """NF4 with double quantization: the absmax decode reads offset on the device and the split-K
+    workspace and decoded-absmax buffer come from the caching allocator, so the op captures."""
+    N, K, bs = 200, 4096, 64
+
+    def make():
+        w = torch.randn(N, K) * 0.02
+        p, a = ops.quantize_4bit(w, "nf4", bs)
+        q, n2, off = ops.double_quantize_absmax(a)
+        return torch.randn(M, K, dtype=torch.bfloat16), p, q, n2, off, torch.randn(N, dtype=torch.bfloat16)
+
+    _graph_check(lambda x, p, q, n2, off, b: ops.gemm_4bit(x, p, q, "nf4", bs, n2, off, b), make)
+
+
 def test_cuda_graph_w8a16_tensor_core():
     M, N, K = 33, 130, 1056
     _graph_check(lambda x, b, s: ops.w8a16_gemm(x, b, s),
@@ -744,6 +759,8 @@ def test_opcheck():
     p, s, z = (t.to(DEV) for t in _w4_weight(40, 1024, 32, True))
     torch.library.opcheck(ops.w4a16_gemm, (xh, p, s, z, torch.randn(40, device=DEV)))
     torch.library.opcheck(ops.w8a16_gemm, (xh, randint8((40, 1024)).to(DEV), pos_scale((40,), 0.003).to(DEV)))
+    p4, a4, n4, o4 = (t.to(DEV) for t in _w4bit(40, 1024, "nf4", 64, True))
+    torch.library.opcheck(ops.gemm_4bit, (xh, p4, a4, "nf4", 64, n4, o4, torch.randn(40, device=DEV)))
 
 
 # --------------------------------------------------------------------------- compute-sanitizer
