@@ -42,8 +42,8 @@ test: install
 	$(call run_suite,$(PY))
 
 # Property-based fuzzing at length: random seeds, FUZZ_EXAMPLES cases per property and backend
-# (the ci profile runs 150; the CUDA emulator's file half that per op, make test: ~711 cases in
-# ~35-60 s), failures kept in .hypothesis/ and replayed first on the next run.
+# (the ci profile runs 150; the CUDA emulator's file half that per op, make test: ~785 cases in
+# ~40-80 s), failures kept in .hypothesis/ and replayed first on the next run.
 FUZZ_EXAMPLES ?= 2000
 fuzz: install
 	HYPOTHESIS_PROFILE=fuzz QK_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q tests/test_fuzz.py

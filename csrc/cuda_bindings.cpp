@@ -8,7 +8,7 @@
 // No op synchronises with the host or allocates outside the caching allocator, so every op
 // here can be captured in a CUDA graph. Registered ops: quantize_int8_rowwise,
 // quantize_int8_rowwise_outliers, int8_gemm, w8a8_gemm, w4a8_gemm, w8a16_gemm, w4a16_gemm,
-// llm_int8_linear. The others keep the reference (or Triton via dispatch.py).
+// llm_int8_linear, gemm_4bit. The others keep the reference (or Triton via dispatch.py).
 //
 // QK_CUDA_EMU (csrc/cuda_emu/): the same code, with CPU tensors, drives the CUDA emulator and
 // registers the ops as quantkernels_cuda_emu::* on CPU (no device guard or stream there).
@@ -30,7 +30,7 @@
 #include <tuple>
 
 #include "cpu/cpu_isa.h"  // dtype_name(): "torch.float32"-style names, as the Python messages
-#include "cpu/qk_checks.h"  // zero_points(): the int4 zero-point range check
+#include "cpu/qk_checks.h"  // zero_points(): the int4 zero-point range check; weight_4bit()
 #include "qk_limits.h"      // kMaxKInt8, kMaxGroupW4A8
 #include "cuda/qk_cuda.h"
 
@@ -371,6 +371,48 @@ at::Tensor w4a16_gemm_cuda(const at::Tensor& x, const at::Tensor& bp, const at::
   return weight_only(op, x, bp, true, sb, zero_ref, ng, bias, N, K);
 }
 
+// NF4 / FP4 (docs/numerics.md s.11): the W4A16 kernels with the code-table decode (weight_only.cu).
+// Double quantization decodes the absmax values on the device first (an fp32 [nb] buffer from the
+// caching allocator; offset is read by the kernel, not the host).
+at::Tensor gemm_4bit_cuda(const at::Tensor& x_in, const at::Tensor& packed_in, const at::Tensor& absmax_in,
+                          c10::string_view quant_type, int64_t blocksize, const std::optional<at::Tensor>& nested,
+                          const std::optional<at::Tensor>& offset, const std::optional<at::Tensor>& bias_in) {
+  const char* op = "gemm_4bit";
+  const std::string qt(quant_type);
+  cpu::checks::weight_4bit(op, packed_in, absmax_in, qt, blocksize, nested, offset);
+  const int64_t N = packed_in.size(0), K = packed_in.size(1) * 2;
+  check_activation(op, x_in, K);
+  const at::Tensor nested_ref = nested.has_value() ? *nested : at::Tensor();
+  const at::Tensor offset_ref = offset.has_value() ? *offset : at::Tensor();
+  check_device(op, "x", x_in,
+               {{"packed", &packed_in}, {"absmax", &absmax_in}, {"nested_absmax", &nested_ref},
+                {"offset", &offset_ref}});
+  QK_DEVICE_GUARD(x_in);
+  const at::Tensor bias = bias_f32(op, bias_in, N, x_in);
+  const at::Tensor x = x_in.contiguous(), packed = packed_in.contiguous();
+  const int64_t M = x.size(0);
+  check_grid(op, "M", M, 8);
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  const cudaStream_t stream = stream_of(x);
+  at::Tensor am;
+  if (nested.has_value()) {
+    const at::Tensor q = absmax_in.contiguous(), n2 = nested->contiguous(), off = offset->contiguous();
+    am = at::empty({q.numel()}, x.options().dtype(at::kFloat));
+    C10_CUDA_CHECK(decode_absmax_4bit(static_cast<const uint8_t*>(q.data_ptr()), n2.data_ptr<float>(),
+                                      off.data_ptr<float>(), q.numel(), am.data_ptr<float>(), stream));
+  } else {
+    am = absmax_in.contiguous();
+  }
+  const DType xt = to_dtype(x.scalar_type());
+  const uint8_t* wp = static_cast<const uint8_t*>(packed.data_ptr());
+  const int splits = weight_only_splits(xt, true, x.data_ptr(), wp, M, N, K, 1, wo_gemv_max_m(op));
+  at::Tensor ws = splits > 1 ? at::empty({splits, M, N}, x.options().dtype(at::kFloat)) : at::Tensor();
+  C10_CUDA_CHECK(gemm_4bit(x.data_ptr(), xt, wp, qt == "nf4", am.data_ptr<float>(), blocksize, f32_or_null(bias), M, N,
+                           K, y.data_ptr(), splits, ws.defined() ? ws.data_ptr<float>() : nullptr, stream));
+  return y;
+}
+
 at::Tensor llm_int8_linear_cuda(const at::Tensor& x_in, const at::Tensor& b_in, const at::Tensor& sb_in,
                                 const std::optional<at::Tensor>& bias_in, double threshold) {
   const char* op = "llm_int8_linear";
@@ -431,4 +473,5 @@ TORCH_LIBRARY_IMPL(quantkernels, CUDA, m) {
   m.impl("w8a16_gemm", &quantkernels::cuda::w8a16_gemm_cuda);
   m.impl("w4a16_gemm", &quantkernels::cuda::w4a16_gemm_cuda);
   m.impl("llm_int8_linear", &quantkernels::cuda::llm_int8_linear_cuda);
+  m.impl("gemm_4bit", &quantkernels::cuda::gemm_4bit_cuda);
 }

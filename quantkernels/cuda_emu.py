@@ -36,7 +36,7 @@ EMU = CSRC / "cuda_emu"
 
 #: The CUDA ops (csrc/cuda_bindings.cpp registers these for CUDA, and for the emulator).
 OPS = ("quantize_int8_rowwise", "quantize_int8_rowwise_outliers", "int8_gemm", "w8a8_gemm", "w4a8_gemm",
-       "w8a16_gemm", "w4a16_gemm", "llm_int8_linear")
+       "w8a16_gemm", "w4a16_gemm", "llm_int8_linear", "gemm_4bit")
 
 #: Probe ops (csrc/cuda_emu/probes.cpp): one primitive or one deliberate hazard per launch.
 PROBES = {

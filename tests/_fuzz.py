@@ -650,15 +650,17 @@ def dims_4bit(draw, m_max=40, n_max=40):
 
 @st.composite
 def gemm_4bit_case(draw, shape=None, flush_bf16_subnormals=False, blocksizes=GROUPS, nonfinite_weights=False,
-                   stats_layouts=False):
+                   stats_layouts=False, dtypes=FLOATS, k_mult=2):
     """A gemm_4bit case: the weight quantized by tests/_spec.py (blocks spanning rows whenever
     K % B != 0), plain or double-quantized absmax, activations with hostile rows, any layout of x
     and of the packed weight. ``nonfinite_weights``: sometimes a NaN or +-Inf weight (plain absmax
     only: the double quantization refuses them, s.11.5), which poisons its block (s.11.3).
-    ``stats_layouts``: the absmax / nested absmax as strided or offset 1-D views too.
+    ``stats_layouts``: the absmax / nested absmax as strided or offset 1-D views too. ``shape`` draws
+    (M, N, K); K is rounded up to a multiple of ``k_mult`` (2: the format's own rule).
     Returns (x, packed, (absmax, nested, offset), quant_type, blocksize, bias, dequantized float32 W)."""
-    dtype = draw(st.sampled_from(FLOATS))
+    dtype = draw(st.sampled_from(dtypes))
     M, N, K = draw(shape if shape is not None else dims_4bit())
+    K += -K % k_mult
     seed = draw(seed_st)
     x = float_rows((M, K), dtype, _activation_kinds(draw), seed, exp=draw(st.integers(-3, 1)),
                    tie_peak=7.0, flush_bf16_subnormals=flush_bf16_subnormals)
@@ -674,8 +676,9 @@ def gemm_4bit_case(draw, shape=None, flush_bf16_subnormals=False, blocksizes=GRO
             st.sampled_from([float("nan"), float("inf"), float("-inf")]))
     with np.errstate(all="ignore"):
         nib, absmax = S.quant_4bit(w, quant_type, blocksize)
-    packed = layout(torch.from_numpy(S.pack_4bit(nib)), draw(st.sampled_from(LAYOUTS)))
-    absmax = torch.from_numpy(absmax)
+    # clone(): torch-allocated memory (the CUDA emulator's out-of-bounds check knows only that)
+    packed = layout(torch.from_numpy(S.pack_4bit(nib)).clone(), draw(st.sampled_from(LAYOUTS)))
+    absmax = torch.from_numpy(absmax).clone()
     if dq:
         from quantkernels import reference as R
         q, nested, offset = R.double_quantize_absmax(absmax)

@@ -37,7 +37,7 @@ DEV = "cuda"
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: Every op csrc/cuda_bindings.cpp registers for the CUDA key.
 CUDA_OPS = ("quantize_int8_rowwise", "quantize_int8_rowwise_outliers", "int8_gemm", "w8a8_gemm", "w4a8_gemm",
-            "w8a16_gemm", "w4a16_gemm", "llm_int8_linear")
+            "w8a16_gemm", "w4a16_gemm", "llm_int8_linear", "gemm_4bit")
 
 MS = (1, 3, 17, 67, 130)
 GEMM_NK = [(8, 32), (37, 48), (200, 4096 + 16), (64, 100), (130, 7)]  # K % 16 != 0 -> SIMT fallback
@@ -422,6 +422,181 @@ def test_weight_only_misaligned_fallback():
     torch.testing.assert_close(ops.w8a16_gemm(misaligned(x), b, sb), ops.w8a16_gemm(x, b, sb), rtol=1e-3, atol=1e-3)
 
 
+# --------------------------------------------------------------------------- NF4 / FP4 (gemm_4bit)
+
+# The W4A16 kernels with the code-table decode (weight_only.cu, docs/numerics.md s.11): the GEMV
+# (M <= 8, fp32, K % 32 != 0, misaligned) and the tensor-core kernel (fp16 / bf16, M > 8) with its
+# tiles, tails and split-K. Blocks of B values of the flattened weight span rows when K % B != 0
+# (K = 96 with B = 64, K = 70, B = 4096 > K), double quantization decodes the absmax values first
+# (absmax_dq_kernel).
+Q4_TYPES = ("nf4", "fp4")
+Q4_GEMV = [(37, 256, 64), (64, 70, 32), (130, 1056, 4096)]  # (N, K, blocksize); K = 70: the scalar path
+Q4_TC = [(37, 256, 64), (70, 96, 64), (200, 4096, 128), (130, 1056, 32), (64, 160, 2048)]
+
+
+def _w4bit(N, K, qt, bs, dq, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(N, K, generator=g) * 0.02
+    w[:, 5] *= 40  # a wide block next to ordinary ones
+    packed, absmax = ops.quantize_4bit(w, qt, bs)
+    if dq:
+        absmax, nested, offset = ops.double_quantize_absmax(absmax)
+        return packed, absmax, nested, offset
+    return packed, absmax, None, None
+
+
+def _check_4bit(x, wq, qt, bs, bias, what):
+    """gemm_4bit on DEV against s.11.6: x @ to_x(dequantize_4bit(...))^T + bias, s.6 tolerances."""
+    packed, absmax, nested, offset = wq
+    d = lambda t: None if t is None else t.to(DEV)  # noqa: E731
+    y = ops.gemm_4bit(d(x), d(packed), d(absmax), qt, bs, d(nested), d(offset), d(bias))
+    wdeq = R.dequantize_4bit(packed, absmax, qt, bs, nested, offset).to(x.dtype)
+    exact, mag = S.weight_only(S.f32(x), S.f32(wdeq), None if bias is None else S.f32(bias))
+    S.assert_float_output(y, exact, mag, x.dtype, what)
+    return y
+
+
+@pytest.mark.parametrize("M,N,K,bs,dtype,qt,dq", [
+    pytest.param(M, N, K, bs, dt, qt, dq, id=f"{M}x{N}x{K}-b{bs}-{dn(dt)}-{qt}{'-dq' if dq else ''}")
+    for M, (N, K, bs), dt, (qt, dq) in itertools.product(
+        (1, 3, 8), Q4_GEMV, FLOAT_DTYPES, [("nf4", False), ("fp4", True), ("nf4", True), ("fp4", False)])])
+def test_gemm_4bit_gemv(M, N, K, bs, dtype, qt, dq):
+    x = rand_rows(M, K, dtype)
+    bias = torch.randn(N).to(dtype) if (M + dq) % 2 else None
+    _check_4bit(x, _w4bit(N, K, qt, bs, dq), qt, bs, bias, "Y")
+
+
+@pytest.mark.parametrize("M,N,K,bs,dtype,qt,dq", [
+    pytest.param(M, N, K, bs, dt, qt, dq, id=f"{M}x{N}x{K}-b{bs}-{dn(dt)}-{qt}{'-dq' if dq else ''}")
+    for M, (N, K, bs), dt, (qt, dq) in itertools.product(
+        (9, 16, 17, 33, 67, 130), Q4_TC, HALF_DTYPES, [("nf4", False), ("fp4", True), ("nf4", True),
+                                                      ("fp4", False)])])
+def test_gemm_4bit_tensor_core(M, N, K, bs, dtype, qt, dq):
+    x = rand_rows(M, K, dtype)
+    bias = torch.randn(N).to(dtype) if (M + dq) % 2 else None
+    _check_4bit(x, _w4bit(N, K, qt, bs, dq), qt, bs, bias, "Y")
+
+
+def test_gemm_4bit_fp32_large_m():
+    """fp32 activations never take the tensor cores (tf32 would change the numbers): the GEMV at any M."""
+    for qt, dq in (("nf4", True), ("fp4", False)):
+        _check_4bit(rand_rows(17, 256, torch.float32), _w4bit(40, 256, qt, 64, dq), qt, 64, torch.randn(40), "Y")
+
+
+def test_gemm_4bit_dequant_is_bitexact():
+    """One nonzero activation per row selects one weight column: both kernels must give exactly
+    to_x(fp32(code[v] * absmax)) (x 2), i.e. the decode and the double-quantized absmax
+    (two roundings, no FMA) are bit for bit dequantize_4bit's."""
+    N, K, bs = 40, 256, 64
+    for (M, dtype), qt, dq in itertools.product(((16, torch.float16), (16, torch.bfloat16), (5, torch.float16),
+                                                 (5, torch.float32)), Q4_TYPES, (False, True)):
+        packed, absmax, nested, offset = _w4bit(N, K, qt, bs, dq)
+        if not dq:
+            absmax = absmax * (1 + torch.rand_like(absmax) * 1e-3)  # absmax far from any fp16 / bf16 value
+        x = torch.zeros(M, K, dtype=dtype)
+        cols = torch.randperm(K)[:M]
+        x[torch.arange(M), cols] = 2.0
+        d = lambda t: None if t is None else t.to(DEV)  # noqa: E731
+        y = ops.gemm_4bit(d(x), d(packed), d(absmax), qt, bs, d(nested), d(offset)).cpu()
+        wdeq = R.dequantize_4bit(packed, absmax, qt, bs, nested, offset).to(dtype)
+        expect = (wdeq[:, cols].t().float() * 2).to(dtype)
+        assert torch.equal(y, expect), f"M={M} {dtype} {qt} dq={dq}: {(y.float() - expect.float()).abs().max()}"
+
+
+def test_gemm_4bit_nonfinite_block_propagates():
+    """A NaN / Inf absmax (s.11.3): that block's weights are NaN / +-Inf / NaN, so the output
+    columns it feeds are non-finite exactly where the reference's are; other columns are finite."""
+    N, K, bs = 40, 256, 64
+    for M, dtype in ((3, torch.float16), (17, torch.bfloat16)):
+        packed, absmax, _, _ = _w4bit(N, K, "nf4", bs, False)
+        absmax[3 * K // bs] = float("nan")  # row 3's first block
+        absmax[7 * K // bs + 1] = float("inf")  # row 7's second block
+        x = rand_rows(M, K, dtype)
+        y = ops.gemm_4bit(x.to(DEV), packed.to(DEV), absmax.to(DEV), "nf4", bs).cpu().float()
+        ref = R.gemm_4bit(x, packed, absmax, "nf4", bs).float()
+        assert torch.equal(torch.isnan(y), torch.isnan(ref)) and torch.equal(torch.isinf(y), torch.isinf(ref))
+        assert torch.isfinite(y[:, [c for c in range(N) if c not in (3, 7)]]).all()
+        assert (~torch.isfinite(y[2:, 3])).all()  # rows 0 / 1 of x may be zero (rand_rows zeroes row 1)
+
+
+def test_gemm_4bit_empty_noncontiguous_and_errors():
+    """M = 0 gives [0, N]; a non-contiguous 2-D x (a column slice) goes through the bindings'
+    .contiguous(); bad arguments are errors naming the argument and the value."""
+    N, K, bs = 40, 256, 64
+    wq = _w4bit(N, K, "fp4", bs, True)
+    d = [t.to(DEV) for t in wq]
+    y = ops.gemm_4bit(torch.zeros(0, K, dtype=torch.float16, device=DEV), d[0], d[1], "fp4", bs, d[2], d[3])
+    assert y.shape == (0, N) and y.dtype == torch.float16
+    base = rand_rows(17, 2 * K, torch.bfloat16)
+    for xs in (base[:, K:], base[:3, ::2]):
+        assert not xs.is_contiguous()
+        _check_4bit(xs, wq, "fp4", bs, None, "Y (non-contiguous x)")
+    x = torch.randn(3, K, device=DEV)
+    with pytest.raises(ValueError, match=r"gemm_4bit: quant_type must be one of \('nf4', 'fp4'\), got 'int4'"):
+        ops.gemm_4bit(x, d[0], d[1], "int4", bs, d[2], d[3])
+    with pytest.raises(ValueError, match=r"gemm_4bit: blocksize must be one of .*got 48"):
+        ops.gemm_4bit(x, d[0], d[1], "fp4", 48, d[2], d[3])
+    with pytest.raises(ValueError, match=r"gemm_4bit: x has K = 128 columns but the weight has K = 256"):
+        ops.gemm_4bit(x[:, :128], d[0], d[1], "fp4", bs, d[2], d[3])
+    with pytest.raises(ValueError, match=r"gemm_4bit: x must be 2-D"):
+        ops.gemm_4bit(x.reshape(1, 3, K), d[0], d[1], "fp4", bs, d[2], d[3])
+    with pytest.raises(ValueError, match=r"nested_absmax and offset go together"):
+        ops.gemm_4bit(x, d[0], d[1], "fp4", bs, d[2], None)
+    with pytest.raises(TypeError, match=r"gemm_4bit: absmax must have dtype in \['torch.float32'\]"):
+        ops.gemm_4bit(x, d[0], d[1], "fp4", bs)  # uint8 codes without the double quantization
+    with pytest.raises(ValueError, match=r"gemm_4bit: absmax must have shape \(160,\)"):
+        ops.gemm_4bit(x, d[0], d[1][:-1].float(), "fp4", bs)
+    if DEV != "cpu":  # the emulator runs the CUDA bindings on CPU tensors
+        with pytest.raises(ValueError, match=r"is on cpu"):
+            ops.gemm_4bit(x, d[0], wq[1], "fp4", bs, d[2], d[3])
+
+
+def test_gemm_4bit_path_selection():
+    """Which kernels gemm_4bit launches: the GEMV for M <= 8, fp32, K % 32 != 0 or a misaligned x;
+    the tensor cores (with the split-K reduce at decode-like shapes) otherwise; absmax_dq_kernel
+    first under double quantization only."""
+    dq = [t.to(DEV) for t in _w4bit(200, 4096, "nf4", 64, True)]
+    plain = [t.to(DEV) for t in _w4bit(200, 4096, "nf4", 64, False)[:2]] + [None, None]
+    odd = [t.to(DEV) for t in _w4bit(64, 70, "nf4", 64, False)[:2]] + [None, None]
+
+    def names(M, xdt=torch.float16, w=dq, mis=False):
+        x = rand_rows(M, w[0].shape[1] * 2, xdt).to(DEV)
+        x = misaligned(x) if mis else x
+        return _kernel_names(lambda: ops.gemm_4bit(x, w[0], w[1], "nf4", 64, w[2], w[3]))
+
+    for M in (1, 8):
+        n = names(M)
+        assert "weight_only_gemv_kernel" in n and "weight_only_mma_kernel" not in n and "absmax_dq_kernel" in n, n
+    for M in (9, 17, 130):
+        n = names(M, w=plain)
+        assert "weight_only_mma_kernel" in n and "weight_only_gemv_kernel" not in n, (M, n)
+        assert "absmax_dq_kernel" not in n, n
+    assert "splitk_reduce_kernel" in names(16)
+    assert "weight_only_gemv_kernel" in names(17, xdt=torch.float32)
+    assert "weight_only_gemv_kernel" in names(17, mis=True)
+    assert "weight_only_gemv_kernel" in names(17, w=odd)
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "fp4"])
+def test_gemm_4bit_quantlinear_3d(scheme):
+    """QuantLinear on CUDA with a 3-D input (M = 2 * 19) and a non-contiguous view: backend "cuda"
+    and "auto" both run the CUDA C++ kernel (auto prefers it to Triton); results as the spec."""
+    N, K = 130, 512
+    lin = torch.nn.Linear(K, N).to(DEV, torch.bfloat16)
+    base = rand_rows(2 * 19, 2 * K, torch.bfloat16).to(DEV)
+    for backend in ("cuda", "auto"):
+        ql = quantkernels.QuantLinear.from_linear(lin, scheme, group_size=64, backend=backend, double_quant=True)
+        wdeq = R.dequantize_4bit(ql.qweight.cpu(), ql.weight_scale.cpu(), scheme, 64, ql.nested_absmax.cpu(),
+                                 ql.absmax_offset.cpu()).to(torch.bfloat16)
+        for x in (base[:, :K].reshape(2, 19, K), base[:, ::2].reshape(2, 19, K)):
+            n = _kernel_names(lambda: ql(x))
+            assert "weight_only_mma_kernel" in n and "absmax_dq_kernel" in n, n
+            y = ql(x)
+            assert y.shape == (2, 19, N) and y.dtype == torch.bfloat16
+            exact, mag = S.weight_only(S.f32(x.reshape(-1, K).cpu()), S.f32(wdeq), S.f32(ql.bias.cpu()))
+            S.assert_float_output(y.reshape(-1, N), exact, mag, torch.bfloat16, f"Y ({backend})")
+
+
 # --------------------------------------------------------------------------- LLM.int8
 
 
@@ -519,6 +694,21 @@ def test_cuda_graph_w4a16_tensor_core(M):
     _graph_check(lambda x, p, s, z, b: ops.w4a16_gemm(x, p, s, z, b), make)
 
 
+@pytest.mark.parametrize("M", [3, 17])
+def test_cuda_graph_gemm_4bit(M):
+    """NF4 with double quantization: the absmax decode reads offset on the device and the split-K
+    workspace and decoded-absmax buffer come from the caching allocator, so the op captures."""
+    N, K, bs = 200, 4096, 64
+
+    def make():
+        w = torch.randn(N, K) * 0.02
+        p, a = ops.quantize_4bit(w, "nf4", bs)
+        q, n2, off = ops.double_quantize_absmax(a)
+        return torch.randn(M, K, dtype=torch.bfloat16), p, q, n2, off, torch.randn(N, dtype=torch.bfloat16)
+
+    _graph_check(lambda x, p, q, n2, off, b: ops.gemm_4bit(x, p, q, "nf4", bs, n2, off, b), make)
+
+
 def test_cuda_graph_w8a16_tensor_core():
     M, N, K = 33, 130, 1056
     _graph_check(lambda x, b, s: ops.w8a16_gemm(x, b, s),
@@ -569,6 +759,8 @@ def test_opcheck():
     p, s, z = (t.to(DEV) for t in _w4_weight(40, 1024, 32, True))
     torch.library.opcheck(ops.w4a16_gemm, (xh, p, s, z, torch.randn(40, device=DEV)))
     torch.library.opcheck(ops.w8a16_gemm, (xh, randint8((40, 1024)).to(DEV), pos_scale((40,), 0.003).to(DEV)))
+    p4, a4, n4, o4 = (t.to(DEV) for t in _w4bit(40, 1024, "nf4", 64, True))
+    torch.library.opcheck(ops.gemm_4bit, (xh, p4, a4, "nf4", 64, n4, o4, torch.randn(40, device=DEV)))
 
 
 # --------------------------------------------------------------------------- compute-sanitizer

@@ -332,7 +332,7 @@ def test_launch_bounds_stated_in_every_kernel():
     assert sorted(names) == sorted(
         ["imma_gemm_kernel", "simt_gemm_kernel", "simt_w4a8_kernel", "llm_int8_correct_kernel",
          "quantize_rowwise_kernel", "outlier_columns_kernel", "weight_only_gemv_kernel", "weight_only_mma_kernel",
-         "splitk_reduce_kernel"]), names
+         "splitk_reduce_kernel", "absmax_dq_kernel"]), names
     # The parser itself: each way to break the rule is reported.
     ok = ("template <int B>\n__global__ void __launch_bounds__(B * 32)\nk(int* a, Foo<(1 > 0)> f) {\n"
           "  QK_LAUNCH_BOUNDS(B*32);\n}")
@@ -403,7 +403,9 @@ def _emulated(fn, keep=None):
 #   unsigned), simt_gemm_kernel and simt_w4a8_kernel (K % 16 / G % 32 != 0, misaligned);
 #   weight_only_gemv_kernel (int4 / int8, 16-byte and scalar paths, fp32/fp16/bf16),
 #   weight_only_mma_kernel's three tiles (BM 16 / 32 / 64) for fp16 / bf16, int4 (signed,
-#   unsigned) / int8, with and without split-K + splitk_reduce_kernel; llm_int8_correct_kernel.
+#   unsigned) / int8, with and without split-K + splitk_reduce_kernel; llm_int8_correct_kernel;
+#   gemm_4bit (NF4 / FP4): the same GEMV and tensor-core tiles with the code-table decode, blocks
+#   that span rows, double quantization (absmax_dq_kernel), split-K.
 test_quantize_rowwise_exact = _emulated(G.test_quantize_rowwise_exact, lambda M, K, dt: M in (3, 17) and K in (7, 256))
 test_quantize_rowwise_nonfinite_and_ties = _emulated(G.test_quantize_rowwise_nonfinite_and_ties)
 test_quantize_rowwise_3d_noncontiguous = _emulated(G.test_quantize_rowwise_3d_noncontiguous)
@@ -429,6 +431,22 @@ if FULL:  # long single cases: the K = 131056 extremes, the path selection at K 
     test_int8_gemm_extremes_and_fallback = _emulated(G.test_int8_gemm_extremes_and_fallback)
     test_weight_only_path_selection = _emulated(G.test_weight_only_path_selection)
 test_weight_only_gemv_threshold_env = _emulated(G.test_weight_only_gemv_threshold_env)
+test_gemm_4bit_gemv = _emulated(G.test_gemm_4bit_gemv, lambda M, N, K, bs, dt, qt, dq: (
+    (M, N, dt, qt, dq) in {(1, 37, torch.float16, "nf4", False), (3, 37, torch.bfloat16, "fp4", True),
+                           (1, 64, torch.float32, "nf4", True), (3, 64, torch.float16, "fp4", False),
+                           (8, 64, torch.bfloat16, "nf4", False), (1, 130, torch.float32, "fp4", True),
+                           (3, 130, torch.bfloat16, "nf4", False)}))
+test_gemm_4bit_tensor_core = _emulated(G.test_gemm_4bit_tensor_core, lambda M, N, K, bs, dt, qt, dq: (
+    (M, N, dt, qt, dq) in {(9, 37, torch.float16, "nf4", False), (17, 70, torch.bfloat16, "fp4", True),
+                           (33, 70, torch.float16, "nf4", True), (16, 130, torch.bfloat16, "fp4", False),
+                           (67, 37, torch.bfloat16, "nf4", True), (9, 64, torch.float16, "fp4", True),
+                           (130, 64, torch.float16, "nf4", False)}))
+test_gemm_4bit_fp32_large_m = _emulated(G.test_gemm_4bit_fp32_large_m)
+test_gemm_4bit_dequant_is_bitexact = _emulated(G.test_gemm_4bit_dequant_is_bitexact)
+test_gemm_4bit_nonfinite_block_propagates = _emulated(G.test_gemm_4bit_nonfinite_block_propagates)
+test_gemm_4bit_empty_noncontiguous_and_errors = _emulated(G.test_gemm_4bit_empty_noncontiguous_and_errors)
+if FULL:
+    test_gemm_4bit_path_selection = _emulated(G.test_gemm_4bit_path_selection)
 
 
 def test_every_cuda_op_runs_on_the_emulator():
@@ -467,7 +485,7 @@ def test_every_kernel_template_launches():
     kernels = set()
     for p in (cuda_emu.CSRC / "cuda").glob("*.cu"):
         kernels.update(launch_bounds_problems(p.read_text(), p.name)[0])
-    assert len(kernels) == 9, kernels
+    assert len(kernels) == 10, kernels
     cuda_emu.take_launch_log()
     x = torch.randn(70, 96)
     x[0, 3] = 50.0
@@ -481,12 +499,22 @@ def test_every_kernel_template_launches():
     emu.w8a16_gemm(torch.randn(1, 64), G.randint8((40, 64)), torch.ones(40))
     for M in (9, 17, 33):
         emu.w4a16_gemm(torch.randn(M, 1024).half(), torch.zeros(40, 512, dtype=torch.uint8), torch.ones(40, 8))
+    q4, a4 = torch.randint(0, 256, (40, 512), dtype=torch.uint8), torch.rand(640) + 0.5
+    for M in (1, 9, 17, 33):
+        emu.gemm_4bit(torch.randn(M, 1024).bfloat16(), q4, a4, "nf4", 64)
+    emu.gemm_4bit(torch.randn(2, 1024), q4, torch.randint(0, 256, (640,), dtype=torch.uint8), "fp4", 64,
+                  torch.rand(3) + 0.5, torch.tensor(0.25))
     log = "\n".join(cuda_emu.take_launch_log())
     for k in kernels:
         assert f"::{k}<" in log or f"::{k}(" in log, (k, log)
     for tile in ("imma_gemm_kernel<16, 64, 1, 4, 4, false", "imma_gemm_kernel<64, 128, 2, 2, 4, false",
                  "imma_gemm_kernel<128, 128, 2, 4, 4, false", "imma_gemm_kernel<16, 64, 1, 4, 4, true",
                  "imma_gemm_kernel<64, 64, 2, 2, 4, true", "imma_gemm_kernel<128, 128, 2, 4, 4, true",
-                 "weight_only_mma_kernel<__half, true, 16, 2, 6>", "weight_only_mma_kernel<__half, true, 32, 2, 5>",
-                 "weight_only_mma_kernel<__half, true, 64, 4, 4>"):
+                 "weight_only_mma_kernel<__half, true, 16, 2, 6, false>",
+                 "weight_only_mma_kernel<__half, true, 32, 2, 5, false>",
+                 "weight_only_mma_kernel<__half, true, 64, 4, 4, false>",
+                 "weight_only_mma_kernel<__nv_bfloat16, true, 16, 2, 6, true>",
+                 "weight_only_mma_kernel<__nv_bfloat16, true, 32, 2, 5, true>",
+                 "weight_only_mma_kernel<__nv_bfloat16, true, 64, 4, 4, true>",
+                 "weight_only_gemv_kernel<__nv_bfloat16, true, true>", "weight_only_gemv_kernel<float, true, true>"):
         assert tile in log, (tile, log)

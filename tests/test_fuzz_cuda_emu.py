@@ -167,6 +167,21 @@ def test_weight_only_tensor_core_emu(int4, data, dev):
     on(dev, F.prop_w4a16 if int4 else F.prop_w8a16, "w4a16_gemm" if int4 else "w8a16_gemm", *case)
 
 
+@W(WEIGHT / 2)
+@given(case=F.gemm_4bit_case(shape=EMU_DIMS), dev=device_st)
+def test_gemm_4bit_emu(case, dev):
+    """NF4 / FP4: the GEMV (M <= 8, fp32, odd K, misaligned layouts) and, for larger M, the tensor cores."""
+    on(dev, F.prop_gemm_4bit, "gemm_4bit", *case)
+
+
+@W(WEIGHT / 2)
+@given(case=F.gemm_4bit_case(shape=TC_DIMS, dtypes=(torch.float16, torch.bfloat16), k_mult=32), dev=device_st)
+def test_gemm_4bit_tensor_core_emu(case, dev):
+    """NF4 / FP4 at the tensor-core kernel's shapes (K % 32 == 0): its three tiles, split-K, the code
+    table decode, flat blocks spanning rows, double quantization."""
+    on(dev, F.prop_gemm_4bit, "gemm_4bit", *case)
+
+
 @W(WEIGHT)
 @given(case=F.relayout(F.llm_int8_case(shape=EMU_DIMS)), dev=device_st)
 def test_llm_int8_linear_emu(case, dev):
@@ -180,7 +195,7 @@ def _spoil(draw, op: str, args: list):
     """One argument of a valid call made invalid: a 3-D activation (the GEMMs take [M, K]), another
     dtype, a scale or bias of the wrong length, a weight with another K. Returns (args, what)."""
     kinds = ["3-D activation", "activation dtype", "weight K", "scale length", "scale dtype"]
-    if op in ("w8a8_gemm", "w4a8_gemm", "w8a16_gemm", "w4a16_gemm", "llm_int8_linear"):
+    if op in ("w8a8_gemm", "w4a8_gemm", "w8a16_gemm", "w4a16_gemm", "llm_int8_linear", "gemm_4bit"):
         kinds.append("bias length")
     kind = draw(st.sampled_from(kinds))
     a = list(args)
@@ -192,7 +207,7 @@ def _spoil(draw, op: str, args: list):
         a[1] = torch.cat([a[1], a[1][:, :1]], dim=1)
     else:
         si = {"int8_gemm": None, "w8a8_gemm": 3, "w4a8_gemm": 3, "w8a16_gemm": 2, "w4a16_gemm": 2,
-              "llm_int8_linear": 2}[op]
+              "llm_int8_linear": 2, "gemm_4bit": 2}[op]
         if si is None:
             kind = "weight K"
             a[1] = torch.cat([a[1], a[1][:, :1]], dim=1)
@@ -201,13 +216,15 @@ def _spoil(draw, op: str, args: list):
         elif kind == "scale dtype":
             a[si] = a[si].to(torch.float64)
         else:
-            bi = {"w8a8_gemm": 4, "w4a8_gemm": 5, "w8a16_gemm": 3, "w4a16_gemm": 4, "llm_int8_linear": 3}[op]
+            bi = {"w8a8_gemm": 4, "w4a8_gemm": 5, "w8a16_gemm": 3, "w4a16_gemm": 4, "llm_int8_linear": 3,
+                  "gemm_4bit": 7}[op]
             a[bi] = torch.ones(a[1].shape[0] + 1)
     return a, kind
 
 
 @W(WEIGHT / 3)
-@given(op=st.sampled_from(["int8_gemm", "w8a8_gemm", "w4a8_gemm", "w8a16_gemm", "w4a16_gemm", "llm_int8_linear"]),
+@given(op=st.sampled_from(["int8_gemm", "w8a8_gemm", "w4a8_gemm", "w8a16_gemm", "w4a16_gemm", "llm_int8_linear",
+                           "gemm_4bit"]),
        data=st.data())
 def test_bad_input_refused_like_the_reference_emu(op, data):
     """A call with one spoiled argument: the CUDA bindings refuse it with the reference's error
@@ -220,7 +237,9 @@ def test_bad_input_refused_like_the_reference_emu(op, data):
             "w4a8_gemm": lambda: F.w4a8_case(shape=small, k_max_gk=64),
             "w8a16_gemm": lambda: F.weight_only_case(int4=False, shape=small),
             "w4a16_gemm": lambda: F.weight_only_case(int4=True, shape=small, k_max_gk=64),
-            "llm_int8_linear": lambda: F.llm_int8_case(shape=small)}[op]
+            "llm_int8_linear": lambda: F.llm_int8_case(shape=small),
+            "gemm_4bit": lambda: F.gemm_4bit_case(shape=small).map(
+                lambda c: (c[0], c[1], c[2][0], c[3], c[4], c[2][1], c[2][2], c[5]))}[op]
     args, kind = _spoil(data.draw, op, list(data.draw(case())))
     if op == "llm_int8_linear" and kind == "activation dtype":
         args[0] = args[0].to(torch.int32)
@@ -250,7 +269,8 @@ def test_fuzz_reached_every_kernel_variant():
     assert not missing, f"never launched: {missing}\nlaunched:\n{log}"
     tiles = [f"imma_gemm_kernel<{t}, {i4}" for i4 in ("false", "true") for t in (
         "16, 64, 1, 4, 4", "64, 128, 2, 2, 4" if i4 == "false" else "64, 64, 2, 2, 4", "128, 128, 2, 4, 4")]
-    tiles += [r"weight_only_mma_kernel<\w+, \w+, 16, 2, 6>", r"weight_only_mma_kernel<\w+, \w+, 32, 2, 5>",
-              r"weight_only_mma_kernel<\w+, \w+, 64, 4, 4>"]
+    tiles += [rf"weight_only_mma_kernel<\w+, true, {t}, {code}>" for code in ("false", "true")
+              for t in ("16, 2, 6", "32, 2, 5", "64, 4, 4")]
+    tiles += [r"weight_only_mma_kernel<\w+, false, 16, 2, 6, false>", r"weight_only_gemv_kernel<\w+, true, true>"]
     missing = [t for t in tiles if not re.search(t, log)]
     assert not missing, f"tile configs never launched: {missing}\nlaunched:\n{log}"

@@ -136,9 +136,10 @@ def sass_report(cuobjdump: str, objs: dict[str, Path]):
 
 def dynamic_smem(pretty: str) -> str:
     """Dynamic shared memory of an imma_gemm_kernel<BM, BN, WM, WN, STAGES, INT4, Out> or a
-    weight_only_mma_kernel<T, INT4, BM, NT, STAGES> instance (TcCfg::kSmem in weight_only.cu:
-    STAGES x (BM rows x 128 bytes of activations + 32 NT channels x 32 / 64 bytes of weights))."""
-    m = re.search(r"weight_only_mma_kernel<[^,]+, (true|false), (\d+), (\d+), (\d+)>", pretty)
+    weight_only_mma_kernel<T, INT4, BM, NT, STAGES, CODE> instance (TcCfg::kSmem in weight_only.cu:
+    STAGES x (BM rows x 128 bytes of activations + 32 NT channels x 32 / 64 bytes of weights); the
+    NF4 / FP4 instances (CODE) add a 64-byte static code table, not counted here)."""
+    m = re.search(r"weight_only_mma_kernel<[^,]+, (true|false), (\d+), (\d+), (\d+), (?:true|false)>", pretty)
     if m:
         int4, bm, nt, stages = m.group(1) == "true", int(m.group(2)), int(m.group(3)), int(m.group(4))
         return str(stages * (bm * 128 + 32 * nt * (32 if int4 else 64)))

@@ -106,6 +106,23 @@ MUTATIONS = [
      "\n    // 3. sum_j",
      "llm_int8_correct_kernel: the xs / ws tiles gathered by all warps are read by other warps without the "
      "barrier between the two phases"),
+    ("NF4 / FP4 nibble order swapped (tensor cores)", "csrc/cuda/weight_only.cu",
+     "(bw[j][hs] >> (8 * (i >> 1) + ((i & 1) ? 0 : 4))) & 0xFu",
+     "(bw[j][hs] >> (8 * (i >> 1) + ((i & 1) ? 4 : 0))) & 0xFu",
+     "gemm_4bit tensor cores: the low nibble taken as the first value (the PLAIN int4 order, not s.11.4's)"),
+    ("NF4 / FP4 block index per row (tensor cores)", "csrc/cuda/weight_only.cu",
+     "s = __ldg(scale + ((n * K + k) >> lb));",
+     "s = __ldg(scale + n * ((K + (int64_t{1} << lb) - 1) >> lb) + (k >> lb));",
+     "gemm_4bit tensor cores: blocks counted per row instead of over the flattened weight (wrong whenever "
+     "K % blocksize != 0, i.e. when blocks span rows)"),
+    ("double quantization contracted into an FMA", "csrc/cuda/weight_only.cu",
+     "out[b] = __fadd_rn(__fmul_rn(s_dyn[q[b]], __ldg(nested + (b >> 8))), off);",
+     "out[b] = fmaf(s_dyn[q[b]], __ldg(nested + (b >> 8)), off);",
+     "absmax_dq_kernel: DYN[q] * a2 + offset rounded once instead of twice (s.11.5)"),
+    ("code table read before its barrier (GEMV)", "csrc/cuda/weight_only.cu",
+     "    __syncthreads();  // before any warp returns below",
+     "    // (barrier removed)",
+     "gemm_4bit GEMV: warps 1-3 read the shared code table that warp 0 writes, with no barrier between"),
 ]
 
 

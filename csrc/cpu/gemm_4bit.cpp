@@ -30,6 +30,7 @@
 
 #include "cpu_isa.h"
 #include "qk_checks.h"
+#include "qk_4bit_codes.h"  // kNF4, kFP4Raw, kDynamic (shared with the CUDA kernels)
 
 namespace quantkernels {
 namespace cpu {
@@ -39,81 +40,6 @@ using checks::shape_str;
 
 constexpr int64_t kGemvMaxM = 8;
 constexpr int64_t kPanelRows = 128;
-
-// s.11.1: NF4 as bitsandbytes lists it; FP4 = raw / 12 in float32 (computed once below).
-const float kNF4[16] = {-1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
-                        -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
-                        0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
-                        0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
-const float kFP4Raw[16] = {0.0f, 0.0625f, 8.0f, 12.0f, 4.0f, 6.0f, 2.0f, 3.0f,
-                           0.0f, -0.0625f, -8.0f, -12.0f, -4.0f, -6.0f, -2.0f, -3.0f};
-
-// s.11.5: bitsandbytes' 8-bit dynamic map (reference.DYNAMIC_CODE; tests/test_cpu_gemm_4bit.py checks equality).
-const float kDynamic[256] = {
-    -0x1.fc66660000000p-1f, -0x1.f533340000000p-1f, -0x1.ee00000000000p-1f, -0x1.e6cccc0000000p-1f,
-    -0x1.df999a0000000p-1f, -0x1.d866660000000p-1f, -0x1.d133340000000p-1f, -0x1.ca00000000000p-1f,
-    -0x1.c2cccc0000000p-1f, -0x1.bb999a0000000p-1f, -0x1.b466660000000p-1f, -0x1.ad33340000000p-1f,
-    -0x1.a600000000000p-1f, -0x1.9ecccc0000000p-1f, -0x1.97999a0000000p-1f, -0x1.9066660000000p-1f,
-    -0x1.8933340000000p-1f, -0x1.8200000000000p-1f, -0x1.7acccc0000000p-1f, -0x1.73999a0000000p-1f,
-    -0x1.6c66680000000p-1f, -0x1.6533340000000p-1f, -0x1.5e00000000000p-1f, -0x1.56cccc0000000p-1f,
-    -0x1.4f999a0000000p-1f, -0x1.4866680000000p-1f, -0x1.4133340000000p-1f, -0x1.3a00000000000p-1f,
-    -0x1.32cccc0000000p-1f, -0x1.2b999a0000000p-1f, -0x1.2466680000000p-1f, -0x1.1d33340000000p-1f,
-    -0x1.1600000000000p-1f, -0x1.0ecccc0000000p-1f, -0x1.0799980000000p-1f, -0x1.0066660000000p-1f,
-    -0x1.f266640000000p-2f, -0x1.e400000000000p-2f, -0x1.d599980000000p-2f, -0x1.c733340000000p-2f,
-    -0x1.b8cccc0000000p-2f, -0x1.aa66660000000p-2f, -0x1.9c00000000000p-2f, -0x1.8d99980000000p-2f,
-    -0x1.7f33340000000p-2f, -0x1.70cccc0000000p-2f, -0x1.6266660000000p-2f, -0x1.5400000000000p-2f,
-    -0x1.4599980000000p-2f, -0x1.3733340000000p-2f, -0x1.28cccc0000000p-2f, -0x1.1a66680000000p-2f,
-    -0x1.0c00000000000p-2f, -0x1.fb33320000000p-3f, -0x1.de66660000000p-3f, -0x1.c1999a0000000p-3f,
-    -0x1.a4cccc0000000p-3f, -0x1.8800000000000p-3f, -0x1.6b33340000000p-3f, -0x1.4e66660000000p-3f,
-    -0x1.31999a0000000p-3f, -0x1.14cccc0000000p-3f, -0x1.f000000000000p-4f, -0x1.b666680000000p-4f,
-    -0x1.93d70a0000000p-4f, -0x1.8851ee0000000p-4f, -0x1.7cccce0000000p-4f, -0x1.7147ae0000000p-4f,
-    -0x1.65c2900000000p-4f, -0x1.5a3d700000000p-4f, -0x1.4eb8540000000p-4f, -0x1.4333340000000p-4f,
-    -0x1.37ae140000000p-4f, -0x1.2c28f60000000p-4f, -0x1.20a3d60000000p-4f, -0x1.151eba0000000p-4f,
-    -0x1.09999a0000000p-4f, -0x1.fc28f60000000p-5f, -0x1.e51eba0000000p-5f, -0x1.ce147a0000000p-5f,
-    -0x1.b70a3e0000000p-5f, -0x1.a000000000000p-5f, -0x1.88f5c20000000p-5f, -0x1.71eb860000000p-5f,
-    -0x1.5ae1460000000p-5f, -0x1.43d70a0000000p-5f, -0x1.2cccce0000000p-5f, -0x1.15c2900000000p-5f,
-    -0x1.fd70a40000000p-6f, -0x1.cf5c2a0000000p-6f, -0x1.a147ae0000000p-6f, -0x1.7333340000000p-6f,
-    -0x1.451eba0000000p-6f, -0x1.170a3e0000000p-6f, -0x1.d1eb860000000p-7f, -0x1.75c2900000000p-7f,
-    -0x1.3e76c80000000p-7f, -0x1.2c08300000000p-7f, -0x1.19999a0000000p-7f, -0x1.072b020000000p-7f,
-    -0x1.e978d40000000p-8f, -0x1.c49ba60000000p-8f, -0x1.9fbe760000000p-8f, -0x1.7ae1480000000p-8f,
-    -0x1.56041a0000000p-8f, -0x1.3126e80000000p-8f, -0x1.0c49ba0000000p-8f, -0x1.ced9140000000p-9f,
-    -0x1.851eb80000000p-9f, -0x1.3b645a0000000p-9f, -0x1.e353f80000000p-10f, -0x1.4fdf3a0000000p-10f,
-    -0x1.eecbfe0000000p-11f, -0x1.b3d07c0000000p-11f, -0x1.78d5000000000p-11f, -0x1.3dd9820000000p-11f,
-    -0x1.02de020000000p-11f, -0x1.8fc5060000000p-12f, -0x1.19ce0a0000000p-12f, -0x1.47ae160000000p-13f,
-    -0x1.743e960000000p-14f, -0x1.15df660000000p-14f, -0x1.6f00680000000p-15f, -0x1.64840c0000000p-16f,
-    -0x1.040bfe0000000p-17f, -0x1.b435280000000p-19f, -0x1.27476e0000000p-21f, 0x0.0p+0f,
-    0x1.27476e0000000p-21f, 0x1.b435280000000p-19f, 0x1.040bfe0000000p-17f, 0x1.64840c0000000p-16f,
-    0x1.6f00680000000p-15f, 0x1.15df660000000p-14f, 0x1.743e960000000p-14f, 0x1.47ae160000000p-13f,
-    0x1.19ce0a0000000p-12f, 0x1.8fc5060000000p-12f, 0x1.02de020000000p-11f, 0x1.3dd9820000000p-11f,
-    0x1.78d5000000000p-11f, 0x1.b3d07c0000000p-11f, 0x1.eecbfe0000000p-11f, 0x1.4fdf3a0000000p-10f,
-    0x1.e353f80000000p-10f, 0x1.3b645a0000000p-9f, 0x1.851eb80000000p-9f, 0x1.ced9140000000p-9f,
-    0x1.0c49ba0000000p-8f, 0x1.3126e80000000p-8f, 0x1.56041a0000000p-8f, 0x1.7ae1480000000p-8f,
-    0x1.9fbe760000000p-8f, 0x1.c49ba60000000p-8f, 0x1.e978d40000000p-8f, 0x1.072b020000000p-7f,
-    0x1.19999a0000000p-7f, 0x1.2c08300000000p-7f, 0x1.3e76c80000000p-7f, 0x1.75c2900000000p-7f,
-    0x1.d1eb860000000p-7f, 0x1.170a3e0000000p-6f, 0x1.451eba0000000p-6f, 0x1.7333340000000p-6f,
-    0x1.a147ae0000000p-6f, 0x1.cf5c2a0000000p-6f, 0x1.fd70a40000000p-6f, 0x1.15c2900000000p-5f,
-    0x1.2cccce0000000p-5f, 0x1.43d70a0000000p-5f, 0x1.5ae1460000000p-5f, 0x1.71eb860000000p-5f,
-    0x1.88f5c20000000p-5f, 0x1.a000000000000p-5f, 0x1.b70a3e0000000p-5f, 0x1.ce147a0000000p-5f,
-    0x1.e51eba0000000p-5f, 0x1.fc28f60000000p-5f, 0x1.09999a0000000p-4f, 0x1.151eba0000000p-4f,
-    0x1.20a3d60000000p-4f, 0x1.2c28f60000000p-4f, 0x1.37ae140000000p-4f, 0x1.4333340000000p-4f,
-    0x1.4eb8540000000p-4f, 0x1.5a3d700000000p-4f, 0x1.65c2900000000p-4f, 0x1.7147ae0000000p-4f,
-    0x1.7cccce0000000p-4f, 0x1.8851ee0000000p-4f, 0x1.93d70a0000000p-4f, 0x1.b666680000000p-4f,
-    0x1.f000000000000p-4f, 0x1.14cccc0000000p-3f, 0x1.31999a0000000p-3f, 0x1.4e66660000000p-3f,
-    0x1.6b33340000000p-3f, 0x1.8800000000000p-3f, 0x1.a4cccc0000000p-3f, 0x1.c1999a0000000p-3f,
-    0x1.de66660000000p-3f, 0x1.fb33320000000p-3f, 0x1.0c00000000000p-2f, 0x1.1a66680000000p-2f,
-    0x1.28cccc0000000p-2f, 0x1.3733340000000p-2f, 0x1.4599980000000p-2f, 0x1.5400000000000p-2f,
-    0x1.6266660000000p-2f, 0x1.70cccc0000000p-2f, 0x1.7f33340000000p-2f, 0x1.8d99980000000p-2f,
-    0x1.9c00000000000p-2f, 0x1.aa66660000000p-2f, 0x1.b8cccc0000000p-2f, 0x1.c733340000000p-2f,
-    0x1.d599980000000p-2f, 0x1.e400000000000p-2f, 0x1.f266640000000p-2f, 0x1.0066660000000p-1f,
-    0x1.0799980000000p-1f, 0x1.0ecccc0000000p-1f, 0x1.1600000000000p-1f, 0x1.1d33340000000p-1f,
-    0x1.2466680000000p-1f, 0x1.2b999a0000000p-1f, 0x1.32cccc0000000p-1f, 0x1.3a00000000000p-1f,
-    0x1.4133340000000p-1f, 0x1.4866680000000p-1f, 0x1.4f999a0000000p-1f, 0x1.56cccc0000000p-1f,
-    0x1.5e00000000000p-1f, 0x1.6533340000000p-1f, 0x1.6c66680000000p-1f, 0x1.73999a0000000p-1f,
-    0x1.7acccc0000000p-1f, 0x1.8200000000000p-1f, 0x1.8933340000000p-1f, 0x1.9066660000000p-1f,
-    0x1.97999a0000000p-1f, 0x1.9ecccc0000000p-1f, 0x1.a600000000000p-1f, 0x1.ad33340000000p-1f,
-    0x1.b466660000000p-1f, 0x1.bb999a0000000p-1f, 0x1.c2cccc0000000p-1f, 0x1.ca00000000000p-1f,
-    0x1.d133340000000p-1f, 0x1.d866660000000p-1f, 0x1.df999a0000000p-1f, 0x1.e6cccc0000000p-1f,
-    0x1.ee00000000000p-1f, 0x1.f533340000000p-1f, 0x1.fc66660000000p-1f, 0x1.0000000000000p+0f};
 
 struct Table {
   alignas(64) float v[16];
@@ -536,43 +462,6 @@ Path use_path() {
   return isa_has_avx2(isa) ? Path::Avx2 : Path::Portable;
 }
 
-// ----------------------------------------------------------------------------- checks (= _contracts.weight_4bit)
-
-void check_4bit(const char* op, const at::Tensor& packed, const at::Tensor& absmax, const std::string& qt,
-                int64_t bs, const std::optional<at::Tensor>& nested, const std::optional<at::Tensor>& offset) {
-  TORCH_CHECK_VALUE(qt == "nf4" || qt == "fp4", "quantkernels.", op,
-                    ": quant_type must be one of ('nf4', 'fp4'), got '", qt, "'");
-  TORCH_CHECK_VALUE(bs >= 32 && bs <= 4096 && (bs & (bs - 1)) == 0, "quantkernels.", op,
-                    ": blocksize must be one of (32, 64, 128, 256, 512, 1024, 2048, 4096) (a power of two from 32 "
-                    "to 4096), got ", bs);
-  checks::dtype_is(op, "packed", packed, at::kByte);
-  checks::ndim_is(op, "packed", packed, 2, "[N, K/2] (two 4-bit codes per byte along K)");
-  const int64_t N = packed.size(0), K = packed.size(1) * 2, nb = (N * K + bs - 1) / bs;
-  TORCH_CHECK_VALUE(nested.has_value() == offset.has_value(), "quantkernels.", op,
-                    ": nested_absmax and offset go together (double quantization): got nested_absmax=",
-                    nested.has_value() ? "a tensor" : "None", ", offset=", offset.has_value() ? "a tensor" : "None");
-  if (!nested.has_value()) {
-    checks::dtype_is(op, "absmax", absmax, at::kFloat);
-  } else {
-    checks::dtype_is(op, "absmax", absmax, at::kByte);
-    checks::dtype_is(op, "nested_absmax", *nested, at::kFloat);
-    const int64_t s2[1] = {(nb + 255) / 256};
-    const std::string what = "(one scale per 256 blocks of " + std::to_string(bs) + " values)";
-    checks::shape_is(op, "nested_absmax", *nested, s2, what.c_str());
-    checks::dtype_is(op, "offset", *offset, at::kFloat);
-    checks::shape_is(op, "offset", *offset, at::IntArrayRef{}, "(the 0-D mean subtracted from the absmax values)");
-  }
-  const int64_t s1[1] = {nb};
-  const std::string what = "(one per block of " + std::to_string(bs) + " values of the flattened [" +
-                           std::to_string(N) + ", " + std::to_string(K) + "] weight)";
-  checks::shape_is(op, "absmax", absmax, s1, what.c_str());
-  checks::same_device(op, "absmax", absmax, "packed", packed);
-  if (nested.has_value()) {
-    checks::same_device(op, "nested_absmax", *nested, "packed", packed);
-    checks::same_device(op, "offset", *offset, "packed", packed);
-  }
-}
-
 // fp32 [nb] block absmax: as given, or decoded from the double quantization (s.11.5).
 at::Tensor absmax_f32(const at::Tensor& absmax, const std::optional<at::Tensor>& nested,
                       const std::optional<at::Tensor>& offset) {
@@ -607,7 +496,7 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& x_in, const at::Tensor& packed, const
                          const std::optional<at::Tensor>& offset, const std::optional<at::Tensor>& bias_in) {
   const char* op = "gemm_4bit";
   const std::string qt(quant_type);
-  check_4bit(op, packed, absmax, qt, blocksize, nested, offset);
+  checks::weight_4bit(op, packed, absmax, qt, blocksize, nested, offset);
   const int64_t N = packed.size(0), K = packed.size(1) * 2;
   checks::float_rows(op, "x", x_in, 2);
   checks::ndim_is(op, "x", x_in, 2, "[M, K] activation");

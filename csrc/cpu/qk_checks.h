@@ -2,6 +2,7 @@
 // ("quantkernels.<op>: <arg> must ..., got <value>"; TypeError for dtypes, ValueError otherwise).
 #pragma once
 
+#include <optional>
 #include <string>
 
 #include <ATen/core/Tensor.h>
@@ -94,6 +95,43 @@ inline at::ScalarType out_dtype(const char* op, std::optional<at::ScalarType> dt
   TORCH_CHECK_TYPE(is_float(t), "quantkernels.", op, ": out_dtype must be one of float16, bfloat16, float32, got ",
                    dtype_name(t));
   return t;
+}
+
+// _contracts.weight_4bit: the NF4 / FP4 weight (packed, absmax, double quantization) of s.11; shared by the
+// CPU kernel and the CUDA bindings.
+inline void weight_4bit(const char* op, const at::Tensor& packed, const at::Tensor& absmax, const std::string& qt,
+                        int64_t bs, const std::optional<at::Tensor>& nested, const std::optional<at::Tensor>& offset) {
+  TORCH_CHECK_VALUE(qt == "nf4" || qt == "fp4", "quantkernels.", op,
+                    ": quant_type must be one of ('nf4', 'fp4'), got '", qt, "'");
+  TORCH_CHECK_VALUE(bs >= 32 && bs <= 4096 && (bs & (bs - 1)) == 0, "quantkernels.", op,
+                    ": blocksize must be one of (32, 64, 128, 256, 512, 1024, 2048, 4096) (a power of two from 32 "
+                    "to 4096), got ", bs);
+  dtype_is(op, "packed", packed, at::kByte);
+  ndim_is(op, "packed", packed, 2, "[N, K/2] (two 4-bit codes per byte along K)");
+  const int64_t N = packed.size(0), K = packed.size(1) * 2, nb = (N * K + bs - 1) / bs;
+  TORCH_CHECK_VALUE(nested.has_value() == offset.has_value(), "quantkernels.", op,
+                    ": nested_absmax and offset go together (double quantization): got nested_absmax=",
+                    nested.has_value() ? "a tensor" : "None", ", offset=", offset.has_value() ? "a tensor" : "None");
+  if (!nested.has_value()) {
+    dtype_is(op, "absmax", absmax, at::kFloat);
+  } else {
+    dtype_is(op, "absmax", absmax, at::kByte);
+    dtype_is(op, "nested_absmax", *nested, at::kFloat);
+    const int64_t s2[1] = {(nb + 255) / 256};
+    const std::string what = "(one scale per 256 blocks of " + std::to_string(bs) + " values)";
+    shape_is(op, "nested_absmax", *nested, s2, what.c_str());
+    dtype_is(op, "offset", *offset, at::kFloat);
+    shape_is(op, "offset", *offset, at::IntArrayRef{}, "(the 0-D mean subtracted from the absmax values)");
+  }
+  const int64_t s1[1] = {nb};
+  const std::string what = "(one per block of " + std::to_string(bs) + " values of the flattened [" +
+                           std::to_string(N) + ", " + std::to_string(K) + "] weight)";
+  shape_is(op, "absmax", absmax, s1, what.c_str());
+  same_device(op, "absmax", absmax, "packed", packed);
+  if (nested.has_value()) {
+    same_device(op, "nested_absmax", *nested, "packed", packed);
+    same_device(op, "offset", *offset, "packed", packed);
+  }
 }
 
 }  // namespace checks

@@ -93,5 +93,23 @@ cudaError_t weight_only_gemm(const void* x, DType xt, const void* w, bool int4, 
                              const uint8_t* zero_b, int64_t num_groups, const float* bias, int64_t M, int64_t N,
                              int64_t K, void* y, int splits, float* workspace, cudaStream_t stream);
 
+// ---------------------------------------------------------------- NF4 / FP4 (weight_only.cu)
+
+// gemm_4bit (docs/numerics.md s.11.6): y[m, n] = T(sum_k x[m, k] * W[n, k] (+ bias[n])), fp32 products and
+// accumulation, W[n, k] = T(fp32(code[v] * absmax[(n*K + k) / blocksize])) with v the nibble of flat index
+// n*K + k of `packed` (uint8 [N, K/2], the first value of each pair in the HIGH nibble), code the NF4 (nf4)
+// or FP4 table of s.11.1, absmax fp32 [ceil(N*K / blocksize)] (decoded: see decode_absmax_4bit),
+// blocksize a power of two in [32, 4096], K even. The W4A16 kernels with the code-table decode: the
+// GEMV or the tensor-core kernel as weight_only_splits(xt, true, x, packed, M, N, K, 1, gemv_max_m) says,
+// with the same workspace rule.
+cudaError_t gemm_4bit(const void* x, DType xt, const uint8_t* packed, bool nf4, const float* absmax,
+                      int64_t blocksize, const float* bias, int64_t M, int64_t N, int64_t K, void* y, int splits,
+                      float* workspace, cudaStream_t stream);
+
+// Double quantization (s.11.5): out[b] = fp32(fp32(DYN[q[b]] * nested[b / 256]) + *offset) for b < nb,
+// two separately rounded operations; offset is a device pointer (no host synchronisation).
+cudaError_t decode_absmax_4bit(const uint8_t* q, const float* nested, const float* offset, int64_t nb, float* out,
+                               cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace quantkernels

@@ -1,4 +1,5 @@
-// Weight-only W8A16 / W4A16 GEMMs (docs/numerics.md s.4):
+// Weight-only W8A16 / W4A16 GEMMs (docs/numerics.md s.4), and NF4 / FP4 (gemm_4bit, s.11) through the
+// same two kernels with a third weight format (template flag CODE; see "NF4 / FP4" below):
 //   y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]),  w[n, k] = T(float(q[n, k] - z[n, g]) * scale[n, g])
 // with T the activation dtype (the dequantized weight is rounded to it, as the reference's
 // `w.to(x.dtype)`), products and accumulation in fp32 (fp16 x fp16 / bf16 x bf16 products are
@@ -71,8 +72,19 @@
 //    Status: compiled for sm_80 / sm_89 / sm_90a by `make cuda-check` (HMMA present, no
 //    spills) and run on the CPU by the CUDA emulator (tests/test_cuda_emu.py, in `make test`);
 //    NOT yet run on a GPU -- tests/test_cuda.py and bench (make gpu-check) verify it there.
+//
+// NF4 / FP4 (CODE = true; INT4 = true, the bytes hold two 4-bit codes): the packed weight
+// [N, K/2] holds the first value of each pair in the HIGH nibble (s.11.4) and `scale` is the fp32
+// absmax of flat blocks of B = 2^lb values of the [N, K] weight (block (n*K + k) >> lb: a block
+// may span rows; double quantization is decoded first by absmax_dq_kernel). A value decodes to
+// T(fp32(code[v] * absmax)) -- a lookup in the 16-entry code table, which each CTA copies from a
+// __grid_constant__ parameter into shared memory (16 banks: conflict-free for any nibbles), one
+// __fmul_rn and the rounding to T -- in place of the magic-number dequantization; everything else
+// (tiles, cp.async ring, k permutation, split-K, GEMV, fallbacks) is shared. With K % 32 == 0 a
+// lane's 16 (tensor cores) or 32 (GEMV chunk) consecutive values of a row lie in one block.
 #include <atomic>
 
+#include "../qk_4bit_codes.h"
 #include "qk_common.cuh"
 
 namespace quantkernels {
@@ -83,14 +95,39 @@ constexpr int kWarpsPerBlock = 4;
 constexpr int kMaxRows = 8;
 constexpr int kGemvMaxM = kMaxRows;  // above this M (fp16/bf16), the tensor-core kernel
 
-template <typename T, bool INT4>
+// NF4 / FP4 (CODE = true, docs/numerics.md s.11): the 16 fp32 values of the code table, a
+// __grid_constant__ kernel parameter that each CTA copies into 64 bytes of shared memory once
+// (the 16 entries sit in 16 distinct banks, so any nibble pattern of a warp is one conflict-free
+// LDS; a lookup in the parameter space itself would serialise on distinct addresses).
+struct Code16 {
+  float v[16];
+};
+
+// Copies the code table into shared memory (threads 0..15); the caller's next barrier publishes it.
+__device__ __forceinline__ void stage_code_table(float* s_code, const Code16& code) {
+  if (threadIdx.x < 16) s_code[threadIdx.x] = code.v[threadIdx.x];
+}
+
+// CODE: w is the NF4 / FP4 packed weight (first value of each pair in the HIGH nibble), scale the
+// fp32 absmax of the flat blocks of 2^lb values of the [N, K] weight (block (n*K + k) >> lb; a
+// block may span rows), zero null, num_groups 1; each value decodes to T(code[v] * absmax).
+template <typename T, bool INT4, bool CODE = false>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
 weight_only_gemv_kernel(const T* __restrict__ x, const uint8_t* __restrict__ w, const float* __restrict__ scale,
                         const uint8_t* __restrict__ zero, int64_t num_groups, const float* __restrict__ bias,
-                        int64_t M, int64_t N, int64_t K, T* __restrict__ y, bool vec) {
+                        int64_t M, int64_t N, int64_t K, T* __restrict__ y, bool vec,
+                        const __grid_constant__ Code16 code, int lb) {
   QK_LAUNCH_BOUNDS(kWarpsPerBlock * 32);
+  static_assert(!CODE || INT4, "the 4-bit code formats are packed like int4");
   constexpr int KC = INT4 ? 32 : 16;                   // k values per 16-byte weight chunk
   constexpr int XV = KC * static_cast<int>(sizeof(T)) / 16;  // 16-byte x loads per chunk and row
+  const float* tab = nullptr;
+  if constexpr (CODE) {
+    QK_SHARED(float, s_code, [16]);
+    stage_code_table(s_code, code);
+    __syncthreads();  // before any warp returns below
+    tab = s_code;
+  }
   const int lane = threadIdx.x & 31;
   const int64_t n = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
   if (n >= N) return;  // whole warps only; no block-level synchronisation below
@@ -106,6 +143,8 @@ weight_only_gemv_kernel(const T* __restrict__ x, const uint8_t* __restrict__ w, 
   auto nibble = [&](uint32_t v, int32_t z) -> int32_t {
     return zrow != nullptr ? static_cast<int32_t>(v) - z : static_cast<int32_t>((v ^ 8u)) - 8;
   };
+  // CODE: T(fp32(code[v] * absmax)), one IEEE product (s.11.6).
+  auto code_deq = [&](uint32_t v, float a) { return FloatIO<T>::round(__fmul_rn(tab[v], a)); };
 
   float acc[kMaxRows];
 #pragma unroll
@@ -117,7 +156,15 @@ weight_only_gemv_kernel(const T* __restrict__ x, const uint8_t* __restrict__ w, 
     uint4 raw = __ldg(reinterpret_cast<const uint4*>(wrow + c * 16));
     const uint8_t* bytes = reinterpret_cast<const uint8_t*>(&raw);
     float wf[KC];
-    if constexpr (INT4) {
+    if constexpr (CODE) {
+      // K % 32 == 0 and 2^lb >= 32: the chunk's 32 flat indices lie in one block.
+      const float a = __ldg(scale + ((n * K + k0) >> lb));
+#pragma unroll
+      for (int i = 0; i < 16; ++i) {
+        wf[2 * i] = code_deq(bytes[i] >> 4, a);
+        wf[2 * i + 1] = code_deq(bytes[i] & 0xFu, a);
+      }
+    } else if constexpr (INT4) {
       const int64_t g = k0 / G;  // G % 32 == 0: the chunk lies in one group
       const float s = srow[g];
       const int32_t z = zrow != nullptr ? zrow[g] : 0;
@@ -149,7 +196,10 @@ weight_only_gemv_kernel(const T* __restrict__ x, const uint8_t* __restrict__ w, 
   // Tail (and the whole row when the 16-byte path is off): one k per lane.
   for (int64_t k = nchunks * KC + lane; k < K; k += 32) {
     float wk;
-    if constexpr (INT4) {
+    if constexpr (CODE) {
+      const uint32_t byte = wrow[k / 2];
+      wk = code_deq((k & 1) ? byte & 0xFu : byte >> 4, __ldg(scale + ((n * K + k) >> lb)));
+    } else if constexpr (INT4) {
       const int64_t g = k / G;
       const uint32_t byte = wrow[k / 2];
       wk = deq(nibble((k & 1) ? byte >> 4 : byte & 0xFu, zrow != nullptr ? zrow[g] : 0), srow[g]);
@@ -254,17 +304,25 @@ struct TcCfg {
 
 // One (BM x 32 NT) output tile, k tiles [blockIdx.z * tiles_per_split, + tiles_per_split).
 // ws == nullptr: + bias, cast to T, store to y; else fp32 partial sums to ws[blockIdx.z, m, n].
-template <typename T, bool INT4, int BM, int NT, int STAGES>
+// CODE: NF4 / FP4 as in weight_only_gemv_kernel (scale = flat-block absmax, 2^lb values a block).
+template <typename T, bool INT4, int BM, int NT, int STAGES, bool CODE = false>
 __global__ void __launch_bounds__(kTcThreads)
 weight_only_mma_kernel(const T* __restrict__ x, const uint8_t* __restrict__ w, const float* __restrict__ scale,
                        const uint8_t* __restrict__ zero, int64_t num_groups, int64_t group_size,
                        const float* __restrict__ bias, int64_t M, int64_t N, int64_t K, int tiles_per_split,
-                       T* __restrict__ y, float* __restrict__ ws) {
+                       T* __restrict__ y, float* __restrict__ ws, const __grid_constant__ Code16 code, int lb) {
   QK_LAUNCH_BOUNDS(kTcThreads);
+  static_assert(!CODE || INT4, "the 4-bit code formats are packed like int4");
   using Cfg = TcCfg<T, INT4, BM, NT, STAGES>;
   using H = HalfMma<T>;
   constexpr int MT = Cfg::kMT, BN = Cfg::kBN, WN = Cfg::kWN;
   QK_DYNAMIC_SMEM(smem);
+  const float* tab = nullptr;
+  if constexpr (CODE) {
+    QK_SHARED(float, s_code, [16]);
+    stage_code_table(s_code, code);  // published by the main loop's first barrier
+    tab = s_code;
+  }
   uint8_t* sA = smem;
   uint8_t* sB = smem + STAGES * Cfg::kAStage;
 
@@ -302,7 +360,7 @@ weight_only_mma_kernel(const T* __restrict__ x, const uint8_t* __restrict__ w, c
   // Group of this lane's first k in the next stage load_scales reads, and its offset in the
   // group: one division here, then advanced by 64 per call (no 64-bit division in the loop).
   int64_t grp = 0, grp_off = 0;
-  if constexpr (INT4) {
+  if constexpr (INT4 && !CODE) {
     const int64_t k = static_cast<int64_t>(kt0) * kTcBK + 16 * t;
     grp = k / group_size;
     grp_off = k - grp * group_size;
@@ -317,7 +375,9 @@ weight_only_mma_kernel(const T* __restrict__ x, const uint8_t* __restrict__ w, c
       const int64_t n = n0 + warp * WN + j * 8 + g;
       float s = 0.0f, z = INT4 ? 8.0f : 128.0f;
       if (n < N && k < K) {
-        if constexpr (INT4) {
+        if constexpr (CODE) {
+          s = __ldg(scale + ((n * K + k) >> lb));  // K % 16 == 0: the lane's 16 values share a block
+        } else if constexpr (INT4) {
           const int64_t gi = n * num_groups + grp;
           s = __ldg(scale + gi);
           if (zero != nullptr) z = static_cast<float>(__ldg(zero + gi));
@@ -328,7 +388,7 @@ weight_only_mma_kernel(const T* __restrict__ x, const uint8_t* __restrict__ w, c
       sc[j] = s;
       zm[j] = __fadd_rn(8388608.0f, z);  // 2^23 + z, exact
     }
-    if constexpr (INT4) {
+    if constexpr (INT4 && !CODE) {
       grp_off += kTcBK;  // group_size >= 32: at most two steps
       while (grp_off >= group_size) {
         grp_off -= group_size;
@@ -353,8 +413,9 @@ weight_only_mma_kernel(const T* __restrict__ x, const uint8_t* __restrict__ w, c
   float sc[NT], zm[NT];
   load_scales(0, sc, zm);
 
-  // Signed int4: u = nibble ^ 8 (z = 8); int8: u = byte ^ 0x80 (z = 128); unsigned int4: u as is.
-  const uint32_t flip = INT4 ? (zero != nullptr ? 0u : 0x88888888u) : 0x80808080u;
+  // Signed int4: u = nibble ^ 8 (z = 8); int8: u = byte ^ 0x80 (z = 128); unsigned int4 and the
+  // 4-bit codes: u as is.
+  const uint32_t flip = CODE ? 0u : (INT4 ? (zero != nullptr ? 0u : 0x88888888u) : 0x80808080u);
 
   for (int it = 0; it < nkt; ++it) {
     // Stage it has landed (at most STAGES - 2 younger groups pending); the barrier also makes
@@ -418,7 +479,16 @@ weight_only_mma_kernel(const T* __restrict__ x, const uint8_t* __restrict__ w, c
 #pragma unroll
         for (int j = 0; j < NT; ++j) {
           float v[4];
-          if constexpr (INT4) {
+          if constexpr (CODE) {
+            // Nibble i (k offset i) of the word: byte i / 2, its HIGH nibble for even i (s.11.4),
+            // looked up in the shared code table and multiplied by the block's absmax.
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int i = ss * 4 + e;
+              const uint32_t v4 = (bw[j][hs] >> (8 * (i >> 1) + ((i & 1) ? 0 : 4))) & 0xFu;
+              v[e] = __fmul_rn(tab[v4], sc[j]);
+            }
+          } else if constexpr (INT4) {
             // Nibble i (k offset i) of the word: byte i / 2 of its low (even i) or high nibbles.
             const uint32_t lo = bw[j][hs] & 0x0F0F0F0Fu, hi = (bw[j][hs] >> 4) & 0x0F0F0F0Fu;
 #pragma unroll
@@ -494,13 +564,13 @@ splitk_reduce_kernel(const float* __restrict__ ws, int splits, const float* __re
 int tc_bm(int64_t M) { return M <= 16 ? 16 : (M <= 32 ? 32 : 64); }
 int tc_bn(int64_t M) { return M <= 32 ? 64 : 128; }
 
-template <typename T, bool INT4, int BM, int NT, int STAGES>
+template <typename T, bool INT4, bool CODE, int BM, int NT, int STAGES>
 cudaError_t launch_mma(const T* x, const uint8_t* w, const float* scale, const uint8_t* zero, int64_t num_groups,
                        const float* bias, int64_t M, int64_t N, int64_t K, int splits, T* y, float* ws,
-                       cudaStream_t stream) {
+                       const Code16& code, int lb, cudaStream_t stream) {
   using Cfg = TcCfg<T, INT4, BM, NT, STAGES>;
   static_assert(Cfg::kBN == (BM <= 32 ? 64 : 128), "tc_bn() must match the tile config");
-  auto kernel = weight_only_mma_kernel<T, INT4, BM, NT, STAGES>;
+  auto kernel = weight_only_mma_kernel<T, INT4, BM, NT, STAGES, CODE>;
   if (Cfg::kSmem > 48 * 1024) {
     // Opt in to > 48 KB of dynamic shared memory (a function attribute, not a stream operation).
     const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmem);
@@ -511,7 +581,7 @@ cudaError_t launch_mma(const T* x, const uint8_t* w, const float* scale, const u
   const dim3 grid(static_cast<unsigned>(ceil_div(N, Cfg::kBN)), static_cast<unsigned>(ceil_div(M, BM)),
                   static_cast<unsigned>(splits));
   QK_LAUNCH(kernel, grid, kTcThreads, Cfg::kSmem, stream, x, w, scale, zero, num_groups, K / num_groups, bias, M, N,
-            K, tps, y, splits > 1 ? ws : nullptr);
+            K, tps, y, splits > 1 ? ws : nullptr, code, lb);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || splits == 1) return err;
   const int64_t blocks = ceil_div(M * N, kReduceThreads);
@@ -520,14 +590,20 @@ cudaError_t launch_mma(const T* x, const uint8_t* w, const float* scale, const u
   return cudaGetLastError();
 }
 
-template <typename T, bool INT4>
+template <typename T, bool INT4, bool CODE>
 cudaError_t launch_mma_by_m(const T* x, const uint8_t* w, const float* scale, const uint8_t* zero,
                             int64_t num_groups, const float* bias, int64_t M, int64_t N, int64_t K, int splits, T* y,
-                            float* ws, cudaStream_t stream) {
+                            float* ws, const Code16& code, int lb, cudaStream_t stream) {
   switch (tc_bm(M)) {
-    case 16: return launch_mma<T, INT4, 16, 2, 6>(x, w, scale, zero, num_groups, bias, M, N, K, splits, y, ws, stream);
-    case 32: return launch_mma<T, INT4, 32, 2, 5>(x, w, scale, zero, num_groups, bias, M, N, K, splits, y, ws, stream);
-    default: return launch_mma<T, INT4, 64, 4, 4>(x, w, scale, zero, num_groups, bias, M, N, K, splits, y, ws, stream);
+    case 16:
+      return launch_mma<T, INT4, CODE, 16, 2, 6>(x, w, scale, zero, num_groups, bias, M, N, K, splits, y, ws, code,
+                                                 lb, stream);
+    case 32:
+      return launch_mma<T, INT4, CODE, 32, 2, 5>(x, w, scale, zero, num_groups, bias, M, N, K, splits, y, ws, code,
+                                                 lb, stream);
+    default:
+      return launch_mma<T, INT4, CODE, 64, 4, 4>(x, w, scale, zero, num_groups, bias, M, N, K, splits, y, ws, code,
+                                                 lb, stream);
   }
 }
 
@@ -575,48 +651,101 @@ int weight_only_splits(DType xt, bool int4, const void* x, const void* w, int64_
   return static_cast<int>(ceil_div(KT, ceil_div(KT, splits)));  // no empty split
 }
 
+namespace {
+
+// The GEMV (splits == 0) or the tensor-core kernel (splits >= 1) for one weight format.
+template <typename T, bool INT4, bool CODE>
+cudaError_t run_weight_only(const T* x, const uint8_t* w, const float* scale, const uint8_t* zero, int64_t num_groups,
+                            const float* bias, int64_t M, int64_t N, int64_t K, T* y, int splits, float* ws,
+                            const Code16& code, int lb, cudaStream_t stream) {
+  if (splits > 0) {
+    if constexpr (std::is_same_v<T, float>) {
+      return cudaErrorInvalidValue;  // fp32 never gets splits > 0 from weight_only_splits
+    } else {
+      return launch_mma_by_m<T, INT4, CODE>(x, w, scale, zero, num_groups, bias, M, N, K, splits, y, ws, code, lb,
+                                            stream);
+    }
+  }
+  constexpr int kc = INT4 ? 32 : 16;
+  const int64_t G = K / num_groups;
+  const bool vec = K % kc == 0 && G % kc == 0 && aligned16(x) && aligned16(w);
+  const dim3 grid(static_cast<unsigned>(ceil_div(N, kWarpsPerBlock)), static_cast<unsigned>(ceil_div(M, kMaxRows)));
+  const auto gemv = weight_only_gemv_kernel<T, INT4, CODE>;
+  QK_LAUNCH(gemv, grid, kWarpsPerBlock * 32, 0, stream, x, w, scale, zero, num_groups, bias, M, N, K, y, vec, code,
+            lb);
+  return cudaGetLastError();
+}
+
+// s.11.1's table: NF4 as listed, FP4 = raw / 12 (one IEEE division each; nibble 8 is +0).
+Code16 code_table_4bit(bool nf4) {
+  Code16 c;
+  volatile float twelve = 12.0f;  // a true division on the host, as the reference's tensor / 12
+  for (int i = 0; i < 16; ++i) c.v[i] = nf4 ? kNF4[i] : kFP4Raw[i] / twelve;
+  return c;
+}
+
+// s.11.5: absmax'[b] = fp32(fp32(DYN[q[b]] * nested[b / 256]) + offset), two roundings (no FMA).
+struct Dyn256 {
+  float v[256];
+};
+constexpr int kDqThreads = 256;
+
+__global__ void __launch_bounds__(kDqThreads)
+absmax_dq_kernel(const uint8_t* __restrict__ q, const float* __restrict__ nested, const float* __restrict__ offset,
+                 int64_t nb, const __grid_constant__ Dyn256 dyn, float* __restrict__ out) {
+  QK_LAUNCH_BOUNDS(kDqThreads);
+  QK_SHARED(float, s_dyn, [256]);
+  s_dyn[threadIdx.x] = dyn.v[threadIdx.x];  // blockDim.x == 256: the whole map, one value a thread
+  __syncthreads();
+  const float off = __ldg(offset);
+  for (int64_t b = static_cast<int64_t>(blockIdx.x) * kDqThreads + threadIdx.x; b < nb;
+       b += static_cast<int64_t>(gridDim.x) * kDqThreads)
+    out[b] = __fadd_rn(__fmul_rn(s_dyn[q[b]], __ldg(nested + (b >> 8))), off);
+}
+
+}  // namespace
+
 cudaError_t weight_only_gemm(const void* x, DType xt, const void* w, bool int4, const float* scale_b,
                              const uint8_t* zero_b, int64_t num_groups, const float* bias, int64_t M, int64_t N,
                              int64_t K, void* y, int splits, float* workspace, cudaStream_t stream) {
   if (M <= 0 || N <= 0) return cudaSuccess;
   const uint8_t* wb = static_cast<const uint8_t*>(w);
-  if (splits > 0) {
-    if (xt == DType::F16) {
-      const __half* xh = static_cast<const __half*>(x);
-      __half* yh = static_cast<__half*>(y);
-      return int4 ? launch_mma_by_m<__half, true>(xh, wb, scale_b, zero_b, num_groups, bias, M, N, K, splits, yh,
-                                                  workspace, stream)
-                  : launch_mma_by_m<__half, false>(xh, wb, scale_b, nullptr, 1, bias, M, N, K, splits, yh,
-                                                   workspace, stream);
-    }
-    if (xt == DType::BF16) {
-      const __nv_bfloat16* xb = static_cast<const __nv_bfloat16*>(x);
-      __nv_bfloat16* yb = static_cast<__nv_bfloat16*>(y);
-      return int4 ? launch_mma_by_m<__nv_bfloat16, true>(xb, wb, scale_b, zero_b, num_groups, bias, M, N, K, splits,
-                                                         yb, workspace, stream)
-                  : launch_mma_by_m<__nv_bfloat16, false>(xb, wb, scale_b, nullptr, 1, bias, M, N, K, splits, yb,
-                                                          workspace, stream);
-    }
-    return cudaErrorInvalidValue;  // fp32 never gets splits > 0 from weight_only_splits
-  }
-  const int kc = int4 ? 32 : 16;
-  const int64_t G = K / num_groups;
-  const bool vec = K % kc == 0 && G % kc == 0 && aligned16(x) && aligned16(w);
-  const dim3 grid(static_cast<unsigned>(ceil_div(N, kWarpsPerBlock)), static_cast<unsigned>(ceil_div(M, kMaxRows)));
-  with_dtype(xt, [&](auto* tag) {
+  return with_dtype(xt, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    if (int4) {
-      const auto gemv = weight_only_gemv_kernel<T, true>;
-      QK_LAUNCH(gemv, grid, kWarpsPerBlock * 32, 0, stream, static_cast<const T*>(x), wb,
-                scale_b, zero_b, num_groups, bias, M, N, K, static_cast<T*>(y), vec);
-    } else {
-      const auto gemv = weight_only_gemv_kernel<T, false>;
-      QK_LAUNCH(gemv, grid, kWarpsPerBlock * 32, 0, stream, static_cast<const T*>(x), wb,
-                scale_b, nullptr, 1, bias, M, N, K, static_cast<T*>(y), vec);
-    }
-    return 0;
+    const T* xt_ = static_cast<const T*>(x);
+    T* yt = static_cast<T*>(y);
+    return int4 ? run_weight_only<T, true, false>(xt_, wb, scale_b, zero_b, num_groups, bias, M, N, K, yt, splits,
+                                                  workspace, Code16{}, 0, stream)
+                : run_weight_only<T, false, false>(xt_, wb, scale_b, nullptr, 1, bias, M, N, K, yt, splits,
+                                                   workspace, Code16{}, 0, stream);
   });
+}
+
+cudaError_t decode_absmax_4bit(const uint8_t* q, const float* nested, const float* offset, int64_t nb, float* out,
+                               cudaStream_t stream) {
+  if (nb <= 0) return cudaSuccess;
+  Dyn256 dyn;
+  for (int i = 0; i < 256; ++i) dyn.v[i] = kDynamic[i];
+  const int64_t blocks = ceil_div(nb, kDqThreads);
+  QK_LAUNCH(absmax_dq_kernel, static_cast<unsigned>(blocks < 4096 ? blocks : 4096), kDqThreads, 0, stream, q, nested,
+            offset, nb, dyn, out);
   return cudaGetLastError();
+}
+
+cudaError_t gemm_4bit(const void* x, DType xt, const uint8_t* packed, bool nf4, const float* absmax,
+                      int64_t blocksize, const float* bias, int64_t M, int64_t N, int64_t K, void* y, int splits,
+                      float* workspace, cudaStream_t stream) {
+  if (M <= 0 || N <= 0) return cudaSuccess;
+  if (blocksize < 32 || blocksize > 4096 || (blocksize & (blocksize - 1)) != 0 || K % 2 != 0)
+    return cudaErrorInvalidValue;  // the bindings refuse these first
+  int lb = 0;
+  while ((int64_t{1} << lb) < blocksize) ++lb;
+  const Code16 code = code_table_4bit(nf4);
+  return with_dtype(xt, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    return run_weight_only<T, true, true>(static_cast<const T*>(x), packed, absmax, nullptr, 1, bias, M, N, K,
+                                          static_cast<T*>(y), splits, workspace, code, lb, stream);
+  });
 }
 
 }  // namespace cuda

@@ -42,6 +42,8 @@ using std::isnan;
 // QK_LAUNCH_BOUNDS(same text) (csrc/cuda/qk_common.cuh), which qk_emu::launch_bounds checks.
 #define __launch_bounds__(...)
 #define __align__(n) alignas(n)
+// Kernel parameters are each thread's own copy here (LaunchCtx::body): nothing to mark.
+#define __grid_constant__
 // No __shared__: kernels declare static shared arrays with QK_SHARED (qk_common.cuh), which
 // places them in the emulator's static shared window (checked and poisoned like dynamic smem).
 
