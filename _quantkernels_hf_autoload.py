@@ -71,16 +71,25 @@ def on_target_import(name: str, callback) -> bool:
 
 
 def _import_quantkernels() -> None:
-    if "quantkernels" in sys.modules:
-        return  # imported (or being imported): its own _hf_hook callback registers
     try:
-        import quantkernels  # noqa: F401  its _hf_hook registers the quantizer (TARGET is executed now)
-    except Exception as e:  # never break `import transformers`; say why from_pretrained will not know us
-        import warnings
+        # TARGET is executed now, so a first import registers at once (quantkernels._hf_hook.install).
+        # If quantkernels is already (or partly) imported, its hook's _register is called here as
+        # well: registering twice is harmless, and a partly imported one registers when it is done.
+        import quantkernels  # noqa: F401
 
-        warnings.warn(f"quantkernels: importing quantkernels to register its transformers quantizer failed "
-                      f"({type(e).__name__}: {e}); quantkernels checkpoints will not load with from_pretrained",
-                      RuntimeWarning)
+        hook = sys.modules.get("quantkernels._hf_hook")
+        if hook is not None and hasattr(hook, "_register"):
+            hook._register()
+    except Exception as e:  # never break `import transformers`; say why from_pretrained will not know us
+        _warn(e)
+
+
+def _warn(e: BaseException) -> None:
+    import warnings
+
+    warnings.warn(f"quantkernels: importing quantkernels to register its transformers quantizer failed "
+                  f"({type(e).__name__}: {e}); quantkernels checkpoints will not load with from_pretrained",
+                  RuntimeWarning)
 
 
 def install() -> None:
