@@ -1093,6 +1093,10 @@ void gemv512_rows(const Weight& w, Rnd rnd, const uint32_t* xu, int64_t ldx, int
 // vcvtne(2)ps2bf16 is RNE, as the contract's rounding, except that it treats denormal inputs as
 // zero: used only when the scale is 0 or normal (then no (v - z) * s is denormal); a denormal scale
 // takes round512 (integer RNE on the bits).
+// DEV A/B switches (QK_DEV_WO_PF tiles ahead, QK_DEV_WO_PFT1=1: L2 hint), removed before merge.
+int g_dev_wo_pf_tiles = 2;
+bool g_dev_wo_pf_t1 = false;
+
 inline bool reg_gemv_applies(const Weight& w) {
   if (!w.int4) return true;
   return w.K % 64 == 0 && (w.ng == 1 ? true : (w.G == 32 || w.G % 64 == 0));
@@ -1145,7 +1149,7 @@ QK_TBF16 void gemv_reg_w4(const Weight& w, const uint32_t* xu, int64_t ldx, int6
   const int64_t rb = w.K / 2;  // bytes per row
   const uint8_t* q = w.q4 + n0 * rb;
   const bool sym = !w.has_zero;
-  const int64_t pf = 2 * NR * rb;  // two tiles ahead, same offset
+  const int64_t pf = g_dev_wo_pf_tiles * NR * rb;  // two tiles ahead, same offset
   const __m512i m15 = _mm512_set1_epi16(15);
   const __m512i upper = G32 ? _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(16), 1) : _mm512_setzero_si512();
   const int64_t span = G32 ? 32 : (w.ng == 1 ? rb : w.G / 2);  // bytes per table
@@ -1163,7 +1167,10 @@ QK_TBF16 void gemv_reg_w4(const Weight& w, const uint32_t* xu, int64_t ldx, int6
         xh[m] = _mm512_loadu_si512(xu + m * ldx + b + 16);
       }
       if ((b & 63) == 0)
-        for (int r = 0; r < NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(q + r * rb + b + pf), _MM_HINT_T0);
+        for (int r = 0; r < NR; ++r) {
+          if (g_dev_wo_pf_t1) _mm_prefetch(reinterpret_cast<const char*>(q + r * rb + b + pf), _MM_HINT_T1);
+          else _mm_prefetch(reinterpret_cast<const char*>(q + r * rb + b + pf), _MM_HINT_T0);
+        }
       for (int r = 0; r < NR; ++r) {
         const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + r * rb + b)));
         const __m512i lo = G32 ? _mm512_ternarylogic_epi32(v, m15, upper, 0xEA) : v;  // (v & 15) | upper; vpermw uses bits 4:0
@@ -1192,7 +1199,7 @@ QK_TBF16 void gemv_reg_w8(const Weight& w, const uint32_t* xu, int64_t ldx, int6
     for (int r = 0; r < NR; ++r) acc[m][r][0] = acc[m][r][1] = _mm512_setzero_ps();
   const int64_t K = w.K;
   const int8_t* q = w.q8 + n0 * K;
-  const int64_t pf = 2 * NR * K;  // two tiles ahead, same offset
+  const int64_t pf = g_dev_wo_pf_tiles * NR * K;  // two tiles ahead, same offset
   bool fast = true;  // no row scale denormal: no product q * s is (vcvtne2ps2bf16 would flush it)
   __m512 sv[NR];
   for (int r = 0; r < NR; ++r) {
@@ -1206,7 +1213,10 @@ QK_TBF16 void gemv_reg_w8(const Weight& w, const uint32_t* xu, int64_t ldx, int6
     const __mmask16 mb = left >= 32 ? 0xFFFF : (left <= 16 ? 0 : static_cast<__mmask16>((1u << (left - 16)) - 1));
     const int par = TWO ? static_cast<int>((k >> 5) & 1) : 0;
     if ((k & 63) == 0)
-      for (int r = 0; r < NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(q + r * K + k + pf), _MM_HINT_T0);
+      for (int r = 0; r < NR; ++r) {
+        if (g_dev_wo_pf_t1) _mm_prefetch(reinterpret_cast<const char*>(q + r * K + k + pf), _MM_HINT_T1);
+        else _mm_prefetch(reinterpret_cast<const char*>(q + r * K + k + pf), _MM_HINT_T0);
+      }
     __m512i xv[MM];
     for (int m = 0; m < MM; ++m) xv[m] = _mm512_loadu_si512(xu + m * ldx + k / 2);
     for (int r = 0; r < NR; ++r) {
@@ -1330,22 +1340,49 @@ void tiled512(const Weight& w, Rnd rnd, const uint32_t* xpack, int64_t M, int64_
   // 1 thread, w8a16 bf16 x, 4096 x 11008, one process: M = 512 249 / 204 / 187 ms at 1x / 2x / 4x,
   // M = 128 62.5 / 58.8 / 58.7 ms. Halved while that leaves fewer than 12 chunks per thread (balance).
   const int64_t NC0 = BD ? kNC512 : kNC512 / 2;
+  const int64_t N = w.N;
+  // Threads get contiguous row ranges of equal size (boundaries rounded to 16 rows), then chunks of NC
+  // rows inside them; splitting N into chunks first and chunks over threads left one thread up to a
+  // chunk ahead: 4096 rows as 22 chunks of 192 gave 2112 / 1984 rows (3% lost at M = 512).
+  const bool dev_old = std::getenv("QK_DEV_TILED_OLD") != nullptr;  // DEV A/B switch, removed before merge
+  const int64_t T = dev_old ? 1 : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (N + 15) / 16));
+  const int64_t rows_t = (N + T - 1) / T;
   int64_t mult = M > 32 ? 4 : 1;
-  while (mult > 1 && (w.N + NC0 * mult - 1) / (NC0 * mult) < 12 * at::get_num_threads()) mult /= 2;
+  if (dev_old) {
+    while (mult > 1 && (N + NC0 * mult - 1) / (NC0 * mult) < 12 * at::get_num_threads()) mult /= 2;
+  } else {
+    while (mult > 1 && (rows_t + NC0 * mult - 1) / (NC0 * mult) < 3) mult /= 2;
+  }
   const int64_t NC = NC0 * mult;
-  const int64_t N = w.N, n_chunks = (N + NC - 1) / NC;
-  at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
+  const int64_t n_chunks = (N + NC - 1) / NC;
+  // task i: a thread's row range (or, dev_old, one chunk)
+  auto range_of = [&](int64_t i, int64_t& b, int64_t& e) {
+    if (dev_old) {
+      b = i * NC;
+      e = std::min(N, b + NC);
+      return;
+    }
+    b = i == 0 ? 0 : std::min(N, (N * i / T + 8) / 16 * 16);
+    e = i + 1 == T ? N : std::min(N, (N * (i + 1) / T + 8) / 16 * 16);
+  };
+  const int64_t n_tasks = dev_old ? n_chunks : T;
+  at::parallel_for(0, n_tasks, 1, [&](int64_t c0, int64_t c1) {
     const int64_t nblk = (U + KCU - 1) / KCU;
     std::vector<uint32_t> wbuf(nblk * NC * KCU);  // [K block][row][KCU units]
     std::vector<float> cbuf(NC * Mp), obuf(Mp * NC);
-    for (int64_t c = c0; c < c1; ++c) {
-      const int64_t n0 = c * NC, nc = std::min(NC, N - n0);
+    int64_t cb0, ce0, cb1, ce1;
+    range_of(c0, cb0, ce0);
+    range_of(c1 - 1, cb1, ce1);
+    const int64_t n_end = ce1;  // this thread's rows: [cb0, n_end), contiguous
+    for (int64_t n0 = cb0; n0 < n_end; n0 += NC) {
+      const int64_t nc = std::min(NC, n_end - n0);
       const int64_t ncp = (nc + 23) / 24 * 24;  // rows decoded (zeros past nc): whole tiles of 12, 8 and 6
+      const int64_t n_next = std::min(NC, n_end - n0 - nc);  // rows of the next chunk (0: none)
       // The chunk's rows are one contiguous stretch of the weight: decode them row after row
       // (sequential reads), prefetching the next chunk's rows into L2 meanwhile. Each row is stored
       // in blocks of KCU units, so that the micro tiles address all rows from one register.
       for (int64_t i = 0; i < ncp; ++i) {
-        if (c + 1 < c1) prefetch_units<_MM_HINT_T1>(w, BD, n0 + NC + i, 1, 0, U);
+        if (i < n_next) prefetch_units<_MM_HINT_T1>(w, BD, n0 + NC + i, 1, 0, U);
         for (int64_t b = 0; b < nblk; ++b) {
           const int64_t u0 = b * KCU, uc = std::min(KCU, U - u0);
           decode_units<BD>(w, rnd, i < nc ? n0 + i : w.N, u0, uc, uc, wbuf.data() + (b * NC + i) * KCU);
@@ -1491,6 +1528,11 @@ at::Tensor weight_only_gemm512(const at::Tensor& x_in, const Weight& w, const at
   const at::Tensor x = x_in.contiguous();
   const int64_t U = bd ? (K + 1) / 2 : K;
   if (bd && M <= kMaxGemvM && reg_gemv_applies(w)) {  // the register-decode GEMV
+    {
+      const char* e = std::getenv("QK_DEV_WO_PF");
+      g_dev_wo_pf_tiles = e ? std::atoi(e) : 2;
+      g_dev_wo_pf_t1 = std::getenv("QK_DEV_WO_PFT1") != nullptr;
+    }
     const int64_t ldx = (U + 31) / 32 * 32;
     // x (contiguous bf16) -> [M][2 ldx] words in the kernel's K order, zero-padded
     at::Tensor xo = at::empty({M, 2 * ldx}, x.options());
