@@ -62,7 +62,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -998,11 +997,13 @@ void run_panel_vnni512(const Problem& p) {
   });
 }
 
-// DEV A/B switches (QK_DEV_W4A8_PF tiles ahead, QK_DEV_W4A8_PFT1=1: L2 hint), removed before merge.
-int g_dev_pf_tiles = 1;
-bool g_dev_pf_t1 = false;
-
 // ---- avx512_vnni decode GEMV: gemv_tile with 128-k steps and int32 vpdpbusd sums.
+// The weight stream is prefetched into L2 (prefetcht1), whole tiles at least kPfBytes ahead. Into L1
+// one tile ahead (8 KB at K = 4096, M = 1), the outstanding line fills capped one core at ~10 GB/s
+// from DRAM. 1 thread, CPU time, 4096^2 g128 M = 1 rotating over 96 MiB, two runs in one process each
+// (2026-12-07, bench/results/cpu_weight_only_2026-12-07.md): 0.94 / 0.99 ms (L1, 1 tile) -> 0.51 / 0.56 ms
+// (L2, 32 KB); 8 to 256 KB ahead all within the runs' noise (0.44-0.64 ms).
+constexpr int64_t kPfBytes = 32 * 1024;
 // Reduction of the S <= 4 slot accumulators: per 128-bit lane j, [sum of slot 0's lane j, ...,
 // slot 3's]; lane j covers k in [32j, 32j + 32) of the chunk, so G = 32 keeps the 4 lanes as 4
 // groups, G = 64 adds lane pairs, G >= 128 all 4 lanes (after summing the group's chunks).
@@ -1019,11 +1020,9 @@ QK_TARGET_VNNI512 __attribute__((always_inline)) inline void gemv512_step(const 
                                                                           __m512i (&acc)[MM][NR]) {
   const __m512i m15 = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8(static_cast<char>(0x88));
   constexpr __mmask64 half = 0xFFFFFFFFull;
-  const int64_t pfd = g_dev_pf_tiles * NR * ldb;
-  if (g_dev_pf_t1)
-    for (int r = 0; r < NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(b[r] + k / 2 + pfd), _MM_HINT_T1);
-  else
-    for (int r = 0; r < NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(b[r] + k / 2 + pfd), _MM_HINT_T0);
+  // Into L2, whole tiles >= kPfBytes ahead (same offset): see kPfBytes.
+  const int64_t pfd = (kPfBytes + NR * ldb - 1) / (NR * ldb) * (NR * ldb);
+  for (int r = 0; r < NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(b[r] + k / 2 + pfd), _MM_HINT_T1);
   __m512i alo[MM], ahi[MM];
   for (int m = 0; m < MM; ++m) {
     if (kTail) {
@@ -1204,11 +1203,6 @@ bool gemv_applies(const Problem& p) {
 
 template <Gv V>
 void run_gemv(const Problem& p) {
-  {
-    const char* e = std::getenv("QK_DEV_W4A8_PF");
-    g_dev_pf_tiles = e ? std::atoi(e) : 1;
-    g_dev_pf_t1 = std::getenv("QK_DEV_W4A8_PFT1") != nullptr;
-  }
   GemvPrep g;
   gemv_prepare(p, g, V == Gv::Vnni512 ? 128 : kGemvChunk);
   const int64_t grain = std::max<int64_t>(16, (int64_t(1) << 16) / p.K);  // small layers: one thread

@@ -66,7 +66,8 @@
 //   per call to match (int4: per 64-block the 32 even elements then the 32 odd ones; int8 natural).
 //   vcvtne(2)ps2bf16 is RNE like the contract but treats denormal inputs as zero, so it is used only
 //   when none of the tile's scales is denormal (then no product is); else the integer rounding.
-//   Weight stream prefetched two tiles ahead (same offset). M = 1, 6 x 4096 x 11008 rotating from
+//   Weight stream prefetched at the same offset (int4: into L2, whole tiles >= 32 KB ahead; int8: into
+//   L1, two tiles ahead; see kRegPfBytes). Before the L2 prefetch (2026-12-02), M = 1, 6 x 4096 x 11008 from
 //   DRAM, G = 128 asym (bench/bf16_decode.py, bench/results/bf16_decode_2026-12-02.md; shared machine):
 //   2 threads, two runs: int4 0.62 / 0.74 ms vs 1.39 / 1.08 ms for the buffered GEMV below (68 / 77%
 //   of read bandwidth, 1.50 / 1.72x fbgemm's speed); int8 1.15 / 1.27 vs 1.66 / 1.39 ms (68 / 84%);
@@ -77,8 +78,9 @@
 //   decoded into an L1/L2 buffer (the rows are contiguous: one sequential read, software-prefetched
 //   4 KB ahead) and dotted with all M rows of x in zmm (vfmadd / vdpbf16ps, two accumulator sets
 //   for M <= 4), one horizontal sum per output.
-// - M >= 9: tiled. Threads split N into chunks of 48 rows (bf16 pairs; fp32: 24; up to 4x that for
-//   M > 32), decoded whole into a per-thread buffer in K blocks of 512 units (bf16 pairs; fp32: 256)
+// - M >= 9: tiled. Threads split N into equal contiguous ranges (16-row bounds), each walked in chunks
+//   of 48 rows (bf16 pairs; fp32: 24; up to 4x that for M > 32), decoded whole into a per-thread
+//   buffer in K blocks of 512 units (bf16 pairs; fp32: 256)
 //   (next chunk prefetched to L2). x is packed once per call, in one pass of 16 x 16 zmm transposes,
 //   per 16 rows as [units][16 rows] (M padded to 16 with zeros). Micro tiles keep 24 zmm
 //   accumulators, one x load per 16 rows and one weight broadcast per weight row and unit: bf16
@@ -1093,9 +1095,12 @@ void gemv512_rows(const Weight& w, Rnd rnd, const uint32_t* xu, int64_t ldx, int
 // vcvtne(2)ps2bf16 is RNE, as the contract's rounding, except that it treats denormal inputs as
 // zero: used only when the scale is 0 or normal (then no (v - z) * s is denormal); a denormal scale
 // takes round512 (integer RNE on the bits).
-// DEV A/B switches (QK_DEV_WO_PF tiles ahead, QK_DEV_WO_PFT1=1: L2 hint), removed before merge.
-int g_dev_wo_pf_tiles = 2;
-bool g_dev_wo_pf_t1 = false;
+// int4 weight stream: prefetched into L2 (prefetcht1), whole tiles >= kRegPfBytes ahead. Into L1, two
+// tiles ahead, the outstanding line fills capped the stream: 1 thread, CPU time, M = 1, 4096 x 11008
+// G = 128 asym rotating over 6 layers, one process (2026-12-07, cpu_weight_only_2026-12-07.md):
+// 2.23 ms (L1, 16 KB ahead) -> 1.63-1.67 ms (L2, 16 / 32 / 48 / 64 KB ahead: alike; 32 KB kept).
+// int8 (gemv_reg_w8, 4 KB rows): into L2 was not faster (3.61 / 3.65 ms vs 3.46), kept as it was.
+constexpr int64_t kRegPfBytes = 32 * 1024;
 
 inline bool reg_gemv_applies(const Weight& w) {
   if (!w.int4) return true;
@@ -1149,7 +1154,7 @@ QK_TBF16 void gemv_reg_w4(const Weight& w, const uint32_t* xu, int64_t ldx, int6
   const int64_t rb = w.K / 2;  // bytes per row
   const uint8_t* q = w.q4 + n0 * rb;
   const bool sym = !w.has_zero;
-  const int64_t pf = g_dev_wo_pf_tiles * NR * rb;  // two tiles ahead, same offset
+  const int64_t pf = (kRegPfBytes + NR * rb - 1) / (NR * rb) * (NR * rb);  // whole tiles, into L2
   const __m512i m15 = _mm512_set1_epi16(15);
   const __m512i upper = G32 ? _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(16), 1) : _mm512_setzero_si512();
   const int64_t span = G32 ? 32 : (w.ng == 1 ? rb : w.G / 2);  // bytes per table
@@ -1167,10 +1172,7 @@ QK_TBF16 void gemv_reg_w4(const Weight& w, const uint32_t* xu, int64_t ldx, int6
         xh[m] = _mm512_loadu_si512(xu + m * ldx + b + 16);
       }
       if ((b & 63) == 0)
-        for (int r = 0; r < NR; ++r) {
-          if (g_dev_wo_pf_t1) _mm_prefetch(reinterpret_cast<const char*>(q + r * rb + b + pf), _MM_HINT_T1);
-          else _mm_prefetch(reinterpret_cast<const char*>(q + r * rb + b + pf), _MM_HINT_T0);
-        }
+        for (int r = 0; r < NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(q + r * rb + b + pf), _MM_HINT_T1);
       for (int r = 0; r < NR; ++r) {
         const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + r * rb + b)));
         const __m512i lo = G32 ? _mm512_ternarylogic_epi32(v, m15, upper, 0xEA) : v;  // (v & 15) | upper; vpermw uses bits 4:0
@@ -1199,7 +1201,7 @@ QK_TBF16 void gemv_reg_w8(const Weight& w, const uint32_t* xu, int64_t ldx, int6
     for (int r = 0; r < NR; ++r) acc[m][r][0] = acc[m][r][1] = _mm512_setzero_ps();
   const int64_t K = w.K;
   const int8_t* q = w.q8 + n0 * K;
-  const int64_t pf = g_dev_wo_pf_tiles * NR * K;  // two tiles ahead, same offset
+  const int64_t pf = 2 * NR * K;  // two tiles ahead, same offset, into L1 (into L2 was not faster here)
   bool fast = true;  // no row scale denormal: no product q * s is (vcvtne2ps2bf16 would flush it)
   __m512 sv[NR];
   for (int r = 0; r < NR; ++r) {
@@ -1213,10 +1215,7 @@ QK_TBF16 void gemv_reg_w8(const Weight& w, const uint32_t* xu, int64_t ldx, int6
     const __mmask16 mb = left >= 32 ? 0xFFFF : (left <= 16 ? 0 : static_cast<__mmask16>((1u << (left - 16)) - 1));
     const int par = TWO ? static_cast<int>((k >> 5) & 1) : 0;
     if ((k & 63) == 0)
-      for (int r = 0; r < NR; ++r) {
-        if (g_dev_wo_pf_t1) _mm_prefetch(reinterpret_cast<const char*>(q + r * K + k + pf), _MM_HINT_T1);
-        else _mm_prefetch(reinterpret_cast<const char*>(q + r * K + k + pf), _MM_HINT_T0);
-      }
+      for (int r = 0; r < NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(q + r * K + k + pf), _MM_HINT_T0);
     __m512i xv[MM];
     for (int m = 0; m < MM; ++m) xv[m] = _mm512_loadu_si512(xu + m * ldx + k / 2);
     for (int r = 0; r < NR; ++r) {
@@ -1338,43 +1337,25 @@ void tiled512(const Weight& w, Rnd rnd, const uint32_t* xpack, int64_t M, int64_
   // micro tiles' x loads are sequential; the block's weight rows stay in L1).
   // For M > 32, up to 4x larger chunks: the packed x (M x K units) streams from L3 once per chunk.
   // 1 thread, w8a16 bf16 x, 4096 x 11008, one process: M = 512 249 / 204 / 187 ms at 1x / 2x / 4x,
-  // M = 128 62.5 / 58.8 / 58.7 ms. Halved while that leaves fewer than 12 chunks per thread (balance).
+  // M = 128 62.5 / 58.8 / 58.7 ms. Halved while that leaves a thread fewer than 3 chunks.
   const int64_t NC0 = BD ? kNC512 : kNC512 / 2;
   const int64_t N = w.N;
   // Threads get contiguous row ranges of equal size (boundaries rounded to 16 rows), then chunks of NC
   // rows inside them; splitting N into chunks first and chunks over threads left one thread up to a
   // chunk ahead: 4096 rows as 22 chunks of 192 gave 2112 / 1984 rows (3% lost at M = 512).
-  const bool dev_old = std::getenv("QK_DEV_TILED_OLD") != nullptr;  // DEV A/B switch, removed before merge
-  const int64_t T = dev_old ? 1 : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (N + 15) / 16));
+  const int64_t T = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (N + 15) / 16));
   const int64_t rows_t = (N + T - 1) / T;
   int64_t mult = M > 32 ? 4 : 1;
-  if (dev_old) {
-    while (mult > 1 && (N + NC0 * mult - 1) / (NC0 * mult) < 12 * at::get_num_threads()) mult /= 2;
-  } else {
-    while (mult > 1 && (rows_t + NC0 * mult - 1) / (NC0 * mult) < 3) mult /= 2;
-  }
+  while (mult > 1 && (rows_t + NC0 * mult - 1) / (NC0 * mult) < 3) mult /= 2;  // >= 3 chunks per thread
   const int64_t NC = NC0 * mult;
-  const int64_t n_chunks = (N + NC - 1) / NC;
-  // task i: a thread's row range (or, dev_old, one chunk)
-  auto range_of = [&](int64_t i, int64_t& b, int64_t& e) {
-    if (dev_old) {
-      b = i * NC;
-      e = std::min(N, b + NC);
-      return;
-    }
-    b = i == 0 ? 0 : std::min(N, (N * i / T + 8) / 16 * 16);
-    e = i + 1 == T ? N : std::min(N, (N * (i + 1) / T + 8) / 16 * 16);
-  };
-  const int64_t n_tasks = dev_old ? n_chunks : T;
-  at::parallel_for(0, n_tasks, 1, [&](int64_t c0, int64_t c1) {
+  // thread t's rows: [bound(t), bound(t + 1))
+  auto bound = [&](int64_t t) { return t == 0 ? 0 : t == T ? N : std::min(N, (N * t / T + 8) / 16 * 16); };
+  at::parallel_for(0, T, 1, [&](int64_t th0, int64_t th1) {
     const int64_t nblk = (U + KCU - 1) / KCU;
     std::vector<uint32_t> wbuf(nblk * NC * KCU);  // [K block][row][KCU units]
     std::vector<float> cbuf(NC * Mp), obuf(Mp * NC);
-    int64_t cb0, ce0, cb1, ce1;
-    range_of(c0, cb0, ce0);
-    range_of(c1 - 1, cb1, ce1);
-    const int64_t n_end = ce1;  // this thread's rows: [cb0, n_end), contiguous
-    for (int64_t n0 = cb0; n0 < n_end; n0 += NC) {
+    const int64_t n_end = bound(th1);  // this task's rows: [bound(th0), n_end), contiguous
+    for (int64_t n0 = bound(th0); n0 < n_end; n0 += NC) {
       const int64_t nc = std::min(NC, n_end - n0);
       const int64_t ncp = (nc + 23) / 24 * 24;  // rows decoded (zeros past nc): whole tiles of 12, 8 and 6
       const int64_t n_next = std::min(NC, n_end - n0 - nc);  // rows of the next chunk (0: none)
@@ -1528,11 +1509,6 @@ at::Tensor weight_only_gemm512(const at::Tensor& x_in, const Weight& w, const at
   const at::Tensor x = x_in.contiguous();
   const int64_t U = bd ? (K + 1) / 2 : K;
   if (bd && M <= kMaxGemvM && reg_gemv_applies(w)) {  // the register-decode GEMV
-    {
-      const char* e = std::getenv("QK_DEV_WO_PF");
-      g_dev_wo_pf_tiles = e ? std::atoi(e) : 2;
-      g_dev_wo_pf_t1 = std::getenv("QK_DEV_WO_PFT1") != nullptr;
-    }
     const int64_t ldx = (U + 31) / 32 * 32;
     // x (contiguous bf16) -> [M][2 ldx] words in the kernel's K order, zero-padded
     at::Tensor xo = at::empty({M, 2 * ldx}, x.options());
