@@ -4,6 +4,9 @@ round (the machine is shared: medians of interleaved rounds, never one long run 
 
     PYTHONPATH=. python bench/avx512_weight_only.py [--rounds 7] [--quick] [--out FILE.md]
         [--threads 1 --clock thread]   (CPU time of the calling thread: the usable clock on a shared machine)
+        [--m 16 128 512]               (GEMM M values)
+        [--ab-env VAR]                 (GEMM: each kernel also timed with VAR=1, interleaved: for a
+                                        development build's switch back to its previous path)
 
 ISA levels are switched per call with QUANTKERNELS_CPU_ISA (read on every op call), so the avx2 and
 avx512_bf16 kernels are timed in the same process. Uses torch + quantkernels ops only.
