@@ -4,6 +4,9 @@ round (the machine is shared: medians of interleaved rounds, never one long run 
 
     PYTHONPATH=. python bench/avx512_weight_only.py [--rounds 7] [--quick] [--out FILE.md]
         [--threads 1 --clock thread]   (CPU time of the calling thread: the usable clock on a shared machine)
+        [--m 16 128 512]               (GEMM M values)
+        [--ab-env VAR]                 (GEMM: each kernel also timed with VAR=1, interleaved: for a
+                                        development build's switch back to its previous path)
 
 ISA levels are switched per call with QUANTKERNELS_CPU_ISA (read on every op call), so the avx2 and
 avx512_bf16 kernels are timed in the same process. Uses torch + quantkernels ops only.
@@ -36,16 +39,31 @@ def quant_weights(N, K, g, G=128):
     return w, b8, s8, p4, s4, z4
 
 
-def gemm_section(rounds, quick, lines, clock):
+def with_env(var, fn):
+    """``fn`` wrapped to run with the environment variable ``var`` set to 1 (a development build's A/B switch)."""
+    def run():
+        os.environ[var] = "1"
+        try:
+            return fn()
+        finally:
+            os.environ.pop(var, None)
+    return run
+
+
+def gemm_section(rounds, quick, lines, clock, ab_env=None, ms=(16, 128, 512)):
     g = torch.Generator().manual_seed(0)
     shapes = [(4096, 4096), (4096, 11008)] if not quick else [(4096, 4096)]
     lines.append("## bf16 x: GEMM (ms, medians; ratio = F.linear time / kernel time, >= 1.0 is the target)\n")
-    lines.append("| K x N | M | F.linear bf16 | W8A16 avx512_bf16 | ratio | W4A16 avx512_bf16 | ratio | W8A16 avx2 | W4A16 avx2 |")
-    lines.append("|---|---|---|---|---|---|---|---|---|")
+    if ab_env:
+        lines.append(f"A/B columns: the same op with {ab_env}=1 (the development build's previous path), interleaved.\n")
+    ab_head = f" | W8A16 {ab_env}=1 | ratio | W4A16 {ab_env}=1 | ratio" if ab_env else ""
+    lines.append("| K x N | M | F.linear bf16 | W8A16 avx512_bf16 | ratio | W4A16 avx512_bf16 | ratio | W8A16 avx2 | W4A16 avx2"
+                 + ab_head + " |")
+    lines.append("|---|---|---|---|---|---|---|---|---|" + ("---|---|---|---|" if ab_env else ""))
     for K, N in shapes:
         w, b8, s8, p4, s4, z4 = quant_weights(N, K, g)
         wb = w.to(torch.bfloat16)
-        for M in (16, 128, 512):
+        for M in ms:
             x = torch.randn(M, K, generator=g).to(torch.bfloat16)
             c = {
                 "lin": lambda: F.linear(x, wb),
@@ -54,9 +72,14 @@ def gemm_section(rounds, quick, lines, clock):
                 "w8_avx2": with_isa("avx2", lambda: OPS.w8a16_gemm(x, b8, s8)),
                 "w4_avx2": with_isa("avx2", lambda: OPS.w4a16_gemm(x, p4, s4, z4)),
             }
+            if ab_env:
+                c["w8_ab"] = with_env(ab_env, c["w8"])
+                c["w4_ab"] = with_env(ab_env, c["w4"])
             t = interleaved(c, rounds, clock=clock)
+            ab = (f" | {t['w8_ab']:.2f} | {t['lin'] / t['w8_ab']:.2f}x | {t['w4_ab']:.2f} | {t['lin'] / t['w4_ab']:.2f}x"
+                  if ab_env else "")
             lines.append(f"| {K} x {N} | {M} | {t['lin']:.2f} | {t['w8']:.2f} | {t['lin'] / t['w8']:.2f}x | "
-                         f"{t['w4']:.2f} | {t['lin'] / t['w4']:.2f}x | {t['w8_avx2']:.2f} | {t['w4_avx2']:.2f} |")
+                         f"{t['w4']:.2f} | {t['lin'] / t['w4']:.2f}x | {t['w8_avx2']:.2f} | {t['w4_avx2']:.2f}" + ab + " |")
             print(lines[-1], flush=True)
     lines.append("")
     lines.append("## fp32 / fp16 x, 4096 x 4096 (ms, medians): avx512 zmm FMA vs avx2\n")
@@ -139,6 +162,9 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None)
     ap.add_argument("--only", choices=("gemm", "decode"), default=None)
+    ap.add_argument("--ab-env", default=None, metavar="VAR",
+                    help="GEMM: also time each kernel with VAR=1 (a development build's switch to its previous path)")
+    ap.add_argument("--m", type=int, nargs="+", default=[16, 128, 512], help="GEMM: the M values")
     ap.add_argument("--clock", choices=("wall", "thread"), default="wall",
                     help="thread: CPU time of the calling thread (with --threads 1 only)")
     a = ap.parse_args()
@@ -152,7 +178,7 @@ def main():
              f"ISA levels: {', '.join(_native.cpu_isa_levels())}; rounds {a.rounds}, {a.clock} clock; "
              f"load average at start {os.getloadavg()[0]:.1f} (shared machine)\n"]
     if a.only != "decode":
-        gemm_section(a.rounds, a.quick, lines, clock)
+        gemm_section(a.rounds, a.quick, lines, clock, a.ab_env, tuple(a.m))
     if a.only != "gemm":
         decode_section(a.rounds, a.quick, lines, clock)
     text = "\n".join(lines) + "\n"

@@ -345,6 +345,30 @@ def test_multi_thread_large_n(M, isa, threads):
     _check(OPS.w8a16_gemm(x, b, sb), x, b.float() * sb[:, None], None, R.w8a16_gemm(x, b, sb))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
+def test_tiled_thread_split_is_exact(dtype, isa, set_threads):
+    # The tiled path (M >= 9) gives each thread an equal contiguous range of weight rows (bounds rounded
+    # to 16 rows) and walks it in chunks. Every output is one micro tile's sum over all of K, whatever
+    # the split: 1, 2 and 3 threads must give the same bits. N = 33 on 3 threads leaves the middle
+    # thread no rows (bounds 0, 16, 16, 33); N = 40 gives 16 / 16 / 8 rows; N = 600 at M = 80 uses the
+    # 2x / 4x chunks (ragged last chunk per thread).
+    g = torch.Generator().manual_seed(21)
+    K = 128
+    for M, N in ((9, 33), (17, 40), (80, 600)):
+        x = _x(M, K, dtype, g)
+        b = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g)
+        s = torch.rand(N, generator=g) * 0.01 + 1e-3
+        p, s4, z = _int4_weight(N, K, 64, True, g)
+        outs = []
+        for t in (1, 2, 3):
+            set_threads(t)
+            outs.append((OPS.w8a16_gemm(x, b, s), OPS.w4a16_gemm(x, p, s4, z)))
+        for o8, o4 in outs[1:]:
+            assert torch.equal(o8, outs[0][0]) and torch.equal(o4, outs[0][1]), (M, N)
+        _check(outs[0][0], x, (b.float() * s[:, None]).to(dtype), None, R.w8a16_gemm(x, b, s))
+        _check(outs[0][1], x, R.dequantize_int4(p, s4, z).to(dtype), None, R.w4a16_gemm(x, p, s4, z))
+
+
 def test_non_contiguous_weights(isa):
     g = torch.Generator().manual_seed(9)
     M, N, K = 3, 7, 64

@@ -37,7 +37,7 @@
 // few ulps, not bit for bit; the tests compare with the fp64 formula, docs/numerics.md s.6.)
 //
 // Decode (M <= 4, K a multiple of 64, G = 32 or a multiple of 64): a separate GEMV (gemv_tile below), one pass over
-// the weights with the next tile prefetched; the per-group float work is deferred out of the K
+// the weights prefetched into L2 >= 32 KB ahead (kPfBytes); the per-group float work is deferred out of the K
 // loop. M = 5..8 with the same K and G: the GEMV once per chunk of 4 rows (about 2x faster there
 // than the panel path, whose 16-token panels cost as much at M = 5 as at M = 16).
 // M >= 5 otherwise, with G in 32 / 64 / 128 / 256: the panel path (run_panel_avx2, ~2x the tiles'
@@ -567,6 +567,14 @@ void run_panel_avx2(const Problem& p, PanelGroupsFn groups) {
 // with the zero-point term exact in int32 and cvt, *, + in fp32 (4 partial sums, then added).
 // Doing that float work inside the K loop, per group, cost ~40% of the hot time at G = 128.
 constexpr int64_t kGemvChunk = 64;
+// Every GEMV (AVX2, AVX-VNNI, AVX512-VNNI) prefetches its weight stream into L2 (prefetcht1), whole
+// tiles at least kPfBytes ahead, same offset. Into L1 one tile ahead (8 KB at K = 4096, M = 1), the
+// outstanding line fills capped one core at ~10 GB/s from DRAM. avx512_vnni, 1 thread, CPU time,
+// 4096^2 g128 M = 1 rotating over 96 MiB, two runs in one process each (2026-12-07,
+// bench/results/cpu_weight_only_2026-12-07.md): 0.94 / 0.99 ms (L1, 1 tile) -> 0.51 / 0.56 ms (L2, 32 KB);
+// 8 to 256 KB ahead all within the runs' noise (0.44-0.64 ms).
+constexpr int64_t kPfBytes = 32 * 1024;
+inline int64_t pf_ahead(int64_t tile_bytes) { return (kPfBytes + tile_bytes - 1) / tile_bytes * tile_bytes; }
 
 struct GemvPrep {
   std::vector<int8_t> ap;     // [M, K] permuted per 64-chunk
@@ -615,8 +623,10 @@ QK_TARGET_AVX2_NOFMA __attribute__((always_inline)) inline void gemv_step(const 
                                                                           int64_t K, int64_t ldb, int64_t k,
                                                                           __m256i (&c16)[MM][NR]) {
   const __m256i m15 = _mm256_set1_epi8(0x0F), flip = _mm256_set1_epi8(static_cast<char>(0x88));
-  if ((k & 127) == 0)  // the next tile's rows, one 64-byte line (128 nibbles) each
-    for (int r = 0; r < NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(b[r] + k / 2 + NR * ldb), _MM_HINT_T0);
+  if ((k & 127) == 0) {  // rows >= kPfBytes ahead, one 64-byte line (128 nibbles) each
+    const int64_t pfd = pf_ahead(NR * ldb);
+    for (int r = 0; r < NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(b[r] + k / 2 + pfd), _MM_HINT_T1);
+  }
   __m256i alo[MM], ahi[MM];
   for (int m = 0; m < MM; ++m) {
     alo[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ap + m * K + k));
@@ -1014,7 +1024,8 @@ QK_TARGET_VNNI512 __attribute__((always_inline)) inline void gemv512_step(const 
                                                                           __m512i (&acc)[MM][NR]) {
   const __m512i m15 = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8(static_cast<char>(0x88));
   constexpr __mmask64 half = 0xFFFFFFFFull;
-  for (int r = 0; r < NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(b[r] + k / 2 + NR * ldb), _MM_HINT_T0);
+  const int64_t pfd = pf_ahead(NR * ldb);  // into L2, see kPfBytes
+  for (int r = 0; r < NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(b[r] + k / 2 + pfd), _MM_HINT_T1);
   __m512i alo[MM], ahi[MM];
   for (int m = 0; m < MM; ++m) {
     if (kTail) {
@@ -1106,8 +1117,10 @@ QK_TARGET_VNNI256 __attribute__((always_inline)) inline void gemv256_step(const 
                                                                           int64_t K, int64_t ldb, int64_t k,
                                                                           __m256i (&acc)[MM][NR]) {
   const __m256i m15 = _mm256_set1_epi8(0x0F), flip = _mm256_set1_epi8(static_cast<char>(0x88));
-  if ((k & 127) == 0)
-    for (int r = 0; r < NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(b[r] + k / 2 + NR * ldb), _MM_HINT_T0);
+  if ((k & 127) == 0) {
+    const int64_t pfd = pf_ahead(NR * ldb);  // into L2, see kPfBytes
+    for (int r = 0; r < NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(b[r] + k / 2 + pfd), _MM_HINT_T1);
+  }
   __m256i alo[MM], ahi[MM];
   for (int m = 0; m < MM; ++m) {
     alo[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ap + m * K + k));

@@ -66,7 +66,8 @@
 //   per call to match (int4: per 64-block the 32 even elements then the 32 odd ones; int8 natural).
 //   vcvtne(2)ps2bf16 is RNE like the contract but treats denormal inputs as zero, so it is used only
 //   when none of the tile's scales is denormal (then no product is); else the integer rounding.
-//   Weight stream prefetched two tiles ahead (same offset). M = 1, 6 x 4096 x 11008 rotating from
+//   Weight stream prefetched at the same offset (int4: into L2, whole tiles >= 32 KB ahead; int8: into
+//   L1, two tiles ahead; see kRegPfBytes). Before the L2 prefetch (2026-12-02), M = 1, 6 x 4096 x 11008 from
 //   DRAM, G = 128 asym (bench/bf16_decode.py, bench/results/bf16_decode_2026-12-02.md; shared machine):
 //   2 threads, two runs: int4 0.62 / 0.74 ms vs 1.39 / 1.08 ms for the buffered GEMV below (68 / 77%
 //   of read bandwidth, 1.50 / 1.72x fbgemm's speed); int8 1.15 / 1.27 vs 1.66 / 1.39 ms (68 / 84%);
@@ -77,8 +78,9 @@
 //   decoded into an L1/L2 buffer (the rows are contiguous: one sequential read, software-prefetched
 //   4 KB ahead) and dotted with all M rows of x in zmm (vfmadd / vdpbf16ps, two accumulator sets
 //   for M <= 4), one horizontal sum per output.
-// - M >= 9: tiled. Threads split N into chunks of 48 rows (bf16 pairs; fp32: 24; up to 4x that for
-//   M > 32), decoded whole into a per-thread buffer in K blocks of 512 units (bf16 pairs; fp32: 256)
+// - M >= 9: tiled. Threads split N into equal contiguous ranges (16-row bounds), each walked in chunks
+//   of 48 rows (bf16 pairs; fp32: 24; up to 4x that for M > 32), decoded whole into a per-thread
+//   buffer in K blocks of 512 units (bf16 pairs; fp32: 256)
 //   (next chunk prefetched to L2). x is packed once per call, in one pass of 16 x 16 zmm transposes,
 //   per 16 rows as [units][16 rows] (M padded to 16 with zeros). Micro tiles keep 24 zmm
 //   accumulators, one x load per 16 rows and one weight broadcast per weight row and unit: bf16
@@ -1093,6 +1095,13 @@ void gemv512_rows(const Weight& w, Rnd rnd, const uint32_t* xu, int64_t ldx, int
 // vcvtne(2)ps2bf16 is RNE, as the contract's rounding, except that it treats denormal inputs as
 // zero: used only when the scale is 0 or normal (then no (v - z) * s is denormal); a denormal scale
 // takes round512 (integer RNE on the bits).
+// int4 weight stream: prefetched into L2 (prefetcht1), whole tiles >= kRegPfBytes ahead. Into L1, two
+// tiles ahead, the outstanding line fills capped the stream: 1 thread, CPU time, M = 1, 4096 x 11008
+// G = 128 asym rotating over 6 layers, one process (2026-12-07, cpu_weight_only_2026-12-07.md):
+// 2.23 ms (L1, 16 KB ahead) -> 1.63-1.67 ms (L2, 16 / 32 / 48 / 64 KB ahead: alike; 32 KB kept).
+// int8 (gemv_reg_w8, 4 KB rows): into L2 was not faster (3.61 / 3.65 ms vs 3.46), kept as it was.
+constexpr int64_t kRegPfBytes = 32 * 1024;
+
 inline bool reg_gemv_applies(const Weight& w) {
   if (!w.int4) return true;
   return w.K % 64 == 0 && (w.ng == 1 ? true : (w.G == 32 || w.G % 64 == 0));
@@ -1145,7 +1154,7 @@ QK_TBF16 void gemv_reg_w4(const Weight& w, const uint32_t* xu, int64_t ldx, int6
   const int64_t rb = w.K / 2;  // bytes per row
   const uint8_t* q = w.q4 + n0 * rb;
   const bool sym = !w.has_zero;
-  const int64_t pf = 2 * NR * rb;  // two tiles ahead, same offset
+  const int64_t pf = (kRegPfBytes + NR * rb - 1) / (NR * rb) * (NR * rb);  // whole tiles, into L2
   const __m512i m15 = _mm512_set1_epi16(15);
   const __m512i upper = G32 ? _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(16), 1) : _mm512_setzero_si512();
   const int64_t span = G32 ? 32 : (w.ng == 1 ? rb : w.G / 2);  // bytes per table
@@ -1163,7 +1172,7 @@ QK_TBF16 void gemv_reg_w4(const Weight& w, const uint32_t* xu, int64_t ldx, int6
         xh[m] = _mm512_loadu_si512(xu + m * ldx + b + 16);
       }
       if ((b & 63) == 0)
-        for (int r = 0; r < NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(q + r * rb + b + pf), _MM_HINT_T0);
+        for (int r = 0; r < NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(q + r * rb + b + pf), _MM_HINT_T1);
       for (int r = 0; r < NR; ++r) {
         const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + r * rb + b)));
         const __m512i lo = G32 ? _mm512_ternarylogic_epi32(v, m15, upper, 0xEA) : v;  // (v & 15) | upper; vpermw uses bits 4:0
@@ -1192,7 +1201,7 @@ QK_TBF16 void gemv_reg_w8(const Weight& w, const uint32_t* xu, int64_t ldx, int6
     for (int r = 0; r < NR; ++r) acc[m][r][0] = acc[m][r][1] = _mm512_setzero_ps();
   const int64_t K = w.K;
   const int8_t* q = w.q8 + n0 * K;
-  const int64_t pf = 2 * NR * K;  // two tiles ahead, same offset
+  const int64_t pf = 2 * NR * K;  // two tiles ahead, same offset, into L1 (into L2 was not faster here)
   bool fast = true;  // no row scale denormal: no product q * s is (vcvtne2ps2bf16 would flush it)
   __m512 sv[NR];
   for (int r = 0; r < NR; ++r) {
@@ -1328,24 +1337,33 @@ void tiled512(const Weight& w, Rnd rnd, const uint32_t* xpack, int64_t M, int64_
   // micro tiles' x loads are sequential; the block's weight rows stay in L1).
   // For M > 32, up to 4x larger chunks: the packed x (M x K units) streams from L3 once per chunk.
   // 1 thread, w8a16 bf16 x, 4096 x 11008, one process: M = 512 249 / 204 / 187 ms at 1x / 2x / 4x,
-  // M = 128 62.5 / 58.8 / 58.7 ms. Halved while that leaves fewer than 12 chunks per thread (balance).
+  // M = 128 62.5 / 58.8 / 58.7 ms. Halved while that leaves a thread fewer than 3 chunks.
   const int64_t NC0 = BD ? kNC512 : kNC512 / 2;
+  const int64_t N = w.N;
+  // Threads get contiguous row ranges of equal size (boundaries rounded to 16 rows), then chunks of NC
+  // rows inside them; splitting N into chunks first and chunks over threads left one thread up to a
+  // chunk ahead: 4096 rows as 22 chunks of 192 gave 2112 / 1984 rows (3% lost at M = 512).
+  const int64_t T = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (N + 15) / 16));
+  const int64_t rows_t = (N + T - 1) / T;
   int64_t mult = M > 32 ? 4 : 1;
-  while (mult > 1 && (w.N + NC0 * mult - 1) / (NC0 * mult) < 12 * at::get_num_threads()) mult /= 2;
+  while (mult > 1 && (rows_t + NC0 * mult - 1) / (NC0 * mult) < 3) mult /= 2;  // >= 3 chunks per thread
   const int64_t NC = NC0 * mult;
-  const int64_t N = w.N, n_chunks = (N + NC - 1) / NC;
-  at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
+  // thread t's rows: [bound(t), bound(t + 1))
+  auto bound = [&](int64_t t) { return t == 0 ? 0 : t == T ? N : std::min(N, (N * t / T + 8) / 16 * 16); };
+  at::parallel_for(0, T, 1, [&](int64_t th0, int64_t th1) {
     const int64_t nblk = (U + KCU - 1) / KCU;
     std::vector<uint32_t> wbuf(nblk * NC * KCU);  // [K block][row][KCU units]
     std::vector<float> cbuf(NC * Mp), obuf(Mp * NC);
-    for (int64_t c = c0; c < c1; ++c) {
-      const int64_t n0 = c * NC, nc = std::min(NC, N - n0);
+    const int64_t n_end = bound(th1);  // this task's rows: [bound(th0), n_end), contiguous
+    for (int64_t n0 = bound(th0); n0 < n_end; n0 += NC) {
+      const int64_t nc = std::min(NC, n_end - n0);
       const int64_t ncp = (nc + 23) / 24 * 24;  // rows decoded (zeros past nc): whole tiles of 12, 8 and 6
+      const int64_t n_next = std::min(NC, n_end - n0 - nc);  // rows of the next chunk (0: none)
       // The chunk's rows are one contiguous stretch of the weight: decode them row after row
       // (sequential reads), prefetching the next chunk's rows into L2 meanwhile. Each row is stored
       // in blocks of KCU units, so that the micro tiles address all rows from one register.
       for (int64_t i = 0; i < ncp; ++i) {
-        if (c + 1 < c1) prefetch_units<_MM_HINT_T1>(w, BD, n0 + NC + i, 1, 0, U);
+        if (i < n_next) prefetch_units<_MM_HINT_T1>(w, BD, n0 + NC + i, 1, 0, U);
         for (int64_t b = 0; b < nblk; ++b) {
           const int64_t u0 = b * KCU, uc = std::min(KCU, U - u0);
           decode_units<BD>(w, rnd, i < nc ? n0 + i : w.N, u0, uc, uc, wbuf.data() + (b * NC + i) * KCU);
