@@ -637,37 +637,38 @@ QK_TARGET_AVX512BF16 inline bool decode_row_bf16(const W4& w, int64_t n, uint16_
   return ok;
 }
 
-// Tiled (M > kGemvMaxM): panels of kTileRows rows decoded to bf16 words, then 4 x 4 (m, n) register tiles
-// of vdpbf16ps over K (tails reuse the last valid row; results dropped).
+// Tiled (M > kGemvMaxM): panels of kPanelBf16 rows decoded to bf16 words (L2), then 4 x 6 (m, n) register
+// tiles of vdpbf16ps over K: 24 accumulators, 4 x and 6 weight loads per 24 instructions (tails reuse the last
+// valid row; results dropped).
+constexpr int64_t kPanelBf16 = 24;
+
 template <bool B32>
 QK_TARGET_AVX512BF16 void tiled_bf16_rows_b(const W4& w, const uint16_t* xu, int64_t M, float* y, int64_t n0,
                                             int64_t n1, uint16_t* panel, int lb, const Bf16Guard& g, uint8_t* bad) {
+  constexpr int MI = 4, NJ = 6;
   const int64_t K = w.K;
-  for (int64_t nb = n0; nb < n1; nb += kTileRows) {
-    const int64_t nr = std::min(kTileRows, n1 - nb);
+  for (int64_t nb = n0; nb < n1; nb += kPanelBf16) {
+    const int64_t nr = std::min(kPanelBf16, n1 - nb);
     for (int64_t r = 0; r < nr; ++r) bad[nb + r] = !decode_row_bf16<B32>(w, nb + r, panel + r * K, lb, g);
-    for (int64_t m0 = 0; m0 < M; m0 += 4) {
-      const uint16_t* xr[4];
-      for (int i = 0; i < 4; ++i) xr[i] = xu + std::min(m0 + i, M - 1) * K;
-      for (int64_t j0 = 0; j0 < nr; j0 += 4) {
-        const uint16_t* wr[4];
-        for (int j = 0; j < 4; ++j) wr[j] = panel + std::min(j0 + j, nr - 1) * K;
-        __m512 acc[4][4];
-        for (int i = 0; i < 4; ++i)
-          for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
+    for (int64_t m0 = 0; m0 < M; m0 += MI) {
+      const uint16_t* xr[MI];
+      for (int i = 0; i < MI; ++i) xr[i] = xu + std::min(m0 + i, M - 1) * K;
+      for (int64_t j0 = 0; j0 < nr; j0 += NJ) {
+        const uint16_t* wr[NJ];
+        for (int j = 0; j < NJ; ++j) wr[j] = panel + std::min(j0 + j, nr - 1) * K;
+        __m512 acc[MI][NJ];
+        for (int i = 0; i < MI; ++i)
+          for (int j = 0; j < NJ; ++j) acc[i][j] = _mm512_setzero_ps();
         for (int64_t k = 0; k < K; k += 32) {
-          const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wr[0] + k), w1 = (__m512bh)_mm512_loadu_si512(wr[1] + k);
-          const __m512bh w2 = (__m512bh)_mm512_loadu_si512(wr[2] + k), w3 = (__m512bh)_mm512_loadu_si512(wr[3] + k);
-          for (int i = 0; i < 4; ++i) {
+          __m512bh wv[NJ];
+          for (int j = 0; j < NJ; ++j) wv[j] = (__m512bh)_mm512_loadu_si512(wr[j] + k);
+          for (int i = 0; i < MI; ++i) {
             const __m512bh xv = (__m512bh)_mm512_loadu_si512(xr[i] + k);
-            acc[i][0] = _mm512_dpbf16_ps(acc[i][0], xv, w0);
-            acc[i][1] = _mm512_dpbf16_ps(acc[i][1], xv, w1);
-            acc[i][2] = _mm512_dpbf16_ps(acc[i][2], xv, w2);
-            acc[i][3] = _mm512_dpbf16_ps(acc[i][3], xv, w3);
+            for (int j = 0; j < NJ; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv, wv[j]);
           }
         }
-        for (int i = 0; i < 4 && m0 + i < M; ++i)
-          for (int j = 0; j < 4 && j0 + j < nr; ++j) y[(m0 + i) * w.N + nb + j0 + j] = _mm512_reduce_add_ps(acc[i][j]);
+        for (int i = 0; i < MI && m0 + i < M; ++i)
+          for (int j = 0; j < NJ && j0 + j < nr; ++j) y[(m0 + i) * w.N + nb + j0 + j] = _mm512_reduce_add_ps(acc[i][j]);
       }
     }
   }
@@ -910,8 +911,8 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& x_in, const at::Tensor& packed, const
       if (M <= kGemvMaxM) {
         at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) { gemv_bf16_rows(w, XU, M, Y, n0, n1, lb, g, bad.data()); });
       } else {
-        at::parallel_for(0, N, kTileRows, [&](int64_t n0, int64_t n1) {
-          std::vector<uint16_t> panel(static_cast<size_t>(kTileRows * K));
+        at::parallel_for(0, N, kPanelBf16, [&](int64_t n0, int64_t n1) {
+          std::vector<uint16_t> panel(static_cast<size_t>(kPanelBf16 * K));
           tiled_bf16_rows(w, XU, M, Y, n0, n1, panel.data(), lb, g, bad.data());
         });
       }
