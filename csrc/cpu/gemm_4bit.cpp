@@ -930,7 +930,7 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& x_in, const at::Tensor& packed, const
     }
   }
 #endif
-  if (!done) fp32_rows(0, N, true);
+  if (!done) fp32_rows(0, N, dev_old);
   if (bias_in.has_value()) acc.add_(bias_in->to(at::kFloat));
   y.copy_(acc);  // one rounding to x's dtype (round half to even)
   return y;
