@@ -16,6 +16,10 @@
 //     otherwise the scalar loop runs;
 //   tiled (M > kGemvMaxM, K % 32 == 0): blocks of 16 weight rows decoded to a thread-local fp32 panel (the
 //     values rounded to x's dtype, as the contract says), then register tiles of FMAs (4 x 4 zmm / 4 x 2 ymm);
+//   bf16 x at avx512_bf16, K % 64 == 0 (GEMV and tiled; see Bf16Guard): per block a 32-word bf16 table
+//     (vcvtne2ps2bf16), 64 values per step by vpmovzxbw + two vpermw, products by vdpbf16ps (GEMV: 4 or 2
+//     rows per step; tiled: 24-row bf16 panels, 4 x 6 tiles); rows that could meet a denormal take the fp32
+//     paths, decided per row;
 //   otherwise (portable, or K % 32 != 0): panels of kPanelRows rows decoded by the scalar loop, at::mm in fp32.
 // Double quantization: the block absmax values are first decoded to fp32 (s.11.5, the same formula).
 #include <ATen/ATen.h>
@@ -817,7 +821,7 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& x_in, const at::Tensor& packed, const
   const at::Tensor q = packed.contiguous(), am = absmax_f32(absmax, nested, offset);
   W4 w{q.data_ptr<uint8_t>(), am.data_ptr<float>(), N, K, blocksize, code_table(qt == "nf4"),
        xt == at::kBFloat16 ? Rnd::BF16 : (xt == at::kHalf ? Rnd::F16 : Rnd::None)};
-  const at::Tensor xf = x_in.to(at::kFloat).contiguous();
+  at::Tensor xf;  // x in fp32, made only by the paths that read it
   at::Tensor acc = at::empty({M, N}, x_in.options().dtype(at::kFloat));
   float* Y = acc.data_ptr<float>();
   const bool vec = path != Path::Portable && K % 32 == 0;
@@ -828,6 +832,7 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& x_in, const at::Tensor& packed, const
   // Rows [r0, r1) by the fp32-product paths (bf16dot: the old vdpbf16ps tiles allowed).
   at::Tensor xp, xe, xo;
   auto fp32_rows = [&](int64_t r0, int64_t r1, bool bf16dot) {
+    if (!xf.defined()) xf = x_in.to(at::kFloat).contiguous();
     const bool gemv64 = vec && path == Path::Avx512 && blocksize >= 64 && K % 64 == 0;
     if (M <= kGemvMaxM && gemv64) {
       // x in the nibble order of gemv64_tile_avx512: per 64 values, phases (4i+1, 4i, 4i+3, 4i+2), i = 0..15
@@ -938,9 +943,10 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& x_in, const at::Tensor& packed, const
 
 const bool gemm_4bit_variant_registered = register_variant("gemm_4bit", [](Isa isa) -> const char* {
   if (isa_has_bf16dot(isa))
-    return "avx512_bf16: vpermps table decode; GEMV (M <= 8; 64-value steps for block >= 64) / 4x4 zmm tiles: "
-           "vdpbf16ps for bf16 x (when no product can underflow), fp32 FMA otherwise (K % 32 == 0; else scalar "
-           "decode + at::mm)";
+    return "avx512_bf16: bf16 x with K % 64 == 0: vcvtne2ps2bf16 block tables, vpermw decode to bf16 words, "
+           "vdpbf16ps (GEMV for M <= 8, 4x6 tiles on 24-row panels; rows that could meet a denormal: fp32); "
+           "otherwise as avx512: vpermps table decode, GEMV (M <= 8) / 4x4 zmm FMA tiles (K % 32 == 0; else "
+           "scalar decode + at::mm)";
   if (isa_has_avx512(isa))
     return "avx512: vpermps 16-entry table decode in zmm; GEMV (M <= 8; 64-value steps for block >= 64) / 4x4 zmm "
            "FMA tiles on 16-row panels (K % 32 == 0; else scalar decode + at::mm)";
