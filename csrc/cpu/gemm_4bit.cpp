@@ -910,8 +910,13 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& x_in, const at::Tensor& packed, const
       const double thr = std::max(static_cast<double>(FLT_MIN), std::ldexp(1.0, -100) / mx);  // mx = Inf: FLT_MIN
       const Bf16Guard g{min_code, std::nextafter(static_cast<float>(thr), INFINITY)};
       // x packed as the decoded weight: per 64 values the 32 even values, then the 32 odd ones
-      const at::Tensor xu = xb.view({M, K / 64, 32, 2}).transpose(2, 3).contiguous();
-      const uint16_t* XU = reinterpret_cast<const uint16_t*>(xu.data_ptr<at::BFloat16>());
+      std::vector<uint16_t> xu(static_cast<size_t>(M * K));
+      for (int64_t i = 0; i < M * K; i += 64)  // K % 64 == 0: a 64-value chunk never spans rows
+        for (int j = 0; j < 32; ++j) {
+          xu[i + j] = xw[i + 2 * j];
+          xu[i + 32 + j] = xw[i + 2 * j + 1];
+        }
+      const uint16_t* XU = xu.data();
       std::vector<uint8_t> bad(static_cast<size_t>(N), 0);
       if (M <= kGemvMaxM) {
         at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) { gemv_bf16_rows(w, XU, M, Y, n0, n1, lb, g, bad.data()); });
@@ -936,6 +941,18 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& x_in, const at::Tensor& packed, const
   }
 #endif
   if (!done) fp32_rows(0, N, dev_old);
+  if (done && M * N <= 16384) {  // small bf16 outputs (decode): + bias, the rounding of copy_ below, no dispatch
+    at::Tensor bf;
+    const float* bp = nullptr;
+    if (bias_in.has_value()) {
+      bf = bias_in->to(at::kFloat).contiguous();
+      bp = bf.data_ptr<float>();
+    }
+    at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) yp[m * N + n] = at::BFloat16(bp ? Y[m * N + n] + bp[n] : Y[m * N + n]);
+    return y;
+  }
   if (bias_in.has_value()) acc.add_(bias_in->to(at::kFloat));
   y.copy_(acc);  // one rounding to x's dtype (round half to even)
   return y;
