@@ -70,8 +70,8 @@ def main():
         torch.set_num_threads(threads)
         print(f"\n{a.dtype} x, {cname} (load average now {os.getloadavg()[0]:.1f}):\n")
         names = ["nf4"] + ([vname] if vname else []) + ["w4a16", "bnb Linear4bit"]
-        print("| M | " + " | ".join(names) + " | nf4 / w4a16 |" + (" variant / w4a16 | nf4 / variant |" if vname else "")
-              + " bnb / nf4 |")
+        print("| M | " + " | ".join(names) + " | nf4 / w4a16 |"
+              + (" variant / w4a16 | nf4 / variant |" if vname else "") + " bnb / nf4 |")
         print("|---" * (len(names) + 3 + 2 * bool(vname)) + "|")
         for M in (int(m) for m in a.M.split(",")):
             x = torch.randn(M, K).to(dt)
@@ -99,7 +99,8 @@ def main():
             with torch.no_grad():
                 t = _cpu.interleaved(cands, a.rounds, inner=max(1, 8 // M), warmup=2, clock=clock)
             tb, tn, tw = t.get("bnb"), t["nf4"], t["w4a16"]
-            cols = [f"{tn:.3f}"] + ([f"{t[vname]:.3f}"] if vname else []) + [f"{tw:.3f}", "-" if tb is None else f"{tb:.3f}"]
+            cols = ([f"{tn:.3f}"] + ([f"{t[vname]:.3f}"] if vname else [])
+                    + [f"{tw:.3f}", "-" if tb is None else f"{tb:.3f}"])
             extra = f" {t[vname] / tw:.2f} | {tn / t[vname]:.2f} |" if vname else ""
             print(f"| {M} | " + " | ".join(cols) + f" | {tn / tw:.2f} |{extra} "
                   + ("-" if tb is None else f"{tb / tn:.2f}") + " |")

@@ -29,7 +29,6 @@
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -437,62 +436,6 @@ QK_TARGET_AVX512 void tiled_rows_avx512(const W4& w, const float* X, int64_t M, 
   }
 }
 
-// avx512_bf16, bf16 x: the same tiles with vdpbf16ps (two bf16 products per lane). The weight rounded to
-// bf16 is exact in bf16, x is bf16 already: the products are those of the fp32 path. vdpbf16ps flushes
-// subnormal inputs and results, so the caller takes this path only when every nonzero product is at least
-// 2^-100 (a flushed partial sum is then below 2^-24 of any product: within s.6's fp32 tolerance).
-QK_TARGET_AVX512BF16 void tiled_rows_avx512bf16(const W4& w, const uint16_t* X, int64_t M, float* y, int64_t n0,
-                                                int64_t n1, uint32_t* panel) {
-  const int64_t K2 = w.K / 2;
-  const __m512 tab = _mm512_load_ps(w.tab.v);
-  const __m512i hi16 = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
-  for (int64_t nb = n0; nb < n1; nb += kTileRows) {
-    const int64_t nr = std::min(kTileRows, n1 - nb);
-    for (int64_t r = 0; r < nr; ++r) {  // decode to bf16 pairs (k even in the low half, as x's memory)
-      const uint8_t* row = w.q + (nb + r) * K2;
-      int64_t blk = -1;
-      __m512 st = tab;
-      for (int64_t j = 0; j < K2; j += 16) {
-        const int64_t bi = ((nb + r) * w.K + 2 * j) / w.B;
-        if (bi != blk) {
-          blk = bi;
-          st = round16(_mm512_mul_ps(tab, _mm512_set1_ps(w.absmax[bi])), Rnd::BF16);
-        }
-        const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + j)));
-        const __m512 we = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), st);
-        const __m512 wo = _mm512_permutexvar_ps(b, st);
-        const __m512i pair = _mm512_or_si512(_mm512_srli_epi32(_mm512_castps_si512(we), 16),
-                                             _mm512_and_si512(_mm512_castps_si512(wo), hi16));
-        _mm512_storeu_si512(panel + r * K2 + j, pair);
-      }
-    }
-    for (int64_t m0 = 0; m0 < M; m0 += 4) {
-      const uint16_t* xr[4];
-      for (int i = 0; i < 4; ++i) xr[i] = X + std::min(m0 + i, M - 1) * w.K;
-      for (int64_t j0 = 0; j0 < nr; j0 += 4) {
-        const uint32_t* wr[4];
-        for (int j = 0; j < 4; ++j) wr[j] = panel + std::min(j0 + j, nr - 1) * K2;
-        __m512 acc[4][4];
-        for (int i = 0; i < 4; ++i)
-          for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
-        for (int64_t k = 0; k < K2; k += 16) {
-          const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wr[0] + k), w1 = (__m512bh)_mm512_loadu_si512(wr[1] + k);
-          const __m512bh w2 = (__m512bh)_mm512_loadu_si512(wr[2] + k), w3 = (__m512bh)_mm512_loadu_si512(wr[3] + k);
-          for (int i = 0; i < 4; ++i) {
-            const __m512bh xv = (__m512bh)_mm512_loadu_si512(xr[i] + 2 * k);
-            acc[i][0] = _mm512_dpbf16_ps(acc[i][0], xv, w0);
-            acc[i][1] = _mm512_dpbf16_ps(acc[i][1], xv, w1);
-            acc[i][2] = _mm512_dpbf16_ps(acc[i][2], xv, w2);
-            acc[i][3] = _mm512_dpbf16_ps(acc[i][3], xv, w3);
-          }
-        }
-        for (int i = 0; i < 4 && m0 + i < M; ++i)
-          for (int j = 0; j < 4 && j0 + j < nr; ++j) y[(m0 + i) * w.N + nb + j0 + j] = _mm512_reduce_add_ps(acc[i][j]);
-      }
-    }
-  }
-}
-
 // ----------------------------------------------------------------------------- avx512_bf16, bf16 x
 // bf16 x at avx512_bf16 with K % 64 == 0: the weight is decoded straight to bf16 words and multiplied by
 // vdpbf16ps (two bf16 products per fp32 lane), as our w4a16 bf16 GEMV (weight_only.cpp, gemv_reg_w4).
@@ -787,18 +730,6 @@ at::Tensor absmax_f32(const at::Tensor& absmax, const std::optional<at::Tensor>&
   return out;
 }
 
-// Whether vdpbf16ps's flushing of subnormals stays within s.6: every nonzero |x| * |W'| >= 2^-100.
-bool bf16_dot_safe(const at::Tensor& xf, const at::Tensor& am, const W4& w) {
-  float min_code = 1.f;
-  for (int i = 0; i < 16; ++i)
-    if (w.tab.v[i] != 0.f) min_code = std::min(min_code, std::fabs(w.tab.v[i]));
-  const at::Tensor ax = xf.abs(), aa = am.abs();
-  const at::Tensor nzx = ax.masked_select(ax > 0), nza = aa.masked_select(aa > 0);
-  if (nzx.numel() == 0 || nza.numel() == 0) return true;  // every product is an exact zero
-  const double lo = double(nzx.min().item<float>()) * double(nza.min().item<float>()) * double(min_code);
-  return lo >= std::ldexp(1.0, -100);  // NaN / Inf need no care: vdpbf16ps propagates them
-}
-
 at::Tensor gemm_4bit_cpu(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& absmax,
                          c10::string_view quant_type, int64_t blocksize, const std::optional<at::Tensor>& nested,
                          const std::optional<at::Tensor>& offset, const std::optional<at::Tensor>& bias_in) {
@@ -827,11 +758,10 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& x_in, const at::Tensor& packed, const
   const bool vec = path != Path::Portable && K % 32 == 0;
   int lb = 0;
   while ((int64_t{1} << lb) < blocksize) ++lb;
-  const bool dev_old = std::getenv("QK_NF4_BF16_OLD") != nullptr;  // TEMPORARY developer switch (benchmarks)
 
-  // Rows [r0, r1) by the fp32-product paths (bf16dot: the old vdpbf16ps tiles allowed).
+  // Rows [r0, r1) by the fp32-product paths.
   at::Tensor xp, xe, xo;
-  auto fp32_rows = [&](int64_t r0, int64_t r1, bool bf16dot) {
+  auto fp32_rows = [&](int64_t r0, int64_t r1) {
     if (!xf.defined()) xf = x_in.to(at::kFloat).contiguous();
     const bool gemv64 = vec && path == Path::Avx512 && blocksize >= 64 && K % 64 == 0;
     if (M <= kGemvMaxM && gemv64) {
@@ -858,15 +788,6 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& x_in, const at::Tensor& packed, const
 #endif
         gemm_rows_portable(w, X, M, Y, n0, n1);
       });
-    } else if (bf16dot && vec && isa_has_bf16dot(active_isa()) && xt == at::kBFloat16 && bf16_dot_safe(xf, am, w)) {
-      const at::Tensor xb = x_in.contiguous();
-      const uint16_t* X = reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>());
-      at::parallel_for(r0, r1, kTileRows, [&](int64_t n0, int64_t n1) {
-        std::vector<uint32_t> panel(static_cast<size_t>(kTileRows * K / 2));
-#if QK_X86
-        tiled_rows_avx512bf16(w, X, M, Y, n0, n1, panel.data());
-#endif
-      });
     } else if (vec) {
       const float* X = xf.data_ptr<float>();
       at::parallel_for(r0, r1, kTileRows, [&](int64_t n0, int64_t n1) {
@@ -891,7 +812,7 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& x_in, const at::Tensor& packed, const
 
   bool done = false;
 #if QK_X86
-  if (!dev_old && vec && isa_has_bf16dot(active_isa()) && xt == at::kBFloat16 && K % 64 == 0) {
+  if (vec && isa_has_bf16dot(active_isa()) && xt == at::kBFloat16 && K % 64 == 0) {
     // bf16 words straight into vdpbf16ps (see Bf16Guard): x must hold no denormal (read as zero)
     const at::Tensor xb = x_in.contiguous();
     const uint16_t* xw = reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>());
@@ -919,7 +840,8 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& x_in, const at::Tensor& packed, const
       const uint16_t* XU = xu.data();
       std::vector<uint8_t> bad(static_cast<size_t>(N), 0);
       if (M <= kGemvMaxM) {
-        at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) { gemv_bf16_rows(w, XU, M, Y, n0, n1, lb, g, bad.data()); });
+        at::parallel_for(0, N, 16,
+                         [&](int64_t n0, int64_t n1) { gemv_bf16_rows(w, XU, M, Y, n0, n1, lb, g, bad.data()); });
       } else {
         at::parallel_for(0, N, kPanelBf16, [&](int64_t n0, int64_t n1) {
           std::vector<uint16_t> panel(static_cast<size_t>(kPanelBf16 * K));
@@ -933,14 +855,14 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& x_in, const at::Tensor& packed, const
         }
         int64_t e = n;
         while (e < N && bad[e]) ++e;
-        fp32_rows(n, e, false);
+        fp32_rows(n, e);
         n = e;
       }
       done = true;
     }
   }
 #endif
-  if (!done) fp32_rows(0, N, dev_old);
+  if (!done) fp32_rows(0, N);
   if (done && M * N <= 16384) {  // small bf16 outputs (decode): + bias, the rounding of copy_ below, no dispatch
     at::Tensor bf;
     const float* bp = nullptr;
