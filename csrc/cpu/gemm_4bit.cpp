@@ -589,6 +589,19 @@ QK_TARGET_AVX512BF16 inline bool decode_row_bf16(const W4& w, int64_t n, uint16_
 // valid row; results dropped).
 constexpr int64_t kPanelBf16 = 24;
 
+// The four horizontal sums of a, b, c, d (in that order), each in a fixed order of its own lanes (the same
+// whatever the other three): pairs within 128-bit lanes, then the four 128-bit lanes.
+QK_TARGET_AVX512BF16 inline __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));  // a0+a2 b0+b2 a1+a3 b1+b3
+  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+  const __m512d abd = _mm512_castps_pd(ab), cdd = _mm512_castps_pd(cd);
+  const __m512 s = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(abd, cdd)),
+                                 _mm512_castpd_ps(_mm512_unpackhi_pd(abd, cdd)));  // per 128-bit lane: a b c d
+  const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s), 1));
+  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(s), hi);
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
 template <bool B32>
 QK_TARGET_AVX512BF16 void tiled_bf16_rows_b(const W4& w, const uint16_t* xu, int64_t M, float* y, int64_t n0,
                                             int64_t n1, uint16_t* panel, int lb, const Bf16Guard& g, uint8_t* bad) {
@@ -614,8 +627,11 @@ QK_TARGET_AVX512BF16 void tiled_bf16_rows_b(const W4& w, const uint16_t* xu, int
             for (int j = 0; j < NJ; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv, wv[j]);
           }
         }
-        for (int i = 0; i < MI && m0 + i < M; ++i)
-          for (int j = 0; j < NJ && j0 + j < nr; ++j) y[(m0 + i) * w.N + nb + j0 + j] = _mm512_reduce_add_ps(acc[i][j]);
+        for (int j = 0; j < NJ && j0 + j < nr; ++j) {
+          alignas(16) float t[4];
+          _mm_store_ps(t, hsum4(acc[0][j], acc[1][j], acc[2][j], acc[3][j]));
+          for (int i = 0; i < MI && m0 + i < M; ++i) y[(m0 + i) * w.N + nb + j0 + j] = t[i];
+        }
       }
     }
   }
