@@ -509,13 +509,17 @@ QK_TARGET_AVX512BF16 inline unsigned gemv_bf16_tile(const W4& w, const uint16_t*
     T[r] = _mm512_setzero_si512();
     ok[r] = true;
   }
+  for (int r = 0; r < NR; ++r) step_tab<B32>(w, tab, (n + r) * K, lb, g, blk[r], T[r], ok[r]);
   for (int64_t k = 0; k < K; k += 64) {
-    for (int r = 0; r < NR; ++r) step_tab<B32>(w, tab, (n + r) * K + k, lb, g, blk[r], T[r], ok[r]);
+    __m512i Tc[NR];  // this step's tables; T[] then moves one step ahead (its latency overlaps this step)
+    for (int r = 0; r < NR; ++r) Tc[r] = T[r];
+    if (k + 64 < K)
+      for (int r = 0; r < NR; ++r) step_tab<B32>(w, tab, (n + r) * K + k + 64, lb, g, blk[r], T[r], ok[r]);
     if ((k & 127) == 0)
       for (int r = 0; r < NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(q0 + r * K2 + k / 2 + pf), _MM_HINT_T0);
     for (int r = 0; r < NR; ++r) {
       __m512i wh, wl;
-      decode64_bf16<B32>(q0 + r * K2 + k / 2, T[r], wh, wl);
+      decode64_bf16<B32>(q0 + r * K2 + k / 2, Tc[r], wh, wl);
       for (int m = 0; m < M; ++m) {
         const __m512i xh = _mm512_loadu_si512(xu + m * K + k), xl = _mm512_loadu_si512(xu + m * K + k + 32);
         acc[r][m][0] = _mm512_dpbf16_ps(acc[r][m][0], (__m512bh)xh, (__m512bh)wh);
