@@ -197,3 +197,82 @@ def test_gemv64_decoded_weight_is_bit_exact(isa, bs):  # noqa: F811
                 one[torch.arange(len(ks)), torch.tensor(ks)] = 1
                 got = OPS.gemm_4bit(one, packed, absmax, "nf4", bs, nested, offset, None)
                 assert torch.equal(got[: len(ks)], want[:, ks].t().to(dtype)), (isa, bs, dtype, M, ks)
+
+
+@pytest.mark.parametrize("bs", [32, 64, 128])
+def test_bf16_words_decoded_weight_is_bit_exact(isa, set_threads, bs):  # noqa: F811
+    """bf16 x, K % 64 == 0 (at avx512_bf16: the weight decoded to bf16 words into vdpbf16ps; block 32 puts a
+    step's two blocks in the table's two halves, 128 spans rows at K = 192): identity rows through the tiles
+    (M = K) and one-hot rows through the GEMV (M = 1, 3, 8) give the weight rounded to bf16 exactly."""
+    N, K = 29, 192  # N: tails of the 4 / 2-row GEMV tiles and of the 24-row panels
+    for dq in (False, True):
+        set_threads(1 + dq)
+        _, packed, absmax, nested, offset, _ = _case(1, N, K, "nf4", bs, dq, torch.float32, seed=bs + dq)
+        want = R.dequantize_4bit(packed, absmax, "nf4", bs, nested, offset).to(torch.bfloat16)
+        eye = torch.eye(K, dtype=torch.bfloat16)
+        got = OPS.gemm_4bit(eye, packed, absmax, "nf4", bs, nested, offset, None)
+        assert torch.equal(got.t(), want), (isa, bs, dq)
+        for M in (1, 3, 8):
+            for k0 in (0, 29, 62, 63, 64, 127, K - M):
+                ks = list(range(k0, k0 + M))
+                one = torch.zeros(M, K, dtype=torch.bfloat16)
+                one[torch.arange(M), torch.tensor(ks)] = 1
+                got = OPS.gemm_4bit(one, packed, absmax, "nf4", bs, nested, offset, None)
+                assert torch.equal(got, want[:, ks].t()), (isa, bs, dq, M, ks)
+
+
+@pytest.mark.parametrize("bs", [32, 64])
+def test_bf16_guard_tiny_rows_and_denormal_x(isa, set_threads, bs):  # noqa: F811
+    """vcvtne2ps2bf16 and vdpbf16ps read denormals as zero: rows whose scaled code table has a denormal entry
+    (absmax ~1e-38), or entries so small that a product could underflow (absmax ~1e-30), go to the fp32 path
+    row by row; an x holding a denormal sends the whole call there. Checked against the reference relative to
+    those rows' own scale (a flush would give zeros), against s.6, and at 1 and 2 threads alike."""
+    N, K = 30, 128
+    g = torch.Generator().manual_seed(bs)
+    w = torch.randn(N, K, generator=g) * 0.05
+    tiny, small = [3, 17, 25], [8, 9]
+    w[tiny] *= 1e-37
+    w[small] *= 1e-30
+    packed, absmax = O.quantize_4bit(w, "nf4", bs)
+    assert float(absmax.view(N, -1)[tiny].min()) < 1.2e-38 / 0.07  # some table entries are denormal
+    for M in (1, 3, 20):
+        x = torch.randn(M, K, generator=g).to(torch.bfloat16)
+        outs = []
+        for t in (1, 2):
+            set_threads(t)
+            outs.append(OPS.gemm_4bit(x, packed, absmax, "nf4", bs, None, None, None))
+        assert torch.equal(outs[0], outs[1]), (isa, bs, M)
+        got, ref = outs[0].double(), R.gemm_4bit(x, packed, absmax, "nf4", bs).double()
+        for rows in (tiny, small):
+            err, scale = (got[:, rows] - ref[:, rows]).norm(), ref[:, rows].norm()
+            assert scale > 0 and err <= 2e-2 * scale, (isa, bs, M, rows, float(err), float(scale))
+        wx = S.round_to(_spec_weight(packed, absmax, None, None, "nf4", bs, N, K), torch.bfloat16)
+        exact, mag = S.weight_only(S.f32(x), wx, None)
+        S.assert_float_output(outs[0], exact, mag, torch.bfloat16, f"guard [{isa}] b{bs} M{M}", underflow_terms=K + 1)
+    # a denormal x value (bf16 keeps fp32's exponent range) times weights so large that every row passes the
+    # weight guard (entries >= 2^-100 / |x|): the product is normal and nonzero, vdpbf16ps would drop it
+    big = torch.randn(N, K, generator=g) * 1e10
+    packed, absmax = O.quantize_4bit(big, "nf4", bs)
+    for M in (1, 20):
+        x = torch.randn(M, K, generator=g).to(torch.bfloat16)
+        x[0] = 0
+        x[0, 5] = 5e-39
+        assert 0 < float(x[0, 5].abs()) < 1.18e-38
+        got = OPS.gemm_4bit(x, packed, absmax, "nf4", bs, None, None, None)[0].double()
+        ref = R.gemm_4bit(x, packed, absmax, "nf4", bs)[0].double()
+        assert ref.norm() > 0 and (got - ref).norm() <= 2e-2 * ref.norm(), (isa, bs, M)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_nonfinite_absmax_propagates_k128(isa, dtype):  # noqa: F811
+    """NaN / Inf weights with K % 64 == 0 (the bf16-word paths for bf16 x), blocks 32 and 64."""
+    for bs in (32, 64):
+        w = torch.randn(8, 128)
+        w[2, 70] = float("nan")
+        w[5, 1] = float("inf")
+        packed, absmax = O.quantize_4bit(w, "nf4", bs)
+        for M in (1, 12):
+            x = torch.randn(M, 128).to(dtype)
+            y = OPS.gemm_4bit(x, packed, absmax, "nf4", bs, None, None, None)
+            assert bool(y[:, 2].isnan().all()) and not bool(y[:, 5].isfinite().any()), (isa, bs, M)
+            assert bool(y[:, [0, 1, 3, 4, 6, 7]].isfinite().all()), (isa, bs, M)

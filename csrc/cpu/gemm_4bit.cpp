@@ -16,6 +16,10 @@
 //     otherwise the scalar loop runs;
 //   tiled (M > kGemvMaxM, K % 32 == 0): blocks of 16 weight rows decoded to a thread-local fp32 panel (the
 //     values rounded to x's dtype, as the contract says), then register tiles of FMAs (4 x 4 zmm / 4 x 2 ymm);
+//   bf16 x at avx512_bf16, K % 64 == 0 (GEMV and tiled; see Bf16Guard): per block a 32-word bf16 table
+//     (vcvtne2ps2bf16), 64 values per step by vpmovzxbw + two vpermw, products by vdpbf16ps (GEMV: 4 or 2
+//     rows per step; tiled: 24-row bf16 panels, 4 x 6 tiles); rows that could meet a denormal take the fp32
+//     paths, decided per row;
 //   otherwise (portable, or K % 32 != 0): panels of kPanelRows rows decoded by the scalar loop, at::mm in fp32.
 // Double quantization: the block absmax values are first decoded to fp32 (s.11.5, the same formula).
 #include <ATen/ATen.h>
@@ -23,6 +27,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstring>
 #include <string>
@@ -357,60 +362,215 @@ QK_TARGET_AVX512 void tiled_rows_avx512(const W4& w, const float* X, int64_t M, 
   }
 }
 
-// avx512_bf16, bf16 x: the same tiles with vdpbf16ps (two bf16 products per lane). The weight rounded to
-// bf16 is exact in bf16, x is bf16 already: the products are those of the fp32 path. vdpbf16ps flushes
-// subnormal inputs and results, so the caller takes this path only when every nonzero product is at least
-// 2^-100 (a flushed partial sum is then below 2^-24 of any product: within s.6's fp32 tolerance).
-QK_TARGET_AVX512BF16 void tiled_rows_avx512bf16(const W4& w, const uint16_t* X, int64_t M, float* y, int64_t n0,
-                                                int64_t n1, uint32_t* panel) {
-  const int64_t K2 = w.K / 2;
+// ----------------------------------------------------------------------------- avx512_bf16, bf16 x
+// bf16 x at avx512_bf16 with K % 64 == 0: the weight is decoded straight to bf16 words and multiplied by
+// vdpbf16ps (two bf16 products per fp32 lane), as our w4a16 bf16 GEMV (weight_only.cpp, gemv_reg_w4).
+// Per (row, block) the 16 scaled entries fp32(code[v] * absmax) are rounded to bf16 by vcvtne2ps2bf16 into a
+// 32-word table (both halves the same; block 32: a step's two blocks, one per half); per 64-value step the
+// 32 bytes are widened to words (vpmovzxbw) and two vpermw give the 32 even values (high nibbles) and the
+// 32 odd ones (low nibbles; the index's bit 4 is the high nibble's bit 0 and picks the copy). x is packed
+// once per call to match: per 64 values its 32 even then its 32 odd bf16 words (xu, [M, K]).
+// vcvtne2ps2bf16 rounds to nearest even like the contract but reads denormal inputs as zero, and vdpbf16ps
+// treats denormal inputs and results as zero: a row takes this path only when every nonzero entry of its
+// blocks' tables is >= max(FLT_MIN, 2^-100 / min nonzero |x|) (so entries and products are normal, and a
+// flushed partial sum is below 2^-24 of any product: within s.6), and the caller sends x with a denormal
+// value elsewhere. A row that fails is flagged (bad[n] = 1) and recomputed by the fp32 path afterwards; the
+// decision is per row, so results do not depend on how threads split N.
+struct Bf16Guard {
+  float min_code;  // smallest nonzero |code[v]|
+  float thr;       // an entry's smallest nonzero magnitude must be >= thr
+};
+
+// The block's 16 scaled entries (fp32); clears ok when an entry is nonzero but below the guard.
+QK_TARGET_AVX512BF16 inline __m512 scaled_tab(const W4& w, __m512 tab, int64_t bi, const Bf16Guard& g, bool& ok) {
+  const float a = w.absmax[bi], aa = std::fabs(a);
+  ok = ok && !(aa != 0.f && aa * g.min_code < g.thr);  // NaN / Inf absmax: propagated by both instructions
+  return _mm512_mul_ps(tab, _mm512_set1_ps(a));
+}
+
+// The 32-word table of the 64-value step at flat index i0 (a multiple of 64) of row state (blk, T).
+template <bool B32>
+QK_TARGET_AVX512BF16 inline void step_tab(const W4& w, __m512 tab, int64_t i0, int lb, const Bf16Guard& g,
+                                          int64_t& blk, __m512i& T, bool& ok) {
+  const int64_t bi = i0 >> lb;
+  if (B32) {
+    T = (__m512i)_mm512_cvtne2ps_pbh(scaled_tab(w, tab, bi + 1, g, ok), scaled_tab(w, tab, bi, g, ok));
+  } else if (bi != blk) {
+    blk = bi;
+    const __m512 t = scaled_tab(w, tab, bi, g, ok);
+    T = (__m512i)_mm512_cvtne2ps_pbh(t, t);
+  }
+}
+
+// 32 bytes (64 values) -> even values (wh, high nibbles) and odd values (wl, low nibbles) as bf16 words.
+template <bool B32>
+QK_TARGET_AVX512BF16 inline void decode64_bf16(const uint8_t* p, __m512i T, __m512i& wh, __m512i& wl) {
+  const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  // block 32: words 16..31 (bytes 16..31) are the second block, in the table's upper half (index bit 4)
+  const __m512i upper = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(16), 1);
+  const __m512i hi = B32 ? _mm512_or_si512(_mm512_srli_epi16(v, 4), upper) : _mm512_srli_epi16(v, 4);
+  const __m512i lo = B32 ? _mm512_ternarylogic_epi32(v, _mm512_set1_epi16(15), upper, 0xEA) : v;  // (v & 15) | up
+  wh = _mm512_permutexvar_epi16(hi, T);
+  wl = _mm512_permutexvar_epi16(lo, T);
+}
+
+// GEMV tile: NR weight rows from n, M rows of x; returns a bit per row that failed the guard.
+template <int M, int NR, bool B32>
+QK_TARGET_AVX512BF16 inline unsigned gemv_bf16_tile(const W4& w, const uint16_t* xu, float* y, int64_t n, int lb,
+                                                    const Bf16Guard& g) {
+  constexpr int S = M <= 2 ? 2 : 1;  // accumulator sets (even / odd values) for enough chains in flight
+  const int64_t K = w.K, K2 = K / 2;
   const __m512 tab = _mm512_load_ps(w.tab.v);
-  const __m512i hi16 = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
-  for (int64_t nb = n0; nb < n1; nb += kTileRows) {
-    const int64_t nr = std::min(kTileRows, n1 - nb);
-    for (int64_t r = 0; r < nr; ++r) {  // decode to bf16 pairs (k even in the low half, as x's memory)
-      const uint8_t* row = w.q + (nb + r) * K2;
-      int64_t blk = -1;
-      __m512 st = tab;
-      for (int64_t j = 0; j < K2; j += 16) {
-        const int64_t bi = ((nb + r) * w.K + 2 * j) / w.B;
-        if (bi != blk) {
-          blk = bi;
-          st = round16(_mm512_mul_ps(tab, _mm512_set1_ps(w.absmax[bi])), Rnd::BF16);
-        }
-        const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + j)));
-        const __m512 we = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), st);
-        const __m512 wo = _mm512_permutexvar_ps(b, st);
-        const __m512i pair = _mm512_or_si512(_mm512_srli_epi32(_mm512_castps_si512(we), 16),
-                                             _mm512_and_si512(_mm512_castps_si512(wo), hi16));
-        _mm512_storeu_si512(panel + r * K2 + j, pair);
-      }
-    }
-    for (int64_t m0 = 0; m0 < M; m0 += 4) {
-      const uint16_t* xr[4];
-      for (int i = 0; i < 4; ++i) xr[i] = X + std::min(m0 + i, M - 1) * w.K;
-      for (int64_t j0 = 0; j0 < nr; j0 += 4) {
-        const uint32_t* wr[4];
-        for (int j = 0; j < 4; ++j) wr[j] = panel + std::min(j0 + j, nr - 1) * K2;
-        __m512 acc[4][4];
-        for (int i = 0; i < 4; ++i)
-          for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
-        for (int64_t k = 0; k < K2; k += 16) {
-          const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wr[0] + k), w1 = (__m512bh)_mm512_loadu_si512(wr[1] + k);
-          const __m512bh w2 = (__m512bh)_mm512_loadu_si512(wr[2] + k), w3 = (__m512bh)_mm512_loadu_si512(wr[3] + k);
-          for (int i = 0; i < 4; ++i) {
-            const __m512bh xv = (__m512bh)_mm512_loadu_si512(xr[i] + 2 * k);
-            acc[i][0] = _mm512_dpbf16_ps(acc[i][0], xv, w0);
-            acc[i][1] = _mm512_dpbf16_ps(acc[i][1], xv, w1);
-            acc[i][2] = _mm512_dpbf16_ps(acc[i][2], xv, w2);
-            acc[i][3] = _mm512_dpbf16_ps(acc[i][3], xv, w3);
-          }
-        }
-        for (int i = 0; i < 4 && m0 + i < M; ++i)
-          for (int j = 0; j < 4 && j0 + j < nr; ++j) y[(m0 + i) * w.N + nb + j0 + j] = _mm512_reduce_add_ps(acc[i][j]);
+  __m512 acc[NR][M][S];
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < M; ++m)
+      for (int s = 0; s < S; ++s) acc[r][m][s] = _mm512_setzero_ps();
+  const uint8_t* q0 = w.q + n * K2;  // row r at q0 + r * K2
+  const int64_t pf = 2 * NR * K2;    // prefetch two tiles ahead, same offset
+  int64_t blk[NR];
+  __m512i T[NR];
+  bool ok[NR];
+  for (int r = 0; r < NR; ++r) {
+    blk[r] = -1;
+    T[r] = _mm512_setzero_si512();
+    ok[r] = true;
+  }
+  for (int r = 0; r < NR; ++r) step_tab<B32>(w, tab, (n + r) * K, lb, g, blk[r], T[r], ok[r]);
+  for (int64_t k = 0; k < K; k += 64) {
+    __m512i Tc[NR];  // this step's tables; T[] then moves one step ahead (its latency overlaps this step)
+    for (int r = 0; r < NR; ++r) Tc[r] = T[r];
+    if (k + 64 < K)
+      for (int r = 0; r < NR; ++r) step_tab<B32>(w, tab, (n + r) * K + k + 64, lb, g, blk[r], T[r], ok[r]);
+    if ((k & 127) == 0)
+      for (int r = 0; r < NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(q0 + r * K2 + k / 2 + pf), _MM_HINT_T0);
+    for (int r = 0; r < NR; ++r) {
+      __m512i wh, wl;
+      decode64_bf16<B32>(q0 + r * K2 + k / 2, Tc[r], wh, wl);
+      for (int m = 0; m < M; ++m) {
+        const __m512i xh = _mm512_loadu_si512(xu + m * K + k), xl = _mm512_loadu_si512(xu + m * K + k + 32);
+        acc[r][m][0] = _mm512_dpbf16_ps(acc[r][m][0], (__m512bh)xh, (__m512bh)wh);
+        acc[r][m][S - 1] = _mm512_dpbf16_ps(acc[r][m][S - 1], (__m512bh)xl, (__m512bh)wl);
       }
     }
   }
+  unsigned bad = 0;
+  for (int r = 0; r < NR; ++r) {
+    bad |= ok[r] ? 0u : 1u << r;
+    for (int m = 0; m < M; ++m)
+      y[m * w.N + n + r] = _mm512_reduce_add_ps(S == 2 ? _mm512_add_ps(acc[r][m][0], acc[r][m][1]) : acc[r][m][0]);
+  }
+  return bad;
+}
+
+template <int M, bool B32>
+QK_TARGET_AVX512BF16 void gemv_bf16_rows_mb(const W4& w, const uint16_t* xu, float* y, int64_t n0, int64_t n1, int lb,
+                                            const Bf16Guard& g, uint8_t* bad) {
+  constexpr int NR = M <= 2 ? 4 : 2;
+  int64_t n = n0;
+  for (; n + NR <= n1; n += NR) {
+    const unsigned b = gemv_bf16_tile<M, NR, B32>(w, xu, y, n, lb, g);
+    for (int r = 0; r < NR; ++r) bad[n + r] = (b >> r) & 1;
+  }
+  for (; n < n1; ++n) bad[n] = gemv_bf16_tile<M, 1, B32>(w, xu, y, n, lb, g) & 1;
+}
+
+template <int M>
+QK_TARGET_AVX512BF16 void gemv_bf16_rows_m(const W4& w, const uint16_t* xu, float* y, int64_t n0, int64_t n1, int lb,
+                                           const Bf16Guard& g, uint8_t* bad) {
+  if (w.B == 32) return gemv_bf16_rows_mb<M, true>(w, xu, y, n0, n1, lb, g, bad);
+  gemv_bf16_rows_mb<M, false>(w, xu, y, n0, n1, lb, g, bad);
+}
+
+QK_TARGET_AVX512BF16 void gemv_bf16_rows(const W4& w, const uint16_t* xu, int64_t M, float* y, int64_t n0, int64_t n1,
+                                         int lb, const Bf16Guard& g, uint8_t* bad) {
+  switch (M) {
+    case 1: return gemv_bf16_rows_m<1>(w, xu, y, n0, n1, lb, g, bad);
+    case 2: return gemv_bf16_rows_m<2>(w, xu, y, n0, n1, lb, g, bad);
+    case 3: return gemv_bf16_rows_m<3>(w, xu, y, n0, n1, lb, g, bad);
+    case 4: return gemv_bf16_rows_m<4>(w, xu, y, n0, n1, lb, g, bad);
+    case 5: return gemv_bf16_rows_m<5>(w, xu, y, n0, n1, lb, g, bad);
+    case 6: return gemv_bf16_rows_m<6>(w, xu, y, n0, n1, lb, g, bad);
+    case 7: return gemv_bf16_rows_m<7>(w, xu, y, n0, n1, lb, g, bad);
+    default: return gemv_bf16_rows_m<8>(w, xu, y, n0, n1, lb, g, bad);
+  }
+}
+
+// Decodes row n to bf16 words in xu's order (out: K words); whether it passed the guard.
+template <bool B32>
+QK_TARGET_AVX512BF16 inline bool decode_row_bf16(const W4& w, int64_t n, uint16_t* out, int lb, const Bf16Guard& g) {
+  const int64_t K = w.K, K2 = K / 2;
+  const __m512 tab = _mm512_load_ps(w.tab.v);
+  const uint8_t* row = w.q + n * K2;
+  int64_t blk = -1;
+  __m512i T = _mm512_setzero_si512();
+  bool ok = true;
+  for (int64_t k = 0; k < K; k += 64) {
+    step_tab<B32>(w, tab, n * K + k, lb, g, blk, T, ok);
+    __m512i wh, wl;
+    decode64_bf16<B32>(row + k / 2, T, wh, wl);
+    _mm512_storeu_si512(out + k, wh);
+    _mm512_storeu_si512(out + k + 32, wl);
+  }
+  return ok;
+}
+
+// Tiled (M > kGemvMaxM): panels of kPanelBf16 rows decoded to bf16 words (L2), then 4 x 6 (m, n) register
+// tiles of vdpbf16ps over K: 24 accumulators, 4 x and 6 weight loads per 24 instructions (tails reuse the last
+// valid row; results dropped).
+constexpr int64_t kPanelBf16 = 24;
+
+// The four horizontal sums of a, b, c, d (in that order), each in a fixed order of its own lanes (the same
+// whatever the other three): pairs within 128-bit lanes, then the four 128-bit lanes.
+QK_TARGET_AVX512BF16 inline __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));  // a0+a2 b0+b2 a1+a3 b1+b3
+  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+  const __m512d abd = _mm512_castps_pd(ab), cdd = _mm512_castps_pd(cd);
+  const __m512 s = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(abd, cdd)),
+                                 _mm512_castpd_ps(_mm512_unpackhi_pd(abd, cdd)));  // per 128-bit lane: a b c d
+  const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s), 1));
+  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(s), hi);
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+template <bool B32>
+QK_TARGET_AVX512BF16 void tiled_bf16_rows_b(const W4& w, const uint16_t* xu, int64_t M, float* y, int64_t n0,
+                                            int64_t n1, uint16_t* panel, int lb, const Bf16Guard& g, uint8_t* bad) {
+  constexpr int MI = 4, NJ = 6;
+  const int64_t K = w.K;
+  for (int64_t nb = n0; nb < n1; nb += kPanelBf16) {
+    const int64_t nr = std::min(kPanelBf16, n1 - nb);
+    for (int64_t r = 0; r < nr; ++r) bad[nb + r] = !decode_row_bf16<B32>(w, nb + r, panel + r * K, lb, g);
+    for (int64_t m0 = 0; m0 < M; m0 += MI) {
+      const uint16_t* xr[MI];
+      for (int i = 0; i < MI; ++i) xr[i] = xu + std::min(m0 + i, M - 1) * K;
+      for (int64_t j0 = 0; j0 < nr; j0 += NJ) {
+        const uint16_t* wr[NJ];
+        for (int j = 0; j < NJ; ++j) wr[j] = panel + std::min(j0 + j, nr - 1) * K;
+        __m512 acc[MI][NJ];
+        for (int i = 0; i < MI; ++i)
+          for (int j = 0; j < NJ; ++j) acc[i][j] = _mm512_setzero_ps();
+        for (int64_t k = 0; k < K; k += 32) {
+          __m512bh wv[NJ];
+          for (int j = 0; j < NJ; ++j) wv[j] = (__m512bh)_mm512_loadu_si512(wr[j] + k);
+          for (int i = 0; i < MI; ++i) {
+            const __m512bh xv = (__m512bh)_mm512_loadu_si512(xr[i] + k);
+            for (int j = 0; j < NJ; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv, wv[j]);
+          }
+        }
+        for (int j = 0; j < NJ && j0 + j < nr; ++j) {
+          alignas(16) float t[4];
+          _mm_store_ps(t, hsum4(acc[0][j], acc[1][j], acc[2][j], acc[3][j]));
+          for (int i = 0; i < MI && m0 + i < M; ++i) y[(m0 + i) * w.N + nb + j0 + j] = t[i];
+        }
+      }
+    }
+  }
+}
+
+QK_TARGET_AVX512BF16 void tiled_bf16_rows(const W4& w, const uint16_t* xu, int64_t M, float* y, int64_t n0, int64_t n1,
+                                          uint16_t* panel, int lb, const Bf16Guard& g, uint8_t* bad) {
+  if (w.B == 32) return tiled_bf16_rows_b<true>(w, xu, M, y, n0, n1, panel, lb, g, bad);
+  tiled_bf16_rows_b<false>(w, xu, M, y, n0, n1, panel, lb, g, bad);
 }
 
 // The same with ymm: 4 x 2 tiles (8 accumulators, 16 registers in all).
@@ -479,18 +639,6 @@ at::Tensor absmax_f32(const at::Tensor& absmax, const std::optional<at::Tensor>&
   return out;
 }
 
-// Whether vdpbf16ps's flushing of subnormals stays within s.6: every nonzero |x| * |W'| >= 2^-100.
-bool bf16_dot_safe(const at::Tensor& xf, const at::Tensor& am, const W4& w) {
-  float min_code = 1.f;
-  for (int i = 0; i < 16; ++i)
-    if (w.tab.v[i] != 0.f) min_code = std::min(min_code, std::fabs(w.tab.v[i]));
-  const at::Tensor ax = xf.abs(), aa = am.abs();
-  const at::Tensor nzx = ax.masked_select(ax > 0), nza = aa.masked_select(aa > 0);
-  if (nzx.numel() == 0 || nza.numel() == 0) return true;  // every product is an exact zero
-  const double lo = double(nzx.min().item<float>()) * double(nza.min().item<float>()) * double(min_code);
-  return lo >= std::ldexp(1.0, -100);  // NaN / Inf need no care: vdpbf16ps propagates them
-}
-
 at::Tensor gemm_4bit_cpu(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& absmax,
                          c10::string_view quant_type, int64_t blocksize, const std::optional<at::Tensor>& nested,
                          const std::optional<at::Tensor>& offset, const std::optional<at::Tensor>& bias_in) {
@@ -513,65 +661,128 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& x_in, const at::Tensor& packed, const
   const at::Tensor q = packed.contiguous(), am = absmax_f32(absmax, nested, offset);
   W4 w{q.data_ptr<uint8_t>(), am.data_ptr<float>(), N, K, blocksize, code_table(qt == "nf4"),
        xt == at::kBFloat16 ? Rnd::BF16 : (xt == at::kHalf ? Rnd::F16 : Rnd::None)};
-  const at::Tensor xf = x_in.to(at::kFloat).contiguous();
+  at::Tensor xf;  // x in fp32, made only by the paths that read it
   at::Tensor acc = at::empty({M, N}, x_in.options().dtype(at::kFloat));
   float* Y = acc.data_ptr<float>();
   const bool vec = path != Path::Portable && K % 32 == 0;
+  int lb = 0;
+  while ((int64_t{1} << lb) < blocksize) ++lb;
 
-  const bool gemv64 = vec && path == Path::Avx512 && blocksize >= 64 && K % 64 == 0;
-  if (M <= kGemvMaxM && gemv64) {
-    // x in the nibble order of gemv64_tile_avx512: per 64 values, phases (4i+1, 4i, 4i+3, 4i+2), i = 0..15
-    const at::Tensor ph = at::tensor({1, 0, 3, 2}, at::TensorOptions().dtype(at::kLong));
-    const at::Tensor xp = xf.view({M, K / 64, 16, 4}).index_select(3, ph).transpose(2, 3).contiguous();
-    const float* XP = xp.data_ptr<float>();
-    int lb = 0;
-    while ((int64_t{1} << lb) < blocksize) ++lb;
+  // Rows [r0, r1) by the fp32-product paths.
+  at::Tensor xp, xe, xo;
+  auto fp32_rows = [&](int64_t r0, int64_t r1) {
+    if (!xf.defined()) xf = x_in.to(at::kFloat).contiguous();
+    const bool gemv64 = vec && path == Path::Avx512 && blocksize >= 64 && K % 64 == 0;
+    if (M <= kGemvMaxM && gemv64) {
+      // x in the nibble order of gemv64_tile_avx512: per 64 values, phases (4i+1, 4i, 4i+3, 4i+2), i = 0..15
+      if (!xp.defined()) {
+        const at::Tensor ph = at::tensor({1, 0, 3, 2}, at::TensorOptions().dtype(at::kLong));
+        xp = xf.view({M, K / 64, 16, 4}).index_select(3, ph).transpose(2, 3).contiguous();
+      }
+      const float* XP = xp.data_ptr<float>();
 #if QK_X86
-    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) { gemv64_rows_avx512(w, XP, M, Y, n0, n1, lb); });
+      at::parallel_for(r0, r1, 16, [&](int64_t n0, int64_t n1) { gemv64_rows_avx512(w, XP, M, Y, n0, n1, lb); });
 #endif
-  } else if (M <= kGemvMaxM) {
-    at::Tensor xe, xo;
-    if (vec) {
-      xe = xf.slice(1, 0, K, 2).contiguous();
-      xo = xf.slice(1, 1, K, 2).contiguous();
-    }
-    const float* X = xf.data_ptr<float>();
-    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    } else if (M <= kGemvMaxM) {
+      if (vec && !xe.defined()) {
+        xe = xf.slice(1, 0, K, 2).contiguous();
+        xo = xf.slice(1, 1, K, 2).contiguous();
+      }
+      const float* X = xf.data_ptr<float>();
+      at::parallel_for(r0, r1, 16, [&](int64_t n0, int64_t n1) {
 #if QK_X86
-      if (vec && path == Path::Avx512)
-        return gemv_rows_avx512(w, xe.data_ptr<float>(), xo.data_ptr<float>(), M, Y, n0, n1);
-      if (vec) return gemv_rows_avx2(w, xe.data_ptr<float>(), xo.data_ptr<float>(), M, Y, n0, n1);
+        if (vec && path == Path::Avx512)
+          return gemv_rows_avx512(w, xe.data_ptr<float>(), xo.data_ptr<float>(), M, Y, n0, n1);
+        if (vec) return gemv_rows_avx2(w, xe.data_ptr<float>(), xo.data_ptr<float>(), M, Y, n0, n1);
 #endif
-      gemm_rows_portable(w, X, M, Y, n0, n1);
-    });
-  } else if (vec && isa_has_bf16dot(active_isa()) && xt == at::kBFloat16 && bf16_dot_safe(xf, am, w)) {
-    const at::Tensor xb = x_in.contiguous();
-    const uint16_t* X = reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>());
-    at::parallel_for(0, N, kTileRows, [&](int64_t n0, int64_t n1) {
-      std::vector<uint32_t> panel(static_cast<size_t>(kTileRows * K / 2));
-#if QK_X86
-      tiled_rows_avx512bf16(w, X, M, Y, n0, n1, panel.data());
-#endif
-    });
-  } else if (vec) {
-    const float* X = xf.data_ptr<float>();
-    at::parallel_for(0, N, kTileRows, [&](int64_t n0, int64_t n1) {
-      std::vector<float> panel(static_cast<size_t>(kTileRows * K));
-#if QK_X86
-      if (path == Path::Avx512) return tiled_rows_avx512(w, X, M, Y, n0, n1, panel.data());
-      tiled_rows_avx2(w, X, M, Y, n0, n1, panel.data());
-#endif
-    });
-  } else {
-    at::Tensor panel = at::empty({std::min(kPanelRows, N), K}, xf.options());
-    for (int64_t p0 = 0; p0 < N; p0 += kPanelRows) {
-      const int64_t p1 = std::min(N, p0 + kPanelRows);
-      float* P = panel.data_ptr<float>();
-      at::parallel_for(p0, p1, 8, [&](int64_t n0, int64_t n1) {
-        decode_rows_portable(w, P + (n0 - p0) * K, n0, n1);
+        gemm_rows_portable(w, X, M, Y, n0, n1);
       });
-      acc.slice(1, p0, p1).copy_(at::mm(xf, panel.slice(0, 0, p1 - p0).t()));
+    } else if (vec) {
+      const float* X = xf.data_ptr<float>();
+      at::parallel_for(r0, r1, kTileRows, [&](int64_t n0, int64_t n1) {
+        std::vector<float> panel(static_cast<size_t>(kTileRows * K));
+#if QK_X86
+        if (path == Path::Avx512) return tiled_rows_avx512(w, X, M, Y, n0, n1, panel.data());
+        tiled_rows_avx2(w, X, M, Y, n0, n1, panel.data());
+#endif
+      });
+    } else {
+      at::Tensor panel = at::empty({std::min(kPanelRows, r1 - r0), K}, xf.options());
+      for (int64_t p0 = r0; p0 < r1; p0 += kPanelRows) {
+        const int64_t p1 = std::min(r1, p0 + kPanelRows);
+        float* P = panel.data_ptr<float>();
+        at::parallel_for(p0, p1, 8, [&](int64_t n0, int64_t n1) {
+          decode_rows_portable(w, P + (n0 - p0) * K, n0, n1);
+        });
+        acc.slice(1, p0, p1).copy_(at::mm(xf, panel.slice(0, 0, p1 - p0).t()));
+      }
     }
+  };
+
+  bool done = false;
+#if QK_X86
+  if (vec && isa_has_bf16dot(active_isa()) && xt == at::kBFloat16 && K % 64 == 0) {
+    // bf16 words straight into vdpbf16ps (see Bf16Guard): x must hold no denormal (read as zero)
+    const at::Tensor xb = x_in.contiguous();
+    const uint16_t* xw = reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>());
+    uint16_t min_x = 0x7F80;  // smallest nonzero |x| as bits (bf16 magnitudes order as integers); Inf if none
+    bool x_denormal = false;
+    for (int64_t i = 0; i < M * K; ++i) {
+      const uint16_t a = xw[i] & 0x7FFF;
+      x_denormal |= a != 0 && a < 0x0080;
+      if (a != 0 && a < min_x) min_x = a;
+    }
+    if (!x_denormal) {
+      float min_code = 1.f;
+      for (int i = 0; i < 16; ++i)
+        if (w.tab.v[i] != 0.f) min_code = std::min(min_code, std::fabs(w.tab.v[i]));
+      const double mx = static_cast<double>(c10::BFloat16(min_x, c10::BFloat16::from_bits()));
+      const double thr = std::max(static_cast<double>(FLT_MIN), std::ldexp(1.0, -100) / mx);  // mx = Inf: FLT_MIN
+      const Bf16Guard g{min_code, std::nextafter(static_cast<float>(thr), INFINITY)};
+      // x packed as the decoded weight: per 64 values the 32 even values, then the 32 odd ones
+      std::vector<uint16_t> xu(static_cast<size_t>(M * K));
+      for (int64_t i = 0; i < M * K; i += 64)  // K % 64 == 0: a 64-value chunk never spans rows
+        for (int j = 0; j < 32; ++j) {
+          xu[i + j] = xw[i + 2 * j];
+          xu[i + 32 + j] = xw[i + 2 * j + 1];
+        }
+      const uint16_t* XU = xu.data();
+      std::vector<uint8_t> bad(static_cast<size_t>(N), 0);
+      if (M <= kGemvMaxM) {
+        at::parallel_for(0, N, 16,
+                         [&](int64_t n0, int64_t n1) { gemv_bf16_rows(w, XU, M, Y, n0, n1, lb, g, bad.data()); });
+      } else {
+        at::parallel_for(0, N, kPanelBf16, [&](int64_t n0, int64_t n1) {
+          std::vector<uint16_t> panel(static_cast<size_t>(kPanelBf16 * K));
+          tiled_bf16_rows(w, XU, M, Y, n0, n1, panel.data(), lb, g, bad.data());
+        });
+      }
+      for (int64_t n = 0; n < N;) {  // rows that failed the guard: the fp32 paths, run by run
+        if (!bad[n]) {
+          ++n;
+          continue;
+        }
+        int64_t e = n;
+        while (e < N && bad[e]) ++e;
+        fp32_rows(n, e);
+        n = e;
+      }
+      done = true;
+    }
+  }
+#endif
+  if (!done) fp32_rows(0, N);
+  if (done && M * N <= 16384) {  // small bf16 outputs (decode): + bias, the rounding of copy_ below, no dispatch
+    at::Tensor bf;
+    const float* bp = nullptr;
+    if (bias_in.has_value()) {
+      bf = bias_in->to(at::kFloat).contiguous();
+      bp = bf.data_ptr<float>();
+    }
+    at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) yp[m * N + n] = at::BFloat16(bp ? Y[m * N + n] + bp[n] : Y[m * N + n]);
+    return y;
   }
   if (bias_in.has_value()) acc.add_(bias_in->to(at::kFloat));
   y.copy_(acc);  // one rounding to x's dtype (round half to even)
@@ -580,9 +791,10 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& x_in, const at::Tensor& packed, const
 
 const bool gemm_4bit_variant_registered = register_variant("gemm_4bit", [](Isa isa) -> const char* {
   if (isa_has_bf16dot(isa))
-    return "avx512_bf16: vpermps table decode; GEMV (M <= 8; 64-value steps for block >= 64) / 4x4 zmm tiles: "
-           "vdpbf16ps for bf16 x (when no product can underflow), fp32 FMA otherwise (K % 32 == 0; else scalar "
-           "decode + at::mm)";
+    return "avx512_bf16: bf16 x with K % 64 == 0: vcvtne2ps2bf16 block tables, vpermw decode to bf16 words, "
+           "vdpbf16ps (GEMV for M <= 8, 4x6 tiles on 24-row panels; rows that could meet a denormal: fp32); "
+           "otherwise as avx512: vpermps table decode, GEMV (M <= 8) / 4x4 zmm FMA tiles (K % 32 == 0; else "
+           "scalar decode + at::mm)";
   if (isa_has_avx512(isa))
     return "avx512: vpermps 16-entry table decode in zmm; GEMV (M <= 8; 64-value steps for block >= 64) / 4x4 zmm "
            "FMA tiles on 16-row panels (K % 32 == 0; else scalar decode + at::mm)";
