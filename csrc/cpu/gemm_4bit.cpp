@@ -888,7 +888,8 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& x_in, const at::Tensor& packed, const
 const bool gemm_4bit_variant_registered = register_variant("gemm_4bit", [](Isa isa) -> const char* {
   if (isa_has_bf16dot(isa))
     return "avx512_bf16: bf16 x with K % 64 == 0: vcvtne2ps2bf16 block tables, vpermw decode to bf16 words, "
-           "vdpbf16ps (GEMV for M <= 8, w4a16 M-in-lanes tiles otherwise; rows that could meet a denormal: fp32); "
+           "vdpbf16ps (GEMV for M <= 8; w4a16's M-in-lanes tiles for M >= 32 near a multiple of 16, else 4x6 tiles on "
+           "24-row panels; rows that could meet a denormal: fp32); "
            "otherwise as avx512: vpermps table decode, GEMV (M <= 8) / 4x4 zmm FMA tiles (K % 32 == 0; else "
            "scalar decode + at::mm)";
   if (isa_has_avx512(isa))
