@@ -36,7 +36,7 @@ def set_threads():
 
 def test_threads_agree(isa, threads):  # noqa: F811
     """The same result at 1 and 2 threads on both paths (rows are split across threads, sums are not)."""
-    for M in (1, 9, 40):
+    for M in (1, 9, 40, 64, 100):  # 64, 100 at bf16 / avx512_bf16: the M-in-lanes tiles
         x, packed, absmax, nested, offset, bias = _case(M, 70, 128, "nf4", 64, True, torch.bfloat16, seed=M)
         got = OPS.gemm_4bit(x, packed, absmax, "nf4", 64, nested, offset, bias)
         torch.set_num_threads(1)
@@ -221,6 +221,43 @@ def test_bf16_words_decoded_weight_is_bit_exact(isa, set_threads, bs):  # noqa: 
                 assert torch.equal(got, want[:, ks].t()), (isa, bs, dq, M, ks)
 
 
+LANE_CASES = [
+    # M, N, K, qt, bs, dq, threads: bf16 x at avx512_bf16, the M-in-lanes tiles (M >= 32, near a multiple of 16):
+    # 2 x 12 / 3 x 8 / 4 x 6 tiles, ragged M rows (100: 4 past 96); K = 1152: two K blocks of 512 pairs
+    (32, 29, 64, "nf4", 64, False, 1), (48, 53, 192, "fp4", 32, False, 2), (100, 75, 1152, "nf4", 64, True, 2),
+    (128, 200, 640, "nf4", 128, False, 1),
+]
+
+
+@pytest.mark.parametrize("case", LANE_CASES, ids=[f"M{c[0]}-N{c[1]}-K{c[2]}-{c[3]}-b{c[4]}" for c in LANE_CASES])
+def test_bf16_lane_tiles_match_spec(isa, set_threads, case):  # noqa: F811
+    M, N, K, qt, bs, dq, t = case
+    set_threads(t)
+    x, packed, absmax, nested, offset, bias = _case(M, N, K, qt, bs, dq, torch.bfloat16, seed=M * 1000 + K)
+    got = OPS.gemm_4bit(x, packed, absmax, qt, bs, nested, offset, bias)
+    assert got.dtype == torch.bfloat16 and got.shape == (M, N)
+    wx = S.round_to(_spec_weight(packed, absmax, nested, offset, qt, bs, N, K), torch.bfloat16)
+    exact, mag = S.weight_only(S.f32(x), wx, S.f32(bias))
+    S.assert_float_output(got, exact, mag, torch.bfloat16, f"lane tiles [{isa}] {case}", underflow_terms=K + 1)
+
+
+def test_bf16_lane_tiles_decoded_weight_is_bit_exact(isa, set_threads):  # noqa: F811
+    """bf16 x, M-in-lanes tiles (M = 64, 112; K = 1152: two K blocks of 512 pairs, the second partial): one-hot
+    rows picking M consecutive columns, in either block and across the boundary, give the weight rounded to bf16
+    exactly, at 1 and 2 threads; N = 101: chunk tails and a ragged 16-row store."""
+    N, K = 101, 1152
+    _, packed, absmax, nested, offset, _ = _case(1, N, K, "nf4", 64, True, torch.float32, seed=5)
+    want = R.dequantize_4bit(packed, absmax, "nf4", 64, nested, offset).to(torch.bfloat16)
+    for t, M in ((1, 64), (2, 112)):
+        set_threads(t)
+        for k0 in (0, 1000, K - M, 1024 - M // 2):
+            ks = list(range(k0, k0 + M))
+            one = torch.zeros(M, K, dtype=torch.bfloat16)
+            one[torch.arange(M), torch.tensor(ks)] = 1
+            got = OPS.gemm_4bit(one, packed, absmax, "nf4", 64, nested, offset, None)
+            assert torch.equal(got, want[:, ks].t()), (isa, t, M, k0)
+
+
 @pytest.mark.parametrize("bs", [32, 64])
 def test_bf16_guard_tiny_rows_and_denormal_x(isa, set_threads, bs):  # noqa: F811
     """vcvtne2ps2bf16 and vdpbf16ps read denormals as zero: rows whose scaled code table has a denormal entry
@@ -235,7 +272,7 @@ def test_bf16_guard_tiny_rows_and_denormal_x(isa, set_threads, bs):  # noqa: F81
     w[small] *= 1e-30
     packed, absmax = O.quantize_4bit(w, "nf4", bs)
     assert float(absmax.view(N, -1)[tiny].min()) < 1.2e-38 / 0.07  # some table entries are denormal
-    for M in (1, 3, 20):
+    for M in (1, 3, 20, 48):  # 48: the M-in-lanes tiles
         x = torch.randn(M, K, generator=g).to(torch.bfloat16)
         outs = []
         for t in (1, 2):
@@ -253,7 +290,7 @@ def test_bf16_guard_tiny_rows_and_denormal_x(isa, set_threads, bs):  # noqa: F81
     # weight guard (entries >= 2^-100 / |x|): the product is normal and nonzero, vdpbf16ps would drop it
     big = torch.randn(N, K, generator=g) * 1e10
     packed, absmax = O.quantize_4bit(big, "nf4", bs)
-    for M in (1, 20):
+    for M in (1, 20, 48):
         x = torch.randn(M, K, generator=g).to(torch.bfloat16)
         x[0] = 0
         x[0, 5] = 5e-39

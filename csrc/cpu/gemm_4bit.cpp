@@ -18,8 +18,8 @@
 //     values rounded to x's dtype, as the contract says), then register tiles of FMAs (4 x 4 zmm / 4 x 2 ymm);
 //   bf16 x at avx512_bf16, K % 64 == 0 (GEMV and tiled; see Bf16Guard): per block a 32-word bf16 table
 //     (vcvtne2ps2bf16), 64 values per step by vpmovzxbw + two vpermw, products by vdpbf16ps (GEMV: 4 or 2
-//     rows per step; tiled: 24-row bf16 panels, 4 x 6 tiles); rows that could meet a denormal take the fp32
-//     paths, decided per row;
+//     rows per step; tiled: our w4a16's M-in-lanes tiles (qk_bf16_tiles.h) where M is near a multiple of 16
+//     and >= 32, else 4 x 6 tiles on 24-row panels); rows that could meet a denormal take the fp32 paths, per row;
 //   otherwise (portable, or K % 32 != 0): panels of kPanelRows rows decoded by the scalar loop, at::mm in fp32.
 // Double quantization: the block absmax values are first decoded to fp32 (s.11.5, the same formula).
 #include <ATen/ATen.h>
@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "cpu_isa.h"
+#include "qk_bf16_tiles.h"
 #include "qk_checks.h"
 #include "qk_4bit_codes.h"  // kNF4, kFP4Raw, kDynamic (shared with the CUDA kernels)
 
@@ -495,28 +496,101 @@ QK_TARGET_AVX512BF16 void gemv_bf16_rows(const W4& w, const uint16_t* xu, int64_
   }
 }
 
-// Decodes row n to bf16 words in xu's order (out: K words); whether it passed the guard.
+// Tiled, use_lane_tiles(M): our w4a16's bf16-x tiles (qk_bf16_tiles.h, weight_only.cpp's tiled512), M in the
+// vector lanes, no horizontal sums. x is packed once per call as bf16 pairs (units) of xu's order, per 16 rows
+// [U][16] (U = K / 2; rows past M zero). Each thread takes a contiguous range of rows (boundaries rounded to
+// 16), in chunks of NC rows: a chunk's rows are decoded to bf16 words (the guard decided per row, as in the
+// GEMV) into blocks of kKCUBf16 units, [K block][row][unit], zero rows up to a multiple of 24; then per K block
+// all rows of x pass over it in 4 x 6 / 3 x 8 / 2 x 12 / 1 x 12 tiles (16 rows of x per zmm x weight rows),
+// C kept transposed (cbuf[n][m]), finally written to y. Each output is one fp32 chain over the units in
+// order, whatever the thread split.
+constexpr int64_t kKCUBf16 = 512;  // units per decoded K block (as tiled512)
+constexpr int64_t kNCBf16 = 48;    // rows per chunk (a multiple of 24; up to 4x that for M > 32)
+
+// M-in-lanes tiles pad M to a multiple of 16 and load x once per 12 / 8 / 6 weight rows, the 4 x 6 tiles below
+// (kPanelBf16) pad M to a multiple of 4 but sum each output across lanes: bench/nf4_cpu.py, bf16 x, 2 threads,
+// A/B in one run (bench/results/nf4_cpu_2026-12-07.md), lane tiles / 4 x 6 tiles at 4096 x 4096: M = 16 1.10-1.12,
+// 24 1.21, 32 0.96, 40 1.10, 64 0.92-1.00, 100 1.02-1.05, 128 0.87-0.97; at K = 640, N = 2048 (Gemma-3-270M):
+// 16 0.96-1.11, 24 1.14, 32 0.99, 40 1.09, 64 0.79-0.95, 100 0.84-0.91, 128 0.75-0.83.
+inline bool use_lane_tiles(int64_t M) { return M >= 32 && 8 * ((M + 15) / 16 * 16 - M) <= M; }
+
+// Decodes row n to bf16 words in xu's order: K block b (2 * kKCUBf16 words) at out + b * bstride words.
+// Returns whether the row passed the guard.
 template <bool B32>
-QK_TARGET_AVX512BF16 inline bool decode_row_bf16(const W4& w, int64_t n, uint16_t* out, int lb, const Bf16Guard& g) {
+QK_TARGET_AVX512BF16 inline bool decode_row_bf16(const W4& w, int64_t n, uint16_t* out, int64_t bstride, int lb,
+                                                 const Bf16Guard& g) {
   const int64_t K = w.K, K2 = K / 2;
   const __m512 tab = _mm512_load_ps(w.tab.v);
   const uint8_t* row = w.q + n * K2;
   int64_t blk = -1;
   __m512i T = _mm512_setzero_si512();
   bool ok = true;
-  for (int64_t k = 0; k < K; k += 64) {
+  for (int64_t k = 0; k < K; k += 64) {  // 2 * kKCUBf16 is a multiple of 64: a step stays in one block
     step_tab<B32>(w, tab, n * K + k, lb, g, blk, T, ok);
     __m512i wh, wl;
     decode64_bf16<B32>(row + k / 2, T, wh, wl);
-    _mm512_storeu_si512(out + k, wh);
-    _mm512_storeu_si512(out + k + 32, wl);
+    uint16_t* o = out + (k / (2 * kKCUBf16)) * bstride + k % (2 * kKCUBf16);
+    _mm512_storeu_si512(o, wh);
+    _mm512_storeu_si512(o + 32, wl);
   }
   return ok;
 }
 
-// Tiled (M > kGemvMaxM): panels of kPanelBf16 rows decoded to bf16 words (L2), then 4 x 6 (m, n) register
-// tiles of vdpbf16ps over K: 24 accumulators, 4 x and 6 weight loads per 24 instructions (tails reuse the last
-// valid row; results dropped).
+// Rows [n0, n1) of y (fp32, [M, N]); wbuf: nblk * NC * kKCUBf16 units, cbuf: NC * Mp floats.
+template <bool B32>
+QK_TARGET_AVX512BF16 void tiled_bf16_rows_b(const W4& w, const uint32_t* xpack, int64_t M, int64_t Mp, float* y,
+                                            int64_t n0, int64_t n1, int64_t NC, uint32_t* wbuf, float* cbuf, int lb,
+                                            const Bf16Guard& g, uint8_t* bad) {
+  constexpr int64_t KCU = kKCUBf16;
+  const int64_t K = w.K, U = K / 2, nblk = (U + KCU - 1) / KCU;
+  for (int64_t c0 = n0; c0 < n1; c0 += NC) {
+    const int64_t nc = std::min(NC, n1 - c0), ncp = (nc + 23) / 24 * 24;
+    const int64_t n_next = std::min(NC, n1 - c0 - nc);  // rows of the next chunk (prefetched into L2)
+    for (int64_t i = 0; i < ncp; ++i) {
+      if (i < n_next)
+        for (int64_t b = 0; b < K / 2; b += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(w.q + (c0 + NC + i) * (K / 2) + b), _MM_HINT_T1);
+      if (i < nc) {
+        uint16_t* out = reinterpret_cast<uint16_t*>(wbuf + i * KCU);
+        bad[c0 + i] = !decode_row_bf16<B32>(w, c0 + i, out, 2 * NC * KCU, lb, g);
+      } else {
+        for (int64_t b = 0; b < nblk; ++b) std::memset(wbuf + (b * NC + i) * KCU, 0, KCU * 4);
+      }
+    }
+    for (int64_t u0 = 0; u0 < U; u0 += KCU) {
+      const int64_t uc = std::min(KCU, U - u0);
+      for (int64_t m0 = 0; m0 < Mp;) {
+        const bf16_tiles::Tile tl = bf16_tiles::tile_for<KCU>(Mp - m0);
+        const uint32_t* xa = xpack + (m0 / 16) * U * 16 + u0 * 16;
+        for (int64_t r = 0; r < nc; r += tl.nr)
+          tl.fn(xa, U * 16, wbuf + ((u0 / KCU) * NC + r) * KCU, uc, cbuf + r * Mp + m0, Mp, u0 == 0);
+        m0 += tl.rows;
+      }
+    }
+    // C^T -> y: full 16 x 16 blocks by register transposes, the ragged rest scalar
+    const int64_t M16 = M / 16 * 16, nc16 = nc / 16 * 16;
+    for (int64_t m0 = 0; m0 < M16; m0 += 16)
+      for (int64_t j0 = 0; j0 < nc16; j0 += 16) {
+        __m512 r[16];
+        for (int j = 0; j < 16; ++j) r[j] = _mm512_loadu_ps(cbuf + (j0 + j) * Mp + m0);
+        bf16_tiles::transpose16x16(r);
+        for (int m = 0; m < 16; ++m) _mm512_storeu_ps(y + (m0 + m) * w.N + c0 + j0, r[m]);
+      }
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t j = m < M16 ? nc16 : 0; j < nc; ++j) y[m * w.N + c0 + j] = cbuf[j * Mp + m];
+  }
+}
+
+QK_TARGET_AVX512BF16 void tiled_bf16_rows(const W4& w, const uint32_t* xpack, int64_t M, int64_t Mp, float* y,
+                                          int64_t n0, int64_t n1, int64_t NC, uint32_t* wbuf, float* cbuf, int lb,
+                                          const Bf16Guard& g, uint8_t* bad) {
+  if (w.B == 32) return tiled_bf16_rows_b<true>(w, xpack, M, Mp, y, n0, n1, NC, wbuf, cbuf, lb, g, bad);
+  tiled_bf16_rows_b<false>(w, xpack, M, Mp, y, n0, n1, NC, wbuf, cbuf, lb, g, bad);
+}
+
+// Tiled, M < 32 or M far from a multiple of 16 (see use_lane_tiles): panels of kPanelBf16 rows decoded to bf16
+// words (L2), then 4 x 6 (m, n) register tiles of vdpbf16ps over K: 24 accumulators, 4 x and 6 weight loads
+// per 24 instructions (tails reuse the last valid row; results dropped).
 constexpr int64_t kPanelBf16 = 24;
 
 // The four horizontal sums of a, b, c, d (in that order), each in a fixed order of its own lanes (the same
@@ -533,13 +607,14 @@ QK_TARGET_AVX512BF16 inline __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d)
 }
 
 template <bool B32>
-QK_TARGET_AVX512BF16 void tiled_bf16_rows_b(const W4& w, const uint16_t* xu, int64_t M, float* y, int64_t n0,
-                                            int64_t n1, uint16_t* panel, int lb, const Bf16Guard& g, uint8_t* bad) {
+QK_TARGET_AVX512BF16 void tiled_hsum_bf16_rows_b(const W4& w, const uint16_t* xu, int64_t M, float* y, int64_t n0,
+                                                 int64_t n1, uint16_t* panel, int lb, const Bf16Guard& g, uint8_t* bad) {
   constexpr int MI = 4, NJ = 6;
   const int64_t K = w.K;
   for (int64_t nb = n0; nb < n1; nb += kPanelBf16) {
     const int64_t nr = std::min(kPanelBf16, n1 - nb);
-    for (int64_t r = 0; r < nr; ++r) bad[nb + r] = !decode_row_bf16<B32>(w, nb + r, panel + r * K, lb, g);
+    for (int64_t r = 0; r < nr; ++r)  // bstride 2 * kKCUBf16: the row's words contiguous
+      bad[nb + r] = !decode_row_bf16<B32>(w, nb + r, panel + r * K, 2 * kKCUBf16, lb, g);
     for (int64_t m0 = 0; m0 < M; m0 += MI) {
       const uint16_t* xr[MI];
       for (int i = 0; i < MI; ++i) xr[i] = xu + std::min(m0 + i, M - 1) * K;
@@ -567,10 +642,11 @@ QK_TARGET_AVX512BF16 void tiled_bf16_rows_b(const W4& w, const uint16_t* xu, int
   }
 }
 
-QK_TARGET_AVX512BF16 void tiled_bf16_rows(const W4& w, const uint16_t* xu, int64_t M, float* y, int64_t n0, int64_t n1,
-                                          uint16_t* panel, int lb, const Bf16Guard& g, uint8_t* bad) {
-  if (w.B == 32) return tiled_bf16_rows_b<true>(w, xu, M, y, n0, n1, panel, lb, g, bad);
-  tiled_bf16_rows_b<false>(w, xu, M, y, n0, n1, panel, lb, g, bad);
+QK_TARGET_AVX512BF16 void tiled_hsum_bf16_rows(const W4& w, const uint16_t* xu, int64_t M, float* y, int64_t n0,
+                                               int64_t n1, uint16_t* panel, int lb, const Bf16Guard& g,
+                                               uint8_t* bad) {
+  if (w.B == 32) return tiled_hsum_bf16_rows_b<true>(w, xu, M, y, n0, n1, panel, lb, g, bad);
+  tiled_hsum_bf16_rows_b<false>(w, xu, M, y, n0, n1, panel, lb, g, bad);
 }
 
 // The same with ymm: 4 x 2 tiles (8 accumulators, 16 registers in all).
@@ -751,10 +827,30 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& x_in, const at::Tensor& packed, const
       if (M <= kGemvMaxM) {
         at::parallel_for(0, N, 16,
                          [&](int64_t n0, int64_t n1) { gemv_bf16_rows(w, XU, M, Y, n0, n1, lb, g, bad.data()); });
-      } else {
+      } else if (!use_lane_tiles(M)) {
         at::parallel_for(0, N, kPanelBf16, [&](int64_t n0, int64_t n1) {
           std::vector<uint16_t> panel(static_cast<size_t>(kPanelBf16 * K));
-          tiled_bf16_rows(w, XU, M, Y, n0, n1, panel.data(), lb, g, bad.data());
+          tiled_hsum_bf16_rows(w, XU, M, Y, n0, n1, panel.data(), lb, g, bad.data());
+        });
+      } else {
+        // x as units [Mp / 16][U][16] (Mp: M rounded up to 16, zero rows); threads get contiguous row ranges
+        // of equal size (rounded to 16 rows), chunks of NC rows inside them (as tiled512)
+        const int64_t U = K / 2, Mp = (M + 15) / 16 * 16;
+        std::vector<uint32_t> xpack(static_cast<size_t>(Mp * U), 0);
+        const uint32_t* XU32 = reinterpret_cast<const uint32_t*>(XU);
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t u = 0; u < U; ++u) std::memcpy(&xpack[((m / 16) * U + u) * 16 + m % 16], XU32 + m * U + u, 4);
+        const int64_t T = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (N + 15) / 16));
+        const int64_t rows_t = (N + T - 1) / T;
+        int64_t mult = M > 32 ? 4 : 1;
+        while (mult > 1 && (rows_t + kNCBf16 * mult - 1) / (kNCBf16 * mult) < 3) mult /= 2;  // >= 3 chunks each
+        const int64_t NC = kNCBf16 * mult, nblk = (U + kKCUBf16 - 1) / kKCUBf16;
+        auto bound = [&](int64_t t) { return t == 0 ? 0 : t == T ? N : std::min(N, (N * t / T + 8) / 16 * 16); };
+        at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+          std::vector<uint32_t> wbuf(static_cast<size_t>(nblk * NC * kKCUBf16));
+          std::vector<float> cbuf(static_cast<size_t>(NC * Mp));
+          tiled_bf16_rows(w, xpack.data(), M, Mp, Y, bound(t0), bound(t1), NC, wbuf.data(), cbuf.data(), lb, g,
+                          bad.data());
         });
       }
       for (int64_t n = 0; n < N;) {  // rows that failed the guard: the fp32 paths, run by run
@@ -792,7 +888,8 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& x_in, const at::Tensor& packed, const
 const bool gemm_4bit_variant_registered = register_variant("gemm_4bit", [](Isa isa) -> const char* {
   if (isa_has_bf16dot(isa))
     return "avx512_bf16: bf16 x with K % 64 == 0: vcvtne2ps2bf16 block tables, vpermw decode to bf16 words, "
-           "vdpbf16ps (GEMV for M <= 8, 4x6 tiles on 24-row panels; rows that could meet a denormal: fp32); "
+           "vdpbf16ps (GEMV for M <= 8; w4a16's M-in-lanes tiles for M >= 32 near a multiple of 16, else 4x6 tiles on "
+           "24-row panels; rows that could meet a denormal: fp32); "
            "otherwise as avx512: vpermps table decode, GEMV (M <= 8) / 4x4 zmm FMA tiles (K % 32 == 0; else "
            "scalar decode + at::mm)";
   if (isa_has_avx512(isa))

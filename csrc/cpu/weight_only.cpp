@@ -112,6 +112,7 @@
 #include <vector>
 
 #include "cpu_isa.h"
+#include "qk_bf16_tiles.h"
 #include "qk_checks.h"
 
 #if QK_X86
@@ -745,6 +746,8 @@ void store_any(at::ScalarType st, const float* acc, int64_t lda, int64_t rows, i
 #if QK_X86
 #define QK_T512 QK_TARGET_AVX512
 #define QK_TBF16 QK_TARGET_AVX512BF16
+using bf16_tiles::MicroFn;         // qk_bf16_tiles.h
+using bf16_tiles::transpose16x16;
 
 constexpr int64_t kNR512 = 12;    // weight rows per micro tile (tiled path; bf16 x: 12, 8 or 6, see tiled512)
 constexpr int64_t kNC512 = 48;    // weight rows decoded per chunk (a multiple of 24 = lcm of the tile rows)
@@ -961,26 +964,7 @@ QK_T512 void micro_f32(const uint32_t* xa, int64_t xs, const uint32_t* wt, int64
     for (int z = 0; z < MZ; ++z) _mm512_storeu_ps(c + r * ldc + 16 * z, acc[r][z]);
 }
 
-// bf16: 16 * MZ rows of x (MZ zmm loads, xs units apart) x NR weight rows (broadcasts) per pair unit,
-// MZ * NR accumulators; the decoded weight rows are KCU units apart.
-template <int MZ, int NR, int KCU>
-QK_TBF16 void micro_bf16(const uint32_t* xa, int64_t xs, const uint32_t* wt, int64_t uc, float* c, int64_t ldc,
-                         bool first) {
-  __m512 acc[NR][MZ];
-  for (int r = 0; r < NR; ++r)
-    for (int z = 0; z < MZ; ++z) acc[r][z] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(c + r * ldc + 16 * z);
-  for (int64_t u = 0; u < uc; ++u) {
-    __m512i xv[MZ];
-    for (int z = 0; z < MZ; ++z) xv[z] = _mm512_loadu_si512(xa + z * xs + u * 16);
-#pragma GCC unroll 12
-    for (int r = 0; r < NR; ++r) {
-      const __m512i wv = _mm512_set1_epi32(static_cast<int>(wt[r * KCU + u]));
-      for (int z = 0; z < MZ; ++z) acc[r][z] = _mm512_dpbf16_ps(acc[r][z], (__m512bh)xv[z], (__m512bh)wv);
-    }
-  }
-  for (int r = 0; r < NR; ++r)
-    for (int z = 0; z < MZ; ++z) _mm512_storeu_ps(c + r * ldc + 16 * z, acc[r][z]);
-}
+// bf16: bf16_tiles::micro_bf16 (qk_bf16_tiles.h, shared with gemm_4bit.cpp).
 
 // GEMV tile: MM rows of x (units [MM][ldx], zero-padded to a multiple of 16) x NR weight rows from
 // n0, all of K; each K block of NR rows is decoded into buf (L1) and dotted with x in zmm. TWO: two
@@ -1264,30 +1248,6 @@ void gemv_reg_rows(const Weight& w, const uint32_t* xu, int64_t ldx, int64_t M, 
   }
 }
 
-// In-register 16 x 16 transpose of 32-bit lanes: afterwards r[i] lane j = (before) r[j] lane i.
-QK_T512 inline void transpose16x16(__m512 r[16]) {
-  __m512 t[16];
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 4; ++i) {  // r[4i + k], 128-bit lane L: column 4L + k of rows 4i .. 4i + 3
-    r[4 * i + 0] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
-    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
-    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
-    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
-  }
-  for (int k = 0; k < 4; ++k) {
-    const __m512 v0 = _mm512_shuffle_f32x4(r[k], r[4 + k], 0x88), w0 = _mm512_shuffle_f32x4(r[k], r[4 + k], 0xDD);
-    const __m512 v1 = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0x88), w1 = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0xDD);
-    t[k] = _mm512_shuffle_f32x4(v0, v1, 0x88);
-    t[4 + k] = _mm512_shuffle_f32x4(w0, w1, 0x88);
-    t[8 + k] = _mm512_shuffle_f32x4(v0, v1, 0xDD);
-    t[12 + k] = _mm512_shuffle_f32x4(w0, w1, 0xDD);
-  }
-  for (int i = 0; i < 16; ++i) r[i] = t[i];
-}
-
 // y[m][j] = c[j * ldc + m] (+ bias[j]) for m, j < 16, cast to y's dtype (round half to even, as
 // .to(dtype)): a 16 x 16 register transpose of the tiled path's transposed C.
 template <Rnd R>
@@ -1311,7 +1271,6 @@ QK_T512 void store16x16(const float* c, int64_t ldc, const float* bias, char* y,
   }
 }
 
-using MicroFn = void (*)(const uint32_t*, int64_t, const uint32_t*, int64_t, float*, int64_t, bool);
 
 // Tiled path: threads split N into chunks of kNC512 rows; per chunk and K block of KCU units the
 // rows are decoded once into wbuf, then the rows of x run micro tiles over it, MZ blocks of 16 rows of x
@@ -1328,10 +1287,10 @@ void tiled512(const Weight& w, Rnd rnd, const uint32_t* xpack, int64_t M, int64_
               const float* B, char* Y, int64_t esize) {
   constexpr int64_t KCU = BD ? kKCUBf16 : kKCU512;
   struct Tile { MicroFn fn; int64_t rows, nr; };  // rows of x (16 * MZ), weight rows
-  const Tile t1 = BD ? Tile{&micro_bf16<1, 12, KCU>, 16, 12} : Tile{&micro_f32<1, kNR512>, 16, kNR512};
-  const Tile t2 = BD ? Tile{&micro_bf16<2, 12, KCU>, 32, 12} : Tile{&micro_f32<2, kNR512>, 32, kNR512};
-  const Tile t3 = BD ? Tile{&micro_bf16<3, 8, KCU>, 48, 8} : t2;
-  const Tile t4 = BD ? Tile{&micro_bf16<4, 6, KCU>, 64, 6} : t2;
+  const Tile t1 = BD ? Tile{&bf16_tiles::micro_bf16<1, 12, KCU>, 16, 12} : Tile{&micro_f32<1, kNR512>, 16, kNR512};
+  const Tile t2 = BD ? Tile{&bf16_tiles::micro_bf16<2, 12, KCU>, 32, 12} : Tile{&micro_f32<2, kNR512>, 32, kNR512};
+  const Tile t3 = BD ? Tile{&bf16_tiles::micro_bf16<3, 8, KCU>, 48, 8} : t2;
+  const Tile t4 = BD ? Tile{&bf16_tiles::micro_bf16<4, 6, KCU>, 64, 6} : t2;
   // Rows per chunk (times mult below): their decoded units, all of K (bf16 pairs 48 x 8 KB, fp32 24 x 16 KB at
   // K = 4096), are read one K block at a time while all rows of x pass over it (x from L2: the
   // micro tiles' x loads are sequential; the block's weight rows stay in L1).
