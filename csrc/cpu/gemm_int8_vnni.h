@@ -13,7 +13,14 @@
 // (|sum a * w| <= 128 * 128 * K < 2^31 for K <= 131071), so the wrapped value IS the result
 // even where intermediate sums (up to 128 * 255 * K) left int32. Scalar adds here are in uint32.
 // K tail: zmm masks both loads (zero past kc: (0 ^ 0x80) * 0 = 0); ymm copies the tail to
-// zero-padded stack buffers. PF: prefetch W + pf_ahead (the next tile, for the memory-bound GEMV).
+// zero-padded stack buffers. PF: prefetch W + pf_ahead into L2 (prefetcht1), one line per weight row
+// and 64-byte step; callers pass whole tiles >= kPfBytes ahead (pf_ahead_bytes below).
+//
+// Prefetch into L2, not L1: with prefetcht0 one tile (16 KB) ahead, the line-fill buffers of L1
+// capped the decode GEMV at ~22-29 GB/s from DRAM (4096 x 4096, M = 1, 2 threads, weights rotating
+// over 96 MiB); prefetcht1 >= 32 KB ahead: 1.23-1.28x faster (4096 x 4096 / 4096 x 11008), M = 8 /
+// 16 GEMM from DRAM 1.16x / 1.06-1.10x, M = 128 1.02-1.03x; 16, 32 and 64 KB within noise
+// (one process, interleaved, 2026-12-07). The W4A8 GEMVs (w4a8.cpp) found the same.
 //
 // The accumulators are named variables (c<r><t>) under if constexpr, not an array: GCC 12 kept
 // a 4 x 6 __m512i array on the stack (a store per vpdpbusd). With that and the asm vpdpbusd
@@ -33,6 +40,12 @@ namespace vnni {
 
 constexpr int kMaxR = 4, kMaxT = 6;   // the zmm tile (24 accumulators of 32 zmm)
 constexpr int kMaxRY = 2, kMaxTY = 4; // the ymm tile (8 accumulators of 16 ymm)
+
+// The prefetch distance: whole tiles (tile_bytes apart in W), at least kPfBytes.
+constexpr int64_t kPfBytes = 32 * 1024;
+inline int64_t pf_ahead_bytes(int64_t tile_bytes) {
+  return tile_bytes <= 0 ? 0 : (kPfBytes + tile_bytes - 1) / tile_bytes * tile_bytes;
+}
 
 // vpdpbusd as inline asm: with the intrinsics GCC 12 copied every accumulator to another register
 // and back around each vpdpbusd (and spilled two), ~1.5x slower (bench/vnni_int8_micro.cpp);
@@ -114,7 +127,7 @@ QK_TARGET_AVX512VNNI void tile512(const int8_t* W, int64_t ldw, const int8_t* A,
   for (; k + 64 <= kc; k += 64) {
     if constexpr (PF) {
 #pragma GCC unroll 4
-      for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(W + r * ldw + k + pf_ahead), _MM_HINT_T0);
+      for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(W + r * ldw + k + pf_ahead), _MM_HINT_T1);
     }
     QK_VNNI_STEP(__m512i, dp512, _mm512_xor_si512, QK_LD512)
   }
@@ -138,7 +151,7 @@ QK_TARGET_AVXVNNI void tile256(const int8_t* W, int64_t ldw, const int8_t* A, in
       if ((k & 63) == 0) {
 #pragma GCC unroll 4
         for (int r = 0; r < R; ++r)
-          _mm_prefetch(reinterpret_cast<const char*>(W + r * ldw + k + pf_ahead), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(W + r * ldw + k + pf_ahead), _MM_HINT_T1);
       }
     }
     QK_VNNI_STEP(__m256i, dp256, _mm256_xor_si256, QK_LD256)

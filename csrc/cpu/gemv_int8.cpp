@@ -13,8 +13,9 @@
 //
 // Tiles of NR consecutive b rows x all M rows of a (MM * NR <= 8 int32 accumulators). A b row
 // is one 4 KB page at K = 4096, where the hardware prefetchers restart on every page; the
-// kernel therefore prefetches the NEXT tile (NR rows further, same offset) while it computes
-// on this one: one prefetcht0 per 64-byte line, the next tile's pages are in flight early.
+// kernel therefore prefetches a tile >= 32 KB further on (whole tiles, same offset) while it
+// computes on this one: one prefetcht1 per 64-byte line, into L2 (L1's fill buffers capped the
+// stream when it prefetched into L1; gemm_int8_vnni.h has the numbers).
 // Threads split N (at::parallel_for, so torch.set_num_threads is respected).
 //
 // avx512_vnni / avx512_bf16 and avx_vnni run the VNNI tile of gemm_int8_vnni.h instead (zmm /
@@ -65,14 +66,14 @@ QK_TARGET_AVX2 void tile_avx2(const int16_t* A, int64_t lda, const int8_t* B, in
                               int64_t ldc, int64_t j0) {
   const int8_t* b[NR];
   for (int r = 0; r < NR; ++r) b[r] = B + (n + r) * K;
-  const int64_t ahead = NR * K;  // the next tile, same offset
+  const int64_t ahead = vnni::pf_ahead_bytes(NR * K);  // whole tiles >= 32 KB further on, same offset
   __m256i acc[MM][NR];
   for (int m = 0; m < MM; ++m)
     for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_setzero_si256();
   const int64_t K64 = K / kLine * kLine;
   int64_t k = 0;
   for (; k < K64; k += kLine) {
-    for (int r = 0; r < NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(b[r] + k + ahead), _MM_HINT_T0);
+    for (int r = 0; r < NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(b[r] + k + ahead), _MM_HINT_T1);
 #pragma GCC unroll 4
     for (int64_t kk = k; kk < k + kLine; kk += 16) {
       __m256i av[MM];
@@ -110,7 +111,7 @@ QK_TARGET_AVX2 void tile_ubs_avx2(const int8_t* A, int64_t lda, const int8_t* B,
                                   int64_t ldc, int64_t j0) {
   const int8_t* b[NR];
   for (int r = 0; r < NR; ++r) b[r] = B + (n + r) * K;
-  const int64_t ahead = NR * K;  // the next tile, same offset
+  const int64_t ahead = vnni::pf_ahead_bytes(NR * K);  // whole tiles >= 32 KB further on, same offset
   const __m256i ones16 = _mm256_set1_epi16(1);
   __m256i acc[MM][NR];
   for (int m = 0; m < MM; ++m)
@@ -118,7 +119,7 @@ QK_TARGET_AVX2 void tile_ubs_avx2(const int8_t* A, int64_t lda, const int8_t* B,
   const int64_t K64 = K / kLine * kLine;
   int64_t k = 0;
   for (; k < K64; k += kLine) {
-    for (int r = 0; r < NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(b[r] + k + ahead), _MM_HINT_T0);
+    for (int r = 0; r < NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(b[r] + k + ahead), _MM_HINT_T1);
 #pragma GCC unroll 2
     for (int64_t kk = k; kk < k + kLine; kk += 32) {
       __m256i av[MM];
@@ -184,15 +185,17 @@ void rows_avx2(const int16_t* A, int64_t lda, int64_t M, const int8_t* B, int64_
 // all M rows of a over all of K, 64 (32) bytes of each b row per step, b offset in-register
 // (b ^ 0x80 = b + 128 as u8, a stays s8), sums started from -128 * rowsum(a[m]): exact for every
 // int8 input (see there). One load + one xor per 64 bytes of b, shared by the M rows of a; the
-// tile prefetches the next tile's lines (4 rows further, same offset) as the AVX2 tile does.
+// tile prefetches into L2 the lines of the tile >= 32 KB further on (same offset; see
+// gemm_int8_vnni.h for why L2 and not L1).
 void rows_vnni(const vnni::TileTable& tb, const int8_t* A, const int32_t* asum, int64_t M, const int8_t* B, int64_t K,
                int64_t n0, int64_t n1, int32_t* c, int64_t ldc) {
   const int NR = tb.R;  // zmm: 4 b rows x M (<= 16 accumulators); ymm: 2 rows (<= 8 of 16 ymm)
   for (int64_t m = 0; m < M; ++m)
     for (int64_t n = n0; n < n1; ++n) c[m * ldc + (n - n0)] = -128 * asum[m];
+  const int64_t pf = vnni::pf_ahead_bytes(NR * K);
   for (int64_t n = n0; n < n1; n += NR) {
     const int r = int(std::min<int64_t>(NR, n1 - n));
-    tb.fn[r - 1][M - 1](B + n * K, K, A, K, K, c + (n - n0), ldc, NR * K);
+    tb.fn[r - 1][M - 1](B + n * K, K, A, K, K, c + (n - n0), ldc, pf);
   }
 }
 #endif
