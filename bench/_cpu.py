@@ -38,15 +38,24 @@ def with_isa(isa, fn):
     return run
 
 
+def rotated(cands, r):
+    """The (name, fn) pairs of ``cands`` in round ``r``'s order: a fixed order would let one candidate
+    always follow the one that evicts the caches (bf16 F.linear's 32 MiB of weights at 4096 x 4096)
+    and always find its weights in DRAM, while the next ones find them in L3."""
+    items = list(cands.items())
+    s = r % len(items) if items else 0
+    return items[s:] + items[:s]
+
+
 def interleaved(cands, rounds, inner=1, warmup=1, clock=time.perf_counter):
-    """cands: {name: fn}. Per round, each candidate once (``inner`` calls, time per call on ``clock``).
-    Returns {name: median ms}."""
+    """cands: {name: fn}. Per round, each candidate once (``inner`` calls, time per call on ``clock``);
+    round r starts with candidate r mod len(cands) (see rotated). Returns {name: median ms}."""
     for fn in cands.values():
         for _ in range(warmup):
             fn()
     times = {k: [] for k in cands}
-    for _ in range(rounds):
-        for k, fn in cands.items():
+    for r in range(rounds):
+        for k, fn in rotated(cands, r):
             t0 = clock()
             for _ in range(inner):
                 fn()

@@ -4,7 +4,8 @@
         [--ms 1,16,128,512] [--out bench/results/vnni_int8_<date>.md]
 
 Methods per (K x N, M), all with fp32 activations x [M, K] unless noted, medians of --reps calls
-(interleaved: every rep runs every method once, so machine noise hits all of them alike):
+(interleaved: every rep runs every method once, so machine noise hits all of them alike; each rep
+starts with another method, so none always runs right after bf16 has evicted the L3):
   w8a8        quantize_int8_rowwise(x) + w8a8_gemm(q, Wq, sx, sw, None, fp32)   (QuantLinear's path)
   w8a8[avx2]  the same with QUANTKERNELS_CPU_ISA=avx2 (the pre-VNNI kernels)
   llm_int8    llm_int8_linear(x, Wq, sw, None, 6.0), x with 20 outlier columns (|x| = 8) of K
@@ -25,9 +26,9 @@ import torch
 import torch.nn.functional as F
 
 try:  # python bench/<script>.py puts bench/ on sys.path; python -m bench.<script> the repo root
-    from _cpu import cpu_model, with_isa
+    from _cpu import cpu_model, rotated, with_isa
 except ImportError:
-    from bench._cpu import cpu_model, with_isa
+    from bench._cpu import cpu_model, rotated, with_isa
 import quantkernels  # noqa: F401  (registers the ops)
 
 OPS = torch.ops.quantkernels
@@ -42,8 +43,8 @@ def bench(methods, reps, warmup=2):
     for _ in range(warmup):
         for fn in methods.values():
             fn()
-    for _ in range(reps):
-        for k, fn in methods.items():
+    for r in range(reps):
+        for k, fn in rotated(methods, r):  # each round starts elsewhere: no method always runs cold
             t0 = CLOCK()
             fn()
             times[k].append((CLOCK() - t0) * 1e3)

@@ -18,9 +18,9 @@ import time
 import torch
 
 try:  # python bench/<script>.py puts bench/ on sys.path; python -m bench.<script> the repo root
-    from _cpu import cpu_model
+    from _cpu import cpu_model, rotated
 except ImportError:
-    from bench._cpu import cpu_model
+    from bench._cpu import cpu_model, rotated
 import quantkernels  # noqa: F401
 import quantkernels._ops  # noqa: F401
 from quantkernels import _native, reference as R
@@ -45,8 +45,8 @@ def sample(fn, min_s=0.02):
 def ab(cands, rounds):
     """{name: median seconds} over interleaved rounds; cands: {name: (isa or None, fn)}."""
     times = {k: [] for k in cands}
-    for _ in range(rounds):
-        for k, (isa, fn) in cands.items():
+    for r in range(rounds):
+        for k, (isa, fn) in rotated(cands, r):
             if isa is not None:
                 os.environ["QUANTKERNELS_CPU_ISA"] = isa
             times[k].append(sample(fn))
