@@ -41,6 +41,7 @@
 
 #include "gemm_int8.h"
 #include "gemm_int8_vnni.h"
+#include "qk_store.h"
 #include "gemv_int8.h"
 
 #include "cpu_isa.h"
@@ -195,6 +196,45 @@ void epilogue_erased(const int32_t* C, int64_t ldc, int64_t mb, int64_t nb, cons
                      const float* bias, void* Y, int64_t ldy) {
   epilogue_block<out_t>(C, ldc, mb, nb, sa, sb, bias, static_cast<out_t*>(Y), ldy);
 }
+
+#if QK_X86
+// The same epilogue on zmm / ymm (qk_store.h: same roundings, casts bit-identical to the scalar ones).
+template <typename out_t>
+void epilogue_avx512(const int32_t* C, int64_t ldc, int64_t mb, int64_t nb, const float* sa,
+                                      const float* sb, const float* bias, void* Y, int64_t ldy) {
+  for (int64_t i = 0; i < mb; ++i)
+    store::scale_row_avx512<out_t>(C + i * ldc, nb, sa[i], sb, bias, static_cast<out_t*>(Y) + i * ldy);
+}
+
+template <typename out_t>
+void epilogue_avx2(const int32_t* C, int64_t ldc, int64_t mb, int64_t nb, const float* sa,
+                                  const float* sb, const float* bias, void* Y, int64_t ldy) {
+  for (int64_t i = 0; i < mb; ++i)
+    store::scale_row_avx2<out_t>(C + i * ldc, nb, sa[i], sb, bias, static_cast<out_t*>(Y) + i * ldy);
+}
+#endif
+
+template <typename out_t>
+EpilogueFn pick_epilogue(Isa isa) {
+#if QK_X86
+  if (isa_has_avx512(isa)) return &epilogue_avx512<out_t>;
+  if (isa_has_avx2(isa)) return &epilogue_avx2<out_t>;
+#endif
+  (void)isa;
+  return &epilogue_erased<out_t>;
+}
+
+}  // namespace
+
+EpilogueFn w8a8_epilogue(at::ScalarType out, Isa isa) {
+  switch (out) {
+    case at::kFloat: return pick_epilogue<float>(isa);
+    case at::kHalf: return pick_epilogue<c10::Half>(isa);
+    default: return pick_epilogue<c10::BFloat16>(isa);
+  }
+}
+
+namespace {
 
 }  // namespace
 
@@ -683,11 +723,7 @@ at::Tensor w8a8_gemm_cpu(const at::Tensor& a_in, const at::Tensor& b_in, const a
   ep.bias = bias.defined() ? bias.data_ptr<float>() : nullptr;
   ep.y = static_cast<char*>(y.data_ptr());
   ep.elem_size = y.element_size();
-  switch (dt) {
-    case at::kFloat: ep.fn = &epilogue_erased<float>; break;
-    case at::kHalf: ep.fn = &epilogue_erased<c10::Half>; break;
-    default: ep.fn = &epilogue_erased<c10::BFloat16>; break;
-  }
+  ep.fn = w8a8_epilogue(dt, active_isa());
   gemm_driver(a, b, M, N, K, nullptr, ep);
   return y;
 }

@@ -7,6 +7,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include "cpu_isa.h"
+
 namespace quantkernels {
 namespace cpu {
 
@@ -42,6 +44,11 @@ void int8_row_sums(const int8_t* a, int64_t M, int64_t K, int32_t* out);
 
 void gemm_driver(const at::Tensor& a, const at::Tensor& b, int64_t M, int64_t N, int64_t K, int32_t* c_out,
                  const Epilogue& ep);
+
+// The W8A8 epilogue for output dtype `out` (float, half or bfloat16) at ISA level `isa`:
+// Y = cast(((C * sa[m]) * sb[n]) (+ bias[n])), mul and add rounded separately, the cast rounding
+// half to even (qk_store.h); zmm / ymm / scalar by level, the same bits at every level.
+EpilogueFn w8a8_epilogue(at::ScalarType out, Isa isa);
 
 }  // namespace cpu
 }  // namespace quantkernels

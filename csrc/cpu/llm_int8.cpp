@@ -37,6 +37,7 @@
 #include "cpu_isa.h"
 #include "gemm_int8.h"
 #include "qk_checks.h"
+#include "qk_store.h"
 #include "quantize_int8.h"
 
 namespace quantkernels {
@@ -218,24 +219,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_int8_rowwise_outliers_cp
 
 // ------------------------------------------------------------------------------ llm_int8_linear
 
-// Y = (C * sa) * sb (+ bias), cast to out_t: the plain W8A8 epilogue (no outliers).
-template <typename out_t>
-void epilogue_plain(const int32_t* C, int64_t ldc, int64_t mb, int64_t nb, const float* sa, const float* sb,
-                    const float* bias, void* Yv, int64_t ldy) {
-  out_t* Y = static_cast<out_t*>(Yv);
-  for (int64_t i = 0; i < mb; ++i) {
-    const float s = sa[i];
-    const int32_t* c = C + i * ldc;
-    out_t* y = Y + i * ldy;
-    for (int64_t j = 0; j < nb; ++j) {
-      float v = static_cast<float>(c[j]) * s;
-      v = v * sb[j];
-      if (bias != nullptr) v = v + bias[j];
-      y[j] = static_cast<out_t>(v);
-    }
-  }
-}
-
 // Fused epilogue of the outlier path, per finished [mb, nb] block of the int8 GEMM (whose b rows
 // n0.. were just streamed, so the gathered outlier weights come from cache):
 //   Y = ((C * sx) * sw + corr) + bias,  corr[m, n] = sum_o xo[m, o] * (Wq[n, O[o]] * sw[n])   (fp32)
@@ -307,22 +290,10 @@ void block_outliers(const void* ctxv, const int32_t* C, int64_t ldc, int64_t m0,
 // xv * w, mul and add rounded separately; corr += part; then ((c * s) * sw + corr) + bias), but
 // part / corr of 16 columns live in registers instead of a memory array (the memory form was ~20%
 // of llm_int8's time at M = 128, 20 outliers of 4096: a store-to-load chain per outlier).
-// mul / add with an explicit rounding mode: GCC never contracts these into an FMA.
-#define QK_MUL(a, b) _mm512_mul_round_ps(a, b, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
-#define QK_ADD(a, b) _mm512_add_round_ps(a, b, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
-
-// 16 output columns (j .. j + 15, lanes past nb masked) of row i.
-template <typename out_t>
-QK_TARGET_AVX512 inline void store16(out_t* y, int64_t nb, int64_t j, __mmask16 m, __m512 v) {
-  if constexpr (std::is_same<out_t, float>::value) {
-    _mm512_mask_storeu_ps(y + j, m, v);
-  } else {
-    alignas(64) float tmp[16];
-    _mm512_store_ps(tmp, v);
-    const int64_t n = std::min<int64_t>(16, nb - j);
-    for (int64_t u = 0; u < n; ++u) y[j + u] = static_cast<out_t>(tmp[u]);
-  }
-}
+// mul / add with an explicit rounding mode (store::mul_rn / add_rn): GCC never contracts these
+// into an FMA. The cast to x's dtype: store::store16 (qk_store.h, bit-identical to the scalar casts).
+#define QK_MUL(a, b) store::mul_rn(a, b)
+#define QK_ADD(a, b) store::add_rn(a, b)
 
 template <typename out_t>
 QK_TARGET_AVX512 void block_outliers_avx512(const void* ctxv, const int32_t* C, int64_t ldc, int64_t m0, int64_t mb,
@@ -376,7 +347,7 @@ QK_TARGET_AVX512 void block_outliers_avx512(const void* ctxv, const int32_t* C, 
         v = QK_MUL(v, _mm512_maskz_loadu_ps(m, x.sw + n0 + jj));
         v = QK_ADD(v, cs[q]);
         if (x.bias != nullptr) v = QK_ADD(v, _mm512_maskz_loadu_ps(m, x.bias + n0 + jj));
-        store16(y, nb, jj, m, v);
+        store::store16<out_t>(y + jj, m, v);
       }
     }
   }
@@ -435,11 +406,7 @@ at::Tensor llm_int8_linear_cpu(const at::Tensor& x_in, const at::Tensor& b_in, c
   if (!any) {
     // 2a. Plain W8A8 with a fused epilogue straight into x's dtype.
     y = at::empty({M, N}, x.options());
-    switch (dt) {
-      case at::kFloat: ep.fn = &epilogue_plain<float>; break;
-      case at::kHalf: ep.fn = &epilogue_plain<at::Half>; break;
-      default: ep.fn = &epilogue_plain<at::BFloat16>; break;
-    }
+    ep.fn = w8a8_epilogue(dt, isa);
     ep.y = static_cast<char*>(y.data_ptr());
     ep.elem_size = y.element_size();
     gemm_driver(q, b, M, N, K, nullptr, ep);

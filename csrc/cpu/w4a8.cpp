@@ -67,6 +67,7 @@
 
 #include "cpu_isa.h"
 #include "qk_checks.h"
+#include "qk_store.h"
 
 #if QK_X86
 // No "fma": keeps the fp32 epilogue's multiply and add separately rounded, as in the reference.
@@ -899,10 +900,13 @@ QK_TARGET_VNNI512 void panel_unpack512(const Problem& p, int64_t n0, int nr, int
   }
 }
 
-// y[m0 + u, n0 + r] = f[r][u] * sa[m0 + u] (+ bias[n0 + r]) for a whole fp32 (16 tokens) x (8 rows)
-// tile: the products and sums of the scalar epilogue (same roundings), stored through two 8 x 8
-// transposes (the scalar stores cost ~15% of the M = 512 time).
-QK_TARGET_VNNI512 void panel_store_f32(const Problem& p, const float* f, int64_t m0, int64_t n0) {
+// y[m0 + u, n0 + r] = f[r][u] * sa[m0 + u] (+ bias[n0 + r]) for a whole (16 tokens) x (8 rows) tile:
+// the products and sums of the scalar epilogue (same roundings), stored through two 8 x 8 transposes
+// and cast to out_t as store_out does, bit for bit (qk_store.h). The scalar stores cost ~15% of the
+// M = 512 time with fp32 outputs; with bf16 ones (scalar casts) w4a8 at Gemma-3-270M's K = 640, N = 2048,
+// M = 128 took 1.8x w8a8's time.
+template <typename out_t>
+QK_TARGET_VNNI512 void panel_store(const Problem& p, const float* f, int64_t m0, int64_t n0) {
   const __m512 sa = _mm512_loadu_ps(p.sa + m0);
   __m256 lo[8], hi[8];
   for (int r = 0; r < 8; ++r) {
@@ -912,7 +916,7 @@ QK_TARGET_VNNI512 void panel_store_f32(const Problem& p, const float* f, int64_t
     lo[r] = _mm512_castps512_ps256(v);
     hi[r] = _mm512_extractf32x8_ps(v, 1);
   }
-  float* y = static_cast<float*>(p.y) + m0 * p.N + n0;
+  out_t* y = static_cast<out_t*>(p.y) + m0 * p.N + n0;
   for (int h = 0; h < 2; ++h) {
     const __m256* x = h ? hi : lo;
     __m256 t[8], s[8];
@@ -927,8 +931,8 @@ QK_TARGET_VNNI512 void panel_store_f32(const Problem& p, const float* f, int64_t
       s[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
     }
     for (int u = 0; u < 4; ++u) {
-      _mm256_storeu_ps(y + (8 * h + u) * p.N, _mm256_permute2f128_ps(s[u], s[4 + u], 0x20));
-      _mm256_storeu_ps(y + (8 * h + u + 4) * p.N, _mm256_permute2f128_ps(s[u], s[4 + u], 0x31));
+      store::store8_vl<out_t>(y + (8 * h + u) * p.N, _mm256_permute2f128_ps(s[u], s[4 + u], 0x20));
+      store::store8_vl<out_t>(y + (8 * h + u + 4) * p.N, _mm256_permute2f128_ps(s[u], s[4 + u], 0x31));
     }
   }
 }
@@ -987,8 +991,10 @@ void run_panel_vnni512(const Problem& p) {
       for (int64_t i = 0; i < np; ++i)
         for (int64_t j = 0; j < ns; ++j) {
           const float* f = facc.data() + i * fstride + j * R * kPT;
-          if (p.out == at::kFloat && m0 + (i + 1) * kPT <= M && n0 + (j + 1) * R <= N) {
-            panel_store_f32(p, f, m0 + i * kPT, n0 + j * R);
+          if (m0 + (i + 1) * kPT <= M && n0 + (j + 1) * R <= N) {
+            const auto st = p.out == at::kFloat ? &panel_store<float>
+                            : p.out == at::kHalf ? &panel_store<c10::Half> : &panel_store<c10::BFloat16>;
+            st(p, f, m0 + i * kPT, n0 + j * R);
             continue;
           }
           for (int r = 0; r < R; ++r) {
