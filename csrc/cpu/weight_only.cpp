@@ -66,8 +66,7 @@
 //   per call to match (int4: per 64-block the 32 even elements then the 32 odd ones; int8 natural).
 //   vcvtne(2)ps2bf16 is RNE like the contract but treats denormal inputs as zero, so it is used only
 //   when none of the tile's scales is denormal (then no product is); else the integer rounding.
-//   Weight stream prefetched at the same offset (int4: into L2, whole tiles >= 32 KB ahead; int8: into
-//   L1, two tiles ahead; see kRegPfBytes). Before the L2 prefetch (2026-12-02), M = 1, 6 x 4096 x 11008 from
+//   Weight stream prefetched at the same offset (into L2, whole tiles >= 32 KB ahead; see kRegPfBytes). Before the L2 prefetch (2026-12-02), M = 1, 6 x 4096 x 11008 from
 //   DRAM, G = 128 asym (bench/bf16_decode.py, bench/results/bf16_decode_2026-12-02.md; shared machine):
 //   2 threads, two runs: int4 0.62 / 0.74 ms vs 1.39 / 1.08 ms for the buffered GEMV below (68 / 77%
 //   of read bandwidth, 1.50 / 1.72x fbgemm's speed); int8 1.15 / 1.27 vs 1.66 / 1.39 ms (68 / 84%);
@@ -1083,7 +1082,9 @@ void gemv512_rows(const Weight& w, Rnd rnd, const uint32_t* xu, int64_t ldx, int
 // tiles ahead, the outstanding line fills capped the stream: 1 thread, CPU time, M = 1, 4096 x 11008
 // G = 128 asym rotating over 6 layers, one process (2026-12-07, cpu_weight_only_2026-12-07.md):
 // 2.23 ms (L1, 16 KB ahead) -> 1.63-1.67 ms (L2, 16 / 32 / 48 / 64 KB ahead: alike; 32 KB kept).
-// int8 (gemv_reg_w8, 4 KB rows): into L2 was not faster (3.61 / 3.65 ms vs 3.46), kept as it was.
+// int8 (gemv_reg_w8, 4 KB rows): into L2 was not faster in that run (3.61 / 3.65 ms vs 3.46); a later
+// interleaved run (2026-12-07, 15:50 UTC, 4096 x 11008 from DRAM) gave 1.04-1.10x at 1 and 2 threads
+// for 16 to 64 KB ahead into L2, so it prefetches as int4 does now.
 constexpr int64_t kRegPfBytes = 32 * 1024;
 
 inline bool reg_gemv_applies(const Weight& w) {
@@ -1185,7 +1186,10 @@ QK_TBF16 void gemv_reg_w8(const Weight& w, const uint32_t* xu, int64_t ldx, int6
     for (int r = 0; r < NR; ++r) acc[m][r][0] = acc[m][r][1] = _mm512_setzero_ps();
   const int64_t K = w.K;
   const int8_t* q = w.q8 + n0 * K;
-  const int64_t pf = 2 * NR * K;  // two tiles ahead, same offset, into L1 (into L2 was not faster here)
+  // Whole tiles >= kRegPfBytes ahead, same offset, into L2: 1.04-1.10x the time of two tiles ahead into
+  // L1 (4096 x 11008 bf16 x from DRAM, 1 and 2 threads, interleaved, 2026-12-07; 16-64 KB alike). The
+  // GEMV stays bound by its int8 -> fp32 -> bf16 decode (~12 GB/s per thread), not by DRAM.
+  const int64_t pf = (kRegPfBytes + NR * K - 1) / (NR * K) * (NR * K);
   bool fast = true;  // no row scale denormal: no product q * s is (vcvtne2ps2bf16 would flush it)
   __m512 sv[NR];
   for (int r = 0; r < NR; ++r) {
@@ -1199,7 +1203,7 @@ QK_TBF16 void gemv_reg_w8(const Weight& w, const uint32_t* xu, int64_t ldx, int6
     const __mmask16 mb = left >= 32 ? 0xFFFF : (left <= 16 ? 0 : static_cast<__mmask16>((1u << (left - 16)) - 1));
     const int par = TWO ? static_cast<int>((k >> 5) & 1) : 0;
     if ((k & 63) == 0)
-      for (int r = 0; r < NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(q + r * K + k + pf), _MM_HINT_T0);
+      for (int r = 0; r < NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(q + r * K + k + pf), _MM_HINT_T1);
     __m512i xv[MM];
     for (int m = 0; m < MM; ++m) xv[m] = _mm512_loadu_si512(xu + m * ldx + k / 2);
     for (int r = 0; r < NR; ++r) {
