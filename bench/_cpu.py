@@ -5,6 +5,7 @@ candidate alike)."""
 
 import os
 import platform
+import random
 import statistics
 import time
 
@@ -39,17 +40,18 @@ def with_isa(isa, fn):
 
 
 def rotated(cands, r):
-    """The (name, fn) pairs of ``cands`` in round ``r``'s order: a fixed order would let one candidate
-    always follow the one that evicts the caches (bf16 F.linear's 32 MiB of weights at 4096 x 4096)
-    and always find its weights in DRAM, while the next ones find them in L3."""
+    """The (name, fn) pairs of ``cands`` in round ``r``'s order: a permutation drawn per round (seeded by
+    r, so runs repeat). A fixed order, or a rotation of it, keeps each candidate right after the same
+    one, so a candidate that always follows the one that evicts the caches (bf16 F.linear's 32 MiB of
+    weights at 4096 x 4096) always finds its weights in DRAM while the next ones find them in L3."""
     items = list(cands.items())
-    s = r % len(items) if items else 0
-    return items[s:] + items[:s]
+    random.Random(1000003 * r + 17).shuffle(items)
+    return items
 
 
 def interleaved(cands, rounds, inner=1, warmup=1, clock=time.perf_counter):
     """cands: {name: fn}. Per round, each candidate once (``inner`` calls, time per call on ``clock``);
-    round r starts with candidate r mod len(cands) (see rotated). Returns {name: median ms}."""
+    each round in its own order (see rotated). Returns {name: median ms}."""
     for fn in cands.values():
         for _ in range(warmup):
             fn()

@@ -5,14 +5,15 @@
 
 Methods per (K x N, M), all with fp32 activations x [M, K] unless noted, medians of --reps calls
 (interleaved: every rep runs every method once, so machine noise hits all of them alike; each rep
-starts with another method, so none always runs right after bf16 has evicted the L3):
+in its own order, so no method always runs right after bf16 has evicted the L3):
   w8a8        quantize_int8_rowwise(x) + w8a8_gemm(q, Wq, sx, sw, None, fp32)   (QuantLinear's path)
   w8a8[avx2]  the same with QUANTKERNELS_CPU_ISA=avx2 (the pre-VNNI kernels)
   llm_int8    llm_int8_linear(x, Wq, sw, None, 6.0), x with 20 outlier columns (|x| = 8) of K
   fbgemm      torch.ao.quantization.quantize_dynamic(nn.Linear, qint8)
   bf16        F.linear(x.bfloat16(), W.bfloat16())
 Decode (M = 1): w8a8 rotates over distinct weight matrices of >= 96 MiB in all (they come from
-DRAM); weight bytes / time against the read bandwidth of torch.ones(2**28).sum() (same run).
+DRAM); weight bytes / time against the read bandwidth of torch.ones(2**28).sum(), timed in the same
+interleaved rounds.
 Only torch and quantkernels' ops are used. --clock cpu times process CPU time (summed over
 threads): on a shared machine with more runnable threads than cores, wall time mostly measures
 the scheduler (a 2-thread call waits for its slower thread's next time slice).
@@ -44,7 +45,7 @@ def bench(methods, reps, warmup=2):
         for fn in methods.values():
             fn()
     for r in range(reps):
-        for k, fn in rotated(methods, r):  # each round starts elsewhere: no method always runs cold
+        for k, fn in rotated(methods, r):  # a new order each round: no method always runs cold
             t0 = CLOCK()
             fn()
             times[k].append((CLOCK() - t0) * 1e3)
@@ -83,7 +84,7 @@ def main():
              f"threads {args.threads}, clock {args.clock}, medians of {args.reps} interleaved reps, "
              f"active ISA: {quantkernels._native.cpu_isa()}", ""]
     bw = read_bandwidth()
-    lines += [f"memory read bandwidth (torch.ones(2**28).sum()): {bw:.1f} GB/s", ""]
+    lines += [f"memory read bandwidth (torch.ones(2**28).sum(), at the start): {bw:.1f} GB/s", ""]
     hdr = "| K x N | M | w8a8 ms | w8a8[avx2] ms | llm_int8 ms | fbgemm ms | bf16 ms | fbgemm / w8a8 | bf16 / w8a8 | llm_int8 / w8a8 | avx2 / w8a8 |"
     lines += [hdr, "|" + "---|" * hdr.count("|")[:-1] if False else "|---|---|---|---|---|---|---|---|---|---|---|"]
     for shp in args.shapes.split(","):
@@ -119,9 +120,13 @@ def main():
                          f"{r['llm_int8'] / r['w8a8']:.2f} | {a2 / r['w8a8']:.2f} |")
             print(lines[-1], flush=True)
     # Decode from DRAM: distinct weights, >= 96 MiB in all, rotated.
-    lines += ["", "Decode, M = 1, weights rotating over >= 96 MiB (from DRAM):", "",
-              "| K x N | matrices | MiB | w8a8 ms/call | w8a8[avx2] ms/call | GB/s | GB/s [avx2] | of read bandwidth | [avx2] |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    # The read probe is timed interleaved with the decode calls (this host's bandwidth moves by 1.5x
+    # within minutes: a probe taken once at the start gave 57-164% "of read bandwidth").
+    lines += ["", "Decode, M = 1, weights rotating over >= 96 MiB (from DRAM); read bandwidth = "
+              "torch.ones(2**28).sum() timed in the same interleaved rounds:", "",
+              "| K x N | matrices | MiB | w8a8 ms/call | w8a8[avx2] ms/call | GB/s | GB/s [avx2] | read GB/s | of read bandwidth | [avx2] |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    big = torch.ones(2 ** 28)
     for shp in args.shapes.split(","):
         K, N = (int(v) for v in shp.split("x"))
         nmat = max(2, -(-96 * 2 ** 20 // (K * N)))
@@ -137,13 +142,15 @@ def main():
         methods = {"w8a8": with_isa(None, rot)}
         if not args.no_avx2:
             methods["w8a8_avx2"] = with_isa("avx2", rot)
+        methods["sum"] = lambda: big.sum()
         r = bench(methods, max(5, args.reps // 2))
+        bw = big.numel() * 4 / (r.pop("sum") * 1e-3) / 1e9
         per = {k: v / nmat for k, v in r.items()}
         gbs = {k: K * N / (v * 1e-3) / 1e9 for k, v in per.items()}
         a2 = per.get("w8a8_avx2", float("nan"))
         g2 = gbs.get("w8a8_avx2", float("nan"))
         lines.append(f"| {K}x{N} | {nmat} | {nmat * K * N / 2**20:.0f} | {per['w8a8']:.3f} | {a2:.3f} | "
-                     f"{gbs['w8a8']:.1f} | {g2:.1f} | {gbs['w8a8'] / bw:.2f} | {g2 / bw:.2f} |")
+                     f"{gbs['w8a8']:.1f} | {g2:.1f} | {bw:.1f} | {gbs['w8a8'] / bw:.2f} | {g2 / bw:.2f} |")
         print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"
     print(text)
