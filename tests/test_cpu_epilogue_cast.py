@@ -25,15 +25,14 @@ def _bits(t):
     return t.view(torch.int16)
 
 
-def _check_levels(monkeypatch, fn):
-    """fn(out_dtype) at every level this CPU has: identical bits across levels, and each level's
-    bf16 / fp16 output equal to its fp32 output cast by torch (NaN positions equal)."""
-    for dt in (torch.bfloat16, torch.float16):
+def _check_levels(monkeypatch, pair, dtypes=(torch.bfloat16, torch.float16)):
+    """pair(dt) -> (output in dt, the same call's fp32 output cast by torch), at every level this CPU has:
+    each level's output equals its cast fp32 output (NaN positions equal), and all levels give the same bits."""
+    for dt in dtypes:
         outs = {}
         for lv in LEVELS:
             monkeypatch.setenv("QUANTKERNELS_CPU_ISA", lv)
-            y, y32 = fn(dt), fn(torch.float32)
-            ref = y32.to(dt)
+            y, ref = pair(dt)
             assert torch.equal(y.isnan(), ref.isnan()), (lv, dt)
             keep = ~y.isnan()
             assert torch.equal(_bits(y)[keep], _bits(ref)[keep]), (lv, dt)
@@ -41,7 +40,11 @@ def _check_levels(monkeypatch, fn):
         base = outs[LEVELS[0]]
         for lv, y in outs.items():
             assert torch.equal(_bits(y), _bits(base)), f"{lv} differs from {LEVELS[0]} for {dt}"
-    return outs
+
+
+def _out_pair(fn):
+    """For ops with an out_dtype argument: fn(dt) against fn(float32) cast to dt."""
+    return lambda dt: (fn(dt), fn(torch.float32).to(dt))
 
 
 def _scales_with_specials(N, g):
@@ -65,7 +68,7 @@ def test_w8a8_epilogue_casts(M, N, monkeypatch):
     sb, bias = _scales_with_specials(N, g)
     for with_bias in (True, False):
         bb = bias if with_bias else None
-        _check_levels(monkeypatch, lambda dt: OPS.w8a8_gemm(a, b, sa, sb, bb, dt))
+        _check_levels(monkeypatch, _out_pair(lambda dt: OPS.w8a8_gemm(a, b, sa, sb, bb, dt)))
 
 
 def test_w8a8_epilogue_rounding_edges(monkeypatch):
@@ -83,7 +86,7 @@ def test_w8a8_epilogue_rounding_edges(monkeypatch):
     big = [65504.0, 65520.0, 65519.99, 3.4e38]                   # fp16 max, first value rounding to Inf
     vals = ties_bf16 + ties_f16 + subn + big
     sb = torch.tensor((vals + [-v for v in vals]) * 4)[:N]
-    _check_levels(monkeypatch, lambda dt: OPS.w8a8_gemm(a, b, sa, sb, None, dt))
+    _check_levels(monkeypatch, _out_pair(lambda dt: OPS.w8a8_gemm(a, b, sa, sb, None, dt)))
 
 
 @pytest.mark.parametrize("M", (2, 20))
@@ -100,20 +103,8 @@ def test_llm_int8_epilogue_casts(M, outliers, monkeypatch):
     x = torch.randn(M, K, generator=g)
     if outliers:
         x[:, 5] = 9.0
-    for xdt in (torch.bfloat16, torch.float16):
-        xx = x.to(xdt)
-        outs = {}
-        for lv in LEVELS:
-            monkeypatch.setenv("QUANTKERNELS_CPU_ISA", lv)
-            y = OPS.llm_int8_linear(xx, wq, sb, bias, 6.0)
-            ref = OPS.llm_int8_linear(xx.float(), wq, sb, bias, 6.0).to(xdt)
-            assert torch.equal(y.isnan(), ref.isnan()), (lv, xdt)
-            keep = ~y.isnan()
-            assert torch.equal(_bits(y)[keep], _bits(ref)[keep]), (lv, xdt)
-            outs[lv] = y
-        base = outs[LEVELS[0]]
-        for lv, y in outs.items():
-            assert torch.equal(_bits(y), _bits(base)), f"llm_int8 {lv} differs from {LEVELS[0]} ({xdt})"
+    _check_levels(monkeypatch, lambda xdt: (OPS.llm_int8_linear(x.to(xdt), wq, sb, bias, 6.0),
+                                            OPS.llm_int8_linear(x.to(xdt).float(), wq, sb, bias, 6.0).to(xdt)))
 
 
 @pytest.mark.parametrize("M,N", [(32, 16), (48, 24), (33, 17), (130, 40)])
@@ -130,4 +121,4 @@ def test_w4a8_epilogue_casts(M, N, monkeypatch):
     bias[5:7] = torch.tensor([0x7FC12345, -0x3EDCBB], dtype=torch.int32).view(torch.float32)
     x = torch.randn(M, K, generator=g)
     q, sx = OPS.quantize_int8_rowwise(x)
-    _check_levels(monkeypatch, lambda dt: OPS.w4a8_gemm(q, bp, sx, sbg, None, bias, dt))
+    _check_levels(monkeypatch, _out_pair(lambda dt: OPS.w4a8_gemm(q, bp, sx, sbg, None, bias, dt)))
