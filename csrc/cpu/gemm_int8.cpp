@@ -200,15 +200,15 @@ void epilogue_erased(const int32_t* C, int64_t ldc, int64_t mb, int64_t nb, cons
 #if QK_X86
 // The same epilogue on zmm / ymm (qk_store.h: same roundings, casts bit-identical to the scalar ones).
 template <typename out_t>
-void epilogue_avx512(const int32_t* C, int64_t ldc, int64_t mb, int64_t nb, const float* sa,
-                                      const float* sb, const float* bias, void* Y, int64_t ldy) {
+void epilogue_avx512(const int32_t* C, int64_t ldc, int64_t mb, int64_t nb, const float* sa, const float* sb,
+                     const float* bias, void* Y, int64_t ldy) {
   for (int64_t i = 0; i < mb; ++i)
     store::scale_row_avx512<out_t>(C + i * ldc, nb, sa[i], sb, bias, static_cast<out_t*>(Y) + i * ldy);
 }
 
 template <typename out_t>
-void epilogue_avx2(const int32_t* C, int64_t ldc, int64_t mb, int64_t nb, const float* sa,
-                                  const float* sb, const float* bias, void* Y, int64_t ldy) {
+void epilogue_avx2(const int32_t* C, int64_t ldc, int64_t mb, int64_t nb, const float* sa, const float* sb,
+                   const float* bias, void* Y, int64_t ldy) {
   for (int64_t i = 0; i < mb; ++i)
     store::scale_row_avx2<out_t>(C + i * ldc, nb, sa[i], sb, bias, static_cast<out_t*>(Y) + i * ldy);
 }
@@ -233,10 +233,6 @@ EpilogueFn w8a8_epilogue(at::ScalarType out, Isa isa) {
     default: return pick_epilogue<c10::BFloat16>(isa);
   }
 }
-
-namespace {
-
-}  // namespace
 
 namespace {
 
