@@ -1188,7 +1188,7 @@ QK_TBF16 void gemv_reg_w8(const Weight& w, const uint32_t* xu, int64_t ldx, int6
   const int8_t* q = w.q8 + n0 * K;
   // Whole tiles >= kRegPfBytes ahead, same offset, into L2: 1.04-1.10x the time of two tiles ahead into
   // L1 (4096 x 11008 bf16 x from DRAM, 1 and 2 threads, interleaved, 2026-12-07; 16-64 KB alike). The
-  // GEMV stays bound by its int8 -> fp32 -> bf16 decode (~12 GB/s per thread), not by DRAM.
+  // GEMV still draws only ~12 GB/s per thread, below DRAM's rate (bench/results/cpu_targets14_2026-12-07.md).
   const int64_t pf = (kRegPfBytes + NR * K - 1) / (NR * K) * (NR * K);
   bool fast = true;  // no row scale denormal: no product q * s is (vcvtne2ps2bf16 would flush it)
   __m512 sv[NR];
