@@ -3,7 +3,7 @@
 transformers loads a checkpoint whose ``config.json`` names an unknown ``quant_method`` with a
 warning only ("Unknown quantization type ... skip the quantization"): the quantized layers would get
 random float weights. So a wheel or editable install of quantkernels puts ``quantkernels-hf.pth`` in
-site-packages; Python runs it at start-up, it imports this module (a millisecond or two: no torch,
+site-packages; Python runs it at start-up, it imports this module (2-3 ms by ``python -X importtime``: no torch,
 no transformers, no quantkernels) and ``install()`` puts a finder on ``sys.meta_path``. Only when
 ``transformers.quantizers.auto`` (transformers' quantizer registry, imported before any
 ``from_pretrained`` can run) is executed does the finder import quantkernels, which registers its
